@@ -1,0 +1,298 @@
+//! The response body type, and the `Record` every response carries. A body
+//! is whole bytes (errors, cache hits), a list of frames (SSE replay), the
+//! upstream relay, or a channel (coalesced followers). The record rides in
+//! the body, so when hyper drops the body — sent in full, or the client gone —
+//! the request is metered and logged exactly once, whatever path it took.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use tokio::sync::mpsc;
+
+use crate::limit::Permit;
+use crate::relay::Relay;
+use crate::sse::Usage;
+use crate::state::{App, Tenant};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub struct Body {
+    kind: Kind,
+    record: Option<Box<Record>>,
+}
+
+enum Kind {
+    Empty,
+    Full(Option<Bytes>),
+    Frames(VecDeque<Bytes>),
+    Relay(Box<Relay>),
+    Channel(mpsc::Receiver<Bytes>),
+}
+
+impl Body {
+    pub fn empty() -> Body {
+        Body {
+            kind: Kind::Empty,
+            record: None,
+        }
+    }
+    pub fn full(b: impl Into<Bytes>) -> Body {
+        Body {
+            kind: Kind::Full(Some(b.into())),
+            record: None,
+        }
+    }
+    pub fn frames(frames: impl IntoIterator<Item = Bytes>) -> Body {
+        Body {
+            kind: Kind::Frames(frames.into_iter().collect()),
+            record: None,
+        }
+    }
+    pub fn relay(r: Relay) -> Body {
+        Body {
+            kind: Kind::Relay(Box::new(r)),
+            record: None,
+        }
+    }
+    pub fn channel(rx: mpsc::Receiver<Bytes>) -> Body {
+        Body {
+            kind: Kind::Channel(rx),
+            record: None,
+        }
+    }
+    pub fn set_record(&mut self, record: Box<Record>) {
+        self.record = Some(record);
+    }
+    /// Reads a whole in-memory body (errors, tests).
+    pub fn into_bytes(self) -> Option<Bytes> {
+        let mut this = self;
+        match std::mem::replace(&mut this.kind, Kind::Empty) {
+            Kind::Full(b) => b,
+            _ => None,
+        }
+    }
+
+    fn first_byte(&mut self) {
+        if let Some(r) = &mut self.record {
+            r.first_byte.get_or_insert_with(Instant::now);
+        }
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let next = match &mut this.kind {
+            Kind::Empty => None,
+            Kind::Full(b) => b.take(),
+            Kind::Frames(q) => q.pop_front(),
+            Kind::Channel(rx) => match rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(b) => b,
+            },
+            Kind::Relay(r) => {
+                let polled = r.poll(cx);
+                if let Some(rec) = &mut this.record {
+                    if rec.first_byte.is_none() {
+                        rec.first_byte = r.first_event_at;
+                    }
+                }
+                return polled.map(|frame| frame.map(|f| f.map(Frame::data)));
+            }
+        };
+        match next {
+            Some(b) => {
+                this.first_byte();
+                Poll::Ready(Some(Ok(Frame::data(b))))
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Empty => true,
+            Kind::Full(b) => b.is_none(),
+            Kind::Frames(q) => q.is_empty(),
+            Kind::Relay(_) | Kind::Channel(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Frames(q) => SizeHint::with_exact(q.iter().map(|b| b.len() as u64).sum()),
+            Kind::Relay(_) | Kind::Channel(_) => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        if let Kind::Relay(relay) = std::mem::replace(&mut self.kind, Kind::Empty) {
+            let summary = relay.release();
+            if let Some(rec) = &mut self.record {
+                rec.absorb(summary);
+            }
+        }
+    }
+}
+
+/// Infallible bodies for the admin listener and the simulator.
+pub type Plain = http_body_util::Full<Bytes>;
+pub fn plain(b: impl Into<Bytes>) -> Plain {
+    http_body_util::Full::new(b.into())
+}
+pub type PlainError = Infallible;
+
+/// What the relay tells the record when it is done.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RelaySummary {
+    pub usage: Option<Usage>,
+    pub estimated: bool,
+    pub first_event_at: Option<Instant>,
+    /// How the body ended: "ok", "interrupted", "client_gone", "handed_off".
+    pub outcome: &'static str,
+}
+
+/// One request's facts, filled in along the request path and written out
+/// (metrics and the access-log line) when the response body is dropped.
+pub struct Record {
+    app: Arc<App>,
+    pub request_id: http::HeaderValue,
+    pub start: Instant,
+    pub tenant: Option<Arc<Tenant>>,
+    pub model: Option<Arc<str>>,
+    pub endpoint: &'static str,
+    pub stream: bool,
+    pub status: u16,
+    pub cache: &'static str,
+    pub upstream_status: Option<u16>,
+    pub usage: Option<Usage>,
+    /// Tokens answered without going upstream (hits, coalesced).
+    pub saved: Option<Usage>,
+    pub estimated: bool,
+    pub first_byte: Option<Instant>,
+    pub outcome: &'static str,
+    pub error: Option<&'static str>,
+    pub permit: Option<Permit>,
+    inflight: bool,
+}
+
+impl Record {
+    pub fn new(app: Arc<App>, request_id: http::HeaderValue, start: Instant) -> Record {
+        Record {
+            app,
+            request_id,
+            start,
+            tenant: None,
+            model: None,
+            endpoint: "other",
+            stream: false,
+            status: 0,
+            cache: "none",
+            upstream_status: None,
+            usage: None,
+            saved: None,
+            estimated: false,
+            first_byte: None,
+            outcome: "ok",
+            error: None,
+            permit: None,
+            inflight: false,
+        }
+    }
+
+    /// Counts the request in `sluice_inflight_requests` until it is logged.
+    pub fn set_tenant(&mut self, tenant: Arc<Tenant>) {
+        tenant.inflight.inc();
+        self.inflight = true;
+        self.tenant = Some(tenant);
+    }
+
+    fn absorb(&mut self, s: RelaySummary) {
+        if s.usage.is_some() {
+            self.usage = s.usage;
+        }
+        self.estimated |= s.estimated;
+        if self.first_byte.is_none() {
+            self.first_byte = s.first_event_at;
+        }
+        self.outcome = s.outcome;
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        let m = &self.app.metrics;
+        let tenant = self.tenant.as_ref().map_or("unknown", |t| &t.name);
+        let model = self.model.as_deref().unwrap_or(crate::metrics::OTHER);
+        let status = self.status.to_string();
+        m.requests
+            .with_label_values(&[tenant, model, self.endpoint, &status, self.cache])
+            .inc();
+        let elapsed = self.start.elapsed();
+        if self.endpoint != "other" {
+            m.request_duration
+                .with_label_values(&[
+                    tenant,
+                    model,
+                    self.endpoint,
+                    if self.stream { "true" } else { "false" },
+                ])
+                .observe(elapsed.as_secs_f64());
+        }
+        let ttft = self
+            .first_byte
+            .map(|t| t.saturating_duration_since(self.start));
+        if let (Some(ttft), true) = (ttft, self.status == 200 && self.model.is_some()) {
+            m.ttft
+                .with_label_values(&[tenant, model, self.cache])
+                .observe(ttft.as_secs_f64());
+        }
+        if let Some(saved) = &self.saved {
+            m.tokens_saved
+                .with_label_values(&[tenant, model])
+                .inc_by(saved.total);
+        }
+        if self.inflight {
+            if let Some(t) = &self.tenant {
+                t.inflight.dec();
+            }
+        }
+        let usage = self.usage.unwrap_or_default();
+        // The one access-log line. Keys, prompts and completions never appear.
+        tracing::info!(
+            target: "sluice::access",
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            tenant,
+            model,
+            endpoint = self.endpoint,
+            status = self.status,
+            cache = self.cache,
+            stream = self.stream,
+            prompt_tokens = usage.prompt,
+            completion_tokens = usage.completion,
+            usage_estimated = self.estimated,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            ttft_ms = ttft.map(|t| t.as_secs_f64() * 1000.0),
+            upstream_status = self.upstream_status,
+            outcome = self.outcome,
+            error = self.error,
+            "request"
+        );
+    }
+}

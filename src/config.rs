@@ -1,0 +1,709 @@
+//! Configuration: the TOML schema of SPEC §2 parsed into raw serde structs
+//! (unknown keys refused), then validated into typed values (`SocketAddr`,
+//! `Duration`, key hashes). Used at start-up, by `check-config` and by SIGHUP
+//! reload; nothing on the request path parses config.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Every problem found in a config file, each naming the key it concerns.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError(pub Vec<String>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join("; "))
+    }
+}
+
+/// The shared upstream key. `Debug` never shows it, so it cannot reach a log
+/// line by accident.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("*****")
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub cache: CacheConfig,
+    pub tenants: Vec<TenantConfig>,
+    pub pricing: BTreeMap<String, Pricing>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub shutdown_grace: Duration,
+    pub header_read_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    /// Scheme, authority and optional path prefix, without a trailing slash.
+    pub base_url: String,
+    pub api_key_env: String,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_retries: u32,
+    /// 0 = unlimited.
+    pub max_concurrent: usize,
+    /// `None` = balance polling off.
+    pub balance_poll: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheScope {
+    Tenant,
+    Shared,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    pub max_bytes: u64,
+    pub ttl: Duration,
+    pub scope: CacheScope,
+}
+
+/// The limits of one tenant; a reload keeps limiter state when these are equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LimitSpec {
+    /// 0 = unlimited.
+    pub requests_per_minute: u32,
+    pub request_burst: u32,
+    /// 0 = unlimited.
+    pub tokens_per_minute: u64,
+    /// 0 = unlimited.
+    pub max_concurrent: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantConfig {
+    pub name: String,
+    pub key_sha256: Vec<[u8; 32]>,
+    pub limits: LimitSpec,
+    /// Empty = any model.
+    pub models: Vec<String>,
+    pub cache: bool,
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pricing {
+    #[serde(default)]
+    pub input_cache_hit: f64,
+    #[serde(default)]
+    pub input_cache_miss: f64,
+    #[serde(default)]
+    pub output: f64,
+}
+
+// ---- raw schema -------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    cache: RawCache,
+    #[serde(default)]
+    tenants: Vec<RawTenant>,
+    #[serde(default)]
+    pricing: BTreeMap<String, Pricing>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: String,
+    admin_listen: String,
+    max_body_bytes: u64,
+    shutdown_grace_secs: u64,
+    header_read_timeout_secs: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            max_body_bytes: 4 * 1024 * 1024,
+            shutdown_grace_secs: 30,
+            header_read_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUpstream {
+    base_url: String,
+    api_key_env: String,
+    connect_timeout_secs: u64,
+    first_byte_timeout_secs: u64,
+    idle_timeout_secs: u64,
+    max_retries: u32,
+    max_concurrent: u64,
+    balance_poll_secs: u64,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.deepseek.com".into(),
+            api_key_env: "DEEPSEEK_API_KEY".into(),
+            connect_timeout_secs: 5,
+            first_byte_timeout_secs: 600,
+            idle_timeout_secs: 120,
+            max_retries: 2,
+            max_concurrent: 0,
+            balance_poll_secs: 300,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCache {
+    enabled: bool,
+    max_bytes: u64,
+    ttl_secs: u64,
+    scope: String,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_bytes: 256 * 1024 * 1024,
+            ttl_secs: 3600,
+            scope: "tenant".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    name: String,
+    key_sha256: KeyList,
+    #[serde(default = "default_rpm")]
+    requests_per_minute: u32,
+    request_burst: Option<u32>,
+    #[serde(default = "default_tpm")]
+    tokens_per_minute: u64,
+    #[serde(default = "default_tenant_concurrency")]
+    max_concurrent: u32,
+    #[serde(default)]
+    models: Vec<String>,
+    #[serde(default = "default_true")]
+    cache: bool,
+}
+
+/// `key_sha256` takes one string or a list of them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum KeyList {
+    One(String),
+    Many(Vec<String>),
+}
+
+fn default_rpm() -> u32 {
+    600
+}
+fn default_tpm() -> u64 {
+    1_000_000
+}
+fn default_tenant_concurrency() -> u32 {
+    32
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Environment variables that override config keys (SPEC §2).
+pub const ENV_OVERRIDES: [(&str, &str); 3] = [
+    ("SLUICE_LISTEN", "server.listen"),
+    ("SLUICE_ADMIN_LISTEN", "server.admin_listen"),
+    ("SLUICE_UPSTREAM_URL", "upstream.base_url"),
+];
+
+impl Config {
+    /// Reads and validates the file at `path`, applying the env overrides
+    /// that `env` returns (a function, so tests never touch the process env).
+    pub fn load(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))?;
+        Self::parse(&text, env)
+    }
+
+    /// Parses and validates TOML text, applying env overrides.
+    pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError(vec![describe_toml_error(&e)]))?;
+        if let Some(v) = env("SLUICE_LISTEN") {
+            raw.server.listen = v;
+        }
+        if let Some(v) = env("SLUICE_ADMIN_LISTEN") {
+            raw.server.admin_listen = v;
+        }
+        if let Some(v) = env("SLUICE_UPSTREAM_URL") {
+            raw.upstream.base_url = v;
+        }
+        validate(raw)
+    }
+
+    /// Reads the upstream key from the env var that `upstream.api_key_env`
+    /// names. An unset or empty variable is an error unless the name is "".
+    pub fn upstream_key(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Secret, ConfigError> {
+        let name = &self.upstream.api_key_env;
+        if name.is_empty() {
+            return Ok(Secret::default());
+        }
+        match env(name) {
+            Some(v) if !v.trim().is_empty() => Ok(Secret::new(v.trim())),
+            _ => Err(ConfigError(vec![format!(
+                "upstream.api_key_env: environment variable {name} is unset or empty \
+                 (set api_key_env = \"\" for an upstream that takes no key)"
+            )])),
+        }
+    }
+
+    /// Every model name that keeps its own metric label (SPEC §6).
+    pub fn known_models(&self) -> HashSet<String> {
+        let mut models: HashSet<String> = ["deepseek-chat", "deepseek-reasoner"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        for t in &self.tenants {
+            models.extend(t.models.iter().cloned());
+        }
+        models.extend(self.pricing.keys().cloned());
+        models
+    }
+}
+
+fn describe_toml_error(e: &toml::de::Error) -> String {
+    // toml's message already names the offending key ("unknown field `x`",
+    // "invalid type ... for key `server.listen`"); keep it on one line.
+    e.message().replace('\n', " ").trim().to_string()
+        + &e.span()
+            .map(|s| format!(" (at byte {})", s.start))
+            .unwrap_or_default()
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let mut errs = Vec::new();
+    let mut addr = |key: &str, v: &str| -> SocketAddr {
+        v.parse().unwrap_or_else(|_| {
+            errs.push(format!(
+                "{key}: {v:?} is not an address like 127.0.0.1:8080"
+            ));
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        })
+    };
+    let listen = addr("server.listen", &raw.server.listen);
+    let admin_listen = addr("server.admin_listen", &raw.server.admin_listen);
+
+    let positive = |errs: &mut Vec<String>, key: &str, v: u64| {
+        if v == 0 {
+            errs.push(format!("{key}: must be greater than 0"));
+        }
+        Duration::from_secs(v)
+    };
+    if raw.server.max_body_bytes == 0 {
+        errs.push("server.max_body_bytes: must be greater than 0".into());
+    }
+    let server = ServerConfig {
+        listen,
+        admin_listen,
+        max_body_bytes: usize::try_from(raw.server.max_body_bytes).unwrap_or(usize::MAX),
+        shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
+        header_read_timeout: positive(
+            &mut errs,
+            "server.header_read_timeout_secs",
+            raw.server.header_read_timeout_secs,
+        ),
+    };
+
+    let base_url = raw.upstream.base_url.trim_end_matches('/').to_string();
+    match base_url.parse::<http::Uri>() {
+        Ok(uri)
+            if matches!(uri.scheme_str(), Some("http" | "https"))
+                && uri.host().is_some_and(|h| !h.is_empty())
+                && uri.query().is_none() => {}
+        _ => errs.push(format!(
+            "upstream.base_url: {:?} is not an http:// or https:// URL",
+            raw.upstream.base_url
+        )),
+    }
+    let upstream = UpstreamConfig {
+        base_url,
+        api_key_env: raw.upstream.api_key_env,
+        connect_timeout: positive(
+            &mut errs,
+            "upstream.connect_timeout_secs",
+            raw.upstream.connect_timeout_secs,
+        ),
+        first_byte_timeout: positive(
+            &mut errs,
+            "upstream.first_byte_timeout_secs",
+            raw.upstream.first_byte_timeout_secs,
+        ),
+        idle_timeout: positive(
+            &mut errs,
+            "upstream.idle_timeout_secs",
+            raw.upstream.idle_timeout_secs,
+        ),
+        max_retries: raw.upstream.max_retries,
+        max_concurrent: usize::try_from(raw.upstream.max_concurrent).unwrap_or(usize::MAX),
+        balance_poll: (raw.upstream.balance_poll_secs > 0)
+            .then(|| Duration::from_secs(raw.upstream.balance_poll_secs)),
+    };
+    if upstream.max_retries > 10 {
+        errs.push("upstream.max_retries: must be at most 10".into());
+    }
+
+    let scope = match raw.cache.scope.as_str() {
+        "tenant" => CacheScope::Tenant,
+        "shared" => CacheScope::Shared,
+        other => {
+            errs.push(format!(
+                "cache.scope: {other:?} is not one of \"tenant\", \"shared\""
+            ));
+            CacheScope::Tenant
+        }
+    };
+    let cache = CacheConfig {
+        enabled: raw.cache.enabled,
+        max_bytes: raw.cache.max_bytes,
+        ttl: positive(&mut errs, "cache.ttl_secs", raw.cache.ttl_secs),
+        scope,
+    };
+
+    if raw.tenants.is_empty() {
+        errs.push("tenants: at least one [[tenants]] entry is required".into());
+    }
+    let mut names = HashSet::new();
+    let mut keys = HashSet::new();
+    let mut tenants = Vec::with_capacity(raw.tenants.len());
+    for (i, t) in raw.tenants.into_iter().enumerate() {
+        let at = format!("tenants[{i}]");
+        let valid_name = !t.name.is_empty()
+            && t.name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !valid_name {
+            errs.push(format!("{at}.name: {:?} must match [a-z0-9_-]+", t.name));
+        } else if !names.insert(t.name.clone()) {
+            errs.push(format!("{at}.name: duplicate tenant name {:?}", t.name));
+        }
+        let hexes = match t.key_sha256 {
+            KeyList::One(k) => vec![k],
+            KeyList::Many(ks) => ks,
+        };
+        if hexes.is_empty() {
+            errs.push(format!(
+                "{at}.key_sha256: at least one key hash is required"
+            ));
+        }
+        let mut key_sha256 = Vec::with_capacity(hexes.len());
+        for (j, h) in hexes.iter().enumerate() {
+            let mut out = [0u8; 32];
+            if h.len() != 64 || hex::decode_to_slice(h, &mut out).is_err() {
+                errs.push(format!(
+                    "{at}.key_sha256[{j}]: must be 64 hex digits (run `sluice hash-key`)"
+                ));
+                continue;
+            }
+            if !keys.insert(out) {
+                errs.push(format!("{at}.key_sha256[{j}]: duplicate key"));
+            }
+            key_sha256.push(out);
+        }
+        let request_burst = t
+            .request_burst
+            .unwrap_or((t.requests_per_minute / 10).max(1));
+        if t.requests_per_minute > 0 && request_burst == 0 {
+            errs.push(format!("{at}.request_burst: must be at least 1"));
+        }
+        if t.models.iter().any(|m| m.is_empty()) {
+            errs.push(format!("{at}.models: model names must not be empty"));
+        }
+        tenants.push(TenantConfig {
+            name: t.name,
+            key_sha256,
+            limits: LimitSpec {
+                requests_per_minute: t.requests_per_minute,
+                request_burst,
+                tokens_per_minute: t.tokens_per_minute,
+                max_concurrent: t.max_concurrent,
+            },
+            models: t.models,
+            cache: t.cache,
+        });
+    }
+    for (model, p) in &raw.pricing {
+        for (field, v) in [
+            ("input_cache_hit", p.input_cache_hit),
+            ("input_cache_miss", p.input_cache_miss),
+            ("output", p.output),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                errs.push(format!(
+                    "pricing.{model}.{field}: must be a non-negative number"
+                ));
+            }
+        }
+    }
+
+    if errs.is_empty() {
+        Ok(Config {
+            server,
+            upstream,
+            cache,
+            tenants,
+            pricing: raw.pricing,
+        })
+    } else {
+        Err(ConfigError(errs))
+    }
+}
+
+impl fmt::Display for Config {
+    /// The summary `check-config` prints.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.server;
+        let u = &self.upstream;
+        let c = &self.cache;
+        writeln!(f, "listen        {} (admin {})", s.listen, s.admin_listen)?;
+        writeln!(
+            f,
+            "upstream      {} (key from {}, retries {}, max_concurrent {})",
+            u.base_url,
+            if u.api_key_env.is_empty() {
+                "<none>"
+            } else {
+                &u.api_key_env
+            },
+            u.max_retries,
+            unlimited(u.max_concurrent as u64),
+        )?;
+        writeln!(
+            f,
+            "cache         {} (max_bytes {}, ttl {}s, scope {})",
+            if c.enabled { "on" } else { "off" },
+            c.max_bytes,
+            c.ttl.as_secs(),
+            match c.scope {
+                CacheScope::Tenant => "tenant",
+                CacheScope::Shared => "shared",
+            }
+        )?;
+        writeln!(f, "tenants       {}", self.tenants.len())?;
+        for t in &self.tenants {
+            let l = &t.limits;
+            writeln!(
+                f,
+                "  {:<20} keys {}  req/min {} (burst {})  tokens/min {}  concurrent {}  models {}  cache {}",
+                t.name,
+                t.key_sha256.len(),
+                unlimited(u64::from(l.requests_per_minute)),
+                l.request_burst,
+                unlimited(l.tokens_per_minute),
+                unlimited(u64::from(l.max_concurrent)),
+                if t.models.is_empty() { "any".to_string() } else { t.models.join(",") },
+                if t.cache { "on" } else { "off" },
+            )?;
+        }
+        if !self.pricing.is_empty() {
+            writeln!(
+                f,
+                "pricing       {}",
+                self.pricing.keys().cloned().collect::<Vec<_>>().join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn unlimited(v: u64) -> String {
+    if v == 0 {
+        "unlimited".into()
+    } else {
+        v.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn tenant(extra: &str) -> String {
+        format!("[[tenants]]\nname = \"a\"\nkey_sha256 = [\"{KEY}\"]\n{extra}\n")
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::parse(&tenant(""), no_env).expect("valid");
+        assert_eq!(c.server.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.server.max_body_bytes, 4_194_304);
+        assert_eq!(c.upstream.base_url, "https://api.deepseek.com");
+        assert_eq!(c.upstream.balance_poll, Some(Duration::from_secs(300)));
+        assert_eq!(c.tenants[0].limits.request_burst, 60);
+        assert!(c.cache.enabled);
+        assert!(c.tenants[0].cache);
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../config/sluice.toml");
+        let c = Config::parse(text, no_env).expect("config/sluice.toml must be valid");
+        assert!(!c.tenants.is_empty());
+    }
+
+    #[test]
+    fn env_overrides() {
+        let env = |k: &str| match k {
+            "SLUICE_LISTEN" => Some("127.0.0.1:1".to_string()),
+            "SLUICE_ADMIN_LISTEN" => Some("127.0.0.1:2".to_string()),
+            "SLUICE_UPSTREAM_URL" => Some("http://127.0.0.1:3/".to_string()),
+            _ => None,
+        };
+        let c = Config::parse(&tenant(""), env).expect("valid");
+        assert_eq!(c.server.listen.port(), 1);
+        assert_eq!(c.server.admin_listen.port(), 2);
+        assert_eq!(c.upstream.base_url, "http://127.0.0.1:3");
+    }
+
+    #[test]
+    fn rejections_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("[server]\nlisten = \"nope\"\n", "server.listen"),
+            ("[server]\nlisen = \"x\"\n", "lisen"),
+            ("[upstream]\nbase_url = \"ftp://x\"\n", "upstream.base_url"),
+            (
+                "[upstream]\nidle_timeout_secs = 0\n",
+                "upstream.idle_timeout_secs",
+            ),
+            ("[cache]\nscope = \"global\"\n", "cache.scope"),
+            ("[cache]\nttl = 3\n", "ttl"),
+            ("[pricing.x]\ninput = 1.0\n", "input"),
+        ];
+        for (extra, key) in cases {
+            let text = format!("{extra}\n{}", tenant(""));
+            let err = Config::parse(&text, no_env).expect_err(extra).to_string();
+            assert!(err.contains(key), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn tenant_rejections() {
+        let bad = |text: &str, needle: &str| {
+            let err = Config::parse(text, no_env).expect_err(text).to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        };
+        bad("", "at least one");
+        bad(&tenant("colour = 1"), "colour");
+        bad(
+            &format!("[[tenants]]\nname = \"Bad Name\"\nkey_sha256 = [\"{KEY}\"]\n"),
+            "tenants[0].name",
+        );
+        bad(
+            "[[tenants]]\nname = \"a\"\nkey_sha256 = [\"abc\"]\n",
+            "tenants[0].key_sha256[0]",
+        );
+        bad(
+            &format!(
+                "{}\n[[tenants]]\nname = \"a\"\nkey_sha256 = [\"{}\"]\n",
+                tenant(""),
+                "0".repeat(64)
+            ),
+            "duplicate tenant name",
+        );
+        bad(
+            &format!(
+                "{}\n[[tenants]]\nname = \"b\"\nkey_sha256 = [\"{}\"]\n",
+                tenant(""),
+                KEY.to_uppercase()
+            ),
+            "duplicate key",
+        );
+    }
+
+    #[test]
+    fn upper_case_hex_is_accepted() {
+        let text = format!(
+            "[[tenants]]\nname = \"a\"\nkey_sha256 = \"{}\"\n",
+            KEY.to_uppercase()
+        );
+        let c = Config::parse(&text, no_env).expect("valid");
+        assert_eq!(hex::encode(c.tenants[0].key_sha256[0]), KEY);
+    }
+
+    #[test]
+    fn several_problems_are_reported_at_once() {
+        let text = format!(
+            "[server]\nlisten = \"x\"\nadmin_listen = \"y\"\n{}",
+            tenant("")
+        );
+        let err = Config::parse(&text, no_env).expect_err("invalid");
+        assert_eq!(err.0.len(), 2, "{err}");
+    }
+
+    #[test]
+    fn upstream_key_from_env() {
+        let c = Config::parse(&tenant(""), no_env).expect("valid");
+        assert!(c.upstream_key(no_env).is_err());
+        assert!(c.upstream_key(|_| Some("  ".into())).is_err());
+        let key = c.upstream_key(|_| Some("sk-x".into())).expect("set");
+        assert_eq!(key.expose(), "sk-x");
+        assert_eq!(format!("{key:?}"), "*****");
+        let open = Config::parse(
+            &format!("[upstream]\napi_key_env = \"\"\n{}", tenant("")),
+            no_env,
+        )
+        .expect("valid");
+        assert!(open.upstream_key(no_env).expect("no key needed").is_empty());
+    }
+}

@@ -1,0 +1,275 @@
+//! Sluice's own errors (SPEC §3 table): status, OpenAI-shaped body, and the
+//! `retry-after` headers of a refusal. The only place error bodies are built;
+//! upstream errors are forwarded, never wrapped, so they never come here.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::Body;
+
+/// Which tenant limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Requests,
+    Tokens,
+    Concurrency,
+}
+
+impl Limit {
+    /// The `limit` label of `sluice_rate_limited_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Requests => "requests",
+            Limit::Tokens => "tokens",
+            Limit::Concurrency => "concurrency",
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GatewayError {
+    #[error("The request body is not a JSON object.")]
+    InvalidJson,
+    #[error("{0}")]
+    MissingField(&'static str),
+    #[error("Incorrect API key provided.")]
+    InvalidApiKey,
+    #[error("This key is not allowed to use the requested model.")]
+    ModelNotAllowed,
+    #[error("Unknown path.")]
+    NotFound,
+    #[error("Method not allowed on this path.")]
+    MethodNotAllowed,
+    #[error("The request body is larger than this gateway accepts.")]
+    BodyTooLarge,
+    #[error("The request body did not arrive in time.")]
+    BodyTimeout,
+    #[error("Rate limit reached for {}; retry after {retry_after:?}.", limit.label())]
+    RateLimited { limit: Limit, retry_after: Duration },
+    #[error("The upstream API could not be reached.")]
+    UpstreamUnreachable,
+    #[error("The upstream API did not answer in time.")]
+    UpstreamTimeout,
+    #[error("The upstream stream was interrupted before it completed.")]
+    StreamInterrupted,
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::InvalidJson | GatewayError::MissingField(_) => StatusCode::BAD_REQUEST,
+            GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            GatewayError::ModelNotAllowed => StatusCode::FORBIDDEN,
+            GatewayError::NotFound => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::UpstreamUnreachable | GatewayError::StreamInterrupted => {
+                StatusCode::BAD_GATEWAY
+            }
+            GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            GatewayError::InvalidJson
+            | GatewayError::MissingField(_)
+            | GatewayError::NotFound
+            | GatewayError::MethodNotAllowed
+            | GatewayError::BodyTooLarge
+            | GatewayError::BodyTimeout => "invalid_request_error",
+            GatewayError::InvalidApiKey => "authentication_error",
+            GatewayError::ModelNotAllowed => "permission_error",
+            GatewayError::RateLimited { .. } => "rate_limit_error",
+            GatewayError::UpstreamUnreachable
+            | GatewayError::UpstreamTimeout
+            | GatewayError::StreamInterrupted => "upstream_error",
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::InvalidJson => "invalid_json",
+            GatewayError::MissingField(_) => "missing_field",
+            GatewayError::InvalidApiKey => "invalid_api_key",
+            GatewayError::ModelNotAllowed => "model_not_allowed",
+            GatewayError::NotFound => "not_found",
+            GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::BodyTooLarge => "body_too_large",
+            GatewayError::BodyTimeout => "request_timeout",
+            GatewayError::RateLimited { limit, .. } => match limit {
+                Limit::Requests => "rate_limit_exceeded",
+                Limit::Tokens => "tokens_rate_limit_exceeded",
+                Limit::Concurrency => "concurrency_limit_exceeded",
+            },
+            GatewayError::UpstreamUnreachable => "upstream_unreachable",
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::StreamInterrupted => "upstream_stream_interrupted",
+        }
+    }
+
+    /// Server and upstream faults are worth a warning; client faults are not.
+    pub fn is_server_fault(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::UpstreamUnreachable
+                | GatewayError::UpstreamTimeout
+                | GatewayError::StreamInterrupted
+        )
+    }
+
+    /// `{"error":{"message","type","param","code"}}`.
+    pub fn body(&self) -> Bytes {
+        let body = serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.error_type(),
+                "param": serde_json::Value::Null,
+                "code": self.code(),
+            }
+        });
+        Bytes::from(body.to_string())
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut resp = Response::new(Body::full(self.body()));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let GatewayError::RateLimited { retry_after, .. } = self {
+            let ms = retry_after.as_millis().max(1);
+            // Whole seconds, rounded up and at least 1, so a client that sleeps
+            // `retry-after` is never early; `retry-after-ms` is the exact wait.
+            let secs = ms.div_ceil(1000).max(1);
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
+            h.insert("retry-after-ms", HeaderValue::from(ms as u64));
+        }
+        resp
+    }
+}
+
+/// The SSE event that ends a stream broken after bytes reached the client:
+/// an SDK raises on it instead of taking a partial answer for a whole one.
+pub fn stream_error_event() -> Bytes {
+    let mut out = Vec::with_capacity(200);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(&GatewayError::StreamInterrupted.body());
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_of_spec() {
+        let cases = [
+            (
+                GatewayError::InvalidJson,
+                400,
+                "invalid_request_error",
+                "invalid_json",
+            ),
+            (
+                GatewayError::MissingField("x"),
+                400,
+                "invalid_request_error",
+                "missing_field",
+            ),
+            (
+                GatewayError::InvalidApiKey,
+                401,
+                "authentication_error",
+                "invalid_api_key",
+            ),
+            (
+                GatewayError::ModelNotAllowed,
+                403,
+                "permission_error",
+                "model_not_allowed",
+            ),
+            (
+                GatewayError::NotFound,
+                404,
+                "invalid_request_error",
+                "not_found",
+            ),
+            (
+                GatewayError::MethodNotAllowed,
+                405,
+                "invalid_request_error",
+                "method_not_allowed",
+            ),
+            (
+                GatewayError::BodyTooLarge,
+                413,
+                "invalid_request_error",
+                "body_too_large",
+            ),
+            (
+                GatewayError::RateLimited {
+                    limit: Limit::Tokens,
+                    retry_after: Duration::ZERO,
+                },
+                429,
+                "rate_limit_error",
+                "tokens_rate_limit_exceeded",
+            ),
+            (
+                GatewayError::UpstreamUnreachable,
+                502,
+                "upstream_error",
+                "upstream_unreachable",
+            ),
+            (
+                GatewayError::UpstreamTimeout,
+                504,
+                "upstream_error",
+                "upstream_timeout",
+            ),
+        ];
+        for (e, status, ty, code) in cases {
+            assert_eq!(e.status().as_u16(), status);
+            let v: serde_json::Value = serde_json::from_slice(&e.body()).expect("json");
+            assert_eq!(v["error"]["type"], ty);
+            assert_eq!(v["error"]["code"], code);
+            assert!(v["error"]["param"].is_null());
+            assert!(v["error"]["message"].is_string());
+        }
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        let e = GatewayError::RateLimited {
+            limit: Limit::Requests,
+            retry_after: Duration::from_millis(1200),
+        };
+        let r = e.into_response();
+        assert_eq!(r.headers()["retry-after"], "2");
+        assert_eq!(r.headers()["retry-after-ms"], "1200");
+        let e = GatewayError::RateLimited {
+            limit: Limit::Requests,
+            retry_after: Duration::ZERO,
+        };
+        let r = e.into_response();
+        assert_eq!(r.headers()["retry-after"], "1");
+    }
+
+    #[test]
+    fn stream_error_event_shape() {
+        let ev = stream_error_event();
+        let text = std::str::from_utf8(&ev).expect("utf8");
+        assert!(text.starts_with("data: {") && text.ends_with("}\n\n"));
+        let v: serde_json::Value = serde_json::from_str(&text[6..]).expect("json");
+        assert_eq!(v["error"]["code"], "upstream_stream_interrupted");
+        assert_eq!(v["error"]["type"], "upstream_error");
+    }
+}

@@ -1,0 +1,332 @@
+//! The `sluice` binary: CLI (clap), logging, signals. Everything else is the
+//! library: this file starts a `Gateway` and feeds it SIGTERM and SIGHUP.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sha2::{Digest, Sha256};
+use sluice::{Config, Gateway, Secret};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "A gateway that shares one LLM API key among many teams."
+)]
+struct Cli {
+    /// Config file.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_CONFIG",
+        default_value = "config/sluice.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config and print a summary; exit 1 if invalid.
+    CheckConfig,
+    /// Print a fresh tenant key and its SHA-256.
+    NewKey,
+    /// Print the SHA-256 of a key (given, or read from stdin).
+    HashKey { key: Option<String> },
+    /// Try Sluice without an API key: a simulated upstream behind the gateway.
+    Demo,
+    /// Run only the simulated DeepSeek upstream (for tests and benchmarks).
+    #[command(hide = true)]
+    Simulate {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::NewKey) => new_key(),
+        Some(Command::HashKey { key }) => hash_key(key),
+        Some(Command::CheckConfig) => check_config(&cli.config),
+        Some(Command::Demo) => {
+            init_logging();
+            runtime().block_on(demo())
+        }
+        Some(Command::Simulate { listen }) => {
+            init_logging();
+            runtime().block_on(simulate(listen))
+        }
+        None => {
+            init_logging();
+            runtime().block_on(run(cli.config))
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sluice: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if env("SLUICE_LOG_FORMAT").as_deref() == Some("json") {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
+    } else {
+        builder.init();
+    }
+}
+
+fn out(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes());
+    let _ = stdout.flush();
+}
+
+fn new_key() -> ExitCode {
+    use rand::distr::{Alphanumeric, SampleString};
+    let key = format!(
+        "sk-sluice-{}",
+        Alphanumeric.sample_string(&mut rand::rng(), 40)
+    );
+    out(&format!(
+        "key:        {key}\nkey_sha256: {}\n",
+        hex::encode(Sha256::digest(&key))
+    ));
+    ExitCode::SUCCESS
+}
+
+fn hash_key(key: Option<String>) -> ExitCode {
+    let key = match key {
+        Some(k) => k,
+        None => {
+            let mut line = String::new();
+            if std::io::stdin().lock().read_line(&mut line).is_err() {
+                eprintln!("sluice: could not read a key from stdin");
+                return ExitCode::FAILURE;
+            }
+            line.trim_end_matches(['\n', '\r']).to_string()
+        }
+    };
+    if key.is_empty() {
+        eprintln!("sluice: the key is empty");
+        return ExitCode::FAILURE;
+    }
+    out(&format!(
+        "{}\n",
+        hex::encode(Sha256::digest(key.as_bytes()))
+    ));
+    ExitCode::SUCCESS
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    match Config::load(path, env) {
+        Ok(config) => {
+            out(&format!("{}: valid\n{config}", path.display()));
+            if let Err(e) = config.upstream_key(env) {
+                eprintln!("warning: {e}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: invalid config:", path.display());
+            for problem in &e.0 {
+                eprintln!("  - {problem}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<(Config, Secret), String> {
+    let config =
+        Config::load(path, env).map_err(|e| format!("invalid config {}: {e}", path.display()))?;
+    let key = config.upstream_key(env).map_err(|e| e.to_string())?;
+    Ok((config, key))
+}
+
+async fn run(path: PathBuf) -> ExitCode {
+    let (config, key) = match load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    serve(config, key, Some(path)).await
+}
+
+/// Runs a gateway until SIGTERM/SIGINT; SIGHUP reloads `path`.
+async fn serve(config: Config, key: Secret, path: Option<PathBuf>) -> ExitCode {
+    let gateway = match Gateway::bind(config, key).await {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("sluice: cannot listen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(listen = %gateway.local_addr(), admin = %gateway.admin_addr(), "sluice listening");
+    let handle = gateway.handle();
+    if let Some(path) = path {
+        tokio::spawn(reload_on_sighup(handle, path));
+    }
+    gateway.run(shutdown_signal()).await;
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+async fn reload_on_sighup(handle: sluice::Handle, path: PathBuf) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match load(&path) {
+            Ok((config, key)) => {
+                handle.reload(config, &key);
+                tracing::info!(path = %path.display(), "config reloaded");
+            }
+            Err(e) => {
+                handle.reload_refused();
+                tracing::error!(error = %e, "config reload refused; keeping the running config");
+            }
+        }
+    }
+}
+
+async fn simulate(listen: SocketAddr) -> ExitCode {
+    let sim = match sluice::simulator::Simulator::start(listen).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sluice: cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    out(&format!("simulator listening on {}\n", sim.base_url()));
+    shutdown_signal().await;
+    ExitCode::SUCCESS
+}
+
+async fn demo() -> ExitCode {
+    use rand::distr::{Alphanumeric, SampleString};
+    let sim = match sluice::simulator::Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sluice: cannot start the simulator: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let key = format!(
+        "sk-sluice-{}",
+        Alphanumeric.sample_string(&mut rand::rng(), 40)
+    );
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:8080"
+admin_listen = "127.0.0.1:9090"
+shutdown_grace_secs = 5
+
+[upstream]
+base_url = "{}"
+api_key_env = ""
+balance_poll_secs = 30
+
+[[tenants]]
+name = "demo"
+key_sha256 = ["{}"]
+requests_per_minute = 600
+tokens_per_minute = 1000000
+max_concurrent = 32
+
+[pricing.deepseek-chat]
+input_cache_hit = 0.028
+input_cache_miss = 0.28
+output = 0.42
+"#,
+        sim.base_url(),
+        hex::encode(Sha256::digest(&key))
+    );
+    // The env overrides apply; the upstream stays the simulator.
+    let config = match Config::parse(&text, |name| {
+        if name == "SLUICE_UPSTREAM_URL" {
+            None
+        } else {
+            env(name)
+        }
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let gateway = match Gateway::bind(config, Secret::default()).await {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("sluice: cannot listen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = gateway.local_addr();
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    let base = format!("http://{host}:{}/v1", addr.port());
+    out(&format!(
+        "Sluice demo: a simulated DeepSeek upstream behind the gateway.\n\n\
+         key:      {key}\n\
+         base URL: {base}\n\
+         metrics:  http://{}/metrics\n\n\
+         curl {base}/chat/completions \\\n  \
+         -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n  \
+         -d '{{\"model\":\"deepseek-chat\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"stream\":true}}'\n\n\
+         Ctrl-C stops it.\n",
+        gateway.admin_addr()
+    ));
+    gateway.run(shutdown_signal()).await;
+    drop(sim);
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,304 @@
+//! Prometheus metrics (SPEC §6). One `Registry` owned by the gateway (no
+//! process globals, so several gateways can live in one test process).
+//! Label values are bounded: tenants come from config or are `unknown`,
+//! models are known names or `other` (see `ModelLabels`), everything else is
+//! a `&'static str`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::sse::Usage;
+
+/// Latency buckets for LLM traffic: from a cache hit (sub-millisecond) to a
+/// long reasoning stream (minutes).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
+    30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub ttft: HistogramVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_duration: Histogram,
+    pub tokens: IntCounterVec,
+    pub tokens_saved: IntCounterVec,
+    pub cost: prometheus::CounterVec,
+    pub rate_limited: IntCounterVec,
+    pub auth_failures: IntCounter,
+    pub usage_estimated: IntCounterVec,
+    pub inflight: IntGaugeVec,
+    pub cache_entries: IntGauge,
+    pub cache_bytes: IntGauge,
+    pub balance: GaugeVec,
+    pub config_reloads: IntCounterVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    #[expect(
+        clippy::expect_used,
+        reason = "metric definitions are static; a bad one is a bug caught by every test"
+    )]
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let upstream_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "sluice_upstream_duration_seconds",
+                "Time from sending an upstream request to its response headers, per attempt.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        r.register(Box::new(upstream_duration.clone()))
+            .expect("unique metric");
+        let auth_failures = IntCounter::new(
+            "sluice_auth_failures_total",
+            "Requests refused for a missing or unknown key.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(auth_failures.clone()))
+            .expect("unique metric");
+        let cost = prometheus::CounterVec::new(
+            Opts::new(
+                "sluice_cost_usd_total",
+                "Upstream cost in USD, from [pricing].",
+            ),
+            &["tenant", "model"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(cost.clone())).expect("unique metric");
+        let inflight = IntGaugeVec::new(
+            Opts::new(
+                "sluice_inflight_requests",
+                "Requests being served, streams included.",
+            ),
+            &["tenant"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(inflight.clone()))
+            .expect("unique metric");
+        let cache_entries = IntGauge::new("sluice_cache_entries", "Entries in the response cache.")
+            .expect("valid metric");
+        r.register(Box::new(cache_entries.clone()))
+            .expect("unique metric");
+        let cache_bytes = IntGauge::new("sluice_cache_bytes", "Bytes held by the response cache.")
+            .expect("valid metric");
+        r.register(Box::new(cache_bytes.clone()))
+            .expect("unique metric");
+        let balance = GaugeVec::new(
+            Opts::new(
+                "sluice_upstream_balance",
+                "The shared upstream account's total balance.",
+            ),
+            &["currency"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(balance.clone()))
+            .expect("unique metric");
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("unique metric");
+
+        Self {
+            requests: counter(
+                &r,
+                "sluice_requests_total",
+                "Requests answered, by outcome.",
+                &["tenant", "model", "endpoint", "status", "cache"],
+            ),
+            request_duration: histogram(
+                &r,
+                "sluice_request_duration_seconds",
+                "Time from request to the end of the response body.",
+                &["tenant", "model", "endpoint", "stream"],
+            ),
+            ttft: histogram(
+                &r,
+                "sluice_time_to_first_token_seconds",
+                "Time from request to the first data event (streams) or the first body byte.",
+                &["tenant", "model", "cache"],
+            ),
+            upstream_requests: counter(
+                &r,
+                "sluice_upstream_requests_total",
+                "Upstream attempts, retries included.",
+                &["status"],
+            ),
+            upstream_duration,
+            tokens: counter(
+                &r,
+                "sluice_tokens_total",
+                "Upstream tokens by type.",
+                &["tenant", "model", "type"],
+            ),
+            tokens_saved: counter(
+                &r,
+                "sluice_cache_tokens_saved_total",
+                "Tokens not spent upstream thanks to the cache and coalescing.",
+                &["tenant", "model"],
+            ),
+            cost,
+            rate_limited: counter(
+                &r,
+                "sluice_rate_limited_total",
+                "Requests refused by a tenant limit.",
+                &["tenant", "limit"],
+            ),
+            auth_failures,
+            usage_estimated: counter(
+                &r,
+                "sluice_usage_estimated_total",
+                "Requests metered by estimate because upstream usage never arrived.",
+                &["tenant", "model"],
+            ),
+            inflight,
+            cache_entries,
+            cache_bytes,
+            balance,
+            config_reloads: counter(
+                &r,
+                "sluice_config_reloads_total",
+                "SIGHUP reloads, by result.",
+                &["result"],
+            ),
+            registry: r,
+        }
+    }
+
+    /// Records upstream usage: tokens by type and cost.
+    pub fn record_usage(
+        &self,
+        tenant: &str,
+        model: &str,
+        usage: &Usage,
+        price: Option<&crate::config::Pricing>,
+    ) {
+        for (kind, n) in [
+            ("prompt", usage.prompt),
+            ("completion", usage.completion),
+            ("prompt_cache_hit", usage.prompt_cache_hit),
+            ("prompt_cache_miss", usage.prompt_cache_miss),
+            ("reasoning", usage.reasoning),
+        ] {
+            self.tokens
+                .with_label_values(&[tenant, model, kind])
+                .inc_by(n);
+        }
+        if let Some(p) = price {
+            let usd = (usage.prompt_cache_hit as f64 * p.input_cache_hit
+                + usage.prompt_cache_miss as f64 * p.input_cache_miss
+                + usage.completion as f64 * p.output)
+                / 1e6;
+            self.cost.with_label_values(&[tenant, model]).inc_by(usd);
+        }
+    }
+
+    /// The text exposition for `/metrics`.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail for well-formed families.
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .ok();
+        out
+    }
+}
+
+/// Maps client-supplied model names to bounded label values. Built once per
+/// config; the lookup borrows, so the hot path does not allocate.
+#[derive(Debug)]
+pub struct ModelLabels {
+    known: HashMap<String, Arc<str>>,
+    other: Arc<str>,
+}
+
+pub const OTHER: &str = "other";
+
+impl ModelLabels {
+    pub fn new(models: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            known: models
+                .into_iter()
+                .map(|m| {
+                    let label: Arc<str> = Arc::from(m.as_str());
+                    (m, label)
+                })
+                .collect(),
+            other: Arc::from(OTHER),
+        }
+    }
+
+    pub fn label(&self, model: &str) -> Arc<str> {
+        self.known.get(model).unwrap_or(&self.other).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_models_collapse_to_other() {
+        let labels = ModelLabels::new(["deepseek-chat".to_string()]);
+        assert_eq!(&*labels.label("deepseek-chat"), "deepseek-chat");
+        assert_eq!(&*labels.label("gpt-9"), "other");
+    }
+
+    #[test]
+    fn cost_follows_pricing() {
+        let m = Metrics::new();
+        let p = crate::config::Pricing {
+            input_cache_hit: 1.0,
+            input_cache_miss: 2.0,
+            output: 4.0,
+        };
+        let u = Usage {
+            prompt: 30,
+            completion: 10,
+            total: 40,
+            prompt_cache_hit: 10,
+            prompt_cache_miss: 20,
+            reasoning: 0,
+        };
+        m.record_usage("t", "deepseek-chat", &u, Some(&p));
+        let cost = m.cost.with_label_values(&["t", "deepseek-chat"]).get();
+        assert!((cost - (10.0 + 40.0 + 40.0) / 1e6).abs() < 1e-12);
+        assert_eq!(
+            m.tokens
+                .with_label_values(&["t", "deepseek-chat", "prompt_cache_miss"])
+                .get(),
+            20
+        );
+    }
+}

@@ -1,0 +1,756 @@
+//! The request path, top to bottom, with the reason for each step's place:
+//!
+//! 1. **Route** — cheapest refusal first; unknown paths never touch auth.
+//! 2. **Auth** — before limits, so buckets are keyed by tenant and anonymous
+//!    floods cannot drain anyone's quota. Past here code sees a `Tenant`.
+//! 3. **Request bucket, concurrency** — before reading the body, so a
+//!    refused request costs nothing and is never queued; before the cache,
+//!    so hits count as requests.
+//! 4. **Body** — read within `max_body_bytes`; validated (`model`,
+//!    `messages`/`prompt`); model allowlist.
+//! 5. **Cache** — lookup, then attach to an identical request in flight.
+//! 6. **Token bucket** — only for requests that will go upstream: hits and
+//!    coalesced answers spend no tokens.
+//! 7. **Upstream** — retries before any byte reached the client; then the
+//!    relay streams the answer back, metering and caching along the way.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::body::{Body, Record};
+use crate::cache::{self, End, Entry, Flight, Head, Join};
+use crate::error::{stream_error_event, GatewayError};
+use crate::limit::{Standing, Standings};
+use crate::relay::{Meter, Relay, Sink, StreamOpts};
+use crate::routes::{self, Endpoint};
+use crate::sse::DONE_EVENT;
+use crate::state::{App, Snapshot, Tenant};
+use crate::upstream::strip_hop_by_hop;
+
+/// Entry point for every client request.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let request_id = request_id(req.headers());
+    let mut record = Box::new(Record::new(Arc::clone(&app), request_id.clone(), start));
+    let snap = app.snapshot.load_full();
+    let mut standings = Standings::default();
+    let mut resp = match serve(&app, &snap, req, &mut record, &mut standings).await {
+        Ok(resp) => resp,
+        Err(e) => refuse(&app, &mut record, e),
+    };
+    record.status = resp.status().as_u16();
+    let h = resp.headers_mut();
+    h.insert("x-request-id", request_id);
+    if record.tenant.is_some() {
+        standings.write_headers(h);
+    }
+    if record.cache != "none" {
+        h.insert("x-sluice-cache", HeaderValue::from_static(record.cache));
+    }
+    resp.body_mut().set_record(record);
+    Ok(resp)
+}
+
+fn refuse(app: &App, record: &mut Record, e: GatewayError) -> Response<Body> {
+    record.error = Some(e.code());
+    if e.is_server_fault() {
+        tracing::warn!(
+            request_id = record.request_id.to_str().unwrap_or("-"),
+            code = e.code(),
+            "request failed"
+        );
+    } else {
+        tracing::debug!(
+            request_id = record.request_id.to_str().unwrap_or("-"),
+            code = e.code(),
+            "request refused"
+        );
+    }
+    if let (GatewayError::RateLimited { limit, .. }, Some(t)) = (&e, &record.tenant) {
+        app.metrics
+            .rate_limited
+            .with_label_values(&[&t.name, limit.label()])
+            .inc();
+    }
+    e.into_response()
+}
+
+async fn serve(
+    app: &Arc<App>,
+    snap: &Arc<Snapshot>,
+    req: Request<Incoming>,
+    record: &mut Record,
+    standings: &mut Standings,
+) -> Result<Response<Body>, GatewayError> {
+    // 1. Route.
+    let endpoint = routes::route(req.method(), req.uri().path())?;
+    record.endpoint = endpoint.label();
+
+    // 2. Auth.
+    let Some(tenant) = snap.authenticate(req.headers()) else {
+        app.metrics.auth_failures.inc();
+        return Err(GatewayError::InvalidApiKey);
+    };
+    record.set_tenant(Arc::clone(&tenant));
+
+    // 3. Request bucket and concurrency.
+    let limits = &tenant.limits;
+    standings.tokens = limits.peek_tokens(Instant::now());
+    match limits.check_request() {
+        Ok(s) => standings.requests = s,
+        Err((limit, wait)) => {
+            standings.requests = Some(refused_standing(
+                tenant.limits.spec.requests_per_minute,
+                tenant.limits.spec.request_burst,
+                wait,
+            ));
+            return Err(GatewayError::RateLimited {
+                limit,
+                retry_after: wait,
+            });
+        }
+    }
+    record.permit = limits
+        .acquire()
+        .map_err(|(limit, wait)| GatewayError::RateLimited {
+            limit,
+            retry_after: wait,
+        })?;
+
+    if endpoint == Endpoint::Models {
+        return models(app, snap, &tenant, req, record).await;
+    }
+
+    // 4. Body.
+    let (parts, body) = req.into_parts();
+    let bytes = read_body(body, &parts.headers, &snap.config).await?;
+    let api = ApiRequest::parse(&bytes, endpoint)?;
+    record.model = Some(snap.models.label(&api.model));
+    record.stream = api.stream;
+    if !tenant.allows(&api.model) {
+        return Err(GatewayError::ModelNotAllowed);
+    }
+
+    // 5. Cache.
+    let mode = CacheMode::of(snap, &tenant, &parts.headers);
+    record.cache = mode.label();
+    let key = (mode != CacheMode::Bypass)
+        .then(|| cache::key(snap.cache_scope(&tenant), endpoint.label(), &api.value));
+    let mut leader = None;
+    if let (CacheMode::Lookup, Some(key)) = (mode, key) {
+        if let Some(entry) = app.store.get(&key) {
+            record.cache = "hit";
+            record.saved = Some(entry.usage);
+            let mut resp = entry_response(&entry, api.stream, api.include_usage);
+            resp.headers_mut()
+                .insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
+            return Ok(resp);
+        }
+        if let Some(flight) = app.flights.follow(&key) {
+            record.cache = "coalesced";
+            return follow(app, flight, &api, record).await;
+        }
+    }
+
+    // 6. Token bucket: only what goes upstream is refused for tokens.
+    match limits.check_tokens(Instant::now()) {
+        Ok(s) => standings.tokens = s,
+        Err((limit, wait)) => {
+            return Err(GatewayError::RateLimited {
+                limit,
+                retry_after: wait,
+            })
+        }
+    }
+    if let (CacheMode::Lookup, Some(key)) = (mode, key) {
+        match app.flights.join(key) {
+            Join::Lead(l) => leader = Some(l),
+            Join::Follow(flight) => {
+                record.cache = "coalesced";
+                return follow(app, flight, &api, record).await;
+            }
+        }
+    }
+
+    // 7. Upstream.
+    let sink = Sink { store: key, leader };
+    forward(
+        app,
+        snap,
+        endpoint,
+        parts.headers,
+        bytes,
+        api,
+        tenant,
+        record,
+        sink,
+    )
+    .await
+}
+
+/// The standing reported with a request-bucket refusal: empty, full again
+/// after the wait plus the rest of the burst.
+fn refused_standing(per_minute: u32, burst: u32, wait: Duration) -> Standing {
+    let interval = Duration::from_secs(60) / per_minute.max(1);
+    Standing {
+        limit: u64::from(per_minute),
+        remaining: 0,
+        reset: wait + interval * burst.saturating_sub(1),
+    }
+}
+
+/// How this request uses the cache (SPEC §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CacheMode {
+    Lookup,
+    Refresh,
+    Bypass,
+}
+
+impl CacheMode {
+    fn of(snap: &Snapshot, tenant: &Tenant, headers: &HeaderMap) -> CacheMode {
+        if !snap.config.cache.enabled || !tenant.cache {
+            return CacheMode::Bypass;
+        }
+        let mut mode = CacheMode::Lookup;
+        for v in headers.get_all(header::CACHE_CONTROL) {
+            for directive in v.to_str().unwrap_or("").split(',') {
+                match directive.trim().to_ascii_lowercase().as_str() {
+                    "no-store" => return CacheMode::Bypass,
+                    "no-cache" => mode = CacheMode::Refresh,
+                    _ => {}
+                }
+            }
+        }
+        mode
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            CacheMode::Lookup => "miss",
+            CacheMode::Refresh => "refresh",
+            CacheMode::Bypass => "bypass",
+        }
+    }
+}
+
+/// A validated API request. Every field but the few read here passes
+/// through untouched.
+pub struct ApiRequest {
+    pub value: Value,
+    pub model: String,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+impl ApiRequest {
+    pub fn parse(bytes: &[u8], endpoint: Endpoint) -> Result<ApiRequest, GatewayError> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|_| GatewayError::InvalidJson)?;
+        let obj = value.as_object().ok_or(GatewayError::InvalidJson)?;
+        let model = obj
+            .get("model")
+            .and_then(Value::as_str)
+            .ok_or(GatewayError::MissingField(
+                "`model` is required and must be a string.",
+            ))?
+            .to_string();
+        match endpoint {
+            Endpoint::Fim => {
+                obj.get("prompt")
+                    .and_then(Value::as_str)
+                    .ok_or(GatewayError::MissingField(
+                        "`prompt` is required and must be a string.",
+                    ))?;
+            }
+            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models => {
+                obj.get("messages")
+                    .and_then(Value::as_array)
+                    .ok_or(GatewayError::MissingField(
+                        "`messages` is required and must be an array.",
+                    ))?;
+            }
+        }
+        let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let include_usage = stream
+            && obj
+                .get("stream_options")
+                .and_then(|o| o.get("include_usage"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+        Ok(ApiRequest {
+            value,
+            model,
+            stream,
+            include_usage,
+        })
+    }
+}
+
+/// The body sent upstream for a stream: the client's bytes with
+/// `stream_options.include_usage = true`. When the client sent no
+/// `stream_options`, the field is spliced in after the opening brace so
+/// every other byte passes through as it came.
+pub fn with_include_usage(bytes: &Bytes, value: &Value) -> Bytes {
+    const FIELD: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    if value.get("stream_options").is_none() {
+        if let Some(open) = bytes.iter().position(|&b| b == b'{') {
+            let mut out = BytesMut::with_capacity(bytes.len() + FIELD.len());
+            out.extend_from_slice(&bytes[..=open]);
+            out.extend_from_slice(FIELD);
+            out.extend_from_slice(&bytes[open + 1..]);
+            return out.freeze();
+        }
+    }
+    let mut v = value.clone();
+    if let Some(obj) = v.as_object_mut() {
+        let opts = obj
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if !opts.is_object() {
+            *opts = Value::Object(Default::default());
+        }
+        if let Some(o) = opts.as_object_mut() {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    Bytes::from(serde_json::to_vec(&v).unwrap_or_else(|_| bytes.to_vec()))
+}
+
+async fn read_body(
+    mut body: Incoming,
+    headers: &HeaderMap,
+    config: &crate::config::Config,
+) -> Result<Bytes, GatewayError> {
+    let max = config.server.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(GatewayError::BodyTooLarge);
+    }
+    let mut buf = BytesMut::with_capacity(declared.map_or(8 * 1024, |n| n as usize));
+    // A client that stalls mid-body is dropped like one that stalls in its
+    // headers.
+    let gap = config.server.header_read_timeout;
+    loop {
+        match tokio::time::timeout(gap, body.frame()).await {
+            Err(_) => return Err(GatewayError::BodyTimeout),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(GatewayError::InvalidJson),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    if buf.len() + data.len() > max {
+                        return Err(GatewayError::BodyTooLarge);
+                    }
+                    buf.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Headers sent upstream: the client's, less hop-by-hop headers, Host, its
+/// Authorization (replaced by the shared key) and Accept-Encoding (Sluice
+/// reads the answer, so it asks for it uncompressed).
+fn upstream_headers(mut h: HeaderMap, snap: &Snapshot, request_id: &HeaderValue) -> HeaderMap {
+    strip_hop_by_hop(&mut h);
+    for name in [
+        header::HOST,
+        header::AUTHORIZATION,
+        header::CONTENT_LENGTH,
+        header::ACCEPT_ENCODING,
+    ] {
+        h.remove(name);
+    }
+    h.remove("x-request-id");
+    if let Some(auth) = &snap.upstream_auth {
+        h.insert(header::AUTHORIZATION, auth.clone());
+    }
+    h.insert("x-request-id", request_id.clone());
+    h.entry(header::CONTENT_TYPE)
+        .or_insert(HeaderValue::from_static("application/json"));
+    h
+}
+
+/// Statuses where retrying cannot help; SDKs are told not to.
+fn no_retry(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 400 | 401 | 402 | 403 | 404 | 422)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    app: &Arc<App>,
+    snap: &Snapshot,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    bytes: Bytes,
+    api: ApiRequest,
+    tenant: Arc<Tenant>,
+    record: &mut Record,
+    mut sink: Sink,
+) -> Result<Response<Body>, GatewayError> {
+    let cfg = &snap.config.upstream;
+    let uri: Uri = format!("{}{}", cfg.base_url, endpoint.upstream_path())
+        .parse()
+        .map_err(|_| GatewayError::UpstreamUnreachable)?;
+    let body = if api.stream {
+        with_include_usage(&bytes, &api.value)
+    } else {
+        bytes
+    };
+    let request_bytes = body.len();
+    let headers = upstream_headers(headers, snap, &record.request_id);
+    let deadline = record.start + cfg.first_byte_timeout;
+    let sent = app
+        .upstream
+        .send(cfg, &app.metrics, deadline, || {
+            let mut r = Request::new(Full::new(body.clone()));
+            *r.method_mut() = http::Method::POST;
+            *r.uri_mut() = uri.clone();
+            *r.headers_mut() = headers.clone();
+            r
+        })
+        .await;
+    let sent = match sent {
+        Ok(sent) => sent,
+        Err(e) => {
+            if let Some(leader) = sink.leader.take() {
+                leader.end(End::Error(e.clone()));
+            }
+            return Err(e);
+        }
+    };
+    let (parts, incoming) = sent.response.into_parts();
+    record.upstream_status = Some(parts.status.as_u16());
+    let is_sse = api.stream && parts.status == StatusCode::OK;
+    let mut resp_headers = parts.headers;
+    strip_hop_by_hop(&mut resp_headers);
+    resp_headers.remove("x-request-id");
+    if is_sse {
+        resp_headers.remove(header::CONTENT_LENGTH);
+    }
+    if no_retry(parts.status) {
+        resp_headers.insert("x-should-retry", HeaderValue::from_static("false"));
+    }
+    if parts.status != StatusCode::OK {
+        sink.store = None;
+    }
+    let content_type = resp_headers.get(header::CONTENT_TYPE).cloned();
+    let stream = is_sse.then(|| StreamOpts {
+        shape: endpoint.shape(),
+        client_wants_usage: api.include_usage,
+        first_event_deadline: deadline,
+    });
+    let meter = Meter {
+        app: Arc::clone(app),
+        tenant,
+        model: record
+            .model
+            .clone()
+            .unwrap_or_else(|| Arc::from(crate::metrics::OTHER)),
+        request_bytes,
+    };
+    let relay = Relay::new(
+        incoming,
+        parts.status,
+        content_type,
+        stream,
+        cfg.idle_timeout,
+        meter,
+        sink,
+        sent.slot,
+    );
+    let mut resp = Response::new(Body::relay(relay));
+    *resp.status_mut() = parts.status;
+    *resp.headers_mut() = resp_headers;
+    Ok(resp)
+}
+
+/// A stored answer, in the mode the client asked for.
+fn entry_response(entry: &Entry, stream: bool, include_usage: bool) -> Response<Body> {
+    let (body, content_type) = if stream {
+        let mut frames = vec![entry.replay.chunks.clone()];
+        if include_usage {
+            frames.extend(entry.replay.usage_chunk.clone());
+        }
+        frames.push(Bytes::from_static(DONE_EVENT));
+        (Body::frames(frames), "text/event-stream")
+    } else {
+        (Body::full(entry.completion.clone()), "application/json")
+    };
+    let mut resp = Response::new(body);
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// Serves a coalesced follower from the leader's flight: a streaming
+/// follower of a streaming leader reads its events from the first one on;
+/// everyone else gets the finished answer.
+async fn follow(
+    app: &Arc<App>,
+    flight: Arc<Flight>,
+    api: &ApiRequest,
+    record: &mut Record,
+) -> Result<Response<Body>, GatewayError> {
+    let mut seen = 0;
+    let mut head_seen = false;
+    loop {
+        let p = flight.progress(seen, head_seen).await;
+        if api.stream && p.head == Some(Head::Stream) && !p.overflow {
+            let tenant = record.tenant.as_ref().map_or("unknown", |t| &t.name);
+            let model = record.model.as_deref().unwrap_or(crate::metrics::OTHER);
+            let saved = app.metrics.tokens_saved.with_label_values(&[tenant, model]);
+            return Ok(stream_follower(saved, flight, p.events, api.include_usage));
+        }
+        if let Some(end) = p.end {
+            return end_response(end, api, record);
+        }
+        if p.overflow {
+            return Err(GatewayError::StreamInterrupted);
+        }
+        seen += p.events.len();
+        head_seen = p.head.is_some();
+    }
+}
+
+fn end_response(
+    end: End,
+    api: &ApiRequest,
+    record: &mut Record,
+) -> Result<Response<Body>, GatewayError> {
+    match end {
+        End::Done(entry) => {
+            record.saved = Some(entry.usage);
+            Ok(entry_response(&entry, api.stream, api.include_usage))
+        }
+        End::Response {
+            status,
+            content_type,
+            body,
+        } => {
+            let mut resp = Response::new(Body::full(body));
+            *resp.status_mut() = status;
+            if let Some(ct) = content_type {
+                resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            if no_retry(status) {
+                resp.headers_mut()
+                    .insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            Ok(resp)
+        }
+        End::Error(e) => Err(e),
+    }
+}
+
+/// Copies the leader's events to one streaming follower through a small
+/// channel; the flight's log is shared, so a slow follower costs no more
+/// memory than the log already holds.
+fn stream_follower(
+    saved: prometheus::IntCounter,
+    flight: Arc<Flight>,
+    first: Vec<(Bytes, bool)>,
+    include_usage: bool,
+) -> Response<Body> {
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        let mut seen = first.len();
+        let mut batch = first;
+        loop {
+            for (ev, usage_only) in batch.drain(..) {
+                if usage_only && !include_usage {
+                    continue;
+                }
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+            let p = flight.progress(seen, true).await;
+            seen += p.events.len();
+            batch = p.events;
+            if p.overflow {
+                let _ = tx.send(stream_error_event()).await;
+                return;
+            }
+            if let Some(end) = p.end {
+                for (ev, usage_only) in batch.drain(..) {
+                    if (include_usage || !usage_only) && tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+                match end {
+                    // Only the tokens of a completed answer count as saved.
+                    End::Done(entry) => saved.inc_by(entry.usage.total),
+                    End::Response { .. } | End::Error(_) => {
+                        let _ = tx.send(stream_error_event()).await;
+                    }
+                }
+                return;
+            }
+        }
+    });
+    let mut resp = Response::new(Body::channel(rx));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// `GET /models`: upstream's list, filtered to the tenant's models.
+async fn models(
+    app: &Arc<App>,
+    snap: &Snapshot,
+    tenant: &Tenant,
+    req: Request<Incoming>,
+    record: &mut Record,
+) -> Result<Response<Body>, GatewayError> {
+    let cfg = &snap.config.upstream;
+    let uri: Uri = format!("{}{}", cfg.base_url, Endpoint::Models.upstream_path())
+        .parse()
+        .map_err(|_| GatewayError::UpstreamUnreachable)?;
+    let headers = upstream_headers(req.headers().clone(), snap, &record.request_id);
+    let deadline = record.start + cfg.first_byte_timeout;
+    let sent = app
+        .upstream
+        .send(cfg, &app.metrics, deadline, || {
+            let mut r = Request::new(Full::new(Bytes::new()));
+            *r.uri_mut() = uri.clone();
+            *r.headers_mut() = headers.clone();
+            r.headers_mut().remove(header::CONTENT_TYPE);
+            r
+        })
+        .await?;
+    let (parts, incoming) = sent.response.into_parts();
+    record.upstream_status = Some(parts.status.as_u16());
+    let body = tokio::time::timeout(
+        cfg.idle_timeout,
+        http_body_util::Limited::new(incoming, 16 << 20).collect(),
+    )
+    .await
+    .map_err(|_| GatewayError::UpstreamTimeout)?
+    .map_err(|_| GatewayError::UpstreamUnreachable)?
+    .to_bytes();
+    let body = if parts.status == StatusCode::OK {
+        filter_models(&body, tenant).unwrap_or(body)
+    } else {
+        body
+    };
+    let mut resp = Response::new(Body::full(body));
+    *resp.status_mut() = parts.status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}
+
+fn filter_models(body: &[u8], tenant: &Tenant) -> Option<Bytes> {
+    if tenant.models.is_empty() {
+        return None;
+    }
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    let data = v.get_mut("data")?.as_array_mut()?;
+    data.retain(|m| {
+        m.get("id")
+            .and_then(Value::as_str)
+            .is_some_and(|id| tenant.allows(id))
+    });
+    Some(Bytes::from(serde_json::to_vec(&v).ok()?))
+}
+
+/// The client's `x-request-id` if it is 1–128 characters of
+/// `[A-Za-z0-9._-]`, else a fresh one.
+pub fn request_id(h: &HeaderMap) -> HeaderValue {
+    if let Some(v) = h.get("x-request-id") {
+        let b = v.as_bytes();
+        if (1..=128).contains(&b.len())
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
+        {
+            return v.clone();
+        }
+    }
+    let id: u128 = rand::random();
+    HeaderValue::from_str(&format!("req_{id:032x}")).unwrap_or(HeaderValue::from_static("req"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn include_usage_is_spliced_without_touching_other_bytes() {
+        let raw = Bytes::from_static(b" {\"model\":\"m\", \"temperature\": 1.50, \"stream\":true}");
+        let v: Value = serde_json::from_slice(&raw).expect("json");
+        let out = with_include_usage(&raw, &v);
+        assert_eq!(
+            &out[..],
+            b" {\"stream_options\":{\"include_usage\":true},\"model\":\"m\", \"temperature\": 1.50, \"stream\":true}"
+        );
+        let raw = Bytes::from_static(
+            b"{\"model\":\"m\",\"stream\":true,\"stream_options\":{\"include_usage\":false}}",
+        );
+        let v: Value = serde_json::from_slice(&raw).expect("json");
+        let out: Value = serde_json::from_slice(&with_include_usage(&raw, &v)).expect("json");
+        assert_eq!(out["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn parse_validates_fields() {
+        let bad = |body: &str, ep| {
+            ApiRequest::parse(body.as_bytes(), ep)
+                .err()
+                .map(|e| e.code())
+        };
+        assert_eq!(bad("nope", Endpoint::Chat), Some("invalid_json"));
+        assert_eq!(bad("[1]", Endpoint::Chat), Some("invalid_json"));
+        assert_eq!(bad("{}", Endpoint::Chat), Some("missing_field"));
+        assert_eq!(
+            bad(r#"{"model":1,"messages":[]}"#, Endpoint::Chat),
+            Some("missing_field")
+        );
+        assert_eq!(
+            bad(r#"{"model":"m","messages":{}}"#, Endpoint::Chat),
+            Some("missing_field")
+        );
+        assert_eq!(
+            bad(r#"{"model":"m","messages":[]}"#, Endpoint::Fim),
+            Some("missing_field")
+        );
+        assert_eq!(bad(r#"{"model":"m","prompt":"x"}"#, Endpoint::Fim), None);
+        let ok = ApiRequest::parse(
+            br#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#,
+            Endpoint::Chat,
+        )
+        .expect("valid");
+        assert!(ok.stream && ok.include_usage);
+    }
+
+    #[test]
+    fn request_ids() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc-1.2_3"));
+        assert_eq!(request_id(&h), "abc-1.2_3");
+        h.insert("x-request-id", HeaderValue::from_static("bad id"));
+        assert_ne!(request_id(&h), "bad id");
+        h.insert(
+            "x-request-id",
+            HeaderValue::from_str(&"a".repeat(129)).expect("v"),
+        );
+        assert_eq!(request_id(&h).len(), 36);
+    }
+}

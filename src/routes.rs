@@ -1,0 +1,109 @@
+//! The client-facing route table (SPEC §3): path and method to endpoint.
+//! The only place the table is written.
+
+use http::Method;
+
+use crate::error::GatewayError;
+use crate::sse::Shape;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    ChatPrefix,
+    Fim,
+    Models,
+}
+
+impl Endpoint {
+    /// The `endpoint` metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat",
+            Endpoint::ChatPrefix => "chat_prefix",
+            Endpoint::Fim => "fim",
+            Endpoint::Models => "models",
+        }
+    }
+
+    /// The path appended to `upstream.base_url`.
+    pub fn upstream_path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/chat/completions",
+            Endpoint::ChatPrefix => "/beta/chat/completions",
+            Endpoint::Fim => "/beta/completions",
+            Endpoint::Models => "/models",
+        }
+    }
+
+    pub fn method(self) -> Method {
+        match self {
+            Endpoint::Models => Method::GET,
+            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Fim => Method::POST,
+        }
+    }
+
+    pub fn shape(self) -> Shape {
+        match self {
+            Endpoint::Fim => Shape::Text,
+            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models => Shape::Chat,
+        }
+    }
+}
+
+/// Resolves a request line. A known path with the wrong method is 405; an
+/// unknown path is 404. A trailing slash is tolerated.
+pub fn route(method: &Method, path: &str) -> Result<Endpoint, GatewayError> {
+    let path = match path.strip_suffix('/') {
+        Some(p) if !p.is_empty() => p,
+        _ => path,
+    };
+    let endpoint = match path {
+        "/chat/completions" | "/v1/chat/completions" => Endpoint::Chat,
+        "/beta/chat/completions" | "/v1/beta/chat/completions" => Endpoint::ChatPrefix,
+        "/beta/completions" | "/v1/beta/completions" => Endpoint::Fim,
+        "/models" | "/v1/models" => Endpoint::Models,
+        _ => return Err(GatewayError::NotFound),
+    };
+    if *method == endpoint.method() || (endpoint == Endpoint::Models && method == Method::HEAD) {
+        Ok(endpoint)
+    } else {
+        Err(GatewayError::MethodNotAllowed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table() {
+        let ok = [
+            (Method::POST, "/chat/completions", Endpoint::Chat),
+            (Method::POST, "/v1/chat/completions", Endpoint::Chat),
+            (Method::POST, "/v1/chat/completions/", Endpoint::Chat),
+            (Method::POST, "/beta/chat/completions", Endpoint::ChatPrefix),
+            (Method::POST, "/beta/completions", Endpoint::Fim),
+            (Method::GET, "/models", Endpoint::Models),
+            (Method::GET, "/v1/models", Endpoint::Models),
+        ];
+        for (m, p, e) in ok {
+            assert_eq!(route(&m, p).expect(p), e);
+        }
+        assert!(matches!(
+            route(&Method::GET, "/chat/completions"),
+            Err(GatewayError::MethodNotAllowed)
+        ));
+        assert!(matches!(
+            route(&Method::POST, "/models"),
+            Err(GatewayError::MethodNotAllowed)
+        ));
+        assert!(matches!(
+            route(&Method::POST, "/"),
+            Err(GatewayError::NotFound)
+        ));
+        assert!(matches!(
+            route(&Method::POST, "/v2/chat/completions"),
+            Err(GatewayError::NotFound)
+        ));
+    }
+}

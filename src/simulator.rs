@@ -1,0 +1,619 @@
+//! A simulated DeepSeek upstream, shared by the tests, the benchmarks and
+//! `sluice demo`. It speaks DeepSeek's shapes: chat, chat prefix completion
+//! and FIM, streamed or not; `reasoning_content` for deepseek-reasoner;
+//! `tool_calls` as deltas; usage with DeepSeek's fields; `: keep-alive`
+//! comments and leading blank lines; `GET /models` and `GET /user/balance`.
+//!
+//! Faults are chosen per request with `x-sim-*` headers (which Sluice
+//! forwards like any other header):
+//!
+//! | header | effect |
+//! |---|---|
+//! | `x-sim-status: N` | answer with status N and a DeepSeek error body |
+//! | `x-sim-fail-first: N` + `x-sim-key: K` | only the first N calls with key K fail (status from `x-sim-status`, default 503) |
+//! | `x-sim-retry-after: S` | `retry-after` on error answers |
+//! | `x-sim-latency-ms: N` | wait before the response headers |
+//! | `x-sim-chunk-delay-ms: N` | wait between stream events |
+//! | `x-sim-chunks: N` | content chunks (default 5) |
+//! | `x-sim-answer-bytes: N` | content of about N bytes |
+//! | `x-sim-usage: P,C` | prompt and completion tokens to report |
+//! | `x-sim-no-usage: 1` | ignore `include_usage` (and omit usage) |
+//! | `x-sim-keepalive: N` | N keep-alive comments (stream) / blank lines (non-stream) first |
+//! | `x-sim-die-after: N` | the connection dies after N events (stream) or N bytes |
+//! | `x-sim-hang: headers\|body` | never answer / never send the body |
+//! | `x-sim-garbage: 1` | a non-JSON event mid-stream, or a non-JSON 200 body |
+//!
+//! `GET /sim/stats` reports the number of completion calls as JSON.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// What the simulator saw, for tests to assert on.
+#[derive(Default)]
+pub struct SimStats {
+    calls: AtomicU64,
+    ids: AtomicU64,
+    last: Mutex<Option<(HeaderMap, Bytes)>>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+/// A running simulator; stops when dropped.
+pub struct Simulator {
+    addr: SocketAddr,
+    stats: Arc<SimStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Simulator {
+    pub async fn start(addr: SocketAddr) -> std::io::Result<Simulator> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(SimStats::default());
+        let task = tokio::spawn(serve(listener, Arc::clone(&stats)));
+        Ok(Simulator { addr, stats, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Completion calls received (chat, prefix, FIM), retries included.
+    pub fn calls(&self) -> u64 {
+        self.stats.calls.load(Ordering::SeqCst)
+    }
+
+    /// Headers and body of the last completion call.
+    pub fn last_request(&self) -> Option<(HeaderMap, Bytes)> {
+        self.stats
+            .last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves the simulator on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, stats: Arc<SimStats>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let stats = Arc::clone(&stats);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(Arc::clone(&stats), req));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// The simulator's body: whole bytes, or events fed by a task (which can
+/// also make the body fail, killing the connection mid-answer).
+pub enum SimBody {
+    Full(Option<Bytes>),
+    Chan(mpsc::Receiver<Result<Bytes, std::io::Error>>),
+}
+
+impl http_body::Body for SimBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            SimBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            SimBody::Chan(rx) => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            SimBody::Full(b) => {
+                http_body::SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            SimBody::Chan(_) => http_body::SizeHint::default(),
+        }
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: SimBody) -> Response<SimBody> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<SimBody> {
+    respond(
+        status,
+        "application/json",
+        SimBody::Full(Some(Bytes::from(v.to_string()))),
+    )
+}
+
+fn error_body(status: StatusCode) -> Value {
+    let (message, ty) = match status.as_u16() {
+        400 => ("Invalid request body", "invalid_request_error"),
+        401 => (
+            "Authentication Fails, Your api key is invalid",
+            "authentication_error",
+        ),
+        402 => ("Insufficient Balance", "unknown_error"),
+        422 => ("Invalid Parameters", "invalid_request_error"),
+        429 => ("Rate Limit Reached", "rate_limit_error"),
+        503 => ("Server Overloaded", "service_unavailable_error"),
+        _ => ("Server Error", "api_error"),
+    };
+    json!({"error": {"message": message, "type": ty, "param": null, "code": "invalid_request_error"}})
+}
+
+struct Faults {
+    status: Option<u16>,
+    fail_first: Option<(String, u32)>,
+    retry_after: Option<String>,
+    latency: Duration,
+    chunk_delay: Duration,
+    chunks: usize,
+    answer_bytes: Option<usize>,
+    usage: Option<(u64, u64)>,
+    no_usage: bool,
+    keepalive: usize,
+    die_after: Option<usize>,
+    hang: Option<String>,
+    garbage: bool,
+}
+
+impl Faults {
+    fn of(h: &HeaderMap) -> Faults {
+        let s = |name: &str| {
+            h.get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let n = |name: &str| s(name).and_then(|v| v.trim().parse::<u64>().ok());
+        Faults {
+            status: n("x-sim-status").and_then(|v| u16::try_from(v).ok()),
+            fail_first: n("x-sim-fail-first")
+                .map(|count| (s("x-sim-key").unwrap_or_default(), count as u32)),
+            retry_after: s("x-sim-retry-after"),
+            latency: Duration::from_millis(n("x-sim-latency-ms").unwrap_or(0)),
+            chunk_delay: Duration::from_millis(n("x-sim-chunk-delay-ms").unwrap_or(0)),
+            chunks: n("x-sim-chunks").map_or(5, |c| c.clamp(1, 100_000) as usize),
+            answer_bytes: n("x-sim-answer-bytes").map(|b| b.min(64 << 20) as usize),
+            usage: s("x-sim-usage").and_then(|v| {
+                let (p, c) = v.split_once(',')?;
+                Some((p.trim().parse().ok()?, c.trim().parse().ok()?))
+            }),
+            no_usage: s("x-sim-no-usage").is_some(),
+            keepalive: n("x-sim-keepalive").unwrap_or(0) as usize,
+            die_after: n("x-sim-die-after").map(|d| d as usize),
+            hang: s("x-sim-hang"),
+            garbage: s("x-sim-garbage").is_some(),
+        }
+    }
+}
+
+async fn handle(
+    stats: Arc<SimStats>,
+    req: Request<Incoming>,
+) -> Result<Response<SimBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    let endpoint = match (req.method(), path.as_str()) {
+        (&Method::GET, "/models" | "/v1/models") => {
+            return Ok(json_response(
+                StatusCode::OK,
+                &json!({"object": "list", "data": [
+                    {"id": "deepseek-chat", "object": "model", "owned_by": "deepseek"},
+                    {"id": "deepseek-reasoner", "object": "model", "owned_by": "deepseek"},
+                ]}),
+            ))
+        }
+        (&Method::GET, "/user/balance") => {
+            return Ok(json_response(
+                StatusCode::OK,
+                &json!({"is_available": true, "balance_infos": [
+                    {"currency": "CNY", "total_balance": "110.00", "granted_balance": "10.00", "topped_up_balance": "100.00"}
+                ]}),
+            ))
+        }
+        (&Method::GET, "/sim/stats") => {
+            return Ok(json_response(
+                StatusCode::OK,
+                &json!({"calls": stats.calls.load(Ordering::SeqCst)}),
+            ));
+        }
+        (
+            &Method::POST,
+            "/chat/completions" | "/v1/chat/completions" | "/beta/chat/completions",
+        ) => "chat",
+        (&Method::POST, "/beta/completions") => "fim",
+        _ => {
+            return Ok(json_response(
+                StatusCode::NOT_FOUND,
+                &error_body(StatusCode::NOT_FOUND),
+            ))
+        }
+    };
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    stats.calls.fetch_add(1, Ordering::SeqCst);
+    *stats.last.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some((parts.headers.clone(), body.clone()));
+    let faults = Faults::of(&parts.headers);
+
+    if !faults.latency.is_zero() {
+        tokio::time::sleep(faults.latency).await;
+    }
+    if faults.hang.as_deref() == Some("headers") {
+        std::future::pending::<()>().await;
+    }
+    let failing = match &faults.fail_first {
+        Some((key, count)) => {
+            let mut f = stats.failures.lock().unwrap_or_else(|e| e.into_inner());
+            let seen = f.entry(key.clone()).or_insert(0);
+            *seen += 1;
+            (*seen <= *count).then(|| faults.status.unwrap_or(503))
+        }
+        None => faults.status,
+    };
+    if let Some(code) = failing {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut r = json_response(status, &error_body(status));
+        if let Some(ra) = faults
+            .retry_after
+            .as_deref()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+        {
+            r.headers_mut().insert(header::RETRY_AFTER, ra);
+        }
+        return Ok(r);
+    }
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return Ok(json_response(
+            StatusCode::BAD_REQUEST,
+            &error_body(StatusCode::BAD_REQUEST),
+        ));
+    };
+    let id = format!("sim-{}", stats.ids.fetch_add(1, Ordering::Relaxed));
+    let answer = Answer::new(endpoint, &request, &faults, id);
+    let stream = request
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if stream {
+        let include_usage = !faults.no_usage
+            && request
+                .pointer("/stream_options/include_usage")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+        Ok(stream_response(answer.events(include_usage), &faults))
+    } else {
+        Ok(whole_response(answer.completion(!faults.no_usage), &faults))
+    }
+}
+
+fn whole_response(completion: Value, faults: &Faults) -> Response<SimBody> {
+    let mut body = "\n".repeat(faults.keepalive).into_bytes();
+    if faults.garbage {
+        body.extend_from_slice(b"<html>502 Bad Gateway</html>");
+    } else {
+        serde_json::to_writer(&mut body, &completion).ok();
+    }
+    let body = Bytes::from(body);
+    if faults.hang.is_none() && faults.die_after.is_none() {
+        return respond(
+            StatusCode::OK,
+            "application/json",
+            SimBody::Full(Some(body)),
+        );
+    }
+    let (tx, rx) = mpsc::channel(4);
+    let die_after = faults.die_after;
+    let hang = faults.hang.is_some();
+    tokio::spawn(async move {
+        if hang {
+            std::future::pending::<()>().await;
+        }
+        let cut = die_after.unwrap_or(body.len()).min(body.len());
+        let _ = tx.send(Ok(body.slice(..cut))).await;
+        // Let the partial body reach the wire before the connection dies.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _ = tx.send(Err(std::io::Error::other("simulated death"))).await;
+    });
+    respond(StatusCode::OK, "application/json", SimBody::Chan(rx))
+}
+
+fn stream_response(events: Vec<Bytes>, faults: &Faults) -> Response<SimBody> {
+    let keepalives = faults.keepalive;
+    let instant = faults.chunk_delay.is_zero()
+        && faults.die_after.is_none()
+        && faults.hang.is_none()
+        && !faults.garbage
+        && keepalives == 0;
+    let mut r = if instant {
+        // Fast path for benchmarks: the whole stream in one write.
+        let all: Vec<u8> = events.iter().flat_map(|e| e.iter().copied()).collect();
+        respond(
+            StatusCode::OK,
+            "text/event-stream",
+            SimBody::Full(Some(Bytes::from(all))),
+        )
+    } else {
+        let (tx, rx) = mpsc::channel(16);
+        let delay = faults.chunk_delay;
+        let die_after = faults.die_after;
+        let hang = faults.hang.is_some();
+        let garbage = faults.garbage;
+        tokio::spawn(async move {
+            for _ in 0..keepalives {
+                if tx
+                    .send(Ok(Bytes::from_static(b": keep-alive\n\n")))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if hang {
+                // Headers (and keep-alives) went out; the events never come.
+                std::future::pending::<()>().await;
+            }
+            for (i, ev) in events.into_iter().enumerate() {
+                if die_after == Some(i) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let _ = tx.send(Err(std::io::Error::other("simulated death"))).await;
+                    return;
+                }
+                if garbage && i == 1 {
+                    let _ = tx
+                        .send(Ok(Bytes::from_static(b"data: {this is not json\n\n")))
+                        .await;
+                }
+                if i > 0 && !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        respond(StatusCode::OK, "text/event-stream", SimBody::Chan(rx))
+    };
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// One simulated answer, rendered either whole or as events.
+struct Answer {
+    fim: bool,
+    id: String,
+    model: String,
+    created: u64,
+    reasoning: Vec<String>,
+    content: Vec<String>,
+    tool: Option<(String, Vec<String>)>,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+impl Answer {
+    fn new(endpoint: &str, request: &Value, faults: &Faults, id: String) -> Answer {
+        let model = request
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or("deepseek-chat")
+            .to_string();
+        let fim = endpoint == "fim";
+        let reasoning = if model == "deepseek-reasoner" && !fim {
+            ["Let me ", "think ", "about this."]
+                .map(String::from)
+                .to_vec()
+        } else {
+            Vec::new()
+        };
+        let tool = request
+            .get("tools")
+            .and_then(Value::as_array)
+            .and_then(|t| t.first())
+            .filter(|_| request.get("tool_choice").and_then(Value::as_str) != Some("none"))
+            .and_then(|t| t.pointer("/function/name").and_then(Value::as_str))
+            .filter(|_| !fim)
+            .map(|name| {
+                (
+                    name.to_string(),
+                    ["{\"city\": ", "\"Paris\"", "}"].map(String::from).to_vec(),
+                )
+            });
+        let content: Vec<String> = match faults.answer_bytes {
+            Some(bytes) => {
+                let per = (bytes / faults.chunks).max(1);
+                (0..faults.chunks)
+                    .map(|i| ((b'a' + (i % 26) as u8) as char).to_string().repeat(per))
+                    .collect()
+            }
+            None => {
+                let base = ["This ", "is ", "a ", "simulated ", "answer."];
+                (0..faults.chunks)
+                    .map(|i| {
+                        base.get(i)
+                            .map_or_else(|| format!(" more{i}"), |s| s.to_string())
+                    })
+                    .collect()
+            }
+        };
+        let prompt_chars: usize = if fim {
+            request
+                .get("prompt")
+                .and_then(Value::as_str)
+                .map_or(0, str::len)
+        } else {
+            request
+                .get("messages")
+                .and_then(Value::as_array)
+                .map_or(0, |m| {
+                    m.iter()
+                        .filter_map(|m| m.get("content").and_then(Value::as_str))
+                        .map(str::len)
+                        .sum()
+                })
+        };
+        let (prompt_tokens, completion_tokens) = faults.usage.unwrap_or((
+            (prompt_chars as u64).div_ceil(4) + 5,
+            (content.len() + reasoning.len()) as u64 * 2,
+        ));
+        Answer {
+            fim,
+            id,
+            model,
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            reasoning,
+            content,
+            tool,
+            prompt_tokens,
+            completion_tokens,
+        }
+    }
+
+    fn usage(&self) -> Value {
+        let hit = self.prompt_tokens / 4;
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": hit},
+            "prompt_cache_hit_tokens": hit,
+            "prompt_cache_miss_tokens": self.prompt_tokens - hit,
+            "completion_tokens_details": {"reasoning_tokens": if self.reasoning.is_empty() { 0 } else { self.reasoning.len() as u64 * 2 }},
+        })
+    }
+
+    fn finish_reason(&self) -> &'static str {
+        if self.tool.is_some() {
+            "tool_calls"
+        } else {
+            "stop"
+        }
+    }
+
+    fn completion(&self, with_usage: bool) -> Value {
+        let mut v = if self.fim {
+            json!({
+                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "system_fingerprint": "fp_sim",
+                "choices": [{"index": 0, "text": self.content.concat(), "logprobs": null, "finish_reason": "stop"}],
+            })
+        } else {
+            let mut message = json!({"role": "assistant", "content": if self.tool.is_some() { Value::Null } else { Value::from(self.content.concat()) }});
+            if !self.reasoning.is_empty() {
+                message["reasoning_content"] = Value::from(self.reasoning.concat());
+            }
+            if let Some((name, args)) = &self.tool {
+                message["tool_calls"] = json!([{"id": "call_sim_0", "type": "function", "function": {"name": name, "arguments": args.concat()}}]);
+            }
+            json!({
+                "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "system_fingerprint": "fp_sim",
+                "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": self.finish_reason()}],
+            })
+        };
+        if with_usage {
+            v["usage"] = self.usage();
+        }
+        v
+    }
+
+    fn events(&self, include_usage: bool) -> Vec<Bytes> {
+        let object = if self.fim {
+            "text_completion"
+        } else {
+            "chat.completion.chunk"
+        };
+        let event = |choices: Value, usage: Option<Value>| -> Bytes {
+            let mut v = json!({
+                "id": self.id, "object": object, "created": self.created, "model": self.model,
+                "system_fingerprint": "fp_sim", "choices": choices,
+            });
+            if let Some(u) = usage {
+                v["usage"] = u;
+            }
+            Bytes::from(format!("data: {v}\n\n"))
+        };
+        let mut out = Vec::new();
+        if self.fim {
+            for piece in &self.content {
+                out.push(event(
+                    json!([{"index": 0, "text": piece, "logprobs": null, "finish_reason": null}]),
+                    None,
+                ));
+            }
+            out.push(event(
+                json!([{"index": 0, "text": "", "logprobs": null, "finish_reason": "stop"}]),
+                None,
+            ));
+        } else {
+            out.push(event(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None));
+            for piece in &self.reasoning {
+                out.push(event(json!([{"index": 0, "delta": {"content": null, "reasoning_content": piece}, "logprobs": null, "finish_reason": null}]), None));
+            }
+            match &self.tool {
+                Some((name, args)) => {
+                    out.push(event(json!([{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_sim_0", "type": "function", "function": {"name": name, "arguments": ""}}]}, "logprobs": null, "finish_reason": null}]), None));
+                    for a in args {
+                        out.push(event(json!([{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": a}}]}, "logprobs": null, "finish_reason": null}]), None));
+                    }
+                }
+                None => {
+                    for piece in &self.content {
+                        out.push(event(json!([{"index": 0, "delta": {"content": piece}, "logprobs": null, "finish_reason": null}]), None));
+                    }
+                }
+            }
+            out.push(event(json!([{"index": 0, "delta": {"content": ""}, "logprobs": null, "finish_reason": self.finish_reason()}]), None));
+        }
+        if include_usage {
+            out.push(event(json!([]), Some(self.usage())));
+        }
+        out.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        out
+    }
+}

@@ -1,0 +1,741 @@
+//! Server-sent events as DeepSeek/OpenAI speak them: framing bytes into
+//! events without copying, reading an event's `data`, pulling `usage` out of
+//! a chunk, assembling a stream into the completion it amounts to, and the
+//! reverse (a stored completion replayed as chunks). Pure functions and small
+//! state machines: no I/O here, so the relay, the cache and the benches share
+//! them.
+//!
+//! Hand-written rather than taken from an SSE crate: the relay needs events
+//! as zero-copy slices of the upstream's buffers, with the raw bytes kept so
+//! an event is forwarded exactly as it came, which the crates we looked at
+//! (they hand out parsed, owned events) do not offer.
+
+use std::collections::BTreeMap;
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+/// Splits a byte stream into SSE events. Each event is returned with its
+/// terminating blank line, exactly as received, so forwarding it is a
+/// reference-count bump, not a copy.
+#[derive(Debug, Default)]
+pub struct Framer {
+    pending: BytesMut,
+}
+
+/// The framer refused to buffer more than its limit without seeing an event
+/// boundary: the upstream is not speaking SSE.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NotSse;
+
+impl Framer {
+    /// Upper bound on one event; beyond it the stream is garbage.
+    pub const MAX_EVENT: usize = 4 * 1024 * 1024;
+
+    /// Feeds one chunk, calling `emit` for every complete event.
+    pub fn push(&mut self, chunk: Bytes, mut emit: impl FnMut(Bytes)) -> Result<(), NotSse> {
+        if self.pending.is_empty() {
+            // Common case: the chunk holds whole events; slice them out of it.
+            let mut rest = chunk;
+            while let Some(end) = event_end(&rest, 0) {
+                emit(rest.split_to(end));
+            }
+            if !rest.is_empty() {
+                self.pending.extend_from_slice(&rest);
+            }
+        } else {
+            // An event was split across reads: only now do bytes get copied.
+            let searched = self.pending.len().saturating_sub(2);
+            self.pending.extend_from_slice(&chunk);
+            let mut from = searched;
+            while let Some(end) = event_end(&self.pending, from) {
+                emit(self.pending.split_to(end).freeze());
+                from = 0;
+            }
+        }
+        if self.pending.len() > Self::MAX_EVENT {
+            return Err(NotSse);
+        }
+        Ok(())
+    }
+
+    /// Bytes received that do not yet form a whole event.
+    pub fn pending(&self) -> &[u8] {
+        &self.pending
+    }
+}
+
+/// The end (exclusive) of the first event in `buf`, searching from `from`:
+/// just past a blank line (`\n\n`, or `\r\n\r\n`).
+fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while let Some(off) = buf[i..].iter().position(|&b| b == b'\n') {
+        let nl = i + off;
+        if nl == 0 {
+            // A blank line at the very start (DeepSeek sends these while busy).
+            return Some(1);
+        }
+        if buf[nl - 1] == b'\n' || (nl >= 2 && buf[nl - 1] == b'\r' && buf[nl - 2] == b'\n') {
+            return Some(nl + 1);
+        }
+        i = nl + 1;
+    }
+    None
+}
+
+/// What an event carries.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EventData<'a> {
+    /// Only comments (`: keep-alive`) or blank lines.
+    None,
+    /// `data: [DONE]`.
+    Done,
+    /// The `data` field (several `data:` lines joined by `\n`).
+    Data(std::borrow::Cow<'a, [u8]>),
+}
+
+/// Reads the `data` field of one event.
+pub fn event_data(event: &[u8]) -> EventData<'_> {
+    let mut data: Option<std::borrow::Cow<'_, [u8]>> = None;
+    for line in event.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(value) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        let value = value.strip_prefix(b" ").unwrap_or(value);
+        data = Some(match data {
+            None => std::borrow::Cow::Borrowed(value),
+            Some(prev) => {
+                let mut joined = prev.into_owned();
+                joined.push(b'\n');
+                joined.extend_from_slice(value);
+                std::borrow::Cow::Owned(joined)
+            }
+        });
+    }
+    match data {
+        None => EventData::None,
+        Some(d) if d.as_ref() == b"[DONE]" => EventData::Done,
+        Some(d) => EventData::Data(d),
+    }
+}
+
+/// Token usage as DeepSeek reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+    pub total: u64,
+    pub prompt_cache_hit: u64,
+    pub prompt_cache_miss: u64,
+    pub reasoning: u64,
+}
+
+#[derive(Deserialize)]
+struct RawUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    total_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_cache_hit_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_cache_miss_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct CompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+impl Usage {
+    /// Reads a `usage` object; `None` if it is not one.
+    pub fn from_value(v: &Value) -> Option<Usage> {
+        if !v.is_object() {
+            return None;
+        }
+        let raw: RawUsage = serde_json::from_value(v.clone()).ok()?;
+        Some(Self::from_raw(raw))
+    }
+
+    fn from_raw(raw: RawUsage) -> Usage {
+        let hit = raw
+            .prompt_cache_hit_tokens
+            .or(raw.prompt_tokens_details.and_then(|d| d.cached_tokens))
+            .unwrap_or(0);
+        Usage {
+            prompt: raw.prompt_tokens,
+            completion: raw.completion_tokens,
+            total: raw
+                .total_tokens
+                .unwrap_or(raw.prompt_tokens + raw.completion_tokens),
+            prompt_cache_hit: hit,
+            prompt_cache_miss: raw
+                .prompt_cache_miss_tokens
+                .unwrap_or(raw.prompt_tokens.saturating_sub(hit)),
+            reasoning: raw
+                .completion_tokens_details
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
+        }
+    }
+
+    /// What a tenant's token bucket is charged: prompt + completion.
+    pub fn billable(&self) -> u64 {
+        self.prompt + self.completion
+    }
+
+    /// A rough guess for a request whose usage never arrived: about four
+    /// bytes a token, on the request body and on what the client received.
+    pub fn estimate(request_bytes: usize, response_bytes: usize) -> Usage {
+        let prompt = (request_bytes as u64).div_ceil(4);
+        let completion = (response_bytes as u64).div_ceil(4);
+        Usage {
+            prompt,
+            completion,
+            total: prompt + completion,
+            prompt_cache_hit: 0,
+            prompt_cache_miss: prompt,
+            reasoning: 0,
+        }
+    }
+}
+
+/// Reads the usage out of a whole non-streaming response body.
+pub fn usage_of_completion(body: &[u8]) -> Option<Usage> {
+    #[derive(Deserialize)]
+    struct WithUsage {
+        usage: Option<RawUsage>,
+    }
+    let parsed: WithUsage = serde_json::from_slice(trim_leading_ws(body)).ok()?;
+    parsed.usage.map(Usage::from_raw)
+}
+
+/// DeepSeek may send blank lines before a non-streaming JSON body.
+pub fn trim_leading_ws(body: &[u8]) -> &[u8] {
+    let start = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(body.len());
+    &body[start..]
+}
+
+/// What kind of completion a stream amounts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `chat.completion` (chat and chat prefix completion).
+    Chat,
+    /// `text_completion` (FIM).
+    Text,
+}
+
+#[derive(Debug, Default)]
+struct ToolAcc {
+    id: Option<String>,
+    kind: Option<String>,
+    name: String,
+    arguments: String,
+}
+
+#[derive(Debug, Default)]
+struct ChoiceAcc {
+    role: Option<String>,
+    content: Option<String>,
+    reasoning: Option<String>,
+    text: String,
+    tool_calls: BTreeMap<u64, ToolAcc>,
+    finish_reason: Option<Value>,
+}
+
+/// One parsed chunk: what the relay needs to know about an event.
+#[derive(Debug, Default)]
+pub struct ChunkInfo {
+    /// The chunk has no choices but a usage: DeepSeek's usage-only chunk.
+    pub usage_only: bool,
+    pub usage: Option<Usage>,
+    /// The chunk is an error object rather than a completion chunk.
+    pub is_error: bool,
+}
+
+/// Reads what the relay needs from one chunk without building it: whether
+/// it is valid JSON at all, an error object, the usage-only chunk, and its
+/// usage. Used when the stream is not being assembled for the cache.
+pub fn inspect(data: &[u8]) -> Result<ChunkInfo, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Light {
+        #[serde(default)]
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+        #[serde(default)]
+        usage: Option<RawUsage>,
+        #[serde(default)]
+        error: Option<serde::de::IgnoredAny>,
+    }
+    let light: Light = match serde_json::from_slice(data) {
+        Ok(l) => l,
+        // Valid JSON that is not an object (or has odd field types).
+        Err(e) if e.is_data() => {
+            return Ok(ChunkInfo {
+                is_error: true,
+                ..ChunkInfo::default()
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    let usage = light.usage.map(Usage::from_raw);
+    Ok(ChunkInfo {
+        usage_only: light.choices.as_ref().is_none_or(Vec::is_empty) && usage.is_some(),
+        usage,
+        is_error: light.error.is_some(),
+    })
+}
+
+/// Assembles stream chunks into the completion they amount to: content,
+/// reasoning_content and tool calls merged by index, finish_reason, usage.
+#[derive(Debug)]
+pub struct Assembler {
+    shape: Shape,
+    head: Map<String, Value>,
+    choices: BTreeMap<u64, ChoiceAcc>,
+    usage: Option<Value>,
+    /// Bytes of content received, for the usage estimate.
+    pub content_bytes: usize,
+}
+
+impl Assembler {
+    pub fn new(shape: Shape) -> Self {
+        Self {
+            shape,
+            head: Map::new(),
+            choices: BTreeMap::new(),
+            usage: None,
+            content_bytes: 0,
+        }
+    }
+
+    /// Takes in one chunk's JSON. `Err` if it is not JSON at all.
+    pub fn push(&mut self, data: &[u8]) -> Result<ChunkInfo, serde_json::Error> {
+        let mut v: Value = serde_json::from_slice(data)?;
+        let Some(obj) = v.as_object_mut() else {
+            return Ok(ChunkInfo {
+                is_error: true,
+                ..ChunkInfo::default()
+            });
+        };
+        if obj.contains_key("error") {
+            return Ok(ChunkInfo {
+                is_error: true,
+                ..ChunkInfo::default()
+            });
+        }
+        for key in ["id", "created", "model", "system_fingerprint"] {
+            if !self.head.contains_key(key) {
+                if let Some(val) = obj.get(key) {
+                    self.head.insert(key.to_string(), val.clone());
+                }
+            }
+        }
+        let mut info = ChunkInfo::default();
+        if let Some(u) = obj.get_mut("usage").filter(|u| u.is_object()) {
+            info.usage = Usage::from_value(u);
+            self.usage = Some(u.take());
+        }
+        let choices = match obj.get_mut("choices") {
+            Some(Value::Array(c)) => std::mem::take(c),
+            _ => Vec::new(),
+        };
+        info.usage_only = choices.is_empty() && info.usage.is_some();
+        for mut choice in choices {
+            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let acc = self.choices.entry(index).or_default();
+            if let Some(fr) = choice.get_mut("finish_reason").filter(|f| !f.is_null()) {
+                acc.finish_reason = Some(fr.take());
+            }
+            if let Some(Value::String(t)) = choice.get("text") {
+                self.content_bytes += t.len();
+                acc.text.push_str(t);
+            }
+            let Some(delta) = choice.get_mut("delta").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            if let Some(Value::String(r)) = delta.get("role") {
+                acc.role = Some(r.clone());
+            }
+            if let Some(Value::String(c)) = delta.get("content") {
+                self.content_bytes += c.len();
+                acc.content.get_or_insert_with(String::new).push_str(c);
+            }
+            if let Some(Value::String(r)) = delta.get("reasoning_content") {
+                self.content_bytes += r.len();
+                acc.reasoning.get_or_insert_with(String::new).push_str(r);
+            }
+            if let Some(Value::Array(calls)) = delta.get("tool_calls") {
+                for call in calls {
+                    let ti = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+                    let tool = acc.tool_calls.entry(ti).or_default();
+                    if let Some(Value::String(id)) = call.get("id") {
+                        tool.id = Some(id.clone());
+                    }
+                    if let Some(Value::String(t)) = call.get("type") {
+                        tool.kind = Some(t.clone());
+                    }
+                    if let Some(f) = call.get("function") {
+                        if let Some(Value::String(n)) = f.get("name") {
+                            tool.name.push_str(n);
+                        }
+                        if let Some(Value::String(a)) = f.get("arguments") {
+                            self.content_bytes += a.len();
+                            tool.arguments.push_str(a);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(info)
+    }
+
+    /// The assembled completion, as the non-streaming endpoint would have
+    /// answered it.
+    pub fn finish(self) -> Value {
+        let mut out = self.head;
+        out.insert(
+            "object".into(),
+            Value::from(match self.shape {
+                Shape::Chat => "chat.completion",
+                Shape::Text => "text_completion",
+            }),
+        );
+        let choices: Vec<Value> = self
+            .choices
+            .into_iter()
+            .map(|(index, c)| {
+                let finish = c.finish_reason.unwrap_or(Value::Null);
+                match self.shape {
+                    Shape::Text => json!({
+                        "index": index, "text": c.text, "logprobs": null, "finish_reason": finish,
+                    }),
+                    Shape::Chat => {
+                        let mut message = Map::new();
+                        message.insert("role".into(), Value::from(c.role.unwrap_or_else(|| "assistant".into())));
+                        message.insert("content".into(), c.content.map_or(Value::Null, Value::from));
+                        if let Some(r) = c.reasoning {
+                            message.insert("reasoning_content".into(), Value::from(r));
+                        }
+                        if !c.tool_calls.is_empty() {
+                            let calls: Vec<Value> = c
+                                .tool_calls
+                                .into_values()
+                                .map(|t| {
+                                    json!({
+                                        "id": t.id,
+                                        "type": t.kind.unwrap_or_else(|| "function".into()),
+                                        "function": {"name": t.name, "arguments": t.arguments},
+                                    })
+                                })
+                                .collect();
+                            message.insert("tool_calls".into(), Value::from(calls));
+                        }
+                        json!({
+                            "index": index, "message": message, "logprobs": null, "finish_reason": finish,
+                        })
+                    }
+                }
+            })
+            .collect();
+        out.insert("choices".into(), Value::from(choices));
+        if let Some(u) = self.usage {
+            out.insert("usage".into(), u);
+        }
+        Value::Object(out)
+    }
+}
+
+/// A completion replayed as SSE: the chunks without usage, and the usage
+/// chunk on its own so it can be sent only to clients that asked for it.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    pub chunks: Bytes,
+    pub usage_chunk: Option<Bytes>,
+}
+
+/// `data: [DONE]`, the end of every successful stream.
+pub const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
+
+/// Turns a stored completion into the chunks that reassemble to it.
+pub fn replay(completion: &Value) -> Option<Replay> {
+    let obj = completion.as_object()?;
+    let shape = match obj.get("object").and_then(Value::as_str) {
+        Some("text_completion") => Shape::Text,
+        _ => Shape::Chat,
+    };
+    let mut envelope = Map::new();
+    for key in ["id", "created", "model", "system_fingerprint"] {
+        if let Some(v) = obj.get(key) {
+            envelope.insert(key.into(), v.clone());
+        }
+    }
+    envelope.insert(
+        "object".into(),
+        Value::from(match shape {
+            Shape::Chat => "chat.completion.chunk",
+            Shape::Text => "text_completion",
+        }),
+    );
+    let mut out = Vec::new();
+    let event = |choices: Vec<Value>, usage: Option<&Value>, out: &mut Vec<u8>| {
+        let mut chunk = envelope.clone();
+        chunk.insert("choices".into(), Value::from(choices));
+        if let Some(u) = usage {
+            chunk.insert("usage".into(), u.clone());
+        }
+        out.extend_from_slice(b"data: ");
+        serde_json::to_writer(&mut *out, &Value::Object(chunk)).ok();
+        out.extend_from_slice(b"\n\n");
+    };
+    for choice in obj.get("choices")?.as_array()? {
+        let index = choice.get("index").cloned().unwrap_or(Value::from(0));
+        let finish = choice.get("finish_reason").cloned().unwrap_or(Value::Null);
+        match shape {
+            Shape::Text => {
+                let text = choice.get("text").cloned().unwrap_or(Value::from(""));
+                event(
+                    vec![
+                        json!({"index": index, "text": text, "logprobs": null, "finish_reason": null}),
+                    ],
+                    None,
+                    &mut out,
+                );
+                event(
+                    vec![
+                        json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish}),
+                    ],
+                    None,
+                    &mut out,
+                );
+            }
+            Shape::Chat => {
+                let message = choice.get("message").and_then(Value::as_object)?;
+                let mut delta = Map::new();
+                delta.insert(
+                    "role".into(),
+                    message
+                        .get("role")
+                        .cloned()
+                        .unwrap_or(Value::from("assistant")),
+                );
+                for key in ["content", "reasoning_content"] {
+                    if let Some(v) = message.get(key) {
+                        delta.insert(key.into(), v.clone());
+                    }
+                }
+                if let Some(Value::Array(calls)) = message.get("tool_calls") {
+                    let calls: Vec<Value> = calls
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            let mut c = c.clone();
+                            if let Some(o) = c.as_object_mut() {
+                                o.insert("index".into(), Value::from(i));
+                            }
+                            c
+                        })
+                        .collect();
+                    delta.insert("tool_calls".into(), Value::from(calls));
+                }
+                event(
+                    vec![
+                        json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": null}),
+                    ],
+                    None,
+                    &mut out,
+                );
+                event(
+                    vec![
+                        json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish}),
+                    ],
+                    None,
+                    &mut out,
+                );
+            }
+        }
+    }
+    let usage_chunk = obj.get("usage").filter(|u| u.is_object()).map(|u| {
+        let mut buf = Vec::new();
+        event(Vec::new(), Some(u), &mut buf);
+        Bytes::from(buf)
+    });
+    Some(Replay {
+        chunks: Bytes::from(out),
+        usage_chunk,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame_all(chunks: &[&[u8]]) -> Vec<Vec<u8>> {
+        let mut f = Framer::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            f.push(Bytes::copy_from_slice(c), |e| out.push(e.to_vec()))
+                .expect("sse");
+        }
+        out
+    }
+
+    #[test]
+    fn framing_keeps_events_whole_across_reads() {
+        let stream = b"data: {\"a\":1}\n\n: keep-alive\n\ndata: [DONE]\n\n";
+        let whole = frame_all(&[stream]);
+        assert_eq!(whole.len(), 3);
+        for split in 1..stream.len() {
+            let (a, b) = stream.split_at(split);
+            assert_eq!(frame_all(&[a, b]), whole, "split at {split}");
+        }
+        let bytewise: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(frame_all(&bytewise), whole);
+    }
+
+    #[test]
+    fn framing_handles_crlf_and_leading_blank_lines() {
+        let events = frame_all(&[b"\n\ndata: x\r\n\r\ndata: y\n\n"]);
+        assert_eq!(
+            events,
+            vec![
+                b"\n".to_vec(),
+                b"\n".to_vec(),
+                b"data: x\r\n\r\n".to_vec(),
+                b"data: y\n\n".to_vec()
+            ]
+        );
+    }
+
+    #[test]
+    fn framing_refuses_endless_garbage() {
+        let mut f = Framer::default();
+        let junk = Bytes::from(vec![b'x'; Framer::MAX_EVENT + 1]);
+        assert_eq!(f.push(junk, |_| {}), Err(NotSse));
+    }
+
+    #[test]
+    fn event_data_kinds() {
+        assert_eq!(event_data(b": keep-alive\n\n"), EventData::None);
+        assert_eq!(event_data(b"\n"), EventData::None);
+        assert_eq!(event_data(b"data: [DONE]\n\n"), EventData::Done);
+        assert_eq!(
+            event_data(b"data:{}\n\n"),
+            EventData::Data(b"{}".as_slice().into())
+        );
+        assert_eq!(
+            event_data(b"data: a\ndata: b\n\n"),
+            EventData::Data(b"a\nb".to_vec().into())
+        );
+    }
+
+    #[test]
+    fn usage_reads_deepseek_fields() {
+        let u = usage_of_completion(
+            br#"
+
+{"usage":{"prompt_tokens":50,"completion_tokens":30,"total_tokens":80,"prompt_cache_hit_tokens":10,"prompt_cache_miss_tokens":40,"completion_tokens_details":{"reasoning_tokens":7}}}"#,
+        )
+        .expect("usage");
+        assert_eq!(
+            u,
+            Usage {
+                prompt: 50,
+                completion: 30,
+                total: 80,
+                prompt_cache_hit: 10,
+                prompt_cache_miss: 40,
+                reasoning: 7
+            }
+        );
+        assert_eq!(u.billable(), 80);
+    }
+
+    fn chunks_of(completion: &Value) -> Vec<Vec<u8>> {
+        let r = replay(completion).expect("replay");
+        let mut all = r.chunks.to_vec();
+        all.extend_from_slice(&r.usage_chunk.expect("usage"));
+        frame_all(&[&all])
+    }
+
+    #[test]
+    fn stream_and_completion_round_trip() {
+        let completion = json!({
+            "id": "x", "object": "chat.completion", "created": 1, "model": "deepseek-reasoner",
+            "system_fingerprint": "fp",
+            "choices": [{"index": 0, "logprobs": null, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": "hi", "reasoning_content": "think",
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]
+            }}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        });
+        let mut a = Assembler::new(Shape::Chat);
+        for ev in chunks_of(&completion) {
+            let EventData::Data(d) = event_data(&ev) else {
+                panic!("data")
+            };
+            a.push(&d).expect("json");
+        }
+        assert_eq!(a.finish(), completion);
+    }
+
+    #[test]
+    fn tool_call_deltas_merge_by_index() {
+        let mut a = Assembler::new(Shape::Chat);
+        let chunks = [
+            r#"{"id":"i","model":"m","created":2,"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"a","type":"function","function":{"name":"get","arguments":""}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"id":"b","type":"function","function":{"name":"put","arguments":"{"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"x\":"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"1}"}},{"index":1,"function":{"arguments":"}"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#,
+        ];
+        let mut last = ChunkInfo::default();
+        for c in chunks {
+            last = a.push(c.as_bytes()).expect("json");
+        }
+        assert!(last.usage_only);
+        let v = a.finish();
+        let calls = &v["choices"][0]["message"]["tool_calls"];
+        assert_eq!(calls[0]["function"]["arguments"], "{\"x\":1}");
+        assert_eq!(calls[1]["function"]["name"], "put");
+        assert_eq!(calls[1]["function"]["arguments"], "{}");
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+        assert!(v["choices"][0]["message"]["content"].is_null());
+        assert_eq!(v["usage"]["total_tokens"], 3);
+    }
+
+    #[test]
+    fn text_completion_round_trip() {
+        let completion = json!({
+            "id": "f", "object": "text_completion", "created": 1, "model": "deepseek-chat",
+            "choices": [{"index": 0, "text": "fn main() {}", "logprobs": null, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        });
+        let mut a = Assembler::new(Shape::Text);
+        for ev in chunks_of(&completion) {
+            let EventData::Data(d) = event_data(&ev) else {
+                panic!("data")
+            };
+            a.push(&d).expect("json");
+        }
+        assert_eq!(a.finish(), completion);
+    }
+}

@@ -1,0 +1,204 @@
+//! The gateway's shared state: the reloadable `Snapshot` (config, tenant
+//! table keyed by key hash, model labels, upstream key) behind an `ArcSwap`
+//! so every request reads it without a lock, plus what lives for the whole
+//! process (metrics, cache, in-flight map, upstream client, shutdown state).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::{HeaderMap, HeaderValue};
+use prometheus::IntGauge;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::cache::{Flights, Store};
+use crate::config::{CacheScope, Config, Pricing, Secret};
+use crate::limit::TenantLimits;
+use crate::metrics::{Metrics, ModelLabels};
+use crate::upstream::Upstream;
+
+/// A configured tenant, as the request path sees it after auth. Code past
+/// auth sees this, never the key that was presented.
+pub struct Tenant {
+    pub name: Arc<str>,
+    /// Empty = any model.
+    pub models: Vec<String>,
+    pub cache: bool,
+    pub limits: Arc<TenantLimits>,
+    pub inflight: IntGauge,
+}
+
+impl Tenant {
+    pub fn allows(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|m| m == model)
+    }
+}
+
+/// Everything a reload replaces, swapped in atomically.
+pub struct Snapshot {
+    pub config: Config,
+    by_key: HashMap<[u8; 32], Arc<Tenant>>,
+    pub by_name: HashMap<String, Arc<Tenant>>,
+    pub models: ModelLabels,
+    /// `Bearer <upstream key>`, built once; `None` for a keyless upstream.
+    pub upstream_auth: Option<HeaderValue>,
+}
+
+impl Snapshot {
+    /// Builds the tenant table. Tenants whose limits did not change keep the
+    /// limiter state of `previous`, so a reload grants no free burst.
+    pub fn build(
+        config: Config,
+        key: &Secret,
+        previous: Option<&Snapshot>,
+        metrics: &Metrics,
+    ) -> Snapshot {
+        let mut by_key = HashMap::new();
+        let mut by_name = HashMap::new();
+        for t in &config.tenants {
+            let limits = previous
+                .and_then(|p| p.by_name.get(&t.name))
+                .filter(|old| old.limits.spec == t.limits)
+                .map(|old| Arc::clone(&old.limits))
+                .unwrap_or_else(|| Arc::new(TenantLimits::new(t.limits)));
+            let tenant = Arc::new(Tenant {
+                name: Arc::from(t.name.as_str()),
+                models: t.models.clone(),
+                cache: t.cache,
+                limits,
+                inflight: metrics.inflight.with_label_values(&[&t.name]),
+            });
+            for hash in &t.key_sha256 {
+                by_key.insert(*hash, Arc::clone(&tenant));
+            }
+            by_name.insert(t.name.clone(), tenant);
+        }
+        let upstream_auth = (!key.is_empty())
+            .then(|| HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok())
+            .flatten()
+            .map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
+        Snapshot {
+            models: ModelLabels::new(config.known_models()),
+            config,
+            by_key,
+            by_name,
+            upstream_auth,
+        }
+    }
+
+    /// `Authorization: Bearer <key>` → the tenant whose key hashes to it.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Option<Arc<Tenant>> {
+        let value = headers.get(http::header::AUTHORIZATION)?.as_bytes();
+        let (scheme, key) = value.split_at(value.iter().position(|&b| b == b' ')?);
+        if !scheme.eq_ignore_ascii_case(b"bearer") {
+            return None;
+        }
+        let key = key.trim_ascii();
+        if key.is_empty() {
+            return None;
+        }
+        let hash: [u8; 32] = Sha256::digest(key).into();
+        self.by_key.get(&hash).cloned()
+    }
+
+    pub fn price(&self, model: &str) -> Option<&Pricing> {
+        self.config.pricing.get(model)
+    }
+
+    /// The cache scope of a tenant's requests: its name, or the shared pool.
+    pub fn cache_scope<'a>(&self, tenant: &'a Tenant) -> Option<&'a str> {
+        match self.config.cache.scope {
+            CacheScope::Tenant => Some(&tenant.name),
+            CacheScope::Shared => None,
+        }
+    }
+}
+
+/// Shutdown as the request path sees it.
+pub struct Lifecycle {
+    ready: AtomicBool,
+    /// Flips to true when the shutdown grace is over: running streams end.
+    grace_over: watch::Sender<bool>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self {
+            ready: AtomicBool::new(true),
+            grace_over: watch::channel(false).0,
+        }
+    }
+}
+
+impl Lifecycle {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+    pub fn stop_accepting(&self) {
+        self.ready.store(false, Ordering::Release);
+    }
+    pub fn end_grace(&self) {
+        self.grace_over.send_replace(true);
+    }
+    pub fn grace_watch(&self) -> watch::Receiver<bool> {
+        self.grace_over.subscribe()
+    }
+}
+
+pub struct App {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub metrics: Metrics,
+    pub store: Store,
+    pub flights: Arc<Flights>,
+    pub upstream: Upstream,
+    pub lifecycle: Lifecycle,
+}
+
+impl App {
+    pub fn new(config: Config, key: &Secret) -> Result<App, std::io::Error> {
+        let metrics = Metrics::new();
+        let upstream = Upstream::new(&config.upstream)?;
+        let store = Store::new(config.cache.max_bytes, config.cache.ttl);
+        let snapshot = Snapshot::build(config, key, None, &metrics);
+        Ok(App {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics,
+            store,
+            flights: Arc::new(Flights::default()),
+            upstream,
+            lifecycle: Lifecycle::default(),
+        })
+    }
+
+    /// Swaps in a new config. Listen addresses, the cache's size and TTL and
+    /// the upstream connection settings are fixed at start; a change to them
+    /// is logged and ignored.
+    pub fn reload(&self, mut config: Config, key: &Secret) {
+        let current = self.snapshot.load();
+        let old = &current.config;
+        if config.server.listen != old.server.listen
+            || config.server.admin_listen != old.server.admin_listen
+        {
+            tracing::warn!("listen addresses are not reloadable; keeping the running ones");
+            config.server.listen = old.server.listen;
+            config.server.admin_listen = old.server.admin_listen;
+        }
+        if config.cache.max_bytes != old.cache.max_bytes || config.cache.ttl != old.cache.ttl {
+            tracing::warn!("cache.max_bytes and cache.ttl_secs take effect at restart");
+        }
+        if config.upstream.connect_timeout != old.upstream.connect_timeout
+            || config.upstream.max_concurrent != old.upstream.max_concurrent
+        {
+            tracing::warn!(
+                "upstream.connect_timeout_secs and upstream.max_concurrent take effect at restart"
+            );
+        }
+        let next = Snapshot::build(config, key, Some(&current), &self.metrics);
+        self.snapshot.store(Arc::new(next));
+    }
+}
