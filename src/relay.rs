@@ -57,6 +57,9 @@ enum Mode {
         collected: Vec<Bytes>,
         collected_len: usize,
         overflow: bool,
+        /// Upstream's content-length: hyper stops polling a body once that
+        /// much went out, so the relay ends itself there.
+        length: Option<u64>,
     },
     /// A 200 event stream.
     Sse {
@@ -145,6 +148,7 @@ impl Relay {
                         collected: Vec::new(),
                         collected_len: 0,
                         overflow: false,
+                        length: upstream.size_hint().exact(),
                     },
                     Instant::now() + idle,
                 )
@@ -244,6 +248,14 @@ impl Relay {
                 }
             }
             self.out.push_back(data);
+            if let Mode::Raw {
+                length: Some(len), ..
+            } = self.mode
+            {
+                if self.response_bytes as u64 >= len {
+                    self.on_eof();
+                }
+            }
             return;
         }
         let mut events = Vec::new();

@@ -49,6 +49,8 @@ use tokio::sync::mpsc;
 #[derive(Default)]
 pub struct SimStats {
     calls: AtomicU64,
+    aborted: AtomicU64,
+    aborted_notify: tokio::sync::Notify,
     ids: AtomicU64,
     last: Mutex<Option<(HeaderMap, Bytes)>>,
     failures: Mutex<HashMap<String, u32>>,
@@ -81,6 +83,22 @@ impl Simulator {
     /// Completion calls received (chat, prefix, FIM), retries included.
     pub fn calls(&self) -> u64 {
         self.stats.calls.load(Ordering::SeqCst)
+    }
+
+    /// Streams whose reader went away before the end (Sluice cancelled them).
+    pub fn aborted(&self) -> u64 {
+        self.stats.aborted.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` streams were aborted by their reader.
+    pub async fn wait_aborted(&self, n: u64) {
+        loop {
+            let notified = self.stats.aborted_notify.notified();
+            if self.aborted() >= n {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Headers and body of the last completion call.
@@ -323,7 +341,11 @@ async fn handle(
                 .pointer("/stream_options/include_usage")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-        Ok(stream_response(answer.events(include_usage), &faults))
+        Ok(stream_response(
+            answer.events(include_usage),
+            &faults,
+            &stats,
+        ))
     } else {
         Ok(whole_response(answer.completion(!faults.no_usage), &faults))
     }
@@ -360,7 +382,11 @@ fn whole_response(completion: Value, faults: &Faults) -> Response<SimBody> {
     respond(StatusCode::OK, "application/json", SimBody::Chan(rx))
 }
 
-fn stream_response(events: Vec<Bytes>, faults: &Faults) -> Response<SimBody> {
+fn stream_response(
+    events: Vec<Bytes>,
+    faults: &Faults,
+    stats: &Arc<SimStats>,
+) -> Response<SimBody> {
     let keepalives = faults.keepalive;
     let instant = faults.chunk_delay.is_zero()
         && faults.die_after.is_none()
@@ -381,6 +407,11 @@ fn stream_response(events: Vec<Bytes>, faults: &Faults) -> Response<SimBody> {
         let die_after = faults.die_after;
         let hang = faults.hang.is_some();
         let garbage = faults.garbage;
+        let stats = Arc::clone(stats);
+        let aborted = move || {
+            stats.aborted.fetch_add(1, Ordering::SeqCst);
+            stats.aborted_notify.notify_waiters();
+        };
         tokio::spawn(async move {
             for _ in 0..keepalives {
                 if tx
@@ -410,6 +441,7 @@ fn stream_response(events: Vec<Bytes>, faults: &Faults) -> Response<SimBody> {
                     tokio::time::sleep(delay).await;
                 }
                 if tx.send(Ok(ev)).await.is_err() {
+                    aborted();
                     return;
                 }
             }

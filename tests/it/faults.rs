@@ -1,0 +1,344 @@
+//! Upstream faults and hostile clients: retries, timeouts, broken streams,
+//! garbage, cancellation, slow-loris.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::*;
+
+fn assert_stream_error_end(r: &Resp) {
+    let events = r.events();
+    let last = events.last().expect("some event");
+    let v: serde_json::Value =
+        serde_json::from_str(last).unwrap_or_else(|_| panic!("last event is JSON: {events:?}"));
+    assert_eq!(
+        v["error"]["code"], "upstream_stream_interrupted",
+        "{events:?}"
+    );
+    assert_eq!(v["error"]["type"], "upstream_error");
+    assert!(v["error"]["param"].is_null());
+    assert!(v["error"]["message"].is_string());
+    assert!(
+        !events.iter().any(|e| e == "[DONE]"),
+        "no [DONE] after a break: {events:?}"
+    );
+}
+
+#[tokio::test]
+async fn retries_get_through_a_flaky_upstream() {
+    let gw = TestGateway::start("").await;
+    let r = call(
+        &gw.url("/v1/chat/completions"),
+        ALPHA,
+        &chat("flaky"),
+        &[("x-sim-fail-first", "2"), ("x-sim-key", "flaky-1")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(gw.sim.calls(), 3);
+    assert_eq!(
+        gw.metric("sluice_upstream_requests_total", &[("status", "503")])
+            .await,
+        2.0
+    );
+    assert_eq!(
+        gw.metric("sluice_upstream_requests_total", &[("status", "200")])
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn upstream_errors_pass_through_once_retries_are_spent() {
+    let gw = TestGateway::start("").await;
+    let url = gw.url("/v1/chat/completions");
+    let r = call(&url, ALPHA, &chat("down"), &[("x-sim-status", "503")]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        r.json()["error"]["message"],
+        "Server Overloaded",
+        "upstream's body, unchanged"
+    );
+    assert_eq!(gw.sim.calls(), 3, "1 try + max_retries");
+    assert_eq!(r.header("x-sluice-cache"), "miss");
+
+    for (status, should_retry) in [
+        (402, "false"),
+        (401, "false"),
+        (400, "false"),
+        (422, "false"),
+    ] {
+        let before = gw.sim.calls();
+        let r = call(
+            &url,
+            ALPHA,
+            &chat(&format!("no retry {status}")),
+            &[("x-sim-status", &status.to_string())],
+        )
+        .await;
+        assert_eq!(r.status.as_u16(), status);
+        assert_eq!(r.header("x-should-retry"), should_retry);
+        assert_eq!(gw.sim.calls() - before, 1, "{status} is not retried");
+    }
+    // Errors are never cached.
+    let before = gw.sim.calls();
+    let r = call(&url, ALPHA, &chat("no retry 402"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(gw.sim.calls() - before, 1);
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let gw = TestGateway::start("").await;
+    let start = Instant::now();
+    let r = call(
+        &gw.url("/v1/chat/completions"),
+        ALPHA,
+        &chat("slow down"),
+        &[
+            ("x-sim-fail-first", "1"),
+            ("x-sim-key", "ra"),
+            ("x-sim-status", "429"),
+            ("x-sim-retry-after", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(
+        start.elapsed() >= Duration::from_millis(990),
+        "waited {:?}",
+        start.elapsed()
+    );
+    assert_eq!(gw.sim.calls(), 2);
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let gw = TestGateway::start_with(|c| {
+        let start = c.find("base_url = \"").expect("base_url") + "base_url = \"".len();
+        let end = start + c[start..].find('"').expect("end");
+        format!("{}http://127.0.0.1:{port}{}", &c[..start], &c[end..])
+    })
+    .await;
+    let r = call(&gw.url("/v1/chat/completions"), ALPHA, &chat("x"), &[]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.error_code(), "upstream_unreachable");
+    assert_eq!(r.json()["error"]["type"], "upstream_error");
+    assert_eq!(
+        gw.metric("sluice_upstream_requests_total", &[("status", "error")])
+            .await,
+        3.0
+    );
+}
+
+fn quick_timeouts(c: String) -> String {
+    c.replace("first_byte_timeout_secs = 5", "first_byte_timeout_secs = 1")
+        .replace("idle_timeout_secs = 5", "idle_timeout_secs = 1")
+}
+
+#[tokio::test]
+async fn no_headers_in_time_is_504() {
+    let gw = TestGateway::start_with(quick_timeouts).await;
+    let r = call(
+        &gw.url("/v1/chat/completions"),
+        ALPHA,
+        &chat("hang"),
+        &[("x-sim-hang", "headers")],
+    )
+    .await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.error_code(), "upstream_timeout");
+    assert_eq!(gw.sim.calls(), 1, "timeouts are not retried");
+}
+
+#[tokio::test]
+async fn stream_without_a_first_event_ends_with_the_error_event() {
+    let gw = TestGateway::start_with(quick_timeouts).await;
+    let r = call(
+        &gw.url("/v1/chat/completions"),
+        ALPHA,
+        &chat_stream("hang"),
+        &[("x-sim-hang", "body"), ("x-sim-keepalive", "1")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text().starts_with(": keep-alive"),
+        "keep-alives are forwarded but don't count"
+    );
+    assert_stream_error_end(&r);
+}
+
+#[tokio::test]
+async fn idle_gap_in_a_stream_ends_it() {
+    let gw = TestGateway::start_with(quick_timeouts).await;
+    let r = call(
+        &gw.url("/v1/chat/completions"),
+        ALPHA,
+        &chat_stream("gap"),
+        &[("x-sim-chunk-delay-ms", "2500")],
+    )
+    .await;
+    assert_stream_error_end(&r);
+    assert!(r.events().len() >= 2, "the first event came through");
+}
+
+#[tokio::test]
+async fn stream_dying_mid_way_ends_with_the_error_event_and_is_not_cached() {
+    let gw = TestGateway::start("").await;
+    let url = gw.url("/v1/chat/completions");
+    let r = call(
+        &url,
+        ALPHA,
+        &chat_stream("die"),
+        &[("x-sim-die-after", "3")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_stream_error_end(&r);
+    assert_eq!(r.events().len(), 4, "3 events, then the error");
+    let r = call(&url, ALPHA, &chat_stream("die"), &[]).await;
+    assert_eq!(r.header("x-sluice-cache"), "miss");
+    assert_eq!(gw.sim.calls(), 2);
+    // The broken stream was metered by estimate.
+    assert_eq!(
+        gw.metric("sluice_usage_estimated_total", &[("tenant", "alpha")])
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn garbage_in_a_stream_ends_it() {
+    let gw = TestGateway::start("").await;
+    let r = call(
+        &gw.url("/v1/chat/completions"),
+        ALPHA,
+        &chat_stream("junk"),
+        &[("x-sim-garbage", "1")],
+    )
+    .await;
+    assert_stream_error_end(&r);
+    assert!(
+        !r.text().contains("this is not json"),
+        "garbage is not forwarded"
+    );
+}
+
+#[tokio::test]
+async fn non_stream_cut_off_reaches_the_client_cut_off() {
+    let gw = TestGateway::start("").await;
+    let resp = call_open(
+        &gw.url("/v1/chat/completions"),
+        ALPHA,
+        &chat("cut"),
+        &[("x-sim-die-after", "20")],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let read = http_body_util::BodyExt::collect(resp.into_body()).await;
+    assert!(read.is_err(), "the client's HTTP stack sees the body break");
+    // And nothing was cached.
+    let r = call(&gw.url("/v1/chat/completions"), ALPHA, &chat("cut"), &[]).await;
+    assert_eq!(r.header("x-sluice-cache"), "miss");
+}
+
+#[tokio::test]
+async fn non_stream_garbage_passes_through_and_is_not_cached() {
+    let gw = TestGateway::start("").await;
+    let url = gw.url("/v1/chat/completions");
+    let r = call(&url, ALPHA, &chat("html"), &[("x-sim-garbage", "1")]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("<html>"));
+    let r = call(&url, ALPHA, &chat("html"), &[]).await;
+    assert_eq!(r.header("x-sluice-cache"), "miss");
+    assert_eq!(
+        gw.metric("sluice_usage_estimated_total", &[("tenant", "alpha")])
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_upstream_stream() {
+    let gw = TestGateway::start("").await;
+    let resp = call_open(
+        &gw.url("/v1/chat/completions"),
+        ALPHA,
+        &chat_stream("bye"),
+        &[("x-sim-chunk-delay-ms", "50"), ("x-sim-chunks", "400")],
+    )
+    .await;
+    let mut body = resp.into_body();
+    next_chunk(&mut body).await.expect("first event");
+    drop(body);
+    tokio::time::timeout(Duration::from_secs(10), gw.sim.wait_aborted(1))
+        .await
+        .expect("upstream stream cancelled");
+    // The tenant's in-flight gauge and permit are released.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if gw
+            .metric("sluice_inflight_requests", &[("tenant", "alpha")])
+            .await
+            == 0.0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "in-flight gauge never dropped");
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn slow_loris_is_dropped_and_others_are_served() {
+    let gw = TestGateway::start_with(|c| {
+        c.replace("[server]\n", "[server]\nheader_read_timeout_secs = 1\n")
+    })
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let r = call(
+        &gw.url("/v1/chat/completions"),
+        ALPHA,
+        &chat("meanwhile"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf))
+        .await
+        .expect("closed within the timeout");
+    assert!(read.is_ok());
+    let text = String::from_utf8_lossy(&buf);
+    assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+}
+
+#[tokio::test]
+async fn upstream_max_concurrent_queues_fifo() {
+    let gw = TestGateway::start_with(|c| {
+        c.replace("max_retries = 2\n", "max_retries = 2\nmax_concurrent = 1\n")
+    })
+    .await;
+    let url = gw.url("/v1/chat/completions");
+    let (ra, rb) = (chat("a"), chat("b"));
+    let a = call(&url, ALPHA, &ra, &[("x-sim-latency-ms", "300")]);
+    let b = call(&url, ALPHA, &rb, &[("x-sim-latency-ms", "300")]);
+    let start = Instant::now();
+    let (a, b) = tokio::join!(a, b);
+    assert_eq!((a.status.as_u16(), b.status.as_u16()), (200, 200));
+    assert!(
+        start.elapsed() >= Duration::from_millis(590),
+        "one at a time: {:?}",
+        start.elapsed()
+    );
+}

@@ -1,0 +1,12 @@
+//! Integration tests: the real gateway and the simulated upstream on
+//! ephemeral ports, spoken to over HTTP. One binary, a module per concern.
+
+mod support;
+
+mod binary;
+mod cache;
+mod faults;
+mod limits;
+mod metrics;
+mod ops;
+mod proxy;
