@@ -1,1 +1,263 @@
+//! The real `sluice` binary: CLI commands, start-up failures, JSON logs,
+//! SIGHUP reload and SIGTERM.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
 use crate::support::*;
+
+fn sluice() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    c.env_remove("SLUICE_CONFIG")
+        .env_remove("SLUICE_LISTEN")
+        .env_remove("SLUICE_ADMIN_LISTEN")
+        .env_remove("SLUICE_UPSTREAM_URL");
+    c
+}
+
+fn temp_config(text: &str) -> tempfile_lite::TempFile {
+    tempfile_lite::TempFile::new(text)
+}
+
+mod tempfile_lite {
+    //! A config file in the target directory's temp space, removed on drop.
+    pub struct TempFile(pub std::path::PathBuf);
+    impl TempFile {
+        pub fn new(text: &str) -> TempFile {
+            let n: u64 = rand::random();
+            let path = std::env::temp_dir().join(format!("sluice-test-{n:x}.toml"));
+            std::fs::write(&path, text).expect("write config");
+            TempFile(path)
+        }
+        pub fn write(&self, text: &str) {
+            std::fs::write(&self.0, text).expect("rewrite config");
+        }
+    }
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+#[test]
+fn version_new_key_and_hash_key() {
+    let out = sluice().arg("--version").output().expect("run");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+
+    let out = sluice().arg("new-key").output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("key:"))
+        .expect("key line")
+        .trim()
+        .to_string();
+    let hash = text
+        .lines()
+        .find_map(|l| l.strip_prefix("key_sha256:"))
+        .expect("hash line")
+        .trim()
+        .to_string();
+    let random = key.strip_prefix("sk-sluice-").expect("prefix");
+    assert!(random.len() >= 32 && random.chars().all(|c| c.is_ascii_alphanumeric()));
+    assert_eq!(hash, sha(&key));
+
+    let out = sluice().args(["hash-key", "sk-abc"]).output().expect("run");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), sha("sk-abc"));
+    let mut child = sluice()
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"sk-abc\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        sha("sk-abc"),
+        "trailing newline stripped"
+    );
+}
+
+#[test]
+fn check_config_reports_and_exits() {
+    let good = temp_config(&config_text("http://127.0.0.1:1", ""));
+    let out = sluice()
+        .args(["check-config", "--config"])
+        .arg(&good.0)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("alpha") && text.contains("beta") && text.contains("cache"),
+        "{text}"
+    );
+
+    let bad = temp_config(
+        &config_text("http://127.0.0.1:1", "")
+            .replace("max_retries = 2", "max_retries = 2\nmax_retires = 3"),
+    );
+    let out = sluice()
+        .args(["check-config", "--config"])
+        .arg(&bad.0)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_retires"));
+
+    // SLUICE_CONFIG names the file too; the shipped example is valid.
+    let out = sluice()
+        .arg("check-config")
+        .env(
+            "SLUICE_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/sluice.toml"),
+        )
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn start_up_fails_without_the_upstream_key() {
+    let cfg = temp_config(&config_text("http://127.0.0.1:1", ""));
+    let out = sluice()
+        .arg("--config")
+        .arg(&cfg.0)
+        .env_remove("TEST_UPSTREAM_KEY")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TEST_UPSTREAM_KEY"));
+    let bad = temp_config("[[tenants]]\nname = \"x\"\nkey_sha256 = \"nothex\"\n");
+    let out = sluice().arg("--config").arg(&bad.0).output().expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key_sha256"));
+}
+
+/// Waits for the log line whose message is `want`.
+async fn next(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+    want: &str,
+) -> Result<serde_json::Value, tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let v = rx.recv().await.expect("log line");
+            if v["message"] == want {
+                return v;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn runs_logs_json_reloads_on_sighup_and_stops_on_sigterm() {
+    let sim = sluice::simulator::Simulator::start(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("sim");
+    let text = config_text(&sim.base_url(), "");
+    let cfg = temp_config(&text);
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--config")
+        .arg(&cfg.0)
+        .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+        .env("SLUICE_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        let std_err = stderr.into_owned_fd().expect("fd");
+        for line in BufReader::new(std::fs::File::from(std_err)).lines() {
+            let Ok(line) = line else { break };
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|_| panic!("log line is not JSON: {line}"));
+            if tx.send(v).is_err() {
+                break;
+            }
+        }
+    });
+    let listening = next(&mut rx, "sluice listening").await.expect("started");
+    let addr = listening["listen"].as_str().expect("listen").to_string();
+    let url = format!("http://{addr}/v1/chat/completions");
+
+    let r = call(&url, ALPHA, &chat("secret prompt text"), &[]).await;
+    assert_eq!(r.status, 200);
+    let access = next(&mut rx, "request").await.expect("access line");
+    for field in [
+        "request_id",
+        "tenant",
+        "model",
+        "endpoint",
+        "status",
+        "cache",
+        "duration_ms",
+        "upstream_status",
+    ] {
+        assert!(access.get(field).is_some(), "{field} in {access}");
+    }
+    assert_eq!(access["tenant"], "alpha");
+    assert_eq!(access["status"], 200);
+    let line = access.to_string();
+    assert!(
+        !line.contains("secret prompt") && !line.contains(ALPHA) && !line.contains(UPSTREAM_KEY)
+    );
+    assert!(!line.contains("simulated answer"), "no completion in logs");
+
+    // An invalid file is refused and the running config stays.
+    cfg.write("this is = not [valid");
+    let pid = child.id().expect("pid").to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    next(&mut rx, "config reload refused; keeping the running config")
+        .await
+        .expect("refusal logged");
+    assert_eq!(call(&url, ALPHA, &chat("still up"), &[]).await.status, 200);
+
+    // A valid file without beta: beta's key stops working at once.
+    let without_beta = text.replace(&sha(BETA), &sha("sk-other-0123456789"));
+    cfg.write(&without_beta);
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    next(&mut rx, "config reloaded")
+        .await
+        .expect("reload logged");
+    assert_eq!(call(&url, BETA, &chat("beta"), &[]).await.status, 401);
+
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert_eq!(status.code(), Some(0));
+}
