@@ -477,7 +477,7 @@ async fn forward(
 }
 
 /// A stored answer, in the mode the client asked for.
-fn entry_response(entry: &Entry, stream: bool, include_usage: bool) -> Response<Body> {
+pub fn entry_response(entry: &Entry, stream: bool, include_usage: bool) -> Response<Body> {
     let (body, content_type) = if stream {
         let mut frames = vec![entry.replay.chunks.clone()];
         if include_usage {
