@@ -5,7 +5,6 @@
 //! the request is metered and logged exactly once, whatever path it took.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -69,15 +68,6 @@ impl Body {
     pub fn set_record(&mut self, record: Box<Record>) {
         self.record = Some(record);
     }
-    /// Reads a whole in-memory body (errors, tests).
-    pub fn into_bytes(self) -> Option<Bytes> {
-        let mut this = self;
-        match std::mem::replace(&mut this.kind, Kind::Empty) {
-            Kind::Full(b) => b,
-            _ => None,
-        }
-    }
-
     fn first_byte(&mut self) {
         if let Some(r) = &mut self.record {
             r.first_byte.get_or_insert_with(Instant::now);
@@ -150,13 +140,6 @@ impl Drop for Body {
         }
     }
 }
-
-/// Infallible bodies for the admin listener and the simulator.
-pub type Plain = http_body_util::Full<Bytes>;
-pub fn plain(b: impl Into<Bytes>) -> Plain {
-    http_body_util::Full::new(b.into())
-}
-pub type PlainError = Infallible;
 
 /// What the relay tells the record when it is done.
 #[derive(Debug, Default, Clone, Copy)]
@@ -240,9 +223,12 @@ impl Drop for Record {
         let m = &self.app.metrics;
         let tenant = self.tenant.as_ref().map_or("unknown", |t| &t.name);
         let model = self.model.as_deref().unwrap_or(crate::metrics::OTHER);
-        let status = self.status.to_string();
+        // StatusCode::as_str is a static table: no formatting per request.
+        let code = http::StatusCode::from_u16(self.status)
+            .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        let status = code.as_str();
         m.requests
-            .with_label_values(&[tenant, model, self.endpoint, &status, self.cache])
+            .with_label_values(&[tenant, model, self.endpoint, status, self.cache])
             .inc();
         let elapsed = self.start.elapsed();
         if self.endpoint != "other" {

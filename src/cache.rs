@@ -277,12 +277,6 @@ impl Flight {
         self.notify.notify_waiters();
     }
 
-    /// Whether any follower is attached (the map holds no strong reference
-    /// once the flight has ended; the leader holds one).
-    pub fn has_followers(self: &Arc<Self>) -> bool {
-        Arc::strong_count(self) > 2
-    }
-
     /// Waits until something past `seen` events (or the head, or the end) is
     /// there, then returns it.
     pub async fn progress(&self, seen: usize, head_seen: bool) -> Progress {

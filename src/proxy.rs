@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::Value;
@@ -31,7 +31,7 @@ use crate::error::{stream_error_event, GatewayError};
 use crate::limit::{Standing, Standings};
 use crate::relay::{Meter, Relay, Sink, StreamOpts};
 use crate::routes::{self, Endpoint};
-use crate::sse::DONE_EVENT;
+use crate::sse::{self, DONE_EVENT};
 use crate::state::{App, Snapshot, Tenant};
 use crate::upstream::strip_hop_by_hop;
 
@@ -132,7 +132,10 @@ async fn serve(
     // 4. Body.
     let (parts, body) = req.into_parts();
     let bytes = read_body(body, &parts.headers, &snap.config).await?;
-    let api = ApiRequest::parse(&bytes, endpoint)?;
+    // The cache mode needs no body; a request that bypasses the cache is
+    // validated without building a JSON tree.
+    let mode = CacheMode::of(snap, &tenant, &parts.headers);
+    let api = ApiRequest::parse(&bytes, endpoint, mode != CacheMode::Bypass)?;
     record.model = Some(snap.models.label(&api.model));
     record.stream = api.stream;
     if !tenant.allows(&api.model) {
@@ -140,10 +143,11 @@ async fn serve(
     }
 
     // 5. Cache.
-    let mode = CacheMode::of(snap, &tenant, &parts.headers);
     record.cache = mode.label();
-    let key = (mode != CacheMode::Bypass)
-        .then(|| cache::key(snap.cache_scope(&tenant), endpoint.label(), &api.value));
+    let key = api
+        .value
+        .as_ref()
+        .map(|v| cache::key(snap.cache_scope(&tenant), endpoint.label(), v));
     let mut leader = None;
     if let (CacheMode::Lookup, Some(key)) = (mode, key) {
         if let Some(entry) = app.store.get(&key) {
@@ -245,51 +249,84 @@ impl CacheMode {
 /// A validated API request. Every field but the few read here passes
 /// through untouched.
 pub struct ApiRequest {
-    pub value: Value,
+    /// The parsed body, when the cache needs it for the key.
+    pub value: Option<Value>,
     pub model: String,
     pub stream: bool,
     pub include_usage: bool,
+    /// The client sent `stream_options` (so it cannot simply be spliced in).
+    pub has_stream_options: bool,
+}
+
+/// The fields Sluice reads, each kept raw so a wrong type is told apart from
+/// invalid JSON; every other field is skipped without being built.
+#[derive(serde::Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    stream: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    stream_options: Option<&'a serde_json::value::RawValue>,
 }
 
 impl ApiRequest {
-    pub fn parse(bytes: &[u8], endpoint: Endpoint) -> Result<ApiRequest, GatewayError> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|_| GatewayError::InvalidJson)?;
-        let obj = value.as_object().ok_or(GatewayError::InvalidJson)?;
-        let model = obj
-            .get("model")
-            .and_then(Value::as_str)
+    /// Validates a body. `keep` also builds the JSON tree (for the cache key).
+    pub fn parse(bytes: &[u8], endpoint: Endpoint, keep: bool) -> Result<ApiRequest, GatewayError> {
+        // A derived struct would also accept a JSON array; the body must be
+        // an object.
+        if sse::trim_leading_ws(bytes).first() != Some(&b'{') {
+            return Err(GatewayError::InvalidJson);
+        }
+        let f: Fields<'_> = serde_json::from_slice(bytes).map_err(|_| GatewayError::InvalidJson)?;
+        let starts = |raw: Option<&serde_json::value::RawValue>, c: u8| {
+            raw.is_some_and(|r| r.get().as_bytes().first() == Some(&c))
+        };
+        let model = f
+            .model
+            .filter(|r| r.get().starts_with('"'))
+            .and_then(|r| serde_json::from_str::<String>(r.get()).ok())
             .ok_or(GatewayError::MissingField(
                 "`model` is required and must be a string.",
-            ))?
-            .to_string();
+            ))?;
         match endpoint {
             Endpoint::Fim => {
-                obj.get("prompt")
-                    .and_then(Value::as_str)
-                    .ok_or(GatewayError::MissingField(
+                if !starts(f.prompt, b'"') {
+                    return Err(GatewayError::MissingField(
                         "`prompt` is required and must be a string.",
-                    ))?;
+                    ));
+                }
             }
             Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models => {
-                obj.get("messages")
-                    .and_then(Value::as_array)
-                    .ok_or(GatewayError::MissingField(
+                if !starts(f.messages, b'[') {
+                    return Err(GatewayError::MissingField(
                         "`messages` is required and must be an array.",
-                    ))?;
+                    ));
+                }
             }
         }
-        let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let stream = f.stream.is_some_and(|r| r.get() == "true");
         let include_usage = stream
-            && obj
-                .get("stream_options")
-                .and_then(|o| o.get("include_usage"))
-                .and_then(Value::as_bool)
+            && f.stream_options
+                .and_then(|r| serde_json::from_str::<Value>(r.get()).ok())
+                .and_then(|o| o.get("include_usage").and_then(Value::as_bool))
                 .unwrap_or(false);
+        let has_stream_options = f.stream_options.is_some_and(|r| r.get() != "null");
+        let value = if keep {
+            Some(serde_json::from_slice(bytes).map_err(|_| GatewayError::InvalidJson)?)
+        } else {
+            None
+        };
         Ok(ApiRequest {
             value,
             model,
             stream,
             include_usage,
+            has_stream_options,
         })
     }
 }
@@ -297,10 +334,11 @@ impl ApiRequest {
 /// The body sent upstream for a stream: the client's bytes with
 /// `stream_options.include_usage = true`. When the client sent no
 /// `stream_options`, the field is spliced in after the opening brace so
-/// every other byte passes through as it came.
-pub fn with_include_usage(bytes: &Bytes, value: &Value) -> Bytes {
+/// every other byte passes through as it came; otherwise that one member is
+/// rewritten and the body re-serialized.
+pub fn with_include_usage(bytes: &Bytes, api: &ApiRequest) -> Bytes {
     const FIELD: &[u8] = br#""stream_options":{"include_usage":true},"#;
-    if value.get("stream_options").is_none() {
+    if !api.has_stream_options {
         if let Some(open) = bytes.iter().position(|&b| b == b'{') {
             let mut out = BytesMut::with_capacity(bytes.len() + FIELD.len());
             out.extend_from_slice(&bytes[..=open]);
@@ -309,7 +347,9 @@ pub fn with_include_usage(bytes: &Bytes, value: &Value) -> Bytes {
             return out.freeze();
         }
     }
-    let mut v = value.clone();
+    let Ok(mut v) = serde_json::from_slice::<Value>(bytes) else {
+        return bytes.clone();
+    };
     if let Some(obj) = v.as_object_mut() {
         let opts = obj
             .entry("stream_options")
@@ -400,11 +440,11 @@ async fn forward(
     mut sink: Sink,
 ) -> Result<Response<Body>, GatewayError> {
     let cfg = &snap.config.upstream;
-    let uri: Uri = format!("{}{}", cfg.base_url, endpoint.upstream_path())
-        .parse()
-        .map_err(|_| GatewayError::UpstreamUnreachable)?;
+    let uri = snap
+        .upstream_uri(endpoint.upstream_path())
+        .ok_or(GatewayError::UpstreamUnreachable)?;
     let body = if api.stream {
-        with_include_usage(&bytes, &api.value)
+        with_include_usage(&bytes, &api)
     } else {
         bytes
     };
@@ -619,9 +659,9 @@ async fn models(
     record: &mut Record,
 ) -> Result<Response<Body>, GatewayError> {
     let cfg = &snap.config.upstream;
-    let uri: Uri = format!("{}{}", cfg.base_url, Endpoint::Models.upstream_path())
-        .parse()
-        .map_err(|_| GatewayError::UpstreamUnreachable)?;
+    let uri = snap
+        .upstream_uri(Endpoint::Models.upstream_path())
+        .ok_or(GatewayError::UpstreamUnreachable)?;
     let headers = upstream_headers(req.headers().clone(), snap, &record.request_id);
     let deadline = record.start + cfg.first_byte_timeout;
     let sent = app
@@ -694,30 +734,38 @@ mod tests {
 
     #[test]
     fn include_usage_is_spliced_without_touching_other_bytes() {
-        let raw = Bytes::from_static(b" {\"model\":\"m\", \"temperature\": 1.50, \"stream\":true}");
-        let v: Value = serde_json::from_slice(&raw).expect("json");
-        let out = with_include_usage(&raw, &v);
+        let raw = Bytes::from_static(
+            b" {\"model\":\"m\", \"messages\": [], \"temperature\": 1.50, \"stream\":true}",
+        );
+        let api = ApiRequest::parse(&raw, Endpoint::Chat, false).expect("valid");
+        assert!(api.stream && !api.has_stream_options);
+        let out = with_include_usage(&raw, &api);
         assert_eq!(
             &out[..],
-            b" {\"stream_options\":{\"include_usage\":true},\"model\":\"m\", \"temperature\": 1.50, \"stream\":true}"
+            b" {\"stream_options\":{\"include_usage\":true},\"model\":\"m\", \"messages\": [], \"temperature\": 1.50, \"stream\":true}"
         );
         let raw = Bytes::from_static(
-            b"{\"model\":\"m\",\"stream\":true,\"stream_options\":{\"include_usage\":false}}",
+            b"{\"model\":\"m\",\"messages\":[],\"stream\":true,\"stream_options\":{\"include_usage\":false}}",
         );
-        let v: Value = serde_json::from_slice(&raw).expect("json");
-        let out: Value = serde_json::from_slice(&with_include_usage(&raw, &v)).expect("json");
+        let api = ApiRequest::parse(&raw, Endpoint::Chat, false).expect("valid");
+        assert!(api.has_stream_options && !api.include_usage);
+        let out: Value = serde_json::from_slice(&with_include_usage(&raw, &api)).expect("json");
         assert_eq!(out["stream_options"]["include_usage"], true);
     }
 
     #[test]
     fn parse_validates_fields() {
         let bad = |body: &str, ep| {
-            ApiRequest::parse(body.as_bytes(), ep)
+            ApiRequest::parse(body.as_bytes(), ep, true)
                 .err()
                 .map(|e| e.code())
         };
         assert_eq!(bad("nope", Endpoint::Chat), Some("invalid_json"));
         assert_eq!(bad("[1]", Endpoint::Chat), Some("invalid_json"));
+        assert_eq!(
+            bad(r#"{"model":"m","messages":[]}trailing"#, Endpoint::Chat),
+            Some("invalid_json")
+        );
         assert_eq!(bad("{}", Endpoint::Chat), Some("missing_field"));
         assert_eq!(
             bad(r#"{"model":1,"messages":[]}"#, Endpoint::Chat),
@@ -728,16 +776,22 @@ mod tests {
             Some("missing_field")
         );
         assert_eq!(
+            bad(r#"{"model":"m","messages":null}"#, Endpoint::Chat),
+            Some("missing_field")
+        );
+        assert_eq!(
             bad(r#"{"model":"m","messages":[]}"#, Endpoint::Fim),
             Some("missing_field")
         );
         assert_eq!(bad(r#"{"model":"m","prompt":"x"}"#, Endpoint::Fim), None);
         let ok = ApiRequest::parse(
-            br#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#,
+            br#"{"model":"m\u0031","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#,
             Endpoint::Chat,
+            true,
         )
         .expect("valid");
-        assert!(ok.stream && ok.include_usage);
+        assert!(ok.stream && ok.include_usage && ok.value.is_some());
+        assert_eq!(ok.model, "m1", "escapes in the model name are decoded");
     }
 
     #[test]

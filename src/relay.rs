@@ -377,9 +377,21 @@ impl Relay {
                     Some(concat(std::mem::take(collected)))
                 };
                 if status == StatusCode::OK {
-                    let usage = body.as_deref().and_then(sse::usage_of_completion);
+                    // Parse once: into an entry when the cache or followers
+                    // want one (its usage comes along), else just the usage.
+                    let wanted = self.sink.store.is_some() || self.sink.leader.is_some();
+                    let entry = if wanted {
+                        body.clone().and_then(Entry::from_completion).map(Arc::new)
+                    } else {
+                        None
+                    };
+                    let usage = match &entry {
+                        // An answer without usage is metered by estimate.
+                        Some(e) if e.usage != Usage::default() => Some(e.usage),
+                        Some(_) => None,
+                        None => body.as_deref().and_then(sse::usage_of_completion),
+                    };
                     self.finish_ok(usage);
-                    let entry = body.clone().and_then(Entry::from_completion).map(Arc::new);
                     self.deliver(entry, body.map(|b| (status, content_type, b)));
                 } else {
                     self.finished = true;

@@ -266,9 +266,9 @@ async fn poll_balance(app: Arc<App>) {
 
 async fn fetch_balance(app: &App, snap: &crate::state::Snapshot) -> Result<(), String> {
     let cfg = &snap.config.upstream;
-    let uri: http::Uri = format!("{}/user/balance", cfg.base_url)
-        .parse()
-        .map_err(|e| format!("{e}"))?;
+    let uri = snap
+        .upstream_uri("/user/balance")
+        .ok_or("no upstream URI")?;
     let deadline = std::time::Instant::now() + cfg.connect_timeout + Duration::from_secs(10);
     let sent = app
         .upstream

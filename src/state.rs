@@ -17,6 +17,7 @@ use crate::cache::{Flights, Store};
 use crate::config::{CacheScope, Config, Pricing, Secret};
 use crate::limit::TenantLimits;
 use crate::metrics::{Metrics, ModelLabels};
+use crate::routes::Endpoint;
 use crate::upstream::Upstream;
 
 /// A configured tenant, as the request path sees it after auth. Code past
@@ -44,6 +45,8 @@ pub struct Snapshot {
     pub models: ModelLabels,
     /// `Bearer <upstream key>`, built once; `None` for a keyless upstream.
     pub upstream_auth: Option<HeaderValue>,
+    /// Upstream URIs per endpoint, built once per config.
+    uris: HashMap<&'static str, http::Uri>,
 }
 
 impl Snapshot {
@@ -82,7 +85,24 @@ impl Snapshot {
                 v.set_sensitive(true);
                 v
             });
+        let uris = [
+            Endpoint::Chat,
+            Endpoint::ChatPrefix,
+            Endpoint::Fim,
+            Endpoint::Models,
+        ]
+        .into_iter()
+        .map(|e| e.upstream_path())
+        .chain(["/user/balance"])
+        .filter_map(|path| {
+            Some((
+                path,
+                format!("{}{path}", config.upstream.base_url).parse().ok()?,
+            ))
+        })
+        .collect();
         Snapshot {
+            uris,
             models: ModelLabels::new(config.known_models()),
             config,
             by_key,
@@ -104,6 +124,12 @@ impl Snapshot {
         }
         let hash: [u8; 32] = Sha256::digest(key).into();
         self.by_key.get(&hash).cloned()
+    }
+
+    /// The upstream URI for a path (`Endpoint::upstream_path` or
+    /// `/user/balance`).
+    pub fn upstream_uri(&self, path: &str) -> Option<&http::Uri> {
+        self.uris.get(path)
     }
 
     pub fn price(&self, model: &str) -> Option<&Pricing> {

@@ -1,0 +1,596 @@
+//! Load benchmark: what a Sluice hop costs, side by side with hitting the
+//! simulated upstream directly and with a plain nginx `proxy_pass` hop, in
+//! one run on one machine. Run with `benches/load.sh` (raises the fd limit,
+//! then `cargo bench --bench load`). Method and latest figures:
+//! benches/README.md.
+//!
+//! The proxy under test is pinned to core 0 (one worker thread); the load
+//! generator and the simulator share core 1, so per-core figures compare.
+
+#![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpStream;
+
+const KEY: &str = "sk-sluice-bench-0123456789abcdefghijklmnopqrstuvwxyz";
+const BODY: &str = r#"{"model":"deepseek-chat","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Write one sentence about rivers."}]}"#;
+
+struct Proc {
+    child: Child,
+    name: &'static str,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    /// utime + stime of the process and its children (nginx's workers),
+    /// in microseconds.
+    fn cpu_us(&self) -> u64 {
+        cpu_ticks(self.pid()) * 1_000_000 / 100
+    }
+    /// Peak RSS (VmHWM) in KiB, and the current RSS.
+    fn rss_kib(&self) -> (u64, u64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let get = |k: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (get("VmHWM:"), get("VmRSS:"))
+    }
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    // After the name: state ppid pgrp session tty tpgid flags minflt cminflt
+    // majflt cmajflt utime stime.
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let own = num(11) + num(12);
+    let children: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .map(cpu_ticks)
+        .sum();
+    own + children
+}
+
+/// Busy fraction of each core over a closure, from /proc/stat.
+fn core_busy<R>(f: impl FnOnce() -> R) -> (R, Vec<f64>) {
+    let read = || -> Vec<(u64, u64)> {
+        std::fs::read_to_string("/proc/stat")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+            .map(|l| {
+                let v: Vec<u64> = l
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+                (v.iter().sum(), idle)
+            })
+            .collect()
+    };
+    let a = read();
+    let r = f();
+    let b = read();
+    let busy = a
+        .iter()
+        .zip(&b)
+        .map(|((t0, i0), (t1, i1))| 1.0 - (i1 - i0) as f64 / ((t1 - t0).max(1)) as f64)
+        .collect();
+    (r, busy)
+}
+
+fn spawn(
+    name: &'static str,
+    core: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (
+    Proc,
+    BufReader<std::process::ChildStderr>,
+    BufReader<std::process::ChildStdout>,
+) {
+    let mut cmd = Command::new("taskset");
+    cmd.arg("-c")
+        .arg(core)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+    let err = BufReader::new(child.stderr.take().expect("stderr"));
+    let out = BufReader::new(child.stdout.take().expect("stdout"));
+    (Proc { child, name }, err, out)
+}
+
+fn wait_line(r: &mut impl BufRead, needle: &str) -> String {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            panic!("process ended before printing {needle:?}");
+        }
+        if line.contains(needle) {
+            return line.trim().to_string();
+        }
+    }
+}
+
+/// Keeps reading a child's pipe so it never blocks on a full pipe.
+fn drain(r: impl BufRead + Send + 'static) {
+    std::thread::spawn(move || for _ in r.lines() {});
+}
+
+fn start_sluice(upstream: &str, cache: bool, tmp: &std::path::Path) -> (Proc, SocketAddr) {
+    let cfg = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[upstream]
+base_url = "{upstream}"
+api_key_env = ""
+balance_poll_secs = 0
+first_byte_timeout_secs = 3600
+idle_timeout_secs = 3600
+[cache]
+enabled = {cache}
+[[tenants]]
+name = "bench"
+key_sha256 = ["{}"]
+requests_per_minute = 0
+tokens_per_minute = 0
+max_concurrent = 0
+"#,
+        hex::encode(Sha256::digest(KEY))
+    );
+    let path = tmp.join(if cache { "hit.toml" } else { "miss.toml" });
+    std::fs::write(&path, cfg).expect("write config");
+    let (p, mut err, out) = spawn(
+        if cache { "sluice-hit" } else { "sluice-miss" },
+        "0",
+        &[
+            env!("CARGO_BIN_EXE_sluice"),
+            "--config",
+            path.to_str().expect("path"),
+        ],
+        &[
+            ("SLUICE_LOG_FORMAT", "json"),
+            ("RUST_LOG", "warn,sluice=info,sluice::access=off"),
+            ("TOKIO_WORKER_THREADS", "1"),
+        ],
+    );
+    let line = wait_line(&mut err, "sluice listening");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("json log");
+    drain(err);
+    drain(out);
+    (
+        p,
+        v["listen"].as_str().expect("listen").parse().expect("addr"),
+    )
+}
+
+fn start_nginx(upstream: SocketAddr, tmp: &std::path::Path) -> Result<(Proc, SocketAddr), String> {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let Some(nginx) = nginx else {
+        return Err("nginx is not installed (apt-get install nginx-light)".into());
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let conf = format!(
+        r#"
+worker_processes 1;
+daemon off;
+error_log {tmp}/nginx-error.log warn;
+pid {tmp}/nginx.pid;
+events {{ worker_connections 65536; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp};
+    proxy_temp_path {tmp};
+    upstream sim {{ server {upstream}; keepalive 256; keepalive_requests 10000000; }}
+    keepalive_requests 10000000;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#,
+        tmp = tmp.display()
+    );
+    let path = tmp.join("nginx.conf");
+    std::fs::write(&path, conf).map_err(|e| e.to_string())?;
+    let (p, err, out) = spawn(
+        "nginx",
+        "0",
+        &[
+            nginx,
+            "-c",
+            path.to_str().unwrap_or_default(),
+            "-p",
+            &tmp.display().to_string(),
+        ],
+        &[],
+    );
+    drain(err);
+    drain(out);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok((p, addr));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err("nginx did not start".into())
+}
+
+fn request(addr: SocketAddr, extra: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    // hyper's connection-level client does not add Host; nginx insists on it.
+    let mut b = Request::post(format!("http://{addr}/v1/chat/completions"))
+        .header("host", addr.to_string())
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json");
+    for (k, v) in extra {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::from_static(BODY.as_bytes())))
+        .expect("request")
+}
+
+fn stream_request(addr: SocketAddr) -> Request<Full<Bytes>> {
+    let body = BODY.replacen('{', r#"{"stream":true,"#, 1);
+    Request::post(format!("http://{addr}/v1/chat/completions"))
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json")
+        .header("x-sim-chunks", "20")
+        .header("x-sim-chunk-delay-ms", "5")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request")
+}
+
+async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).ok();
+    let (send, conn) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// Closed loop: `conns` connections each sending back to back for `dur`.
+async fn throughput(addr: SocketAddr, conns: usize, dur: Duration) -> u64 {
+    let deadline = Instant::now() + dur;
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            let mut send = connect(addr).await;
+            while Instant::now() < deadline {
+                if send.ready().await.is_err() {
+                    send = connect(addr).await;
+                }
+                let resp = match send.send_request(request(addr, &[])).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        send = connect(addr).await;
+                        continue;
+                    }
+                };
+                assert!(resp.status().is_success(), "status {}", resp.status());
+                resp.into_body().collect().await.expect("body");
+                done += 1;
+            }
+            done
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("task");
+    }
+    total
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Open loop at a fixed rate. Latency is counted from the moment the request
+/// is handed to the client: tokio's timer has millisecond granularity, so
+/// counting from the scheduled time would add up to 1 ms of timer jitter to
+/// every target alike and drown the differences being measured.
+async fn fixed_rate(addr: SocketAddr, rate: u64, dur: Duration) -> (Duration, Duration) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build_http();
+    // Warm the pool.
+    for _ in 0..32 {
+        let r = client.request(request(addr, &[])).await.expect("warm");
+        r.into_body().collect().await.expect("body");
+    }
+    let n = rate * dur.as_secs();
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now() + Duration::from_millis(10);
+    let mut tasks = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let at = start + interval * i as u32;
+        tokio::time::sleep_until(at.into()).await;
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = client.request(request(addr, &[])).await.expect("response");
+            r.into_body().collect().await.expect("body");
+            t0.elapsed()
+        }));
+    }
+    let mut lat = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        lat.push(t.await.expect("task"));
+    }
+    lat.sort();
+    (percentile(&lat, 0.5), percentile(&lat, 0.99))
+}
+
+/// `rounds` × 32 concurrent streams of 20 chunks 5 ms apart: first-event
+/// latency and total stream time.
+async fn streams(addr: SocketAddr, rounds: usize) -> (Duration, Duration, Duration) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(64)
+        .build_http();
+    let mut first = Vec::new();
+    let mut total = Vec::new();
+    for _ in 0..rounds {
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let t0 = Instant::now();
+                let resp = client
+                    .request(stream_request(addr))
+                    .await
+                    .expect("response");
+                let mut body: Incoming = resp.into_body();
+                let mut first = None;
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.expect("frame");
+                    if frame
+                        .data_ref()
+                        .is_some_and(|d| d.windows(5).any(|w| w == b"data:"))
+                    {
+                        first.get_or_insert_with(|| t0.elapsed());
+                    }
+                }
+                (first.expect("an event"), t0.elapsed())
+            }));
+        }
+        for t in tasks {
+            let (f, all) = t.await.expect("task");
+            first.push(f);
+            total.push(all);
+        }
+    }
+    first.sort();
+    total.sort();
+    (
+        percentile(&first, 0.5),
+        percentile(&first, 0.99),
+        percentile(&total, 0.5),
+    )
+}
+
+/// Holds `n` idle streams open through Sluice and reports its RSS.
+async fn idle_streams(addr: SocketAddr, proxy: &Proc, n: usize) -> (usize, u64) {
+    let mut held = Vec::with_capacity(n);
+    let body = BODY.replacen('{', r#"{"stream":true,"#, 1);
+    for i in 0..n {
+        let Ok(stream) = TcpStream::connect(addr).await else {
+            break;
+        };
+        let Ok((mut send, conn)) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await
+        else {
+            break;
+        };
+        tokio::spawn(conn);
+        let req = Request::post(format!("http://{addr}/v1/chat/completions"))
+            .header("host", addr.to_string())
+            .header("authorization", format!("Bearer {KEY}"))
+            .header("x-sim-hang", "body")
+            .header("x-sim-keepalive", "1")
+            .header("cache-control", "no-store")
+            .header("x-request-id", format!("idle-{i}"))
+            .body(Full::new(Bytes::from(body.clone())))
+            .expect("request");
+        match send.send_request(req).await {
+            Ok(resp) => held.push((send, resp)),
+            Err(_) => break,
+        }
+    }
+    let opened = held.len();
+    let (_, rss) = proxy.rss_kib();
+    drop(held);
+    (opened, rss)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument "quick" shortens runs.
+    let quick = std::env::args().any(|a| a == "quick");
+    let dur = Duration::from_secs(if quick { 2 } else { 5 });
+    let idle_n: usize = std::env::var("SLUICE_BENCH_IDLE_STREAMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    // The load generator shares core 1 with the simulator.
+    let _ = Command::new("taskset")
+        .args(["-cp", "1", &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status();
+    let tmp = std::env::temp_dir().join(format!("sluice-load-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("tmp");
+
+    let (sim, _, mut out) = spawn(
+        "simulator",
+        "1",
+        &[
+            env!("CARGO_BIN_EXE_sluice"),
+            "simulate",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[("TOKIO_WORKER_THREADS", "1")],
+    );
+    let sim_url = wait_line(&mut out, "simulator listening on")
+        .rsplit(' ')
+        .next()
+        .expect("url")
+        .to_string();
+    drain(out);
+    let sim_addr: SocketAddr = sim_url.trim_start_matches("http://").parse().expect("addr");
+    let _ = &sim;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut rows: Vec<(String, Option<&Proc>, SocketAddr)> = Vec::new();
+    let (miss, miss_addr) = start_sluice(&sim_url, false, &tmp);
+    let (hit, hit_addr) = start_sluice(&sim_url, true, &tmp);
+    let nginx = start_nginx(sim_addr, &tmp);
+    rows.push(("direct".into(), None, sim_addr));
+    match &nginx {
+        Ok((p, addr)) => rows.push(("nginx".into(), Some(p), *addr)),
+        Err(reason) => println!("nginx row skipped: {reason}"),
+    }
+    rows.push(("sluice-miss".into(), Some(&miss), miss_addr));
+    rows.push(("sluice-hit".into(), Some(&hit), hit_addr));
+    // Warm the hit path's one entry.
+    rt.block_on(async {
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let r = client.request(request(hit_addr, &[])).await.expect("warm");
+        r.into_body().collect().await.expect("body");
+    });
+
+    println!("\n| target | req/s @64 conns | CPU µs/req (proxy) | core 0 / core 1 busy | p50 ms @500 rps | p99 ms @500 rps | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut results = Vec::new();
+    for (name, proc_, addr) in &rows {
+        let cpu0 = proc_.map(Proc::cpu_us);
+        let (done, busy) = core_busy(|| rt.block_on(throughput(*addr, 64, dur)));
+        let cpu = proc_
+            .zip(cpu0)
+            .map(|(p, c0)| (p.cpu_us() - c0) as f64 / done as f64);
+        let rps = done as f64 / dur.as_secs_f64();
+        let (p50, p99) = rt.block_on(fixed_rate(*addr, 500, dur));
+        let rss = proc_.map(|p| p.rss_kib().0 as f64 / 1024.0);
+        println!(
+            "| {name} | {rps:.0} | {} | {:.0}% / {:.0}% | {} | {} | {} |",
+            cpu.map_or("-".into(), |c| format!("{c:.1}")),
+            busy.first().unwrap_or(&0.0) * 100.0,
+            busy.get(1).unwrap_or(&0.0) * 100.0,
+            ms(p50),
+            ms(p99),
+            rss.map_or("-".into(), |r| format!("{r:.1}"))
+        );
+        results.push((name.clone(), rps, cpu, p50, p99));
+    }
+    let base = |n: &str| results.iter().find(|r| r.0 == n).cloned();
+    if let (Some(direct), Some(miss)) = (base("direct"), base("sluice-miss")) {
+        println!(
+            "\nsluice-miss: {:.2}× direct req/s; added p50 {} ms, added p99 {} ms",
+            miss.1 / direct.1,
+            ms(miss.3.saturating_sub(direct.3)),
+            ms(miss.4.saturating_sub(direct.4))
+        );
+        if let Some(ng) = base("nginx") {
+            println!(
+                "nginx: added p50 {} ms, p99 {} ms; sluice-miss/nginx: req/s {:.2}×, CPU/req {:.2}×",
+                ms(ng.3.saturating_sub(direct.3)),
+                ms(ng.4.saturating_sub(direct.4)),
+                miss.1 / ng.1,
+                miss.2.unwrap_or(0.0) / ng.2.unwrap_or(f64::NAN)
+            );
+        }
+        if let Some(hit) = base("sluice-hit") {
+            println!("sluice-hit: {:.2}× direct req/s", hit.1 / direct.1);
+        }
+    }
+
+    println!("\n| streams (32 concurrent, 20 chunks 5 ms apart) | first event p50 ms | first event p99 ms | whole stream p50 ms |");
+    println!("|---|---|---|---|");
+    let rounds = if quick { 5 } else { 20 };
+    let mut stream_rows = vec![("direct", sim_addr), ("sluice-stream", miss_addr)];
+    if let Ok((_, addr)) = &nginx {
+        stream_rows.insert(1, ("nginx", *addr));
+    }
+    for (name, addr) in stream_rows {
+        let (f50, f99, t50) = rt.block_on(streams(addr, rounds));
+        println!("| {name} | {} | {} | {} |", ms(f50), ms(f99), ms(t50));
+    }
+
+    if idle_n > 0 {
+        let (opened, rss) = rt.block_on(idle_streams(miss_addr, &miss, idle_n));
+        println!(
+            "\nidle streams held open through sluice: {opened} of {idle_n}, RSS {:.1} MiB",
+            rss as f64 / 1024.0
+        );
+    }
+    for p in [&miss, &hit] {
+        let (hwm, _) = p.rss_kib();
+        println!("{} peak RSS: {:.1} MiB", p.name, hwm as f64 / 1024.0);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
