@@ -437,7 +437,11 @@ fn stream_response(
                         .send(Ok(Bytes::from_static(b"data: {this is not json\n\n")))
                         .await;
                 }
-                if i > 0 && !delay.is_zero() {
+                // Like DeepSeek, the usage chunk and [DONE] follow the last
+                // content chunk at once; only content is paced.
+                let trailer = ev.starts_with(b"data: [DONE]")
+                    || ev.windows(12).any(|w| w == b"\"choices\":[]");
+                if i > 0 && !delay.is_zero() && !trailer {
                     tokio::time::sleep(delay).await;
                 }
                 if tx.send(Ok(ev)).await.is_err() {
