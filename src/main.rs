@@ -39,6 +39,14 @@ enum Command {
     HashKey { key: Option<String> },
     /// Try Sluice without an API key: a simulated upstream behind the gateway.
     Demo,
+    /// Exit 0 if the admin listener's /healthz answers 200 (for container
+    /// health checks in images without curl).
+    Healthcheck {
+        /// Admin address; default: `server.admin_listen` of the config
+        /// (an unspecified IP means 127.0.0.1).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
     /// Run only the simulated DeepSeek upstream (for tests and benchmarks).
     #[command(hide = true)]
     Simulate {
@@ -57,6 +65,7 @@ fn main() -> ExitCode {
         Some(Command::NewKey) => new_key(),
         Some(Command::HashKey { key }) => hash_key(key),
         Some(Command::CheckConfig) => check_config(&cli.config),
+        Some(Command::Healthcheck { admin }) => healthcheck(admin, &cli.config),
         Some(Command::Demo) => {
             init_logging();
             runtime().block_on(demo())
@@ -158,6 +167,45 @@ fn check_config(path: &Path) -> ExitCode {
             for problem in &e.0 {
                 eprintln!("  - {problem}");
             }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn healthcheck(admin: Option<SocketAddr>, path: &Path) -> ExitCode {
+    use std::io::Read;
+    let addr = match admin {
+        Some(a) => a,
+        None => match Config::load(path, env) {
+            Ok(c) => c.server.admin_listen,
+            Err(e) => {
+                eprintln!("sluice: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let addr = if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    let probe = || -> std::io::Result<bool> {
+        let timeout = std::time::Duration::from_secs(3);
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n\r\n")?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)?;
+        Ok(&head[9..12] == b"200")
+    };
+    match probe() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("sluice: {addr}/healthz did not answer 200");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("sluice: {addr}/healthz: {e}");
             ExitCode::FAILURE
         }
     }

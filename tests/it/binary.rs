@@ -224,6 +224,18 @@ async fn runs_logs_json_reloads_on_sighup_and_stops_on_sigterm() {
     );
     assert!(!line.contains("simulated answer"), "no completion in logs");
 
+    // The container health check probes the admin listener.
+    let admin = listening["admin"].as_str().expect("admin").to_string();
+    let out = sluice()
+        .args(["healthcheck", "--admin", &admin])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // An invalid file is refused and the running config stays.
     cfg.write("this is = not [valid");
     let pid = child.id().expect("pid").to_string();
