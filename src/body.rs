@@ -249,10 +249,8 @@ impl Drop for Record {
                 .with_label_values(&[tenant, model, self.cache])
                 .observe(ttft.as_secs_f64());
         }
-        if let Some(saved) = &self.saved {
-            m.tokens_saved
-                .with_label_values(&[tenant, model])
-                .inc_by(saved.total);
+        if let (Some(saved), Some(t)) = (&self.saved, &self.tenant) {
+            t.usage(model, m).saved.inc_by(saved.total);
         }
         if self.inflight {
             if let Some(t) = &self.tenant {

@@ -196,31 +196,20 @@ impl Metrics {
         }
     }
 
-    /// Records upstream usage: tokens by type and cost.
-    pub fn record_usage(
-        &self,
-        tenant: &str,
-        model: &str,
-        usage: &Usage,
-        price: Option<&crate::config::Pricing>,
-    ) {
-        for (kind, n) in [
-            ("prompt", usage.prompt),
-            ("completion", usage.completion),
-            ("prompt_cache_hit", usage.prompt_cache_hit),
-            ("prompt_cache_miss", usage.prompt_cache_miss),
-            ("reasoning", usage.reasoning),
-        ] {
-            self.tokens
-                .with_label_values(&[tenant, model, kind])
-                .inc_by(n);
-        }
-        if let Some(p) = price {
-            let usd = (usage.prompt_cache_hit as f64 * p.input_cache_hit
-                + usage.prompt_cache_miss as f64 * p.input_cache_miss
-                + usage.completion as f64 * p.output)
-                / 1e6;
-            self.cost.with_label_values(&[tenant, model]).inc_by(usd);
+    /// The usage handles of one (tenant, model), resolved once.
+    pub fn usage_handles(&self, tenant: &str, model: &str) -> UsageHandles {
+        let kinds = [
+            "prompt",
+            "completion",
+            "prompt_cache_hit",
+            "prompt_cache_miss",
+            "reasoning",
+        ];
+        UsageHandles {
+            tokens: kinds.map(|kind| self.tokens.with_label_values(&[tenant, model, kind])),
+            cost: self.cost.with_label_values(&[tenant, model]),
+            saved: self.tokens_saved.with_label_values(&[tenant, model]),
+            estimated: self.usage_estimated.with_label_values(&[tenant, model]),
         }
     }
 
@@ -232,6 +221,39 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .ok();
         out
+    }
+}
+
+/// Per (tenant, model) metric handles, so metering a request touches no
+/// label map: each tenant keeps these for every model label, made on first use.
+#[derive(Clone)]
+pub struct UsageHandles {
+    tokens: [prometheus::IntCounter; 5],
+    cost: prometheus::Counter,
+    pub saved: prometheus::IntCounter,
+    pub estimated: prometheus::IntCounter,
+}
+
+impl UsageHandles {
+    /// Records upstream usage: tokens by type, and cost from `price`.
+    pub fn record(&self, usage: &Usage, price: Option<&crate::config::Pricing>) {
+        let by_kind = [
+            usage.prompt,
+            usage.completion,
+            usage.prompt_cache_hit,
+            usage.prompt_cache_miss,
+            usage.reasoning,
+        ];
+        for (counter, n) in self.tokens.iter().zip(by_kind) {
+            counter.inc_by(n);
+        }
+        if let Some(p) = price {
+            let usd = (usage.prompt_cache_hit as f64 * p.input_cache_hit
+                + usage.prompt_cache_miss as f64 * p.input_cache_miss
+                + usage.completion as f64 * p.output)
+                / 1e6;
+            self.cost.inc_by(usd);
+        }
     }
 }
 
@@ -262,6 +284,11 @@ impl ModelLabels {
     pub fn label(&self, model: &str) -> Arc<str> {
         self.known.get(model).unwrap_or(&self.other).clone()
     }
+
+    /// Every label value this map can return.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.known.values().chain(std::iter::once(&self.other))
+    }
 }
 
 #[cfg(test)]
@@ -291,7 +318,7 @@ mod tests {
             prompt_cache_miss: 20,
             reasoning: 0,
         };
-        m.record_usage("t", "deepseek-chat", &u, Some(&p));
+        m.usage_handles("t", "deepseek-chat").record(&u, Some(&p));
         let cost = m.cost.with_label_values(&["t", "deepseek-chat"]).get();
         assert!((cost - (10.0 + 40.0 + 40.0) / 1e6).abs() < 1e-12);
         assert_eq!(

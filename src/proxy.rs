@@ -550,7 +550,10 @@ async fn follow(
         if api.stream && p.head == Some(Head::Stream) && !p.overflow {
             let tenant = record.tenant.as_ref().map_or("unknown", |t| &t.name);
             let model = record.model.as_deref().unwrap_or(crate::metrics::OTHER);
-            let saved = app.metrics.tokens_saved.with_label_values(&[tenant, model]);
+            let saved = match &record.tenant {
+                Some(t) => t.usage(model, &app.metrics).saved,
+                None => app.metrics.tokens_saved.with_label_values(&[tenant, model]),
+            };
             return Ok(stream_follower(saved, flight, p.events, api.include_usage));
         }
         if let Some(end) = p.end {

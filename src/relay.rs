@@ -479,15 +479,10 @@ impl Relay {
         };
         m.tenant.limits.debit_tokens(u.billable(), Instant::now());
         let snapshot = m.app.snapshot.load();
-        m.app
-            .metrics
-            .record_usage(&m.tenant.name, &m.model, &u, snapshot.price(&m.model));
+        let handles = m.tenant.usage(&m.model, &m.app.metrics);
+        handles.record(&u, snapshot.price(&m.model));
         if estimated {
-            m.app
-                .metrics
-                .usage_estimated
-                .with_label_values(&[&m.tenant.name, &m.model])
-                .inc();
+            handles.estimated.inc();
         }
         self.summary.usage = Some(u);
         self.summary.estimated = estimated;

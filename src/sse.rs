@@ -215,14 +215,33 @@ impl Usage {
     }
 }
 
-/// Reads the usage out of a whole non-streaming response body.
+/// Reads the usage out of a whole non-streaming response body. DeepSeek
+/// writes `usage` last, so the object after the last unescaped `"usage":`
+/// key is parsed on its own, without walking the (possibly long) choices;
+/// anything unexpected falls back to parsing the whole body.
 pub fn usage_of_completion(body: &[u8]) -> Option<Usage> {
     #[derive(Deserialize)]
     struct WithUsage {
         usage: Option<RawUsage>,
     }
-    let parsed: WithUsage = serde_json::from_slice(trim_leading_ws(body)).ok()?;
-    parsed.usage.map(Usage::from_raw)
+    const KEY: &[u8] = b"\"usage\"";
+    let tail = body
+        .windows(KEY.len())
+        .rposition(|w| w == KEY)
+        .filter(|&at| at == 0 || body[at - 1] != b'\\')
+        .and_then(|at| {
+            let rest = trim_leading_ws(&body[at + KEY.len()..]);
+            let rest = trim_leading_ws(rest.strip_prefix(b":")?);
+            let mut stream = serde_json::Deserializer::from_slice(rest).into_iter::<RawUsage>();
+            stream.next()?.ok()
+        });
+    match tail {
+        Some(raw) => Some(Usage::from_raw(raw)),
+        None => {
+            let parsed: WithUsage = serde_json::from_slice(trim_leading_ws(body)).ok()?;
+            parsed.usage.map(Usage::from_raw)
+        }
+    }
 }
 
 /// DeepSeek may send blank lines before a non-streaming JSON body.
@@ -673,6 +692,16 @@ mod tests {
         let mut all = r.chunks.to_vec();
         all.extend_from_slice(&r.usage_chunk.expect("usage"));
         frame_all(&[&all])
+    }
+
+    #[test]
+    fn usage_is_found_past_content_that_mentions_it() {
+        let body = br#"{"choices":[{"message":{"content":"say \"usage\": {\"prompt_tokens\": 999}"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+        let u = usage_of_completion(body).expect("usage");
+        assert_eq!((u.prompt, u.completion, u.total), (3, 4, 7));
+        assert_eq!(usage_of_completion(br#"{"choices":[],"usage":null}"#), None);
+        assert_eq!(usage_of_completion(br#"{"choices":[]}"#), None);
+        assert_eq!(usage_of_completion(b"<html>"), None);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderValue};
@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::cache::{Flights, Store};
 use crate::config::{CacheScope, Config, Pricing, Secret};
 use crate::limit::TenantLimits;
-use crate::metrics::{Metrics, ModelLabels};
+use crate::metrics::{Metrics, ModelLabels, UsageHandles};
 use crate::routes::Endpoint;
 use crate::upstream::Upstream;
 
@@ -29,11 +29,23 @@ pub struct Tenant {
     pub cache: bool,
     pub limits: Arc<TenantLimits>,
     pub inflight: IntGauge,
+    /// Usage metric handles per model label, resolved on first use.
+    usage: HashMap<Arc<str>, OnceLock<UsageHandles>>,
 }
 
 impl Tenant {
     pub fn allows(&self, model: &str) -> bool {
         self.models.is_empty() || self.models.iter().any(|m| m == model)
+    }
+
+    /// The usage handles for a model label (one `ModelLabels` returned).
+    pub fn usage(&self, model: &str, metrics: &Metrics) -> UsageHandles {
+        match self.usage.get(model) {
+            Some(cell) => cell
+                .get_or_init(|| metrics.usage_handles(&self.name, model))
+                .clone(),
+            None => metrics.usage_handles(&self.name, model),
+        }
     }
 }
 
@@ -58,6 +70,7 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         metrics: &Metrics,
     ) -> Snapshot {
+        let models = ModelLabels::new(config.known_models());
         let mut by_key = HashMap::new();
         let mut by_name = HashMap::new();
         for t in &config.tenants {
@@ -72,6 +85,10 @@ impl Snapshot {
                 cache: t.cache,
                 limits,
                 inflight: metrics.inflight.with_label_values(&[&t.name]),
+                usage: models
+                    .all()
+                    .map(|m| (Arc::clone(m), OnceLock::new()))
+                    .collect(),
             });
             for hash in &t.key_sha256 {
                 by_key.insert(*hash, Arc::clone(&tenant));
@@ -103,7 +120,7 @@ impl Snapshot {
         .collect();
         Snapshot {
             uris,
-            models: ModelLabels::new(config.known_models()),
+            models,
             config,
             by_key,
             by_name,
