@@ -67,15 +67,15 @@ fn main() -> ExitCode {
         Some(Command::CheckConfig) => check_config(&cli.config),
         Some(Command::Healthcheck { admin }) => healthcheck(admin, &cli.config),
         Some(Command::Demo) => {
-            init_logging();
+            let _logs = init_logging();
             runtime().block_on(demo())
         }
         Some(Command::Simulate { listen }) => {
-            init_logging();
+            let _logs = init_logging();
             runtime().block_on(simulate(listen))
         }
         None => {
-            init_logging();
+            let _logs = init_logging();
             runtime().block_on(run(cli.config))
         }
     }
@@ -94,12 +94,17 @@ fn runtime() -> tokio::runtime::Runtime {
     }
 }
 
-fn init_logging() {
+/// Logs go to stderr through a background writer thread, so a slow log
+/// consumer never blocks the runtime. Under sustained overload the writer's
+/// queue (128k lines) drops lines rather than stall requests. The guard
+/// flushes what is queued when `main` returns.
+fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if env("SLUICE_LOG_FORMAT").as_deref() == Some("json") {
         builder
             .json()
@@ -107,8 +112,9 @@ fn init_logging() {
             .with_current_span(false)
             .init();
     } else {
-        builder.init();
+        builder.with_ansi(false).init();
     }
+    guard
 }
 
 fn out(text: &str) {
