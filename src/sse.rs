@@ -278,6 +278,8 @@ struct ChoiceAcc {
     text: String,
     tool_calls: BTreeMap<u64, ToolAcc>,
     finish_reason: Option<Value>,
+    /// `logprobs.content` entries, concatenated across chunks.
+    logprobs: Option<Vec<Value>>,
 }
 
 /// One parsed chunk: what the relay needs to know about an event.
@@ -383,6 +385,12 @@ impl Assembler {
             if let Some(fr) = choice.get_mut("finish_reason").filter(|f| !f.is_null()) {
                 acc.finish_reason = Some(fr.take());
             }
+            if let Some(Value::Array(items)) = choice
+                .get_mut("logprobs")
+                .and_then(|l| l.get_mut("content"))
+            {
+                acc.logprobs.get_or_insert_with(Vec::new).append(items);
+            }
             if let Some(Value::String(t)) = choice.get("text") {
                 self.content_bytes += t.len();
                 acc.text.push_str(t);
@@ -442,9 +450,10 @@ impl Assembler {
             .into_iter()
             .map(|(index, c)| {
                 let finish = c.finish_reason.unwrap_or(Value::Null);
+                let logprobs = c.logprobs.map_or(Value::Null, |items| json!({"content": items}));
                 match self.shape {
                     Shape::Text => json!({
-                        "index": index, "text": c.text, "logprobs": null, "finish_reason": finish,
+                        "index": index, "text": c.text, "logprobs": logprobs, "finish_reason": finish,
                     }),
                     Shape::Chat => {
                         let mut message = Map::new();
@@ -468,7 +477,7 @@ impl Assembler {
                             message.insert("tool_calls".into(), Value::from(calls));
                         }
                         json!({
-                            "index": index, "message": message, "logprobs": null, "finish_reason": finish,
+                            "index": index, "message": message, "logprobs": logprobs, "finish_reason": finish,
                         })
                     }
                 }
@@ -527,12 +536,13 @@ pub fn replay(completion: &Value) -> Option<Replay> {
     for choice in obj.get("choices")?.as_array()? {
         let index = choice.get("index").cloned().unwrap_or(Value::from(0));
         let finish = choice.get("finish_reason").cloned().unwrap_or(Value::Null);
+        let logprobs = choice.get("logprobs").cloned().unwrap_or(Value::Null);
         match shape {
             Shape::Text => {
                 let text = choice.get("text").cloned().unwrap_or(Value::from(""));
                 event(
                     vec![
-                        json!({"index": index, "text": text, "logprobs": null, "finish_reason": null}),
+                        json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": null}),
                     ],
                     None,
                     &mut out,
@@ -576,7 +586,7 @@ pub fn replay(completion: &Value) -> Option<Replay> {
                 }
                 event(
                     vec![
-                        json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": null}),
+                        json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": null}),
                     ],
                     None,
                     &mut out,
@@ -709,7 +719,7 @@ mod tests {
         let completion = json!({
             "id": "x", "object": "chat.completion", "created": 1, "model": "deepseek-reasoner",
             "system_fingerprint": "fp",
-            "choices": [{"index": 0, "logprobs": null, "finish_reason": "tool_calls", "message": {
+            "choices": [{"index": 0, "logprobs": {"content": [{"token": "hi", "logprob": -0.1, "top_logprobs": []}]}, "finish_reason": "tool_calls", "message": {
                 "role": "assistant", "content": "hi", "reasoning_content": "think",
                 "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]
             }}],
