@@ -42,7 +42,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     let mut record = Box::new(Record::new(Arc::clone(&app), request_id.clone(), start));
     let snap = app.snapshot.load_full();
     let mut standings = Standings::default();
-    let mut resp = match serve(&app, &snap, req, &mut record, &mut standings).await {
+    // Boxed: hyper keeps the slot of a connection's in-flight service future
+    // for the connection's lifetime, so an unboxed request path (a few KiB)
+    // would stay allocated for every open stream.
+    let mut resp = match Box::pin(serve(&app, &snap, req, &mut record, &mut standings)).await {
         Ok(resp) => resp,
         Err(e) => refuse(&app, &mut record, e),
     };
@@ -724,7 +727,13 @@ pub fn request_id(h: &HeaderMap) -> HeaderValue {
             && b.iter()
                 .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
         {
-            return v.clone();
+            // A copy, not `v.clone()`: the client's header value is a slice
+            // of the connection's read buffer, and this id lives as long as
+            // the response; holding the slice would pin that buffer for the
+            // whole stream.
+            if let Ok(owned) = HeaderValue::from_bytes(b) {
+                return owned;
+            }
         }
     }
     let id: u128 = rand::random();
