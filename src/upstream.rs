@@ -1,5 +1,5 @@
-//! The only outbound code: a pooled hyper-util client (HTTP/1.1 and, over
-//! TLS, HTTP/2 by ALPN; rustls with the webpki roots), Sluice's own cap on
+//! The only outbound code: a pooled hyper-util client (HTTP/1.1, a
+//! connection per in-flight request; rustls with the webpki roots), Sluice's own cap on
 //! in-flight upstream requests, and the retry loop of SPEC §3 (connect
 //! errors, connections broken before headers, 429/500/502/503; backoff with
 //! jitter; `retry-after` honoured up to 60 s; never once a byte went out).
@@ -51,8 +51,10 @@ impl Upstream {
             .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
             .map_err(std::io::Error::other)?
             .https_or_http()
+            // HTTP/1.1 only: over HTTP/2 the client shares one connection per
+            // host and queues streams beyond the server's concurrency limit,
+            // so one team's long streams could hold up everyone's first byte.
             .enable_http1()
-            .enable_http2()
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
