@@ -201,7 +201,15 @@ impl Relay {
                     self.on_eof();
                     continue;
                 }
-                Poll::Pending => {}
+                Poll::Pending => {
+                    // `[DONE]` is the end of a stream even if upstream keeps
+                    // the body open; had it ended, the poll above would have
+                    // said so and the connection would go back to the pool.
+                    if matches!(self.mode, Mode::Sse { done: true, .. }) {
+                        self.on_eof();
+                        continue;
+                    }
+                }
             }
             if self.timer.as_mut().poll(cx).is_ready() {
                 tracing::warn!("upstream went quiet past its timeout");

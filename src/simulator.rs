@@ -22,6 +22,7 @@
 //! | `x-sim-die-after: N` | the connection dies after N events (stream) or N bytes |
 //! | `x-sim-hang: headers\|body` | never answer / never send the body |
 //! | `x-sim-garbage: 1` | a non-JSON event mid-stream, or a non-JSON 200 body |
+//! | `x-sim-linger: 1` | the stream stays open after `data: [DONE]` |
 //!
 //! `GET /sim/stats` reports the number of completion calls as JSON.
 
@@ -212,6 +213,7 @@ struct Faults {
     die_after: Option<usize>,
     hang: Option<String>,
     garbage: bool,
+    linger: bool,
 }
 
 impl Faults {
@@ -240,6 +242,7 @@ impl Faults {
             die_after: n("x-sim-die-after").map(|d| d as usize),
             hang: s("x-sim-hang"),
             garbage: s("x-sim-garbage").is_some(),
+            linger: s("x-sim-linger").is_some(),
         }
     }
 }
@@ -392,6 +395,7 @@ fn stream_response(
         && faults.die_after.is_none()
         && faults.hang.is_none()
         && !faults.garbage
+        && !faults.linger
         && keepalives == 0;
     let mut r = if instant {
         // Fast path for benchmarks: the whole stream in one write.
@@ -407,6 +411,7 @@ fn stream_response(
         let die_after = faults.die_after;
         let hang = faults.hang.is_some();
         let garbage = faults.garbage;
+        let linger = faults.linger;
         let stats = Arc::clone(stats);
         let aborted = move || {
             stats.aborted.fetch_add(1, Ordering::SeqCst);
@@ -448,6 +453,10 @@ fn stream_response(
                     aborted();
                     return;
                 }
+            }
+            if linger {
+                // Keep the body open until the reader goes away.
+                tx.closed().await;
             }
         });
         respond(StatusCode::OK, "text/event-stream", SimBody::Chan(rx))

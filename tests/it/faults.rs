@@ -213,6 +213,18 @@ async fn stream_dying_mid_way_ends_with_the_error_event_and_is_not_cached() {
 }
 
 #[tokio::test]
+async fn a_stream_ends_at_done_even_if_upstream_lingers() {
+    let gw = TestGateway::start("").await;
+    let url = gw.url("/v1/chat/completions");
+    let r = call(&url, ALPHA, &chat_stream("linger"), &[("x-sim-linger", "1")]).await;
+    assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
+    assert!(!r.text().contains("upstream_stream_interrupted"));
+    // Complete, so metered from its usage and stored.
+    assert_eq!(gw.metric("sluice_usage_estimated_total", &[]).await, 0.0);
+    assert_eq!(call(&url, ALPHA, &chat("linger"), &[]).await.header("x-sluice-cache"), "hit");
+}
+
+#[tokio::test]
 async fn garbage_in_a_stream_ends_it() {
     let gw = TestGateway::start("").await;
     let r = call(
