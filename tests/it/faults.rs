@@ -216,12 +216,23 @@ async fn stream_dying_mid_way_ends_with_the_error_event_and_is_not_cached() {
 async fn a_stream_ends_at_done_even_if_upstream_lingers() {
     let gw = TestGateway::start("").await;
     let url = gw.url("/v1/chat/completions");
-    let r = call(&url, ALPHA, &chat_stream("linger"), &[("x-sim-linger", "1")]).await;
+    let r = call(
+        &url,
+        ALPHA,
+        &chat_stream("linger"),
+        &[("x-sim-linger", "1")],
+    )
+    .await;
     assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
     assert!(!r.text().contains("upstream_stream_interrupted"));
     // Complete, so metered from its usage and stored.
     assert_eq!(gw.metric("sluice_usage_estimated_total", &[]).await, 0.0);
-    assert_eq!(call(&url, ALPHA, &chat("linger"), &[]).await.header("x-sluice-cache"), "hit");
+    assert_eq!(
+        call(&url, ALPHA, &chat("linger"), &[])
+            .await
+            .header("x-sluice-cache"),
+        "hit"
+    );
 }
 
 #[tokio::test]
@@ -353,4 +364,38 @@ async fn upstream_max_concurrent_queues_fifo() {
         "one at a time: {:?}",
         start.elapsed()
     );
+}
+
+#[tokio::test]
+async fn a_client_that_gives_up_before_headers_frees_its_slot() {
+    let gw = TestGateway::start("").await;
+    let url = gw.url("/v1/chat/completions");
+    let body = chat("slow");
+    let waiting = tokio::spawn({
+        let url = url.clone();
+        async move { call(&url, ALPHA, &body, &[("x-sim-latency-ms", "8000")]).await }
+    });
+    while gw.sim.calls() == 0 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        gw.metric("sluice_inflight_requests", &[("tenant", "alpha")])
+            .await,
+        1.0
+    );
+    waiting.abort();
+    // The client's connection closed: the request is dropped long before
+    // upstream's 8 s answer.
+    let start = Instant::now();
+    while gw
+        .metric("sluice_inflight_requests", &[("tenant", "alpha")])
+        .await
+        != 0.0
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "request still in flight"
+        );
+        tokio::task::yield_now().await;
+    }
 }
