@@ -204,11 +204,15 @@ async fn ten_identical_requests_in_flight_make_one_upstream_call() {
     let leader = leader.await.expect("leader");
     assert_eq!(leader.header("x-sluice-cache"), "miss");
     let expected = assemble(&leader.events());
+    let mut coalesced = 0.0;
     for f in followers {
         let (stream, r) = f.await.expect("follower");
         assert_eq!(r.status, 200);
         let cache = r.header("x-sluice-cache").to_string();
         assert!(cache == "coalesced" || cache == "hit", "{cache}");
+        if cache == "coalesced" {
+            coalesced += 1.0;
+        }
         if stream {
             assert_eq!(assemble(&r.events()), expected);
             assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
@@ -217,11 +221,13 @@ async fn ten_identical_requests_in_flight_make_one_upstream_call() {
         }
     }
     assert_eq!(gw.sim.calls(), 1);
-    assert!(
-        gw.metric("sluice_requests_total", &[("cache", "coalesced")])
-            .await
-            >= 1.0
-    );
+    assert!(coalesced >= 1.0, "followers attached to the leader");
+    gw.wait_metric(
+        "sluice_requests_total",
+        &[("cache", "coalesced")],
+        coalesced,
+    )
+    .await;
 }
 
 #[tokio::test]

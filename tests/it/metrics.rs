@@ -43,48 +43,40 @@ async fn tokens_cost_and_requests_after_known_traffic() {
         .await;
     let expected = (12.0 * 0.1 + 38.0 * 1.0 + 30.0 * 2.0) / 1e6;
     assert!((cost - expected).abs() < 1e-12, "{cost} vs {expected}");
-    assert_eq!(
-        gw.metric(
-            "sluice_requests_total",
-            &[
-                ("tenant", "alpha"),
-                ("model", "deepseek-chat"),
-                ("endpoint", "chat"),
-                ("status", "200"),
-                ("cache", "miss")
-            ]
-        )
-        .await,
-        1.0
-    );
+    gw.wait_metric(
+        "sluice_requests_total",
+        &[
+            ("tenant", "alpha"),
+            ("model", "deepseek-chat"),
+            ("endpoint", "chat"),
+            ("status", "200"),
+            ("cache", "miss"),
+        ],
+        1.0,
+    )
+    .await;
     // A hit spends nothing and counts what it saved.
     let r = call(&url, ALPHA, &chat("metered"), &[]).await;
     assert_eq!(r.header("x-sluice-cache"), "hit");
     assert_eq!(m("prompt").await, 50.0);
-    assert_eq!(
-        gw.metric(
-            "sluice_cache_tokens_saved_total",
-            &[("tenant", "alpha"), ("model", "deepseek-chat")]
-        )
-        .await,
-        80.0
-    );
-    assert_eq!(
-        gw.metric(
-            "sluice_time_to_first_token_seconds_count",
-            &[("tenant", "alpha"), ("cache", "hit")]
-        )
-        .await,
-        1.0
-    );
-    assert_eq!(
-        gw.metric(
-            "sluice_request_duration_seconds_count",
-            &[("tenant", "alpha"), ("stream", "true")]
-        )
-        .await,
-        1.0
-    );
+    gw.wait_metric(
+        "sluice_cache_tokens_saved_total",
+        &[("tenant", "alpha"), ("model", "deepseek-chat")],
+        80.0,
+    )
+    .await;
+    gw.wait_metric(
+        "sluice_time_to_first_token_seconds_count",
+        &[("tenant", "alpha"), ("cache", "hit")],
+        1.0,
+    )
+    .await;
+    gw.wait_metric(
+        "sluice_request_duration_seconds_count",
+        &[("tenant", "alpha"), ("stream", "true")],
+        1.0,
+    )
+    .await;
     assert_eq!(
         gw.metric("sluice_upstream_duration_seconds_count", &[])
             .await,
@@ -112,23 +104,19 @@ async fn refusals_auth_failures_and_inflight() {
     call(&url, "sk-nobody", &chat("x"), &[]).await;
     call(&url, "", &chat("x"), &[]).await;
     assert_eq!(gw.metric("sluice_auth_failures_total", &[]).await, 2.0);
-    assert_eq!(
-        gw.metric(
-            "sluice_requests_total",
-            &[("tenant", "unknown"), ("status", "401")]
-        )
-        .await,
-        2.0
-    );
+    gw.wait_metric(
+        "sluice_requests_total",
+        &[("tenant", "unknown"), ("status", "401")],
+        2.0,
+    )
+    .await;
     call(&gw.url("/nope"), ALPHA, &chat("x"), &[]).await;
-    assert_eq!(
-        gw.metric(
-            "sluice_requests_total",
-            &[("endpoint", "other"), ("status", "404")]
-        )
-        .await,
-        1.0
-    );
+    gw.wait_metric(
+        "sluice_requests_total",
+        &[("endpoint", "other"), ("status", "404")],
+        1.0,
+    )
+    .await;
     let open = call_open(
         &url,
         ALPHA,
@@ -142,15 +130,8 @@ async fn refusals_auth_failures_and_inflight() {
         1.0
     );
     let _ = http_body_util::BodyExt::collect(open.into_body()).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while gw
-        .metric("sluice_inflight_requests", &[("tenant", "alpha")])
-        .await
-        != 0.0
-    {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::task::yield_now().await;
-    }
+    gw.wait_metric("sluice_inflight_requests", &[("tenant", "alpha")], 0.0)
+        .await;
 }
 
 #[tokio::test]
@@ -162,6 +143,12 @@ async fn model_labels_stay_bounded_whatever_clients_send() {
         let r = call(&url, ALPHA, &body, &[]).await;
         assert_eq!(r.status, 200);
     }
+    gw.wait_metric(
+        "sluice_requests_total",
+        &[("model", "other"), ("status", "200")],
+        40.0,
+    )
+    .await;
     let text = gw.metrics_text().await;
     assert!(
         !text.contains("random-model"),
@@ -207,16 +194,6 @@ async fn balance_is_polled_from_upstream() {
     let gw =
         TestGateway::start_with(|c| c.replace("balance_poll_secs = 0", "balance_poll_secs = 1"))
             .await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        if gw
-            .metric("sluice_upstream_balance", &[("currency", "CNY")])
-            .await
-            == 110.0
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "balance never polled");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    gw.wait_metric("sluice_upstream_balance", &[("currency", "CNY")], 110.0)
+        .await;
 }

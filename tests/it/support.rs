@@ -140,6 +140,23 @@ impl TestGateway {
         metric_value(&text, name, labels).unwrap_or(0.0)
     }
 
+    /// Waits (up to 10 s) until a sample reads `want`. Metrics move when a
+    /// response body is dropped, just after the client saw its end.
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.metric(name, labels).await;
+            if v == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}{labels:?} stayed at {v}, want {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub async fn metrics_text(&self) -> String {
         let r = send(
             Request::get(format!("http://{}/metrics", self.admin))
