@@ -35,12 +35,6 @@ enum Kind {
 }
 
 impl Body {
-    pub fn empty() -> Body {
-        Body {
-            kind: Kind::Empty,
-            record: None,
-        }
-    }
     pub fn full(b: impl Into<Bytes>) -> Body {
         Body {
             kind: Kind::Full(Some(b.into())),
