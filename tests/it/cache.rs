@@ -352,3 +352,39 @@ async fn max_bytes_holds_under_a_flood_of_large_answers() {
     assert!(bytes <= 300_000.0 && bytes > 0.0, "{bytes}");
     assert!((1.0..60.0).contains(&entries), "{entries}");
 }
+
+#[tokio::test]
+async fn entries_expire_after_the_ttl() {
+    let gw = TestGateway::start("[cache]\nttl_secs = 1\n").await;
+    let url = gw.url("/v1/chat/completions");
+    call(&url, ALPHA, &chat("short-lived"), &[]).await;
+    let r = call(&url, ALPHA, &chat("short-lived"), &[]).await;
+    assert_eq!(r.header("x-sluice-cache"), "hit");
+    // Wall-clock expiry: wait out the configured TTL.
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    let r = call(&url, ALPHA, &chat("short-lived"), &[]).await;
+    assert_eq!(r.header("x-sluice-cache"), "miss");
+    assert_eq!(gw.sim.calls(), 2);
+}
+
+#[tokio::test]
+async fn no_store_and_no_cache_never_coalesce() {
+    let gw = TestGateway::start("").await;
+    let url = gw.url("/v1/chat/completions");
+    let leader = tokio::spawn({
+        let url = url.clone();
+        async move { call(&url, ALPHA, &chat("alone"), &[("x-sim-latency-ms", "300")]).await }
+    });
+    while gw.sim.calls() == 0 {
+        tokio::task::yield_now().await;
+    }
+    for cc in ["no-store", "no-cache"] {
+        let r = call(&url, ALPHA, &chat("alone"), &[("cache-control", cc)]).await;
+        assert_ne!(r.header("x-sluice-cache"), "coalesced", "{cc}");
+    }
+    assert_eq!(
+        leader.await.expect("leader").header("x-sluice-cache"),
+        "miss"
+    );
+    assert_eq!(gw.sim.calls(), 3, "each went upstream itself");
+}
