@@ -428,6 +428,28 @@ async fn streams(addr: SocketAddr, rounds: usize) -> (Duration, Duration, Durati
     )
 }
 
+/// One stream at a time, `n` times: the first-event latency a single
+/// client sees, without 32 streams competing for the load generator.
+async fn lone_streams(addr: SocketAddr, n: usize) -> (Duration, Duration) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut first = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let resp = client.request(stream_request(addr)).await.expect("response");
+        let mut body: Incoming = resp.into_body();
+        let mut seen = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.expect("frame");
+            if frame.data_ref().is_some_and(|d| d.windows(5).any(|w| w == b"data:")) {
+                seen.get_or_insert_with(|| t0.elapsed());
+            }
+        }
+        first.push(seen.expect("an event"));
+    }
+    first.sort();
+    (percentile(&first, 0.5), percentile(&first, 0.99))
+}
+
 /// Holds `n` idle streams open through Sluice and reports its RSS.
 async fn idle_streams(addr: SocketAddr, proxy: &Proc, n: usize) -> (usize, u64) {
     let mut held = Vec::with_capacity(n);
@@ -569,8 +591,8 @@ fn main() {
         }
     }
 
-    println!("\n| streams (32 concurrent, 20 chunks 5 ms apart) | first event p50 ms | first event p99 ms | whole stream p50 ms |");
-    println!("|---|---|---|---|");
+    println!("\n| streams (32 concurrent, 20 chunks 5 ms apart) | first event p50 ms | first event p99 ms | whole stream p50 ms | one stream at a time: first event p50 ms | p99 ms |");
+    println!("|---|---|---|---|---|---|");
     let rounds = if quick { 5 } else { 20 };
     let mut stream_rows = vec![("direct", sim_addr), ("sluice-stream", miss_addr)];
     if let Ok((_, addr)) = &nginx {
@@ -578,7 +600,8 @@ fn main() {
     }
     for (name, addr) in stream_rows {
         let (f50, f99, t50) = rt.block_on(streams(addr, rounds));
-        println!("| {name} | {} | {} | {} |", ms(f50), ms(f99), ms(t50));
+        let (l50, l99) = rt.block_on(lone_streams(addr, rounds * 10));
+        println!("| {name} | {} | {} | {} | {} | {} |", ms(f50), ms(f99), ms(t50), ms(l50), ms(l99));
     }
 
     if idle_n > 0 {
