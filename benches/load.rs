@@ -435,12 +435,18 @@ async fn lone_streams(addr: SocketAddr, n: usize) -> (Duration, Duration) {
     let mut first = Vec::with_capacity(n);
     for _ in 0..n {
         let t0 = Instant::now();
-        let resp = client.request(stream_request(addr)).await.expect("response");
+        let resp = client
+            .request(stream_request(addr))
+            .await
+            .expect("response");
         let mut body: Incoming = resp.into_body();
         let mut seen = None;
         while let Some(frame) = body.frame().await {
             let frame = frame.expect("frame");
-            if frame.data_ref().is_some_and(|d| d.windows(5).any(|w| w == b"data:")) {
+            if frame
+                .data_ref()
+                .is_some_and(|d| d.windows(5).any(|w| w == b"data:"))
+            {
                 seen.get_or_insert_with(|| t0.elapsed());
             }
         }
@@ -601,7 +607,14 @@ fn main() {
     for (name, addr) in stream_rows {
         let (f50, f99, t50) = rt.block_on(streams(addr, rounds));
         let (l50, l99) = rt.block_on(lone_streams(addr, rounds * 10));
-        println!("| {name} | {} | {} | {} | {} | {} |", ms(f50), ms(f99), ms(t50), ms(l50), ms(l99));
+        println!(
+            "| {name} | {} | {} | {} | {} | {} |",
+            ms(f50),
+            ms(f99),
+            ms(t50),
+            ms(l50),
+            ms(l99)
+        );
     }
 
     if idle_n > 0 {

@@ -96,10 +96,12 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Logs go to stderr through a background writer thread, so a slow log
 /// consumer never blocks the runtime. Under sustained overload the writer's
-/// queue (128k lines) drops lines rather than stall requests. The guard
-/// flushes what is queued when `main` returns.
+/// queue (16k lines; its slots are allocated up front) drops lines rather
+/// than stall requests. The guard flushes what is queued when `main` returns.
 fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(16 * 1024)
+        .finish(std::io::stderr());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
