@@ -54,8 +54,9 @@ enum Mode {
     Raw {
         status: StatusCode,
         content_type: Option<HeaderValue>,
-        collected: Vec<Bytes>,
-        collected_len: usize,
+        /// A copy, not slices: slices would pin each upstream read buffer
+        /// until the body ends.
+        collected: BytesMut,
         overflow: bool,
         /// Upstream's content-length: hyper stops polling a body once that
         /// much went out, so the relay ends itself there.
@@ -120,6 +121,9 @@ impl Relay {
             }
         });
         let assembling = sink.store.is_some() || sink.leader.is_some();
+        // Copied out of the upstream connection's read buffer, like the body.
+        let content_type =
+            content_type.map(|ct| HeaderValue::from_bytes(ct.as_bytes()).unwrap_or(ct));
         let (mode, deadline) = match stream {
             Some(opts) => {
                 if let Some(l) = &sink.leader {
@@ -145,8 +149,7 @@ impl Relay {
                     Mode::Raw {
                         status,
                         content_type,
-                        collected: Vec::new(),
-                        collected_len: 0,
+                        collected: BytesMut::new(),
                         overflow: false,
                         length: upstream.size_hint().exact(),
                     },
@@ -240,18 +243,16 @@ impl Relay {
             self.touch();
             if let Mode::Raw {
                 collected,
-                collected_len,
                 overflow,
                 ..
             } = &mut self.mode
             {
                 if !*overflow {
-                    *collected_len += data.len();
-                    if *collected_len > FLIGHT_LOG_MAX {
+                    if collected.len() + data.len() > FLIGHT_LOG_MAX {
                         *overflow = true;
-                        *collected = Vec::new();
+                        *collected = BytesMut::new();
                     } else {
-                        collected.push(data.clone());
+                        collected.extend_from_slice(&data);
                     }
                 }
             }
@@ -340,7 +341,13 @@ impl Relay {
 
     fn publish(&mut self, ev: &Bytes, usage_only: bool) {
         if let Some(leader) = &self.sink.leader {
-            if !leader.flight.push_event(ev.clone(), usage_only) {
+            // A copy: the event is a slice of the upstream connection's read
+            // buffer, and the log lives as long as the flight; holding slices
+            // would pin one 8 KiB buffer per read.
+            if !leader
+                .flight
+                .push_event(Bytes::copy_from_slice(ev), usage_only)
+            {
                 // Too long to keep for followers: stop taking new ones.
                 leader.close();
             }
@@ -382,7 +389,7 @@ impl Relay {
                 let body = if *overflow {
                     None
                 } else {
-                    Some(concat(std::mem::take(collected)))
+                    Some(collected.split().freeze())
                 };
                 if status == StatusCode::OK {
                     // Parse once: into an entry when the cache or followers
@@ -535,19 +542,5 @@ impl Relay {
             self.charge(usage);
         }
         self.summary
-    }
-}
-
-fn concat(chunks: Vec<Bytes>) -> Bytes {
-    match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.into_iter().next().unwrap_or_default(),
-        _ => {
-            let mut buf = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
-            for c in chunks {
-                buf.extend_from_slice(&c);
-            }
-            buf.freeze()
-        }
     }
 }
