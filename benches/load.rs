@@ -381,6 +381,29 @@ async fn fixed_rate(addr: SocketAddr, rate: u64, dur: Duration) -> (Duration, Du
     (percentile(&lat, 0.5), percentile(&lat, 0.99))
 }
 
+type StreamClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// Reads one stream to its end: (time to the first data event, total time).
+async fn one_stream(client: &StreamClient, addr: SocketAddr) -> (Duration, Duration) {
+    let t0 = Instant::now();
+    let resp = client
+        .request(stream_request(addr))
+        .await
+        .expect("response");
+    let mut body: Incoming = resp.into_body();
+    let mut first = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("frame");
+        if frame
+            .data_ref()
+            .is_some_and(|d| d.windows(5).any(|w| w == b"data:"))
+        {
+            first.get_or_insert_with(|| t0.elapsed());
+        }
+    }
+    (first.expect("an event"), t0.elapsed())
+}
+
 /// `rounds` × 32 concurrent streams of 20 chunks 5 ms apart: first-event
 /// latency and total stream time.
 async fn streams(addr: SocketAddr, rounds: usize) -> (Duration, Duration, Duration) {
@@ -393,25 +416,7 @@ async fn streams(addr: SocketAddr, rounds: usize) -> (Duration, Duration, Durati
         let mut tasks = Vec::new();
         for _ in 0..32 {
             let client = client.clone();
-            tasks.push(tokio::spawn(async move {
-                let t0 = Instant::now();
-                let resp = client
-                    .request(stream_request(addr))
-                    .await
-                    .expect("response");
-                let mut body: Incoming = resp.into_body();
-                let mut first = None;
-                while let Some(frame) = body.frame().await {
-                    let frame = frame.expect("frame");
-                    if frame
-                        .data_ref()
-                        .is_some_and(|d| d.windows(5).any(|w| w == b"data:"))
-                    {
-                        first.get_or_insert_with(|| t0.elapsed());
-                    }
-                }
-                (first.expect("an event"), t0.elapsed())
-            }));
+            tasks.push(tokio::spawn(async move { one_stream(&client, addr).await }));
         }
         for t in tasks {
             let (f, all) = t.await.expect("task");
@@ -431,26 +436,10 @@ async fn streams(addr: SocketAddr, rounds: usize) -> (Duration, Duration, Durati
 /// One stream at a time, `n` times: the first-event latency a single
 /// client sees, without 32 streams competing for the load generator.
 async fn lone_streams(addr: SocketAddr, n: usize) -> (Duration, Duration) {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let client: StreamClient = Client::builder(TokioExecutor::new()).build_http();
     let mut first = Vec::with_capacity(n);
     for _ in 0..n {
-        let t0 = Instant::now();
-        let resp = client
-            .request(stream_request(addr))
-            .await
-            .expect("response");
-        let mut body: Incoming = resp.into_body();
-        let mut seen = None;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.expect("frame");
-            if frame
-                .data_ref()
-                .is_some_and(|d| d.windows(5).any(|w| w == b"data:"))
-            {
-                seen.get_or_insert_with(|| t0.elapsed());
-            }
-        }
-        first.push(seen.expect("an event"));
+        first.push(one_stream(&client, addr).await.0);
     }
     first.sort();
     (percentile(&first, 0.5), percentile(&first, 0.99))

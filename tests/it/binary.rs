@@ -151,6 +151,14 @@ fn start_up_fails_without_the_upstream_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("key_sha256"));
 }
 
+fn signal(pid: &str, sig: &str) {
+    assert!(Command::new("kill")
+        .args([sig, pid])
+        .status()
+        .expect("kill")
+        .success());
+}
+
 /// Waits for the log line whose message is `want`.
 async fn next(
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
@@ -239,11 +247,7 @@ async fn runs_logs_json_reloads_on_sighup_and_stops_on_sigterm() {
     // An invalid file is refused and the running config stays.
     cfg.write("this is = not [valid");
     let pid = child.id().expect("pid").to_string();
-    assert!(Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .expect("kill")
-        .success());
+    signal(&pid, "-HUP");
     next(&mut rx, "config reload refused; keeping the running config")
         .await
         .expect("refusal logged");
@@ -252,21 +256,13 @@ async fn runs_logs_json_reloads_on_sighup_and_stops_on_sigterm() {
     // A valid file without beta: beta's key stops working at once.
     let without_beta = text.replace(&sha(BETA), &sha("sk-other-0123456789"));
     cfg.write(&without_beta);
-    assert!(Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .expect("kill")
-        .success());
+    signal(&pid, "-HUP");
     next(&mut rx, "config reloaded")
         .await
         .expect("reload logged");
     assert_eq!(call(&url, BETA, &chat("beta"), &[]).await.status, 401);
 
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success());
+    signal(&pid, "-TERM");
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("exits")
