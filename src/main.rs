@@ -230,7 +230,7 @@ async fn run(path: PathBuf) -> ExitCode {
     let (config, key) = match load(&path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("sluice: {e}");
+            tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
     };
@@ -242,7 +242,7 @@ async fn serve(config: Config, key: Secret, path: Option<PathBuf>) -> ExitCode {
     let gateway = match Gateway::bind(config, key).await {
         Ok(g) => g,
         Err(e) => {
-            eprintln!("sluice: cannot listen: {e}");
+            tracing::error!("cannot listen: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -293,7 +293,7 @@ async fn simulate(listen: SocketAddr) -> ExitCode {
     let sim = match sluice::simulator::Simulator::start(listen).await {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("sluice: cannot listen on {listen}: {e}");
+            tracing::error!("cannot listen on {listen}: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -308,7 +308,7 @@ async fn demo() -> ExitCode {
     {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("sluice: cannot start the simulator: {e}");
+            tracing::error!("cannot start the simulator: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -353,14 +353,14 @@ output = 0.42
     }) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("sluice: {e}");
+            tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
     };
     let gateway = match Gateway::bind(config, Secret::default()).await {
         Ok(g) => g,
         Err(e) => {
-            eprintln!("sluice: cannot listen: {e}");
+            tracing::error!("cannot listen: {e}");
             return ExitCode::FAILURE;
         }
     };
