@@ -23,11 +23,11 @@
 //! | `x-sim-hang: headers\|body` | never answer / never send the body |
 //! | `x-sim-garbage: 1` | a non-JSON event mid-stream, or a non-JSON 200 body |
 //! | `x-sim-linger: 1` | the stream stays open after `data: [DONE]` |
+//! | `x-sim-close: 1` | the failing calls close the connection without answering |
 //!
 //! `GET /sim/stats` reports the number of completion calls as JSON.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -214,6 +214,7 @@ struct Faults {
     hang: Option<String>,
     garbage: bool,
     linger: bool,
+    close: bool,
 }
 
 impl Faults {
@@ -243,6 +244,7 @@ impl Faults {
             hang: s("x-sim-hang"),
             garbage: s("x-sim-garbage").is_some(),
             linger: s("x-sim-linger").is_some(),
+            close: s("x-sim-close").is_some(),
         }
     }
 }
@@ -250,7 +252,7 @@ impl Faults {
 async fn handle(
     stats: Arc<SimStats>,
     req: Request<Incoming>,
-) -> Result<Response<SimBody>, Infallible> {
+) -> Result<Response<SimBody>, std::io::Error> {
     let path = req.uri().path().to_string();
     let endpoint = match (req.method(), path.as_str()) {
         (&Method::GET, "/models" | "/v1/models") => {
@@ -312,8 +314,12 @@ async fn handle(
             *seen += 1;
             (*seen <= *count).then(|| faults.status.unwrap_or(503))
         }
-        None => faults.status,
+        None => faults.status.or(faults.close.then_some(503)),
     };
+    if failing.is_some() && faults.close {
+        // hyper drops the connection when the service fails: no response.
+        return Err(std::io::Error::other("simulated connection close"));
+    }
     if let Some(code) = failing {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut r = json_response(status, &error_body(status));

@@ -50,6 +50,29 @@ async fn retries_get_through_a_flaky_upstream() {
 }
 
 #[tokio::test]
+async fn connections_broken_before_headers_are_retried() {
+    let gw = TestGateway::start("").await;
+    let url = gw.url("/v1/chat/completions");
+    let r = call(
+        &url,
+        ALPHA,
+        &chat("broken once"),
+        &[
+            ("x-sim-close", "1"),
+            ("x-sim-fail-first", "1"),
+            ("x-sim-key", "close-1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "the retry got through");
+    assert_eq!(gw.sim.calls(), 2);
+    let r = call(&url, ALPHA, &chat("always broken"), &[("x-sim-close", "1")]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.error_code(), "upstream_unreachable");
+    assert_eq!(gw.sim.calls(), 5, "1 + max_retries attempts");
+}
+
+#[tokio::test]
 async fn upstream_errors_pass_through_once_retries_are_spent() {
     let gw = TestGateway::start("").await;
     let url = gw.url("/v1/chat/completions");
