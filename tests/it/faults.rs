@@ -402,3 +402,95 @@ async fn a_client_that_gives_up_before_headers_frees_its_slot() {
     gw.wait_metric("sluice_inflight_requests", &[("tenant", "alpha")], 0.0)
         .await;
 }
+
+#[tokio::test]
+async fn every_retryable_status_is_retried() {
+    let gw = TestGateway::start("").await;
+    let url = gw.url("/v1/chat/completions");
+    for (i, status) in ["429", "500", "502", "503"].into_iter().enumerate() {
+        let key = format!("retry-{status}");
+        let before = gw.sim.calls();
+        let r = call(
+            &url,
+            ALPHA,
+            &chat(&format!("r{i}")),
+            &[
+                ("x-sim-fail-first", "1"),
+                ("x-sim-key", &key),
+                ("x-sim-status", status),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{status} retried");
+        assert_eq!(gw.sim.calls() - before, 2);
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_non_stream_body_is_cut_at_the_idle_timeout() {
+    let gw = TestGateway::start_with(quick_timeouts).await;
+    let resp = call_open(
+        &gw.url("/v1/chat/completions"),
+        ALPHA,
+        &chat("stall"),
+        &[("x-sim-hang", "body")],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await
+    .expect("cut within the idle timeout");
+    assert!(
+        read.is_err(),
+        "the connection is closed, so the client's HTTP stack raises"
+    );
+}
+
+#[tokio::test]
+async fn streams_without_usage_are_metered_by_estimate() {
+    let gw = TestGateway::start("").await;
+    let r = call(
+        &gw.url("/v1/chat/completions"),
+        ALPHA,
+        &chat_stream("no usage"),
+        &[("x-sim-no-usage", "1")],
+    )
+    .await;
+    assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(
+        gw.metric(
+            "sluice_usage_estimated_total",
+            &[("tenant", "alpha"), ("model", "deepseek-chat")]
+        )
+        .await,
+        1.0
+    );
+    assert!(
+        gw.metric(
+            "sluice_tokens_total",
+            &[("tenant", "alpha"), ("type", "completion")]
+        )
+        .await
+            > 0.0
+    );
+    // An abandoned stream is estimated too.
+    let resp = call_open(
+        &gw.url("/v1/chat/completions"),
+        ALPHA,
+        &chat_stream("abandoned"),
+        &[("x-sim-chunk-delay-ms", "50"), ("x-sim-chunks", "100")],
+    )
+    .await;
+    let mut body = resp.into_body();
+    next_chunk(&mut body).await.expect("first event");
+    drop(body);
+    gw.wait_metric(
+        "sluice_usage_estimated_total",
+        &[("tenant", "alpha"), ("model", "deepseek-chat")],
+        2.0,
+    )
+    .await;
+}
