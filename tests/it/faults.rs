@@ -494,3 +494,21 @@ async fn streams_without_usage_are_metered_by_estimate() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn an_https_upstream_is_spoken_to_over_tls() {
+    // The simulator speaks plain HTTP: a TLS client hello gets garbage back,
+    // the handshake fails, and the request ends as unreachable. (A plain
+    // HTTP request would have succeeded.)
+    let gw =
+        TestGateway::start_with(|c| c.replace("base_url = \"http://", "base_url = \"https://"))
+            .await;
+    let r = call(&gw.url("/v1/chat/completions"), ALPHA, &chat("tls"), &[]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.error_code(), "upstream_unreachable");
+    assert_eq!(
+        gw.sim.calls(),
+        0,
+        "no plain HTTP request reached the simulator"
+    );
+}
