@@ -271,7 +271,7 @@ impl Config {
     /// Parses and validates TOML text, applying env overrides.
     pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let mut raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError(vec![describe_toml_error(&e)]))?;
+            toml::from_str(text).map_err(|e| ConfigError(vec![describe_toml_error(text, &e)]))?;
         if let Some(v) = env("SLUICE_LISTEN") {
             raw.server.listen = v;
         }
@@ -317,13 +317,16 @@ impl Config {
     }
 }
 
-fn describe_toml_error(e: &toml::de::Error) -> String {
-    // toml's message already names the offending key ("unknown field `x`",
-    // "invalid type ... for key `server.listen`"); keep it on one line.
-    e.message().replace('\n', " ").trim().to_string()
-        + &e.span()
-            .map(|s| format!(" (at byte {})", s.start))
-            .unwrap_or_default()
+/// toml's message names the offending key for unknown fields and wrong
+/// types, but not always (a number out of range, bad syntax), so the line
+/// it points at is quoted too.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().replace('\n', " ").trim().to_string();
+    let Some(span) = e.span() else { return message };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+    format!("line {line_no} (`{line}`): {message}")
 }
 
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
@@ -339,11 +342,19 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let listen = addr("server.listen", &raw.server.listen);
     let admin_listen = addr("server.admin_listen", &raw.server.admin_listen);
 
+    // Durations are bounded so deadlines computed from them never overflow.
+    const MAX_SECS: u64 = 10 * 365 * 86_400;
+    let seconds = |errs: &mut Vec<String>, key: &str, v: u64| {
+        if v > MAX_SECS {
+            errs.push(format!("{key}: must be at most {MAX_SECS} (ten years)"));
+        }
+        Duration::from_secs(v.min(MAX_SECS))
+    };
     let positive = |errs: &mut Vec<String>, key: &str, v: u64| {
         if v == 0 {
             errs.push(format!("{key}: must be greater than 0"));
         }
-        Duration::from_secs(v)
+        seconds(errs, key, v)
     };
     if raw.server.max_body_bytes == 0 {
         errs.push("server.max_body_bytes: must be greater than 0".into());
@@ -352,7 +363,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         listen,
         admin_listen,
         max_body_bytes: usize::try_from(raw.server.max_body_bytes).unwrap_or(usize::MAX),
-        shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
+        shutdown_grace: seconds(
+            &mut errs,
+            "server.shutdown_grace_secs",
+            raw.server.shutdown_grace_secs,
+        ),
         header_read_timeout: positive(
             &mut errs,
             "server.header_read_timeout_secs",
@@ -391,8 +406,13 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ),
         max_retries: raw.upstream.max_retries,
         max_concurrent: usize::try_from(raw.upstream.max_concurrent).unwrap_or(usize::MAX),
-        balance_poll: (raw.upstream.balance_poll_secs > 0)
-            .then(|| Duration::from_secs(raw.upstream.balance_poll_secs)),
+        balance_poll: (raw.upstream.balance_poll_secs > 0).then(|| {
+            seconds(
+                &mut errs,
+                "upstream.balance_poll_secs",
+                raw.upstream.balance_poll_secs,
+            )
+        }),
     };
     if upstream.max_retries > 10 {
         errs.push("upstream.max_retries: must be at most 10".into());
@@ -627,6 +647,18 @@ mod tests {
                 "upstream.idle_timeout_secs",
             ),
             ("[cache]\nscope = \"global\"\n", "cache.scope"),
+            (
+                "[upstream]\nfirst_byte_timeout_secs = 18446744073709551615\n",
+                "first_byte_timeout_secs",
+            ),
+            (
+                "[upstream]\nfirst_byte_timeout_secs = 999999999999\n",
+                "upstream.first_byte_timeout_secs",
+            ),
+            (
+                "[server]\nshutdown_grace_secs = 999999999999\n",
+                "server.shutdown_grace_secs",
+            ),
             ("[cache]\nttl = 3\n", "ttl"),
             ("[pricing.x]\ninput = 1.0\n", "input"),
         ];

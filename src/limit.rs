@@ -113,7 +113,7 @@ impl TokenBucket {
         Standing {
             limit: self.per_minute,
             remaining: balance.max(0.0).floor() as u64,
-            reset: Duration::from_secs_f64(missing / self.rate_per_sec()),
+            reset: secs(missing / self.rate_per_sec()),
         }
     }
 
@@ -124,9 +124,7 @@ impl TokenBucket {
         if s.balance >= 1.0 {
             Ok(self.standing(s.balance))
         } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - s.balance) / self.rate_per_sec(),
-            ))
+            Err(secs((1.0 - s.balance) / self.rate_per_sec()))
         }
     }
 
@@ -141,7 +139,9 @@ impl TokenBucket {
     pub fn debit(&self, tokens: u64, now: Instant) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         self.refilled(&mut s, now);
-        s.balance -= tokens as f64;
+        // Floor the deficit at a day's worth: absurd usage must not lock a
+        // tenant out for years.
+        s.balance = (s.balance - tokens as f64).max(-(self.per_minute as f64) * 1440.0);
     }
 }
 
@@ -197,6 +197,12 @@ impl Standings {
             }
         }
     }
+}
+
+/// Seconds to a `Duration`, saturating: a hostile upstream can report
+/// absurd usage, and that must not turn into a panic.
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)
 }
 
 /// Durations the way OpenAI writes them: `20ms`, `1s`, `6m0s`.
@@ -335,6 +341,16 @@ mod tests {
         assert_eq!(s.reset, Duration::from_secs(59));
         // Never more than full.
         assert_eq!(b.peek(t0 + Duration::from_secs(3600)).remaining, 600);
+    }
+
+    #[test]
+    fn absurd_usage_neither_panics_nor_locks_out_forever() {
+        let t0 = Instant::now();
+        let b = TokenBucket::new(60, t0);
+        b.debit(u64::MAX, t0);
+        let wait = b.check(t0).expect_err("deficit");
+        assert!(wait <= Duration::from_secs(86_401), "{wait:?}");
+        assert_eq!(b.peek(t0).remaining, 0);
     }
 
     #[test]

@@ -570,7 +570,7 @@ impl Answer {
         json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "total_tokens": self.prompt_tokens.saturating_add(self.completion_tokens),
             "prompt_tokens_details": {"cached_tokens": hit},
             "prompt_cache_hit_tokens": hit,
             "prompt_cache_miss_tokens": self.prompt_tokens - hit,

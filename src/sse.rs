@@ -182,7 +182,7 @@ impl Usage {
             completion: raw.completion_tokens,
             total: raw
                 .total_tokens
-                .unwrap_or(raw.prompt_tokens + raw.completion_tokens),
+                .unwrap_or(raw.prompt_tokens.saturating_add(raw.completion_tokens)),
             prompt_cache_hit: hit,
             prompt_cache_miss: raw
                 .prompt_cache_miss_tokens
@@ -196,7 +196,7 @@ impl Usage {
 
     /// What a tenant's token bucket is charged: prompt + completion.
     pub fn billable(&self) -> u64 {
-        self.prompt + self.completion
+        self.prompt.saturating_add(self.completion)
     }
 
     /// A rough guess for a request whose usage never arrived: about four

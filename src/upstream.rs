@@ -164,10 +164,11 @@ fn retry_after(h: &HeaderMap) -> Option<Duration> {
             .ok()
             .filter(|v| v.is_finite() && *v >= 0.0)
     };
-    let wait = num("retry-after-ms")
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-        .or_else(|| num(header::RETRY_AFTER.as_str()).map(Duration::from_secs_f64))?;
-    Some(wait.min(MAX_RETRY_AFTER))
+    let max = MAX_RETRY_AFTER.as_secs_f64();
+    let secs = num("retry-after-ms")
+        .map(|ms| ms / 1000.0)
+        .or_else(|| num(header::RETRY_AFTER.as_str()))?;
+    Some(Duration::from_secs_f64(secs.min(max)))
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded either way.
@@ -216,6 +217,12 @@ mod tests {
         h.remove("retry-after-ms");
         h.insert("retry-after", "3600".parse().expect("v"));
         assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER));
+        h.insert("retry-after", "1e300".parse().expect("v"));
+        assert_eq!(
+            retry_after(&h),
+            Some(MAX_RETRY_AFTER),
+            "absurd values saturate"
+        );
     }
 
     #[test]

@@ -230,3 +230,27 @@ async fn reload_keeps_unchanged_buckets_applies_new_limits_and_drops_removed_ten
     assert_eq!(r.header("x-sluice-cache"), "hit");
     gw.shutdown().await.expect("stops");
 }
+
+#[tokio::test]
+async fn absurd_upstream_usage_does_not_break_the_gateway() {
+    let gw = TestGateway::start(&limited(0, 1, 600, 0)).await;
+    let url = gw.url("/v1/chat/completions");
+    let max = u64::MAX.to_string();
+    let usage = format!("{max},{max}");
+    let r = call(
+        &url,
+        LIMITED,
+        &chat_stream("absurd"),
+        &[("x-sim-usage", &usage)],
+    )
+    .await;
+    assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
+    let r = call(&url, LIMITED, &chat("after"), &[]).await;
+    assert_eq!(r.status, 429);
+    assert!(
+        num(&r, "retry-after") <= 86_401,
+        "the deficit is floored at a day"
+    );
+    // Everyone else is served.
+    assert_eq!(call(&url, ALPHA, &chat("others"), &[]).await.status, 200);
+}
