@@ -377,7 +377,10 @@ async fn read_body(
     if declared.is_some_and(|n| n > max as u64) {
         return Err(GatewayError::BodyTooLarge);
     }
-    let mut buf = BytesMut::with_capacity(declared.map_or(8 * 1024, |n| n as usize));
+    // Sized from content-length, but never trusting it for more than 64 KiB up
+    // front: a client that claims a large body and then stalls must not hold
+    // that much memory.
+    let mut buf = BytesMut::with_capacity(declared.map_or(8 * 1024, |n| n.min(64 * 1024) as usize));
     // A client that stalls mid-body is dropped like one that stalls in its
     // headers.
     let gap = config.server.header_read_timeout;
