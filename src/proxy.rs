@@ -282,52 +282,88 @@ impl ApiRequest {
         if sse::trim_leading_ws(bytes).first() != Some(&b'{') {
             return Err(GatewayError::InvalidJson);
         }
-        let f: Fields<'_> = serde_json::from_slice(bytes).map_err(|_| GatewayError::InvalidJson)?;
-        let starts = |raw: Option<&serde_json::value::RawValue>, c: u8| {
-            raw.is_some_and(|r| r.get().as_bytes().first() == Some(&c))
-        };
-        let model = f
-            .model
-            .filter(|r| r.get().starts_with('"'))
-            .and_then(|r| serde_json::from_str::<String>(r.get()).ok())
-            .ok_or(GatewayError::MissingField(
-                "`model` is required and must be a string.",
-            ))?;
-        match endpoint {
-            Endpoint::Fim => {
-                if !starts(f.prompt, b'"') {
-                    return Err(GatewayError::MissingField(
-                        "`prompt` is required and must be a string.",
-                    ));
-                }
-            }
-            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models => {
-                if !starts(f.messages, b'[') {
-                    return Err(GatewayError::MissingField(
-                        "`messages` is required and must be an array.",
-                    ));
-                }
-            }
-        }
-        let stream = f.stream.is_some_and(|r| r.get() == "true");
-        let include_usage = stream
-            && f.stream_options
-                .and_then(|r| serde_json::from_str::<Value>(r.get()).ok())
-                .and_then(|o| o.get("include_usage").and_then(Value::as_bool))
-                .unwrap_or(false);
-        let has_stream_options = f.stream_options.is_some_and(|r| r.get() != "null");
-        let value = if keep {
-            Some(serde_json::from_slice(bytes).map_err(|_| GatewayError::InvalidJson)?)
+        // One parse either way: the tree when the cache needs it, else a
+        // borrowed view of just the fields read here.
+        let (seen, value) = if keep {
+            let value: Value =
+                serde_json::from_slice(bytes).map_err(|_| GatewayError::InvalidJson)?;
+            (Seen::of_tree(&value), Some(value))
         } else {
-            None
+            let f: Fields<'_> =
+                serde_json::from_slice(bytes).map_err(|_| GatewayError::InvalidJson)?;
+            (Seen::of_fields(&f), None)
         };
+        let model = seen.model.ok_or(GatewayError::MissingField(
+            "`model` is required and must be a string.",
+        ))?;
+        match endpoint {
+            Endpoint::Fim if !seen.prompt_is_string => {
+                return Err(GatewayError::MissingField(
+                    "`prompt` is required and must be a string.",
+                ));
+            }
+            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models if !seen.messages_is_array => {
+                return Err(GatewayError::MissingField(
+                    "`messages` is required and must be an array.",
+                ));
+            }
+            Endpoint::Fim | Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models => {}
+        }
         Ok(ApiRequest {
             value,
             model,
-            stream,
-            include_usage,
-            has_stream_options,
+            stream: seen.stream,
+            include_usage: seen.stream && seen.include_usage,
+            has_stream_options: seen.has_stream_options,
         })
+    }
+}
+
+/// What validation needs to know of a body, however it was parsed.
+struct Seen {
+    model: Option<String>,
+    messages_is_array: bool,
+    prompt_is_string: bool,
+    stream: bool,
+    include_usage: bool,
+    has_stream_options: bool,
+}
+
+impl Seen {
+    fn of_tree(v: &Value) -> Seen {
+        let opts = v.get("stream_options");
+        Seen {
+            model: v.get("model").and_then(Value::as_str).map(str::to_string),
+            messages_is_array: v.get("messages").is_some_and(Value::is_array),
+            prompt_is_string: v.get("prompt").is_some_and(Value::is_string),
+            stream: v.get("stream").and_then(Value::as_bool).unwrap_or(false),
+            include_usage: opts
+                .and_then(|o| o.get("include_usage"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            has_stream_options: opts.is_some_and(|o| !o.is_null()),
+        }
+    }
+
+    fn of_fields(f: &Fields<'_>) -> Seen {
+        let starts = |raw: Option<&serde_json::value::RawValue>, c: u8| {
+            raw.is_some_and(|r| r.get().as_bytes().first() == Some(&c))
+        };
+        Seen {
+            model: f
+                .model
+                .filter(|r| r.get().starts_with('"'))
+                .and_then(|r| serde_json::from_str::<String>(r.get()).ok()),
+            messages_is_array: starts(f.messages, b'['),
+            prompt_is_string: starts(f.prompt, b'"'),
+            stream: f.stream.is_some_and(|r| r.get() == "true"),
+            include_usage: f
+                .stream_options
+                .and_then(|r| serde_json::from_str::<Value>(r.get()).ok())
+                .and_then(|o| o.get("include_usage").and_then(Value::as_bool))
+                .unwrap_or(false),
+            has_stream_options: f.stream_options.is_some_and(|r| r.get() != "null"),
+        }
     }
 }
 
@@ -789,10 +825,17 @@ mod tests {
 
     #[test]
     fn parse_validates_fields() {
+        // Both parse paths (tree for the cache, borrowed view otherwise)
+        // must judge every body alike.
         let bad = |body: &str, ep| {
-            ApiRequest::parse(body.as_bytes(), ep, true)
+            let tree = ApiRequest::parse(body.as_bytes(), ep, true)
                 .err()
-                .map(|e| e.code())
+                .map(|e| e.code());
+            let view = ApiRequest::parse(body.as_bytes(), ep, false)
+                .err()
+                .map(|e| e.code());
+            assert_eq!(tree, view, "{body}");
+            tree
         };
         assert_eq!(bad("nope", Endpoint::Chat), Some("invalid_json"));
         assert_eq!(bad("[1]", Endpoint::Chat), Some("invalid_json"));
