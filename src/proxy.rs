@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -33,7 +33,7 @@ use crate::relay::{Meter, Relay, Sink, StreamOpts};
 use crate::routes::{self, Endpoint};
 use crate::sse::{self, DONE_EVENT};
 use crate::state::{App, Snapshot, Tenant};
-use crate::upstream::strip_hop_by_hop;
+use crate::upstream::{read_small, strip_hop_by_hop, Outbound};
 
 /// Entry point for every client request.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
@@ -478,8 +478,6 @@ fn upstream_headers(mut h: HeaderMap, snap: &Snapshot, request_id: &HeaderValue)
         h.insert(header::AUTHORIZATION, auth.clone());
     }
     h.insert("x-request-id", request_id.clone());
-    h.entry(header::CONTENT_TYPE)
-        .or_insert(HeaderValue::from_static("application/json"));
     h
 }
 
@@ -510,17 +508,20 @@ async fn forward(
         bytes
     };
     let request_bytes = body.len();
-    let headers = upstream_headers(headers, snap, &record.request_id);
+    let mut headers = upstream_headers(headers, snap, &record.request_id);
+    headers
+        .entry(header::CONTENT_TYPE)
+        .or_insert(HeaderValue::from_static("application/json"));
+    let outbound = Outbound {
+        method: Method::POST,
+        uri: uri.clone(),
+        headers,
+        body,
+    };
     let deadline = record.start + cfg.first_byte_timeout;
     let sent = app
         .upstream
-        .send(cfg, &app.metrics, deadline, || {
-            let mut r = Request::new(Full::new(body.clone()));
-            *r.method_mut() = http::Method::POST;
-            *r.uri_mut() = uri.clone();
-            *r.headers_mut() = headers.clone();
-            r
-        })
+        .send(cfg, &app.metrics, deadline, &outbound)
         .await;
     let sent = match sent {
         Ok(sent) => sent,
@@ -726,28 +727,20 @@ async fn models(
     let uri = snap
         .upstream_uri(Endpoint::Models.upstream_path())
         .ok_or(GatewayError::UpstreamUnreachable)?;
-    let headers = upstream_headers(headers, snap, &record.request_id);
+    let outbound = Outbound {
+        method: Method::GET,
+        uri: uri.clone(),
+        headers: upstream_headers(headers, snap, &record.request_id),
+        body: Bytes::new(),
+    };
     let deadline = record.start + cfg.first_byte_timeout;
     let sent = app
         .upstream
-        .send(cfg, &app.metrics, deadline, || {
-            let mut r = Request::new(Full::new(Bytes::new()));
-            *r.uri_mut() = uri.clone();
-            *r.headers_mut() = headers.clone();
-            r.headers_mut().remove(header::CONTENT_TYPE);
-            r
-        })
+        .send(cfg, &app.metrics, deadline, &outbound)
         .await?;
     let (parts, incoming) = sent.response.into_parts();
     record.upstream_status = Some(parts.status.as_u16());
-    let body = tokio::time::timeout(
-        cfg.idle_timeout,
-        http_body_util::Limited::new(incoming, 16 << 20).collect(),
-    )
-    .await
-    .map_err(|_| GatewayError::UpstreamTimeout)?
-    .map_err(|_| GatewayError::UpstreamUnreachable)?
-    .to_bytes();
+    let body = read_small(incoming, 16 << 20, cfg.idle_timeout).await?;
     let body = if parts.status == StatusCode::OK {
         filter_models(&body, tenant).unwrap_or(body)
     } else {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::{Config, Secret};
 use crate::state::App;
+use crate::upstream::{read_small, Outbound};
 
 /// A bound gateway, not yet serving.
 pub struct Gateway {
@@ -269,30 +270,33 @@ async fn fetch_balance(app: &App, snap: &crate::state::Snapshot) -> Result<(), S
     let uri = snap
         .upstream_uri("/user/balance")
         .ok_or("no upstream URI")?;
-    let deadline = std::time::Instant::now() + cfg.connect_timeout + Duration::from_secs(10);
+    let mut headers = http::HeaderMap::new();
+    if let Some(auth) = &snap.upstream_auth {
+        headers.insert(header::AUTHORIZATION, auth.clone());
+    }
+    let outbound = Outbound {
+        method: Method::GET,
+        uri: uri.clone(),
+        headers,
+        body: Bytes::new(),
+    };
+    let within = cfg.connect_timeout + Duration::from_secs(10);
     let sent = app
         .upstream
-        .send(cfg, &app.metrics, deadline, || {
-            let mut r = Request::new(Full::new(Bytes::new()));
-            *r.uri_mut() = uri.clone();
-            if let Some(auth) = &snap.upstream_auth {
-                r.headers_mut().insert(header::AUTHORIZATION, auth.clone());
-            }
-            r
-        })
+        .send(
+            cfg,
+            &app.metrics,
+            std::time::Instant::now() + within,
+            &outbound,
+        )
         .await
         .map_err(|e| e.to_string())?;
     if sent.response.status() != StatusCode::OK {
         return Err(format!("status {}", sent.response.status()));
     }
-    let body = tokio::time::timeout(
-        Duration::from_secs(10),
-        http_body_util::Limited::new(sent.response.into_body(), 1 << 20).collect(),
-    )
-    .await
-    .map_err(|_| "timeout".to_string())?
-    .map_err(|e| e.to_string())?
-    .to_bytes();
+    let body = read_small(sent.response.into_body(), 1 << 20, within)
+        .await
+        .map_err(|e| e.to_string())?;
     let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
     for info in v
         .get("balance_infos")

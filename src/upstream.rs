@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, Request, Response, StatusCode};
+use http::{header, HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -67,14 +67,14 @@ impl Upstream {
         })
     }
 
-    /// Sends a request built by `build` (called once per attempt), retrying
-    /// as SPEC §3 says, until `deadline` (the first-byte timeout).
+    /// Sends `req`, retrying as SPEC §3 says, until `deadline` (the
+    /// first-byte timeout).
     pub async fn send(
         &self,
         cfg: &UpstreamConfig,
         metrics: &Metrics,
         deadline: Instant,
-        build: impl Fn() -> Request<Full<Bytes>>,
+        req: &Outbound,
     ) -> Result<Sent, GatewayError> {
         let deadline = tokio::time::Instant::from_std(deadline);
         let mut attempt = 0u32;
@@ -89,7 +89,8 @@ impl Upstream {
                 }
             };
             let started = Instant::now();
-            let result = tokio::time::timeout_at(deadline, self.client.request(build())).await;
+            let result =
+                tokio::time::timeout_at(deadline, self.client.request(req.attempt())).await;
             metrics
                 .upstream_duration
                 .observe(started.elapsed().as_secs_f64());
@@ -137,6 +138,40 @@ impl Upstream {
             }
             tokio::time::sleep(retry_in).await;
         }
+    }
+}
+
+/// One upstream request, built afresh for each attempt (hyper consumes a
+/// request; the body is a shared `Bytes`, the headers are cloned).
+pub struct Outbound {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Outbound {
+    fn attempt(&self) -> Request<Full<Bytes>> {
+        let mut r = Request::new(Full::new(self.body.clone()));
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+/// Reads a whole small upstream body (model lists, balances), bounded in
+/// size and time.
+pub async fn read_small(
+    body: Incoming,
+    limit: usize,
+    within: Duration,
+) -> Result<Bytes, GatewayError> {
+    use http_body_util::BodyExt;
+    match tokio::time::timeout(within, http_body_util::Limited::new(body, limit).collect()).await {
+        Err(_) => Err(GatewayError::UpstreamTimeout),
+        Ok(Err(_)) => Err(GatewayError::UpstreamUnreachable),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
 }
 
