@@ -20,7 +20,7 @@ use governor::{Quota, RateLimiter};
 use http::{HeaderMap, HeaderValue};
 
 use crate::config::LimitSpec;
-use crate::error::Limit;
+use crate::error::{GatewayError, Limit};
 
 /// What a limit says about a tenant right now, for the `x-ratelimit-*` headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,18 +53,27 @@ impl<C: Clock + Clone> RequestBucket<C> {
         }
     }
 
-    /// Takes one request from the bucket, or says how long until one is there.
-    pub fn check(&self) -> Result<Standing, Duration> {
+    /// Takes one request from the bucket, or says how long until one is
+    /// there (and where the tenant stands: empty, full again after that
+    /// wait plus the rest of the burst).
+    pub fn check(&self) -> Result<Standing, (Duration, Standing)> {
+        let standing = |remaining: u32, wait: Duration| Standing {
+            limit: u64::from(self.per_minute),
+            remaining: u64::from(remaining),
+            reset: wait + self.interval * self.burst.saturating_sub(remaining.max(1)),
+        };
         match self.limiter.check() {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
                 Ok(Standing {
-                    limit: u64::from(self.per_minute),
-                    remaining: u64::from(remaining),
                     reset: self.interval * self.burst.saturating_sub(remaining),
+                    ..standing(remaining, Duration::ZERO)
                 })
             }
-            Err(not_until) => Err(not_until.wait_time_from(self.clock.now())),
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.clock.now());
+                Err((wait, standing(0, wait)))
+            }
         }
     }
 }
@@ -118,13 +127,14 @@ impl TokenBucket {
     }
 
     /// Refuses a tenant without a whole token left, saying when it will have one.
-    pub fn check(&self, now: Instant) -> Result<Standing, Duration> {
+    pub fn check(&self, now: Instant) -> Result<Standing, (Duration, Standing)> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         self.refilled(&mut s, now);
+        let standing = self.standing(s.balance);
         if s.balance >= 1.0 {
-            Ok(self.standing(s.balance))
+            Ok(standing)
         } else {
-            Err(secs((1.0 - s.balance) / self.rate_per_sec()))
+            Err((secs((1.0 - s.balance) / self.rate_per_sec()), standing))
         }
     }
 
@@ -142,6 +152,24 @@ impl TokenBucket {
         // Floor the deficit at a day's worth: absurd usage must not lock a
         // tenant out for years.
         s.balance = (s.balance - tokens as f64).max(-(self.per_minute as f64) * 1440.0);
+    }
+}
+
+/// A refused request: which limit, how long until it would pass, and where
+/// the tenant stands on that limit (for the `x-ratelimit-*` headers).
+#[derive(Debug, Clone, Copy)]
+pub struct Refused {
+    pub limit: Limit,
+    pub wait: Duration,
+    pub standing: Option<Standing>,
+}
+
+impl From<Refused> for GatewayError {
+    fn from(r: Refused) -> GatewayError {
+        GatewayError::RateLimited {
+            limit: r.limit,
+            retry_after: r.wait,
+        }
     }
 }
 
@@ -243,15 +271,19 @@ impl TenantLimits {
     }
 
     /// Takes one request from the request bucket.
-    pub fn check_request(&self) -> Result<Option<Standing>, (Limit, Duration)> {
+    pub fn check_request(&self) -> Result<Option<Standing>, Refused> {
         match &self.requests {
             None => Ok(None),
-            Some(b) => b.check().map(Some).map_err(|wait| (Limit::Requests, wait)),
+            Some(b) => b.check().map(Some).map_err(|(wait, standing)| Refused {
+                limit: Limit::Requests,
+                wait,
+                standing: Some(standing),
+            }),
         }
     }
 
     /// Takes a concurrency slot.
-    pub fn acquire(self: &Arc<Self>) -> Result<Option<Permit>, (Limit, Duration)> {
+    pub fn acquire(self: &Arc<Self>) -> Result<Option<Permit>, Refused> {
         let max = self.spec.max_concurrent;
         if max == 0 {
             return Ok(None);
@@ -260,7 +292,11 @@ impl TenantLimits {
         if prev >= max {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             // No clock says when a slot frees; one second is the honest hint.
-            return Err((Limit::Concurrency, Duration::from_secs(1)));
+            return Err(Refused {
+                limit: Limit::Concurrency,
+                wait: Duration::from_secs(1),
+                standing: None,
+            });
         }
         Ok(Some(Permit {
             limits: Arc::clone(self),
@@ -268,10 +304,14 @@ impl TenantLimits {
     }
 
     /// Refuses a tenant in token deficit (only for requests going upstream).
-    pub fn check_tokens(&self, now: Instant) -> Result<Option<Standing>, (Limit, Duration)> {
+    pub fn check_tokens(&self, now: Instant) -> Result<Option<Standing>, Refused> {
         match &self.tokens {
             None => Ok(None),
-            Some(b) => b.check(now).map(Some).map_err(|wait| (Limit::Tokens, wait)),
+            Some(b) => b.check(now).map(Some).map_err(|(wait, standing)| Refused {
+                limit: Limit::Tokens,
+                wait,
+                standing: Some(standing),
+            }),
         }
     }
 
@@ -307,7 +347,13 @@ mod tests {
             .map(|_| b.check().expect("in burst").remaining)
             .collect();
         assert_eq!(remaining, vec![2, 1, 0]);
-        let wait = b.check().expect_err("burst spent");
+        let (wait, standing) = b.check().expect_err("burst spent");
+        assert_eq!(standing.remaining, 0);
+        assert_eq!(
+            standing.reset,
+            wait + Duration::from_secs(2),
+            "then two more to fill"
+        );
         assert!(
             wait > Duration::from_millis(900) && wait <= Duration::from_secs(1),
             "{wait:?}"
@@ -333,7 +379,8 @@ mod tests {
         let b = TokenBucket::new(600, t0); // 10 tokens a second
         assert_eq!(b.check(t0).expect("full").remaining, 600);
         b.debit(700, t0);
-        let wait = b.check(t0).expect_err("deficit of 100");
+        let (wait, standing) = b.check(t0).expect_err("deficit of 100");
+        assert_eq!(standing.remaining, 0);
         assert_eq!(wait, Duration::from_secs_f64(10.1));
         assert!(b.check(t0 + Duration::from_secs(10)).is_err());
         let s = b.check(t0 + Duration::from_secs(11)).expect("refilled");
@@ -348,7 +395,7 @@ mod tests {
         let t0 = Instant::now();
         let b = TokenBucket::new(60, t0);
         b.debit(u64::MAX, t0);
-        let wait = b.check(t0).expect_err("deficit");
+        let (wait, _) = b.check(t0).expect_err("deficit");
         assert!(wait <= Duration::from_secs(86_401), "{wait:?}");
         assert_eq!(b.peek(t0).remaining, 0);
     }
@@ -363,7 +410,7 @@ mod tests {
         }));
         let a = l.acquire().expect("1");
         let _b = l.acquire().expect("2");
-        assert_eq!(l.acquire().err().map(|e| e.0), Some(Limit::Concurrency));
+        assert_eq!(l.acquire().err().map(|e| e.limit), Some(Limit::Concurrency));
         drop(a);
         assert!(l.acquire().is_ok());
         assert_eq!(l.in_flight(), 1);

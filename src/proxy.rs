@@ -16,7 +16,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use crate::body::{Body, Record};
 use crate::cache::{self, End, Entry, Flight, Head, Join};
 use crate::error::{stream_error_event, GatewayError};
-use crate::limit::{Standing, Standings};
+use crate::limit::Standings;
 use crate::relay::{Meter, Relay, Sink, StreamOpts};
 use crate::routes::{self, Endpoint};
 use crate::sse::{self, DONE_EVENT};
@@ -115,24 +115,12 @@ async fn serve(
     standings.tokens = limits.peek_tokens(Instant::now());
     match limits.check_request() {
         Ok(s) => standings.requests = s,
-        Err((limit, wait)) => {
-            standings.requests = Some(refused_standing(
-                tenant.limits.spec.requests_per_minute,
-                tenant.limits.spec.request_burst,
-                wait,
-            ));
-            return Err(GatewayError::RateLimited {
-                limit,
-                retry_after: wait,
-            });
+        Err(refused) => {
+            standings.requests = refused.standing;
+            return Err(refused.into());
         }
     }
-    record.permit = limits
-        .acquire()
-        .map_err(|(limit, wait)| GatewayError::RateLimited {
-            limit,
-            retry_after: wait,
-        })?;
+    record.permit = limits.acquire()?;
 
     if endpoint == Endpoint::Models {
         return models(app, snap, &tenant, headers, record).await;
@@ -175,11 +163,9 @@ async fn serve(
     // 6. Token bucket: only what goes upstream is refused for tokens.
     match limits.check_tokens(Instant::now()) {
         Ok(s) => standings.tokens = s,
-        Err((limit, wait)) => {
-            return Err(GatewayError::RateLimited {
-                limit,
-                retry_after: wait,
-            })
+        Err(refused) => {
+            standings.tokens = refused.standing;
+            return Err(refused.into());
         }
     }
     if let (CacheMode::Lookup, Some(key)) = (mode, key) {
@@ -198,17 +184,6 @@ async fn serve(
         app, snap, endpoint, headers, bytes, api, tenant, record, sink,
     )
     .await
-}
-
-/// The standing reported with a request-bucket refusal: empty, full again
-/// after the wait plus the rest of the burst.
-fn refused_standing(per_minute: u32, burst: u32, wait: Duration) -> Standing {
-    let interval = Duration::from_secs(60) / per_minute.max(1);
-    Standing {
-        limit: u64::from(per_minute),
-        remaining: 0,
-        reset: wait + interval * burst.saturating_sub(1),
-    }
 }
 
 /// How this request uses the cache (SPEC §5).
