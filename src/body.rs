@@ -86,15 +86,9 @@ impl http_body::Body for Body {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(b) => b,
             },
-            Kind::Relay(r) => {
-                let polled = r.poll(cx);
-                if let Some(rec) = &mut this.record {
-                    if rec.first_byte.is_none() {
-                        rec.first_byte = r.first_event_at;
-                    }
-                }
-                return polled.map(|frame| frame.map(|f| f.map(Frame::data)));
-            }
+            // The relay keeps its own time of first data event; the record
+            // takes it when the body is dropped.
+            Kind::Relay(r) => return r.poll(cx).map(|frame| frame.map(|f| f.map(Frame::data))),
         };
         match next {
             Some(b) => {

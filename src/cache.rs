@@ -102,7 +102,8 @@ pub struct Entry {
     pub completion: Bytes,
     /// The same completion as SSE chunks (without `[DONE]`).
     pub replay: Replay,
-    pub usage: Usage,
+    /// `None` when upstream's answer carried no usage.
+    pub usage: Option<Usage>,
     pub stored_at: Instant,
 }
 
@@ -123,10 +124,7 @@ impl Entry {
 
     fn from_value(completion: Bytes, value: &Value) -> Option<Entry> {
         value.get("choices")?.as_array()?;
-        let usage = value
-            .get("usage")
-            .and_then(Usage::from_value)
-            .unwrap_or_default();
+        let usage = value.get("usage").and_then(Usage::from_value);
         Some(Entry {
             replay: sse::replay(value)?,
             completion,

@@ -148,7 +148,7 @@ async fn serve(
     if let (CacheMode::Lookup, Some(key)) = (mode, key) {
         if let Some(entry) = app.store.get(&key) {
             record.cache = "hit";
-            record.saved = Some(entry.usage);
+            record.saved = entry.usage;
             let mut resp = entry_response(&entry, api.stream, api.include_usage);
             resp.headers_mut()
                 .insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
@@ -611,7 +611,7 @@ fn end_response(
 ) -> Result<Response<Body>, GatewayError> {
     match end {
         End::Done(entry) => {
-            record.saved = Some(entry.usage);
+            record.saved = entry.usage;
             Ok(entry_response(&entry, api.stream, api.include_usage))
         }
         End::Response {
@@ -671,7 +671,7 @@ fn stream_follower(
                 }
                 match end {
                     // Only the tokens of a completed answer count as saved.
-                    End::Done(entry) => saved.inc_by(entry.usage.total),
+                    End::Done(entry) => saved.inc_by(entry.usage.map_or(0, |u| u.total)),
                     End::Response { .. } | End::Error(_) => {
                         let _ = tx.send(stream_error_event()).await;
                     }

@@ -57,6 +57,9 @@ enum Mode {
         /// A copy, not slices: slices would pin each upstream read buffer
         /// until the body ends.
         collected: BytesMut,
+        /// Whether anyone reads `collected`: a 200 for its usage and the
+        /// cache, an error answer only for coalesced followers.
+        collecting: bool,
         overflow: bool,
         /// Upstream's content-length: hyper stops polling a body once that
         /// much went out, so the relay ends itself there.
@@ -86,7 +89,6 @@ pub struct Relay {
     sink: Sink,
     slot: Option<OwnedSemaphorePermit>,
     response_bytes: usize,
-    pub first_event_at: Option<Instant>,
     summary: RelaySummary,
 }
 
@@ -150,6 +152,7 @@ impl Relay {
                         status,
                         content_type,
                         collected: BytesMut::new(),
+                        collecting: status == StatusCode::OK || sink.leader.is_some(),
                         overflow: false,
                         length: upstream.size_hint().exact(),
                     },
@@ -170,7 +173,6 @@ impl Relay {
             sink,
             slot,
             response_bytes: 0,
-            first_event_at: None,
             summary: RelaySummary {
                 outcome: "ok",
                 ..RelaySummary::default()
@@ -233,7 +235,7 @@ impl Relay {
 
     fn touch(&mut self) {
         let now = Instant::now();
-        self.first_event_at.get_or_insert(now);
+        self.summary.first_event_at.get_or_insert(now);
         self.timer.as_mut().reset((now + self.idle).into());
     }
 
@@ -243,11 +245,12 @@ impl Relay {
             self.touch();
             if let Mode::Raw {
                 collected,
+                collecting,
                 overflow,
                 ..
             } = &mut self.mode
             {
-                if !*overflow {
+                if *collecting && !*overflow {
                     if collected.len() + data.len() > FLIGHT_LOG_MAX {
                         *overflow = true;
                         *collected = BytesMut::new();
@@ -401,9 +404,7 @@ impl Relay {
                         None
                     };
                     let usage = match &entry {
-                        // An answer without usage is metered by estimate.
-                        Some(e) if e.usage != Usage::default() => Some(e.usage),
-                        Some(_) => None,
+                        Some(e) => e.usage,
                         None => body.as_deref().and_then(sse::usage_of_completion),
                     };
                     self.finish_ok(usage);
@@ -462,13 +463,7 @@ impl Relay {
         self.finished = true;
         self.slot = None;
         self.summary.outcome = "interrupted";
-        let (usage, is_200) = match &self.mode {
-            Mode::Sse { usage, .. } => (*usage, true),
-            Mode::Raw { status, .. } => (None, *status == StatusCode::OK),
-        };
-        if is_200 {
-            self.charge(usage);
-        }
+        self.charge_partial();
         // Leader dropped unended: followers get the interruption.
         self.sink.leader = None;
         match self.mode {
@@ -477,6 +472,17 @@ impl Relay {
                 None
             }
             Mode::Raw { .. } => Some("upstream body interrupted".into()),
+        }
+    }
+
+    /// Charges an answer that did not complete: a 200 is billed upstream, so
+    /// it is metered from the usage seen so far (streams) or an estimate;
+    /// error answers cost nothing.
+    fn charge_partial(&mut self) {
+        match &self.mode {
+            Mode::Sse { usage, .. } => self.charge(*usage),
+            Mode::Raw { status, .. } if *status == StatusCode::OK => self.charge(None),
+            Mode::Raw { .. } => {}
         }
     }
 
@@ -508,7 +514,6 @@ impl Relay {
     /// call for them; otherwise the upstream request is cancelled here and
     /// metered by estimate.
     pub fn release(mut self: Box<Self>) -> RelaySummary {
-        self.summary.first_event_at = self.first_event_at;
         if self.finished {
             return self.summary;
         }
@@ -530,17 +535,7 @@ impl Relay {
         self.finished = true;
         self.slot = None;
         self.summary.outcome = "client_gone";
-        let is_200 = match &self.mode {
-            Mode::Sse { .. } => true,
-            Mode::Raw { status, .. } => *status == StatusCode::OK,
-        };
-        if is_200 {
-            let usage = match &self.mode {
-                Mode::Sse { usage, .. } => *usage,
-                Mode::Raw { .. } => None,
-            };
-            self.charge(usage);
-        }
+        self.charge_partial();
         self.summary
     }
 }
