@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sha2::{Digest, Sha256};
-use sluice::{Config, Gateway, Secret};
+use sluice::{state, Config, Gateway, Secret};
 
 #[derive(Parser)]
 #[command(
@@ -126,14 +125,10 @@ fn out(text: &str) {
 }
 
 fn new_key() -> ExitCode {
-    use rand::distr::{Alphanumeric, SampleString};
-    let key = format!(
-        "sk-sluice-{}",
-        Alphanumeric.sample_string(&mut rand::rng(), 40)
-    );
+    let key = state::new_key();
     out(&format!(
         "key:        {key}\nkey_sha256: {}\n",
-        hex::encode(Sha256::digest(&key))
+        hex::encode(state::key_sha256(key.as_bytes()))
     ));
     ExitCode::SUCCESS
 }
@@ -156,7 +151,7 @@ fn hash_key(key: Option<String>) -> ExitCode {
     }
     out(&format!(
         "{}\n",
-        hex::encode(Sha256::digest(key.as_bytes()))
+        hex::encode(state::key_sha256(key.as_bytes()))
     ));
     ExitCode::SUCCESS
 }
@@ -303,7 +298,6 @@ async fn simulate(listen: SocketAddr) -> ExitCode {
 }
 
 async fn demo() -> ExitCode {
-    use rand::distr::{Alphanumeric, SampleString};
     let sim = match sluice::simulator::Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0))).await
     {
         Ok(s) => s,
@@ -312,10 +306,7 @@ async fn demo() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let key = format!(
-        "sk-sluice-{}",
-        Alphanumeric.sample_string(&mut rand::rng(), 40)
-    );
+    let key = state::new_key();
     let text = format!(
         r#"
 [server]
@@ -341,7 +332,7 @@ input_cache_miss = 0.28
 output = 0.42
 "#,
         sim.base_url(),
-        hex::encode(Sha256::digest(&key))
+        hex::encode(state::key_sha256(key.as_bytes()))
     );
     // The env overrides apply; the upstream stays the simulator.
     let config = match Config::parse(&text, |name| {

@@ -20,6 +20,20 @@ use crate::metrics::{Metrics, ModelLabels, UsageHandles};
 use crate::routes::Endpoint;
 use crate::upstream::Upstream;
 
+/// A fresh tenant key: `sk-sluice-` and 40 random alphanumerics.
+pub fn new_key() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    format!(
+        "sk-sluice-{}",
+        Alphanumeric.sample_string(&mut rand::rng(), 40)
+    )
+}
+
+/// The SHA-256 a tenant key is stored in config and looked up by.
+pub fn key_sha256(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
 /// A configured tenant, as the request path sees it after auth. Code past
 /// auth sees this, never the key that was presented.
 pub struct Tenant {
@@ -139,8 +153,7 @@ impl Snapshot {
         if key.is_empty() {
             return None;
         }
-        let hash: [u8; 32] = Sha256::digest(key).into();
-        self.by_key.get(&hash).cloned()
+        self.by_key.get(&key_sha256(key)).cloned()
     }
 
     /// The upstream URI for a path (`Endpoint::upstream_path` or
