@@ -456,12 +456,18 @@ fn upstream_headers(mut h: HeaderMap, snap: &Snapshot, request_id: &HeaderValue)
     h
 }
 
-/// Statuses where retrying cannot help; SDKs are told not to.
-fn no_retry(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 400 | 401 | 402 | 403 | 404 | 422)
+/// Where retrying an upstream error cannot help (402 Insufficient Balance,
+/// a bad key, a bad request), SDKs are told not to.
+fn mark_no_retry(status: StatusCode, h: &mut HeaderMap) {
+    if matches!(status.as_u16(), 400 | 401 | 402 | 403 | 404 | 422) {
+        h.insert("x-should-retry", HeaderValue::from_static("false"));
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the request path's state, handed over once; bundling it would only rename it"
+)]
 async fn forward(
     app: &Arc<App>,
     snap: &Snapshot,
@@ -516,9 +522,7 @@ async fn forward(
     if is_sse {
         resp_headers.remove(header::CONTENT_LENGTH);
     }
-    if no_retry(parts.status) {
-        resp_headers.insert("x-should-retry", HeaderValue::from_static("false"));
-    }
+    mark_no_retry(parts.status, &mut resp_headers);
     if parts.status != StatusCode::OK {
         sink.store = None;
     }
@@ -624,10 +628,7 @@ fn end_response(
             if let Some(ct) = content_type {
                 resp.headers_mut().insert(header::CONTENT_TYPE, ct);
             }
-            if no_retry(status) {
-                resp.headers_mut()
-                    .insert("x-should-retry", HeaderValue::from_static("false"));
-            }
+            mark_no_retry(status, resp.headers_mut());
             Ok(resp)
         }
         End::Error(e) => Err(e),
@@ -727,6 +728,7 @@ async fn models(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    mark_no_retry(parts.status, resp.headers_mut());
     Ok(resp)
 }
 
