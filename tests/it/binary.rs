@@ -269,3 +269,60 @@ async fn runs_logs_json_reloads_on_sighup_and_stops_on_sigterm() {
         .expect("status");
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn demo_serves_a_working_key_without_any_setup() {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("demo")
+        .env("SLUICE_LISTEN", "127.0.0.1:0")
+        .env("SLUICE_ADMIN_LISTEN", "127.0.0.1:0")
+        .env_remove("DEEPSEEK_API_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let (mut key, mut base, mut curl) = (None, None, false);
+    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("demo prints")
+    {
+        if let Some(k) = line.strip_prefix("key:") {
+            key = Some(k.trim().to_string());
+        }
+        if let Some(b) = line.strip_prefix("base URL:") {
+            base = Some(b.trim().to_string());
+        }
+        curl |= line.starts_with("curl ");
+        if line.starts_with("Ctrl-C") {
+            break;
+        }
+    }
+    let (key, base) = (key.expect("a key"), base.expect("a base URL"));
+    assert!(key.starts_with("sk-sluice-") && curl);
+    assert!(
+        base.starts_with("http://127.0.0.1:") && base.ends_with("/v1"),
+        "{base}"
+    );
+    let r = call(
+        &format!("{base}/chat/completions"),
+        &key,
+        &chat_stream("hello demo"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
+    signal(&child.id().expect("pid").to_string(), "-INT");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGINT drains and exits 0 like SIGTERM"
+    );
+}
