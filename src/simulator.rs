@@ -391,11 +391,15 @@ fn whole_response(completion: Value, faults: &Faults) -> Response<SimBody> {
     respond(StatusCode::OK, "application/json", SimBody::Chan(rx))
 }
 
-fn stream_response(
-    events: Vec<Bytes>,
-    faults: &Faults,
-    stats: &Arc<SimStats>,
-) -> Response<SimBody> {
+/// A stream's events, and how many of them (the first ones) are content,
+/// paced by `x-sim-chunk-delay-ms`; the usage chunk and `[DONE]` follow the
+/// last content chunk at once, as DeepSeek sends them.
+struct Events {
+    all: Vec<Bytes>,
+    paced: usize,
+}
+
+fn stream_response(events: Events, faults: &Faults, stats: &Arc<SimStats>) -> Response<SimBody> {
     let keepalives = faults.keepalive;
     let instant = faults.chunk_delay.is_zero()
         && faults.die_after.is_none()
@@ -405,7 +409,7 @@ fn stream_response(
         && keepalives == 0;
     let mut r = if instant {
         // Fast path for benchmarks: the whole stream in one write.
-        let all: Vec<u8> = events.iter().flat_map(|e| e.iter().copied()).collect();
+        let all: Vec<u8> = events.all.iter().flat_map(|e| e.iter().copied()).collect();
         respond(
             StatusCode::OK,
             "text/event-stream",
@@ -437,7 +441,8 @@ fn stream_response(
                 // Headers (and keep-alives) went out; the events never come.
                 std::future::pending::<()>().await;
             }
-            for (i, ev) in events.into_iter().enumerate() {
+            let paced = events.paced;
+            for (i, ev) in events.all.into_iter().enumerate() {
                 if die_after == Some(i) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     let _ = tx.send(Err(std::io::Error::other("simulated death"))).await;
@@ -448,11 +453,7 @@ fn stream_response(
                         .send(Ok(Bytes::from_static(b"data: {this is not json\n\n")))
                         .await;
                 }
-                // Like DeepSeek, the usage chunk and [DONE] follow the last
-                // content chunk at once; only content is paced.
-                let trailer = ev.starts_with(b"data: [DONE]")
-                    || ev.windows(12).any(|w| w == b"\"choices\":[]");
-                if i > 0 && !delay.is_zero() && !trailer {
+                if i > 0 && i < paced && !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
                 if tx.send(Ok(ev)).await.is_err() {
@@ -613,7 +614,7 @@ impl Answer {
         v
     }
 
-    fn events(&self, include_usage: bool) -> Vec<Bytes> {
+    fn events(&self, include_usage: bool) -> Events {
         let object = if self.fim {
             "text_completion"
         } else {
@@ -661,10 +662,11 @@ impl Answer {
             }
             out.push(event(json!([{"index": 0, "delta": {"content": ""}, "logprobs": null, "finish_reason": self.finish_reason()}]), None));
         }
+        let paced = out.len();
         if include_usage {
             out.push(event(json!([]), Some(self.usage())));
         }
         out.push(Bytes::from_static(b"data: [DONE]\n\n"));
-        out
+        Events { all: out, paced }
     }
 }
