@@ -1,5 +1,5 @@
-//! Listeners: the client API (hyper-util's auto builder: HTTP/1.1 and h2c,
-//! header read timeout, `TCP_NODELAY`), the admin listener (`/metrics`,
+//! Listeners: the client API (HTTP/1.1 and h2c told apart by a peek at the
+//! first bytes, header read timeout, `TCP_NODELAY`), the admin listener (`/metrics`,
 //! `/healthz`, `/readyz`), graceful shutdown and the balance poller.
 //! `Gateway` is the seam the binary, `sluice demo` and the tests all start.
 
@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::{Config, Secret};
@@ -106,16 +106,7 @@ impl Gateway {
         let poller = tokio::spawn(poll_balance(Arc::clone(&app)));
 
         let config = app.snapshot.load().config.server.clone();
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
-            .keep_alive(true);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Some(Duration::from_secs(30)));
+        let protocols = Arc::new(Protocols::new(config.header_read_timeout));
         let graceful = GracefulShutdown::new();
 
         tokio::pin!(shutdown);
@@ -132,7 +123,7 @@ impl Gateway {
                             continue;
                         }
                     };
-                    serve_connection(&builder, &graceful, stream, Arc::clone(&app));
+                    serve_connection(&protocols, graceful.watcher(), stream, Arc::clone(&app));
                 }
                 () = &mut shutdown => break,
             }
@@ -160,25 +151,101 @@ impl Gateway {
     }
 }
 
+/// The opening bytes of an HTTP/2 connection (RFC 9113 §3.4); a client
+/// with prior knowledge of h2c starts with them, an HTTP/1.1 client cannot.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How client connections are served, built once.
+struct Protocols {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    /// For the rare client whose first segment is a partial preface.
+    auto: auto::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+}
+
+impl Protocols {
+    fn new(header_read_timeout: Duration) -> Protocols {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .keep_alive(true);
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .keep_alive(true);
+        auto.http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        Protocols {
+            http1,
+            http2,
+            auto,
+            header_read_timeout,
+        }
+    }
+}
+
 fn serve_connection(
-    builder: &auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
+    protocols: &Arc<Protocols>,
+    watcher: Watcher,
     stream: TcpStream,
     app: Arc<App>,
 ) {
     // Never hold a small write back waiting for an ACK: a first SSE event
     // must leave at once.
     let _ = stream.set_nodelay(true);
-    let service = service_fn(move |req| crate::proxy::handle(Arc::clone(&app), req));
-    let conn = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .into_owned();
-    let conn = graceful.watch(conn);
+    let protocols = Arc::clone(protocols);
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "client connection ended with an error");
+        // The protocol is told from a peek, not a read, so hyper's own first
+        // read gets the whole segment. (hyper-util's auto builder reads the
+        // first 24 bytes itself and hands them over; hyper's read buffer
+        // then doubles to 16 KiB on the next read, for every connection.)
+        let mut head = [0u8; H2_PREFACE.len()];
+        let peeked =
+            tokio::time::timeout(protocols.header_read_timeout, stream.peek(&mut head)).await;
+        let n = match peeked {
+            Ok(Ok(n)) if n > 0 => n,
+            // Closed, failed, or silent for the header read timeout.
+            _ => return,
+        };
+        let service = service_fn(move |req| crate::proxy::handle(Arc::clone(&app), req));
+        let io = TokioIo::new(stream);
+        // The rarer protocols are boxed, so every connection's task is only
+        // as large as an HTTP/1.1 connection needs.
+        if head[..n] == H2_PREFACE[..] {
+            Box::pin(watched(
+                watcher,
+                protocols.http2.serve_connection(io, service),
+            ))
+            .await;
+        } else if H2_PREFACE.starts_with(&head[..n]) {
+            Box::pin(watched(
+                watcher,
+                protocols.auto.serve_connection(io, service),
+            ))
+            .await;
+        } else {
+            watched(watcher, protocols.http1.serve_connection(io, service)).await;
         }
     });
+}
+
+/// Runs a client connection under graceful shutdown.
+async fn watched<C>(watcher: Watcher, conn: C)
+where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
 }
 
 async fn serve_admin(listener: TcpListener, app: Arc<App>) {

@@ -342,6 +342,10 @@ async fn slow_loris_is_dropped_and_others_are_served() {
     slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
         .await
         .expect("write");
+    // One that never sends a byte is dropped the same way.
+    let mut silent = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
     let r = call(
         &gw.url("/v1/chat/completions"),
         ALPHA,
@@ -357,6 +361,11 @@ async fn slow_loris_is_dropped_and_others_are_served() {
     assert!(read.is_ok());
     let text = String::from_utf8_lossy(&buf);
     assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut buf))
+        .await
+        .expect("a silent connection is closed within the timeout");
+    assert!(read.is_ok());
 }
 
 #[tokio::test]

@@ -423,3 +423,32 @@ async fn h2c_prior_knowledge_is_served() {
         .to_bytes();
     assert!(String::from_utf8_lossy(&body).ends_with("data: [DONE]\n\n"));
 }
+
+#[tokio::test]
+async fn a_request_trickled_byte_by_byte_is_served() {
+    // The protocol is told from the first segment; whatever that segment
+    // holds (here a lone "P", which could still be h2c's preface), the
+    // request is served as HTTP/1.1.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::start("").await;
+    let body = chat("trickle").to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALPHA}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut conn = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    conn.set_nodelay(true).expect("nodelay");
+    for b in head.as_bytes() {
+        conn.write_all(std::slice::from_ref(b))
+            .await
+            .expect("write");
+    }
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).await.expect("read");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("chat.completion"), "{text}");
+}
