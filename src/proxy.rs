@@ -480,8 +480,8 @@ async fn forward(
     mut sink: Sink,
 ) -> Result<Response<Body>, GatewayError> {
     let cfg = &snap.config.upstream;
-    let uri = snap
-        .upstream_uri(endpoint.upstream_path())
+    let target = snap
+        .upstream_target(endpoint.upstream_path())
         .ok_or(GatewayError::UpstreamUnreachable)?;
     let body = if api.stream {
         with_include_usage(&bytes, &api)
@@ -493,12 +493,7 @@ async fn forward(
     headers
         .entry(header::CONTENT_TYPE)
         .or_insert(HeaderValue::from_static("application/json"));
-    let outbound = Outbound {
-        method: Method::POST,
-        uri: uri.clone(),
-        headers,
-        body,
-    };
+    let outbound = Outbound::new(Method::POST, target, headers, body);
     let deadline = record.start + cfg.first_byte_timeout;
     let sent = app
         .upstream
@@ -700,15 +695,15 @@ async fn models(
     record: &mut Record,
 ) -> Result<Response<Body>, GatewayError> {
     let cfg = &snap.config.upstream;
-    let uri = snap
-        .upstream_uri(Endpoint::Models.upstream_path())
+    let target = snap
+        .upstream_target(Endpoint::Models.upstream_path())
         .ok_or(GatewayError::UpstreamUnreachable)?;
-    let outbound = Outbound {
-        method: Method::GET,
-        uri: uri.clone(),
-        headers: upstream_headers(headers, snap, &record.request_id),
-        body: Bytes::new(),
-    };
+    let outbound = Outbound::new(
+        Method::GET,
+        target,
+        upstream_headers(headers, snap, &record.request_id),
+        Bytes::new(),
+    );
     let deadline = record.start + cfg.first_byte_timeout;
     let sent = app
         .upstream

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, StatusCode};
 use http_body::Body as _;
-use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 
@@ -30,6 +29,7 @@ use crate::cache::{End, Entry, Head, Key, Leader, FLIGHT_LOG_MAX};
 use crate::error::{stream_error_event, GatewayError};
 use crate::sse::{self, Assembler, EventData, Framer, Shape, Usage};
 use crate::state::{App, Tenant};
+use crate::upstream::UpstreamBody;
 
 /// Who pays for the tokens of this upstream call.
 pub struct Meter {
@@ -77,7 +77,7 @@ enum Mode {
 }
 
 pub struct Relay {
-    upstream: Incoming,
+    upstream: UpstreamBody,
     mode: Mode,
     timer: Pin<Box<Sleep>>,
     idle: Duration,
@@ -107,7 +107,7 @@ impl Relay {
         reason = "each argument is a distinct part of the answer; a struct would only rename them"
     )]
     pub fn new(
-        upstream: Incoming,
+        upstream: UpstreamBody,
         status: StatusCode,
         content_type: Option<HeaderValue>,
         stream: Option<StreamOpts>,

@@ -334,19 +334,14 @@ async fn poll_balance(app: Arc<App>) {
 
 async fn fetch_balance(app: &App, snap: &crate::state::Snapshot) -> Result<(), String> {
     let cfg = &snap.config.upstream;
-    let uri = snap
-        .upstream_uri("/user/balance")
+    let target = snap
+        .upstream_target("/user/balance")
         .ok_or("no upstream URI")?;
     let mut headers = http::HeaderMap::new();
     if let Some(auth) = &snap.upstream_auth {
         headers.insert(header::AUTHORIZATION, auth.clone());
     }
-    let outbound = Outbound {
-        method: Method::GET,
-        uri: uri.clone(),
-        headers,
-        body: Bytes::new(),
-    };
+    let outbound = Outbound::new(Method::GET, target, headers, Bytes::new());
     let within = cfg.connect_timeout + Duration::from_secs(10);
     let sent = app
         .upstream

@@ -25,7 +25,8 @@
 //! | `x-sim-linger: 1` | the stream stays open after `data: [DONE]` |
 //! | `x-sim-close: 1` | the failing calls close the connection without answering |
 //!
-//! `GET /sim/stats` reports the number of completion calls as JSON.
+//! `GET /sim/stats` reports the number of completion calls and of
+//! connections accepted as JSON.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -50,6 +51,7 @@ use tokio::sync::mpsc;
 #[derive(Default)]
 pub struct SimStats {
     calls: AtomicU64,
+    connections: AtomicU64,
     aborted: AtomicU64,
     aborted_notify: tokio::sync::Notify,
     ids: AtomicU64,
@@ -84,6 +86,11 @@ impl Simulator {
     /// Completion calls received (chat, prefix, FIM), retries included.
     pub fn calls(&self) -> u64 {
         self.stats.calls.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted.
+    pub fn connections(&self) -> u64 {
+        self.stats.connections.load(Ordering::SeqCst)
     }
 
     /// Streams whose reader went away before the end (Sluice cancelled them).
@@ -126,6 +133,7 @@ pub async fn serve(listener: TcpListener, stats: Arc<SimStats>) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        stats.connections.fetch_add(1, Ordering::SeqCst);
         let stats = Arc::clone(&stats);
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(Arc::clone(&stats), req));
@@ -275,7 +283,10 @@ async fn handle(
         (&Method::GET, "/sim/stats") => {
             return Ok(json_response(
                 StatusCode::OK,
-                &json!({"calls": stats.calls.load(Ordering::SeqCst)}),
+                &json!({
+                    "calls": stats.calls.load(Ordering::SeqCst),
+                    "connections": stats.connections.load(Ordering::SeqCst),
+                }),
             ));
         }
         (

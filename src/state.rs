@@ -18,7 +18,7 @@ use crate::config::{CacheScope, Config, Pricing, Secret};
 use crate::limit::TenantLimits;
 use crate::metrics::{Metrics, ModelLabels, UsageHandles};
 use crate::routes::Endpoint;
-use crate::upstream::Upstream;
+use crate::upstream::{Target, Upstream};
 
 /// A fresh tenant key: `sk-sluice-` and 40 random alphanumerics.
 pub fn new_key() -> String {
@@ -71,8 +71,8 @@ pub struct Snapshot {
     pub models: ModelLabels,
     /// `Bearer <upstream key>`, built once; `None` for a keyless upstream.
     pub upstream_auth: Option<HeaderValue>,
-    /// Upstream URIs per endpoint, built once per config.
-    uris: HashMap<&'static str, http::Uri>,
+    /// Upstream targets per endpoint, built once per config.
+    targets: HashMap<&'static str, Target>,
 }
 
 impl Snapshot {
@@ -116,7 +116,7 @@ impl Snapshot {
                 v.set_sensitive(true);
                 v
             });
-        let uris = [
+        let targets = [
             Endpoint::Chat,
             Endpoint::ChatPrefix,
             Endpoint::Fim,
@@ -128,12 +128,12 @@ impl Snapshot {
         .filter_map(|path| {
             Some((
                 path,
-                format!("{}{path}", config.upstream.base_url).parse().ok()?,
+                Target::parse(&format!("{}{path}", config.upstream.base_url))?,
             ))
         })
         .collect();
         Snapshot {
-            uris,
+            targets,
             models,
             config,
             by_key,
@@ -156,10 +156,10 @@ impl Snapshot {
         self.by_key.get(&key_sha256(key)).cloned()
     }
 
-    /// The upstream URI for a path (`Endpoint::upstream_path` or
+    /// The upstream target for a path (`Endpoint::upstream_path` or
     /// `/user/balance`).
-    pub fn upstream_uri(&self, path: &str) -> Option<&http::Uri> {
-        self.uris.get(path)
+    pub fn upstream_target(&self, path: &str) -> Option<&Target> {
+        self.targets.get(path)
     }
 
     pub fn price(&self, model: &str) -> Option<&Pricing> {

@@ -1,31 +1,48 @@
-//! The only outbound code: a pooled hyper-util client (HTTP/1.1, a
-//! connection per in-flight request; rustls with the webpki roots), Sluice's own cap on
-//! in-flight upstream requests, and the retry loop of SPEC §3 (connect
-//! errors, connections broken before headers, 429/500/502/503; backoff with
-//! jitter; `retry-after` honoured up to 60 s; never once a byte went out).
+//! The only outbound code: Sluice's own pool of HTTP/1.1 connections over
+//! hyper's connection-level client (rustls with the webpki roots for
+//! https), its cap on in-flight upstream requests, and the retry loop of
+//! SPEC §3 (connect errors, connections broken before headers,
+//! 429/500/502/503; backoff with jitter; `retry-after` honoured up to 60 s;
+//! never once a byte went out).
+//!
+//! The pool is written here rather than taken from hyper-util's client
+//! because it is the request path's largest cost after the kernel: each
+//! connection is driven by the request using it (hyper's connection future
+//! is polled inside the request's own task, not spawned as a task of its
+//! own), so a response costs no wake-up of another task and no hop through
+//! a pool mutex. Idle connections wait in a lock-free queue.
 
-use std::sync::Arc;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, Method, Request, Response, StatusCode, Uri};
+use crossbeam_queue::ArrayQueue;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
+use hyper::client::conn::http1;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rand::Rng;
+use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower_service::Service;
 
 use crate::config::UpstreamConfig;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub struct Upstream {
-    client: HttpsClient,
+    connector: HttpsConnector<HttpConnector>,
+    pool: Arc<Pool>,
     /// `upstream.max_concurrent`; tokio's semaphore is fair (FIFO).
     slots: Option<Arc<Semaphore>>,
 }
@@ -33,7 +50,7 @@ pub struct Upstream {
 /// A response whose headers arrived, with the upstream slot it holds until
 /// its body is done.
 pub struct Sent {
-    pub response: Response<Incoming>,
+    pub response: Response<UpstreamBody>,
     pub slot: Option<OwnedSemaphorePermit>,
 }
 
@@ -47,22 +64,24 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
             .map_err(std::io::Error::other)?
             .https_or_http()
-            // HTTP/1.1 only: over HTTP/2 the client shares one connection per
-            // host and queues streams beyond the server's concurrency limit,
-            // so one team's long streams could hold up everyone's first byte.
+            // HTTP/1.1 only: over HTTP/2 one connection per host would carry
+            // every stream, queued beyond the server's concurrency limit, so
+            // one team's long streams could hold up everyone's first byte.
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
+        let pool = Arc::new(Pool {
+            idle: ArrayQueue::new(MAX_IDLE),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(reap(Arc::downgrade(&pool)));
+        }
         Ok(Upstream {
-            client,
+            connector,
+            pool,
             slots: (cfg.max_concurrent > 0).then(|| Arc::new(Semaphore::new(cfg.max_concurrent))),
         })
     }
@@ -89,8 +108,7 @@ impl Upstream {
                 }
             };
             let started = Instant::now();
-            let result =
-                tokio::time::timeout_at(deadline, self.client.request(req.attempt())).await;
+            let result = tokio::time::timeout_at(deadline, self.exchange(req)).await;
             metrics
                 .upstream_duration
                 .observe(started.elapsed().as_secs_f64());
@@ -139,31 +157,285 @@ impl Upstream {
             tokio::time::sleep(retry_in).await;
         }
     }
+
+    /// One request and its response head, on a pooled connection or a new
+    /// one.
+    async fn exchange(&self, req: &Outbound) -> Result<Response<UpstreamBody>, BoxError> {
+        if let Some(mut link) = self.pool.checkout(&req.target.origin) {
+            match link.round_trip(req.attempt()).await {
+                Ok(resp) => return Ok(self.pool.body(resp, link)),
+                // Closed by upstream while idle, before the request was
+                // written: it cost upstream nothing, so a new connection
+                // takes it without spending a retry.
+                Err(e) if e.is_canceled() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut link = self.connect(&req.target).await?;
+        let resp = link.round_trip(req.attempt()).await?;
+        Ok(self.pool.body(resp, link))
+    }
+
+    async fn connect(&self, target: &Target) -> Result<Box<Link>, BoxError> {
+        let mut connector = self.connector.clone();
+        poll_fn(|cx| connector.poll_ready(cx)).await?;
+        let io = connector.call(target.connect.clone()).await?;
+        let (tx, conn) = http1::handshake(io).await?;
+        Ok(Box::new(Link {
+            tx,
+            conn: Some(conn),
+            origin: target.origin.clone(),
+            idle_since: Instant::now(),
+        }))
+    }
+}
+
+/// Where one upstream URL is, parsed once per config: the scheme and
+/// authority pick and open the connection, the origin-form target goes on
+/// the request line, and `Host` names the authority.
+#[derive(Clone)]
+pub struct Target {
+    origin: Origin,
+    connect: Uri,
+    path: Uri,
+    host: HeaderValue,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+struct Origin {
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl Target {
+    /// `None` unless `url` is absolute (`http://` or `https://` and a host).
+    pub fn parse(url: &str) -> Option<Target> {
+        let connect: Uri = url.parse().ok()?;
+        let scheme = connect.scheme()?.clone();
+        let authority = connect.authority()?.clone();
+        let path = Uri::from(
+            connect
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let host = match authority.port_u16() {
+            Some(port) if port != default_port => format!("{}:{port}", authority.host()),
+            _ => authority.host().to_string(),
+        };
+        Some(Target {
+            host: HeaderValue::from_str(&host).ok()?,
+            origin: Origin { scheme, authority },
+            connect,
+            path,
+        })
+    }
+
+    /// The absolute URL.
+    pub fn uri(&self) -> &Uri {
+        &self.connect
+    }
 }
 
 /// One upstream request, built afresh for each attempt (hyper consumes a
 /// request; the body is a shared `Bytes`, the headers are cloned).
 pub struct Outbound {
-    pub method: Method,
-    pub uri: Uri,
-    pub headers: HeaderMap,
-    pub body: Bytes,
+    method: Method,
+    target: Target,
+    headers: HeaderMap,
+    body: Bytes,
 }
 
 impl Outbound {
+    /// `headers` gain the target's `Host`.
+    pub fn new(method: Method, target: &Target, mut headers: HeaderMap, body: Bytes) -> Outbound {
+        headers.insert(header::HOST, target.host.clone());
+        Outbound {
+            method,
+            target: target.clone(),
+            headers,
+            body,
+        }
+    }
+
     fn attempt(&self) -> Request<Full<Bytes>> {
         let mut r = Request::new(Full::new(self.body.clone()));
         *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.uri.clone();
+        *r.uri_mut() = self.target.path.clone();
         *r.headers_mut() = self.headers.clone();
         r
+    }
+}
+
+/// Idle connections kept, in all; more are closed as they come free.
+const MAX_IDLE: usize = 1024;
+/// An idle connection is closed after this long unused (checked every
+/// `REAP_EVERY`).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+const REAP_EVERY: Duration = Duration::from_secs(15);
+
+type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+
+/// An upstream connection. Nobody polls it while it is idle: an upstream
+/// that closed it is noticed when it is next taken out, by polling it once.
+struct Link {
+    tx: http1::SendRequest<Full<Bytes>>,
+    /// `None` once the connection ended.
+    conn: Option<http1::Connection<Io, Full<Bytes>>>,
+    origin: Origin,
+    idle_since: Instant,
+}
+
+impl Link {
+    /// Lets the connection read and write as far as it can; `false` once it
+    /// has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(conn) = &mut self.conn else {
+            return false;
+        };
+        match Pin::new(conn).poll(cx) {
+            Poll::Pending => true,
+            Poll::Ready(r) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+                self.conn = None;
+                false
+            }
+        }
+    }
+
+    /// Open, and waiting for its next request.
+    fn reusable(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(Waker::noop())) && self.tx.is_ready()
+    }
+
+    /// Writes `req` and reads the response head, driving the connection
+    /// from this task.
+    async fn round_trip(&mut self, req: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>> {
+        let mut response = pin!(self.tx.send_request(req));
+        poll_fn(|cx| {
+            if let Poll::Ready(r) = response.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+            self.drive(cx);
+            response.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
+struct Pool {
+    idle: ArrayQueue<Box<Link>>,
+}
+
+impl Pool {
+    fn checkout(&self, origin: &Origin) -> Option<Box<Link>> {
+        while let Some(mut link) = self.idle.pop() {
+            // Links to an origin a reload replaced are closed here.
+            if link.origin == *origin && link.reusable() {
+                return Some(link);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, mut link: Box<Link>) {
+        if link.reusable() {
+            link.idle_since = Instant::now();
+            // A full pool closes the connection.
+            let _ = self.idle.push(link);
+        }
+    }
+
+    fn body(self: &Arc<Pool>, resp: Response<Incoming>, link: Box<Link>) -> Response<UpstreamBody> {
+        resp.map(|body| UpstreamBody {
+            body,
+            link: Some(link),
+            pool: Arc::clone(self),
+            complete: false,
+        })
+    }
+}
+
+/// Closes connections idle past `IDLE_TIMEOUT` (and those upstream closed),
+/// until the pool is gone.
+async fn reap(pool: Weak<Pool>) {
+    let mut every = tokio::time::interval(REAP_EVERY);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        for _ in 0..pool.idle.len() {
+            let Some(mut link) = pool.idle.pop() else {
+                break;
+            };
+            if now.duration_since(link.idle_since) < IDLE_TIMEOUT && link.reusable() {
+                let _ = pool.idle.push(link);
+            }
+        }
+    }
+}
+
+/// An upstream response body. Reading it drives its connection, which goes
+/// back to the pool when the body was read to its end, and is closed
+/// otherwise (a client gone mid-answer, a timeout, an abandoned retry).
+pub struct UpstreamBody {
+    body: Incoming,
+    link: Option<Box<Link>>,
+    pool: Arc<Pool>,
+    complete: bool,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let mut polled = Pin::new(&mut this.body).poll_frame(cx);
+        if polled.is_pending() {
+            if let Some(link) = &mut this.link {
+                link.drive(cx);
+                polled = Pin::new(&mut this.body).poll_frame(cx);
+            }
+        }
+        if matches!(polled, Poll::Ready(None)) {
+            this.complete = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if self.complete || self.body.is_end_stream() {
+            if let Some(link) = self.link.take() {
+                self.pool.checkin(link);
+            }
+        }
     }
 }
 
 /// Reads a whole small upstream body (model lists, balances), bounded in
 /// size and time.
 pub async fn read_small(
-    body: Incoming,
+    body: UpstreamBody,
     limit: usize,
     within: Duration,
 ) -> Result<Bytes, GatewayError> {

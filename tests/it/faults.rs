@@ -521,3 +521,114 @@ async fn an_https_upstream_is_spoken_to_over_tls() {
         "no plain HTTP request reached the simulator"
     );
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let gw = TestGateway::start("").await;
+    for i in 0..4 {
+        let r = call(
+            &gw.url("/v1/chat/completions"),
+            ALPHA,
+            &chat(&format!("reuse {i}")),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    // A stream read to its end frees its connection too.
+    let r = call(
+        &gw.url("/v1/chat/completions"),
+        ALPHA,
+        &chat_stream("reuse stream"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let r = call(
+        &gw.url("/v1/chat/completions"),
+        ALPHA,
+        &chat("after the stream"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(gw.sim.calls(), 6);
+    assert_eq!(
+        gw.sim.connections(),
+        1,
+        "one upstream connection served all"
+    );
+}
+
+/// An upstream that answers one request per connection and then closes it,
+/// without saying so in the answer (as a server whose keep-alive timeout
+/// ran out would). Reports each connection it closed.
+async fn one_shot_upstream() -> (String, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Head, then a body of content-length bytes.
+            let complete = |seen: &[u8]| {
+                let text = String::from_utf8_lossy(seen);
+                let Some(end) = text.find("\r\n\r\n") else {
+                    return false;
+                };
+                let len = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                seen.len() >= end + 4 + len
+            };
+            while !complete(&seen) {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = r#"{"id":"x","object":"chat.completion","created":1,"model":"deepseek-chat","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(answer.as_bytes()).await;
+            drop(conn);
+            let _ = tx.send(());
+        }
+    });
+    (format!("http://{addr}"), rx)
+}
+
+#[tokio::test]
+async fn a_connection_upstream_closed_while_idle_is_not_used() {
+    let (upstream, mut closed) = one_shot_upstream().await;
+    // No retries: only noticing the closed connection keeps the second
+    // request from failing.
+    let gw = TestGateway::start_with(|c| {
+        let c = c.replace("max_retries = 2", "max_retries = 0");
+        let start = c.find("base_url = \"").expect("base_url") + "base_url = \"".len();
+        let end = start + c[start..].find('"').expect("quote");
+        format!("{}{upstream}{}", &c[..start], &c[end..])
+    })
+    .await;
+    for i in 0..3 {
+        let r = call(
+            &gw.url("/v1/chat/completions"),
+            ALPHA,
+            &chat(&format!("idle close {i}")),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
+        closed.recv().await.expect("upstream closed its connection");
+    }
+}
