@@ -17,7 +17,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::LimitSpec;
 use crate::error::{GatewayError, Limit};
@@ -201,23 +201,27 @@ pub struct Standings {
     pub tokens: Option<Standing>,
 }
 
+// Limit, remaining, reset; parsed once.
+static REQUEST_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+static TOKEN_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+
 impl Standings {
     /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`.
     pub fn write_headers(&self, h: &mut HeaderMap) {
-        for (suffix, standing) in [("requests", self.requests), ("tokens", self.tokens)] {
+        for (names, standing) in [
+            (&REQUEST_HEADERS, self.requests),
+            (&TOKEN_HEADERS, self.tokens),
+        ] {
             let Some(s) = standing else { continue };
-            let (limit, remaining, reset) = match suffix {
-                "requests" => (
-                    "x-ratelimit-limit-requests",
-                    "x-ratelimit-remaining-requests",
-                    "x-ratelimit-reset-requests",
-                ),
-                _ => (
-                    "x-ratelimit-limit-tokens",
-                    "x-ratelimit-remaining-tokens",
-                    "x-ratelimit-reset-tokens",
-                ),
-            };
+            let [limit, remaining, reset] = names;
             h.insert(limit, HeaderValue::from(s.limit));
             h.insert(remaining, HeaderValue::from(s.remaining));
             if let Ok(v) = HeaderValue::from_str(&format_reset(s.reset)) {

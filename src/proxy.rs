@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::Value;
@@ -34,6 +34,11 @@ use crate::routes::{self, Endpoint};
 use crate::sse::{self, DONE_EVENT};
 use crate::state::{App, Snapshot, Tenant};
 use crate::upstream::{read_small, strip_hop_by_hop, Outbound};
+
+// Parsed once: a `&str` name is parsed and validated on every use.
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_SLUICE_CACHE: HeaderName = HeaderName::from_static("x-sluice-cache");
+static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 /// Entry point for every client request.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
@@ -51,12 +56,12 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     };
     record.status = resp.status().as_u16();
     let h = resp.headers_mut();
-    h.insert("x-request-id", request_id);
+    h.insert(&X_REQUEST_ID, request_id);
     if record.tenant.is_some() {
         standings.write_headers(h);
     }
     if record.cache != "none" {
-        h.insert("x-sluice-cache", HeaderValue::from_static(record.cache));
+        h.insert(&X_SLUICE_CACHE, HeaderValue::from_static(record.cache));
     }
     resp.body_mut().set_record(record);
     Ok(resp)
@@ -448,11 +453,10 @@ fn upstream_headers(mut h: HeaderMap, snap: &Snapshot, request_id: &HeaderValue)
     ] {
         h.remove(name);
     }
-    h.remove("x-request-id");
     if let Some(auth) = &snap.upstream_auth {
         h.insert(header::AUTHORIZATION, auth.clone());
     }
-    h.insert("x-request-id", request_id.clone());
+    h.insert(&X_REQUEST_ID, request_id.clone());
     h
 }
 
@@ -460,7 +464,7 @@ fn upstream_headers(mut h: HeaderMap, snap: &Snapshot, request_id: &HeaderValue)
 /// a bad key, a bad request), SDKs are told not to.
 fn mark_no_retry(status: StatusCode, h: &mut HeaderMap) {
     if matches!(status.as_u16(), 400 | 401 | 402 | 403 | 404 | 422) {
-        h.insert("x-should-retry", HeaderValue::from_static("false"));
+        h.insert(&X_SHOULD_RETRY, HeaderValue::from_static("false"));
     }
 }
 
@@ -513,7 +517,7 @@ async fn forward(
     let is_sse = api.stream && parts.status == StatusCode::OK;
     let mut resp_headers = parts.headers;
     strip_hop_by_hop(&mut resp_headers);
-    resp_headers.remove("x-request-id");
+    resp_headers.remove(&X_REQUEST_ID);
     if is_sse {
         resp_headers.remove(header::CONTENT_LENGTH);
     }
@@ -744,7 +748,7 @@ fn filter_models(body: &[u8], tenant: &Tenant) -> Option<Bytes> {
 /// The client's `x-request-id` if it is 1–128 characters of
 /// `[A-Za-z0-9._-]`, else a fresh one.
 pub fn request_id(h: &HeaderMap) -> HeaderValue {
-    if let Some(v) = h.get("x-request-id") {
+    if let Some(v) = h.get(&X_REQUEST_ID) {
         let b = v.as_bytes();
         if (1..=128).contains(&b.len())
             && b.iter()
@@ -759,8 +763,9 @@ pub fn request_id(h: &HeaderMap) -> HeaderValue {
             }
         }
     }
-    let id: u128 = rand::random();
-    HeaderValue::from_str(&format!("req_{id:032x}")).unwrap_or(HeaderValue::from_static("req"))
+    let mut id = *b"req_00000000000000000000000000000000";
+    let _ = hex::encode_to_slice(rand::random::<[u8; 16]>(), &mut id[4..]);
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("req"))
 }
 
 #[cfg(test)]

@@ -79,9 +79,14 @@ enum Mode {
 pub struct Relay {
     upstream: UpstreamBody,
     mode: Mode,
-    timer: Pin<Box<Sleep>>,
+    /// When the current wait (first event, or the gap since the last one)
+    /// runs out.
+    deadline: Instant,
+    /// The timer and the grace watch are made on the first wait: an answer
+    /// that arrives whole never registers either.
+    timer: Option<Pin<Box<Sleep>>>,
     idle: Duration,
-    grace: Pin<Box<dyn Future<Output = ()> + Send>>,
+    grace: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     out: VecDeque<Bytes>,
     finished: bool,
     charged: bool,
@@ -116,12 +121,6 @@ impl Relay {
         sink: Sink,
         slot: Option<OwnedSemaphorePermit>,
     ) -> Relay {
-        let mut grace_rx = meter.app.lifecycle.grace_watch();
-        let grace = Box::pin(async move {
-            if grace_rx.wait_for(|over| *over).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        });
         let assembling = sink.store.is_some() || sink.leader.is_some();
         // Copied out of the upstream connection's read buffer, like the body.
         let content_type =
@@ -163,9 +162,10 @@ impl Relay {
         Relay {
             upstream,
             mode,
-            timer: Box::pin(tokio::time::sleep_until(deadline.into())),
+            deadline,
+            timer: None,
             idle,
-            grace,
+            grace: None,
             out: VecDeque::new(),
             finished: false,
             charged: false,
@@ -216,14 +216,30 @@ impl Relay {
                     }
                 }
             }
-            if self.timer.as_mut().poll(cx).is_ready() {
+            let deadline = tokio::time::Instant::from_std(self.deadline);
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
                 tracing::warn!("upstream went quiet past its timeout");
                 if let Some(err) = self.fail() {
                     return Poll::Ready(Some(Err(err)));
                 }
                 continue;
             }
-            if self.grace.as_mut().poll(cx).is_ready() {
+            let app = &self.meter.app;
+            let grace = self.grace.get_or_insert_with(|| {
+                let mut over = app.lifecycle.grace_watch();
+                Box::pin(async move {
+                    if over.wait_for(|over| *over).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                })
+            });
+            if grace.as_mut().poll(cx).is_ready() {
                 if let Some(err) = self.fail() {
                     return Poll::Ready(Some(Err(err)));
                 }
@@ -236,7 +252,7 @@ impl Relay {
     fn touch(&mut self) {
         let now = Instant::now();
         self.summary.first_event_at.get_or_insert(now);
-        self.timer.as_mut().reset((now + self.idle).into());
+        self.deadline = now + self.idle;
     }
 
     fn on_data(&mut self, data: Bytes) {
