@@ -246,8 +246,20 @@ async fn serve(config: Config, key: Secret, path: Option<PathBuf>) -> ExitCode {
     if let Some(path) = path {
         tokio::spawn(reload_on_sighup(handle, path));
     }
-    gateway.run(shutdown_signal()).await;
-    ExitCode::SUCCESS
+    serve_on_worker(gateway).await
+}
+
+/// Runs the gateway on a runtime worker rather than on the thread blocked on
+/// the runtime: a new connection is then accepted and served by the same
+/// thread, without waking another one.
+async fn serve_on_worker(gateway: Gateway) -> ExitCode {
+    match tokio::spawn(gateway.run(shutdown_signal())).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("gateway stopped: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -373,7 +385,7 @@ output = 0.42
          Ctrl-C stops it.\n",
         gateway.admin_addr()
     ));
-    gateway.run(shutdown_signal()).await;
+    let code = serve_on_worker(gateway).await;
     drop(sim);
-    ExitCode::SUCCESS
+    code
 }
