@@ -218,19 +218,20 @@ fn serve_connection(
         let service = service_fn(move |req| crate::proxy::handle(Arc::clone(&app), req));
         let io = TokioIo::new(stream);
         // The rarer protocols are boxed, so every connection's task is only
-        // as large as an HTTP/1.1 connection needs.
+        // as large as an HTTP/1.1 connection needs. (Bound by `let`: a
+        // temporary in the awaiting statement would be kept in the task.)
         if head[..n] == H2_PREFACE[..] {
-            Box::pin(watched(
+            let conn = Box::pin(watched(
                 watcher,
                 protocols.http2.serve_connection(io, service),
-            ))
-            .await;
+            ));
+            conn.await;
         } else if H2_PREFACE.starts_with(&head[..n]) {
-            Box::pin(watched(
+            let conn = Box::pin(watched(
                 watcher,
                 protocols.auto.serve_connection(io, service),
-            ))
-            .await;
+            ));
+            conn.await;
         } else {
             watched(watcher, protocols.http1.serve_connection(io, service)).await;
         }
