@@ -404,45 +404,51 @@ async fn one_stream(client: &StreamClient, addr: SocketAddr) -> (Duration, Durat
     (first.expect("an event"), t0.elapsed())
 }
 
-/// `rounds` × 32 concurrent streams of 20 chunks 5 ms apart: first-event
-/// latency and total stream time.
-async fn streams(addr: SocketAddr, rounds: usize) -> (Duration, Duration, Duration) {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(64)
-        .build_http();
-    let mut first = Vec::new();
-    let mut total = Vec::new();
-    for _ in 0..rounds {
-        let mut tasks = Vec::new();
-        for _ in 0..32 {
-            let client = client.clone();
-            tasks.push(tokio::spawn(async move { one_stream(&client, addr).await }));
-        }
-        for t in tasks {
-            let (f, all) = t.await.expect("task");
-            first.push(f);
-            total.push(all);
-        }
-    }
-    first.sort();
-    total.sort();
-    (
-        percentile(&first, 0.5),
-        percentile(&first, 0.99),
-        percentile(&total, 0.5),
-    )
+/// Stream latencies of one target: first event (32 concurrent), whole
+/// stream (32 concurrent), first event (one at a time).
+#[derive(Default)]
+struct StreamTimes {
+    first: Vec<Duration>,
+    total: Vec<Duration>,
+    lone: Vec<Duration>,
 }
 
-/// One stream at a time, `n` times: the first-event latency a single
-/// client sees, without 32 streams competing for the load generator.
-async fn lone_streams(addr: SocketAddr, n: usize) -> (Duration, Duration) {
-    let client: StreamClient = Client::builder(TokioExecutor::new()).build_http();
-    let mut first = Vec::with_capacity(n);
-    for _ in 0..n {
-        first.push(one_stream(&client, addr).await.0);
+/// `rounds` rounds; in each, every target in turn gets 32 concurrent streams
+/// of 20 chunks 5 ms apart, then 10 streams one at a time. Targets are
+/// interleaved round by round, so drift on a shared machine hits them alike.
+async fn streams(targets: &[SocketAddr], rounds: usize) -> Vec<StreamTimes> {
+    let clients: Vec<StreamClient> = targets
+        .iter()
+        .map(|_| {
+            Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(64)
+                .build_http()
+        })
+        .collect();
+    let mut times: Vec<StreamTimes> = targets.iter().map(|_| StreamTimes::default()).collect();
+    for _ in 0..rounds {
+        for ((addr, client), t) in targets.iter().zip(&clients).zip(&mut times) {
+            let mut tasks = Vec::new();
+            for _ in 0..32 {
+                let (client, addr) = (client.clone(), *addr);
+                tasks.push(tokio::spawn(async move { one_stream(&client, addr).await }));
+            }
+            for task in tasks {
+                let (f, all) = task.await.expect("task");
+                t.first.push(f);
+                t.total.push(all);
+            }
+            for _ in 0..10 {
+                t.lone.push(one_stream(client, *addr).await.0);
+            }
+        }
     }
-    first.sort();
-    (percentile(&first, 0.5), percentile(&first, 0.99))
+    for t in &mut times {
+        t.first.sort();
+        t.total.sort();
+        t.lone.sort();
+    }
+    times
 }
 
 /// Holds `n` idle streams open through Sluice and reports its RSS.
@@ -543,14 +549,27 @@ fn main() {
 
     println!("\n| target | req/s @64 conns | CPU µs/req (proxy) | core 0 / core 1 busy | p50 ms @500 rps | p99 ms @500 rps | peak RSS MiB |");
     println!("|---|---|---|---|---|---|---|");
+    // Throughput in `REPS` passes over the targets, round robin, so drift on
+    // a shared machine hits every target alike; requests, CPU time and busy
+    // fractions are summed over the passes.
+    const REPS: usize = 3;
+    let mut sums: Vec<(u64, u64, Vec<f64>)> = rows.iter().map(|_| (0, 0, Vec::new())).collect();
+    for _ in 0..REPS {
+        for ((_, proc_, addr), sum) in rows.iter().zip(&mut sums) {
+            let cpu0 = proc_.map(Proc::cpu_us).unwrap_or(0);
+            let (done, busy) = core_busy(|| rt.block_on(throughput(*addr, 64, dur)));
+            sum.0 += done;
+            sum.1 += proc_.map(Proc::cpu_us).unwrap_or(0) - cpu0;
+            sum.2.resize(busy.len(), 0.0);
+            for (s, b) in sum.2.iter_mut().zip(&busy) {
+                *s += b / REPS as f64;
+            }
+        }
+    }
     let mut results = Vec::new();
-    for (name, proc_, addr) in &rows {
-        let cpu0 = proc_.map(Proc::cpu_us);
-        let (done, busy) = core_busy(|| rt.block_on(throughput(*addr, 64, dur)));
-        let cpu = proc_
-            .zip(cpu0)
-            .map(|(p, c0)| (p.cpu_us() - c0) as f64 / done as f64);
-        let rps = done as f64 / dur.as_secs_f64();
+    for ((name, proc_, addr), (done, cpu_us, busy)) in rows.iter().zip(&sums) {
+        let cpu = proc_.map(|_| *cpu_us as f64 / *done as f64);
+        let rps = *done as f64 / (dur.as_secs_f64() * REPS as f64);
         let (p50, p99) = rt.block_on(fixed_rate(*addr, 500, dur));
         let rss = proc_.map(|p| p.rss_kib().0 as f64 / 1024.0);
         println!(
@@ -593,16 +612,16 @@ fn main() {
     if let Ok((_, addr)) = &nginx {
         stream_rows.insert(1, ("nginx", *addr));
     }
-    for (name, addr) in stream_rows {
-        let (f50, f99, t50) = rt.block_on(streams(addr, rounds));
-        let (l50, l99) = rt.block_on(lone_streams(addr, rounds * 10));
+    let addrs: Vec<SocketAddr> = stream_rows.iter().map(|r| r.1).collect();
+    let times = rt.block_on(streams(&addrs, rounds));
+    for ((name, _), t) in stream_rows.iter().zip(&times) {
         println!(
             "| {name} | {} | {} | {} | {} | {} |",
-            ms(f50),
-            ms(f99),
-            ms(t50),
-            ms(l50),
-            ms(l99)
+            ms(percentile(&t.first, 0.5)),
+            ms(percentile(&t.first, 0.99)),
+            ms(percentile(&t.total, 0.5)),
+            ms(percentile(&t.lone, 0.5)),
+            ms(percentile(&t.lone, 0.99))
         );
     }
 

@@ -272,8 +272,18 @@ async fn runs_logs_json_reloads_on_sighup_and_stops_on_sigterm() {
 
 #[tokio::test]
 async fn demo_serves_a_working_key_without_any_setup() {
+    // One worker: tokio's single-threaded scheduler (main thread and the log
+    // writer); more: the multi-threaded one.
+    assert_eq!(demo_with_workers("1").await, 2);
+    assert_eq!(demo_with_workers("2").await, 4);
+}
+
+/// Runs `sluice demo` with `TOKIO_WORKER_THREADS=workers` through a stream
+/// and a SIGINT; returns its thread count while serving.
+async fn demo_with_workers(workers: &str) -> usize {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .arg("demo")
+        .env("TOKIO_WORKER_THREADS", workers)
         .env("SLUICE_LISTEN", "127.0.0.1:0")
         .env("SLUICE_ADMIN_LISTEN", "127.0.0.1:0")
         .env_remove("DEEPSEEK_API_KEY")
@@ -315,7 +325,14 @@ async fn demo_serves_a_working_key_without_any_setup() {
     .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
-    signal(&child.id().expect("pid").to_string(), "-INT");
+    let pid = child.id().expect("pid").to_string();
+    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("thread count");
+    signal(&pid, "-INT");
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("exits")
@@ -325,4 +342,5 @@ async fn demo_serves_a_working_key_without_any_setup() {
         Some(0),
         "SIGINT drains and exits 0 like SIGTERM"
     );
+    threads
 }
