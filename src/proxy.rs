@@ -43,7 +43,7 @@ static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 /// Entry point for every client request.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    let request_id = request_id(req.headers());
+    let request_id = app.request_ids.of(req.headers());
     let mut record = Box::new(Record::new(Arc::clone(&app), request_id.clone(), start));
     let snap = app.snapshot.load_full();
     let mut standings = Standings::default();
@@ -747,25 +747,46 @@ fn filter_models(body: &[u8], tenant: &Tenant) -> Option<Bytes> {
 
 /// The client's `x-request-id` if it is 1–128 characters of
 /// `[A-Za-z0-9._-]`, else a fresh one.
-pub fn request_id(h: &HeaderMap) -> HeaderValue {
-    if let Some(v) = h.get(&X_REQUEST_ID) {
-        let b = v.as_bytes();
-        if (1..=128).contains(&b.len())
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
-        {
-            // A copy, not `v.clone()`: the client's header value is a slice
-            // of the connection's read buffer, and this id lives as long as
-            // the response; holding the slice would pin that buffer for the
-            // whole stream.
-            if let Ok(owned) = HeaderValue::from_bytes(b) {
-                return owned;
-            }
+/// Makes request ids: a random prefix per gateway and a counter, unique
+/// without drawing random bytes per request.
+pub struct RequestIds {
+    prefix: u64,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> RequestIds {
+        RequestIds {
+            prefix: rand::random(),
+            next: std::sync::atomic::AtomicU64::new(0),
         }
     }
-    let mut id = *b"req_00000000000000000000000000000000";
-    let _ = hex::encode_to_slice(rand::random::<[u8; 16]>(), &mut id[4..]);
-    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("req"))
+}
+
+impl RequestIds {
+    /// The client's `x-request-id` when it is a sane one, else a new id.
+    pub fn of(&self, h: &HeaderMap) -> HeaderValue {
+        if let Some(v) = h.get(&X_REQUEST_ID) {
+            let b = v.as_bytes();
+            if (1..=128).contains(&b.len())
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
+            {
+                // A copy, not `v.clone()`: the client's header value is a
+                // slice of the connection's read buffer, and this id lives as
+                // long as the response; holding the slice would pin that
+                // buffer for the whole stream.
+                if let Ok(owned) = HeaderValue::from_bytes(b) {
+                    return owned;
+                }
+            }
+        }
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut id = *b"req_00000000000000000000000000000000";
+        let _ = hex::encode_to_slice(self.prefix.to_be_bytes(), &mut id[4..20]);
+        let _ = hex::encode_to_slice(n.to_be_bytes(), &mut id[20..]);
+        HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("req"))
+    }
 }
 
 #[cfg(test)]
@@ -868,13 +889,16 @@ mod tests {
     fn request_ids() {
         let mut h = HeaderMap::new();
         h.insert("x-request-id", HeaderValue::from_static("abc-1.2_3"));
-        assert_eq!(request_id(&h), "abc-1.2_3");
+        let ids = RequestIds::default();
+        assert_eq!(ids.of(&h), "abc-1.2_3");
         h.insert("x-request-id", HeaderValue::from_static("bad id"));
-        assert_ne!(request_id(&h), "bad id");
+        assert_ne!(ids.of(&h), "bad id");
         h.insert(
             "x-request-id",
             HeaderValue::from_str(&"a".repeat(129)).expect("v"),
         );
-        assert_eq!(request_id(&h).len(), 36);
+        let (a, b) = (ids.of(&h), ids.of(&h));
+        assert_eq!(a.len(), 36);
+        assert_ne!(a, b, "each request gets its own id");
     }
 }

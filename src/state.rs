@@ -213,6 +213,7 @@ pub struct App {
     pub flights: Arc<Flights>,
     pub upstream: Upstream,
     pub lifecycle: Lifecycle,
+    pub request_ids: crate::proxy::RequestIds,
 }
 
 impl App {
@@ -228,6 +229,7 @@ impl App {
             flights: Arc::new(Flights::default()),
             upstream,
             lifecycle: Lifecycle::default(),
+            request_ids: crate::proxy::RequestIds::default(),
         })
     }
 

@@ -308,7 +308,8 @@ impl Link {
         }
     }
 
-    /// Open, and waiting for its next request.
+    /// Open, and waiting for its next request: polled once, so a close
+    /// that arrived while nobody was looking is seen.
     fn reusable(&mut self) -> bool {
         self.drive(&mut Context::from_waker(Waker::noop())) && self.tx.is_ready()
     }
@@ -344,7 +345,9 @@ impl Pool {
     }
 
     fn checkin(&self, mut link: Box<Link>) {
-        if link.reusable() {
+        // The body was just read through this connection: it is ready for
+        // the next request unless hyper has yet to see the end.
+        if link.conn.is_some() && link.tx.is_ready() || link.reusable() {
             link.idle_since = Instant::now();
             // A full pool closes the connection.
             let _ = self.idle.push(link);
