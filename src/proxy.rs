@@ -128,7 +128,9 @@ async fn serve(
     record.permit = limits.acquire()?;
 
     if endpoint == Endpoint::Models {
-        return models(app, snap, &tenant, headers, record).await;
+        // The rarer paths are boxed so the common one's future stays small.
+        let listing = Box::pin(models(app, snap, &tenant, headers, record));
+        return listing.await;
     }
 
     // 4. Body.
@@ -161,7 +163,8 @@ async fn serve(
         }
         if let Some(flight) = app.flights.follow(&key) {
             record.cache = "coalesced";
-            return follow(app, flight, &api, record).await;
+            let following = Box::pin(follow(app, flight, &api, record));
+            return following.await;
         }
     }
 
@@ -178,7 +181,8 @@ async fn serve(
             Join::Lead(l) => leader = Some(l),
             Join::Follow(flight) => {
                 record.cache = "coalesced";
-                return follow(app, flight, &api, record).await;
+                let following = Box::pin(follow(app, flight, &api, record));
+                return following.await;
             }
         }
     }

@@ -173,7 +173,11 @@ impl Upstream {
                 Err(e) => return Err(e.into()),
             }
         }
-        let mut link = self.connect(&req.target).await?;
+        // Boxed (and bound by `let`, so no temporary stays in this future):
+        // a new connection is the rare path, and its future, holding a TLS
+        // stream, is larger than all the rest of a request's.
+        let connecting = Box::pin(self.connect(&req.target));
+        let mut link = connecting.await?;
         let resp = link.round_trip(req.attempt()).await?;
         Ok(self.pool.body(resp, link))
     }
