@@ -50,7 +50,31 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     // Boxed: hyper keeps the slot of a connection's in-flight service future
     // for the connection's lifetime, so an unboxed request path (a few KiB)
     // would stay allocated for every open stream.
-    let mut resp = match Box::pin(serve(&app, &snap, req, &mut record, &mut standings)).await {
+    // 1. Route, and detach the head: its values are slices of the
+    // connection's read buffer, which hyper can reuse for its next read only
+    // once nothing points into it. (Done here, so the request's parts take
+    // no room in the request path's future.)
+    let (parts, body) = req.into_parts();
+    let routed = routes::route(&parts.method, parts.uri.path());
+    let headers = detach_headers(&parts.headers);
+    drop(parts);
+    let served = match routed {
+        Ok(endpoint) => {
+            record.endpoint = endpoint.label();
+            let serving = Box::pin(serve(
+                &app,
+                &snap,
+                endpoint,
+                headers,
+                body,
+                &mut record,
+                &mut standings,
+            ));
+            serving.await
+        }
+        Err(e) => Err(e),
+    };
+    let mut resp = match served {
         Ok(resp) => resp,
         Err(e) => refuse(&app, &mut record, e),
     };
@@ -91,23 +115,16 @@ fn refuse(app: &App, record: &mut Record, e: GatewayError) -> Response<Body> {
     e.into_response()
 }
 
+/// Steps 2 to 7, for a routed request.
 async fn serve(
     app: &Arc<App>,
     snap: &Arc<Snapshot>,
-    req: Request<Incoming>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Incoming,
     record: &mut Record,
     standings: &mut Standings,
 ) -> Result<Response<Body>, GatewayError> {
-    // 1. Route.
-    let endpoint = routes::route(req.method(), req.uri().path())?;
-    record.endpoint = endpoint.label();
-    // Before the first await: the head's values are slices of the
-    // connection's read buffer, which hyper can reuse for its next read only
-    // once nothing points into it.
-    let (parts, body) = req.into_parts();
-    let headers = detach_headers(&parts.headers);
-    drop(parts);
-
     // 2. Auth.
     let Some(tenant) = snap.authenticate(&headers) else {
         app.metrics.auth_failures.inc();

@@ -95,7 +95,7 @@ impl Upstream {
         cfg: &UpstreamConfig,
         metrics: &Metrics,
         deadline: Instant,
-        req: &Outbound,
+        req: &Outbound<'_>,
     ) -> Result<Sent, GatewayError> {
         let deadline = tokio::time::Instant::from_std(deadline);
         let mut attempt = 0u32;
@@ -162,7 +162,7 @@ impl Upstream {
 
     /// One request and its response head, on a pooled connection or a new
     /// one.
-    async fn exchange(&self, req: &Outbound) -> Result<Response<UpstreamBody>, BoxError> {
+    async fn exchange(&self, req: &Outbound<'_>) -> Result<Response<UpstreamBody>, BoxError> {
         if let Some(mut link) = self.pool.checkout(&req.target.origin) {
             match link.round_trip(req.attempt()).await {
                 Ok(resp) => return Ok(self.pool.body(resp, link)),
@@ -176,7 +176,7 @@ impl Upstream {
         // Boxed (and bound by `let`, so no temporary stays in this future):
         // a new connection is the rare path, and its future, holding a TLS
         // stream, is larger than all the rest of a request's.
-        let connecting = Box::pin(self.connect(&req.target));
+        let connecting = Box::pin(self.connect(req.target));
         let mut link = connecting.await?;
         let resp = link.round_trip(req.attempt()).await?;
         Ok(self.pool.body(resp, link))
@@ -246,20 +246,21 @@ impl Target {
 
 /// One upstream request, built afresh for each attempt (hyper consumes a
 /// request; the body is a shared `Bytes`, the headers are cloned).
-pub struct Outbound {
+pub struct Outbound<'a> {
     method: Method,
-    target: Target,
+    /// Borrowed from the config snapshot the request holds.
+    target: &'a Target,
     headers: HeaderMap,
     body: Bytes,
 }
 
-impl Outbound {
+impl<'a> Outbound<'a> {
     /// `headers` gain the target's `Host`.
-    pub fn new(method: Method, target: &Target, mut headers: HeaderMap, body: Bytes) -> Outbound {
+    pub fn new(method: Method, target: &'a Target, mut headers: HeaderMap, body: Bytes) -> Self {
         headers.insert(header::HOST, target.host.clone());
         Outbound {
             method,
-            target: target.clone(),
+            target,
             headers,
             body,
         }
