@@ -49,19 +49,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     let mut standings = Standings::default();
     // Boxed: hyper keeps the slot of a connection's in-flight service future
     // for the connection's lifetime, so an unboxed request path (a few KiB)
-    // would stay allocated for every open stream.
-    // 1. Route, and detach the head: its values are slices of the
-    // connection's read buffer, which hyper can reuse for its next read only
-    // once nothing points into it. (Done here, so the request's parts take
-    // no room in the request path's future.)
-    let (parts, body) = req.into_parts();
-    let routed = routes::route(&parts.method, parts.uri.path());
-    let headers = detach_headers(&parts.headers);
-    drop(parts);
-    let served = match routed {
-        Ok(endpoint) => {
-            record.endpoint = endpoint.label();
-            let serving = Box::pin(serve(
+    // would stay allocated for every open stream. Nothing of the request's
+    // head stays in this future either: it is taken apart in one statement.
+    let served = {
+        let serving = match route(req, &mut record) {
+            Ok((endpoint, headers, body)) => Ok(Box::pin(serve(
                 &app,
                 &snap,
                 endpoint,
@@ -69,10 +61,13 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
                 body,
                 &mut record,
                 &mut standings,
-            ));
-            serving.await
+            ))),
+            Err(e) => Err(e),
+        };
+        match serving {
+            Ok(serving) => serving.await,
+            Err(e) => Err(e),
         }
-        Err(e) => Err(e),
     };
     let mut resp = match served {
         Ok(resp) => resp,
@@ -89,6 +84,19 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     }
     resp.body_mut().set_record(record);
     Ok(resp)
+}
+
+/// Step 1: route, and detach the head. Its values are slices of the
+/// connection's read buffer, which hyper can reuse for its next read only
+/// once nothing points into it.
+fn route(
+    req: Request<Incoming>,
+    record: &mut Record,
+) -> Result<(Endpoint, HeaderMap, Incoming), GatewayError> {
+    let (parts, body) = req.into_parts();
+    let endpoint = routes::route(&parts.method, parts.uri.path())?;
+    record.endpoint = endpoint.label();
+    Ok((endpoint, detach_headers(&parts.headers), body))
 }
 
 fn refuse(app: &App, record: &mut Record, e: GatewayError) -> Response<Body> {

@@ -255,9 +255,14 @@ pub struct Outbound<'a> {
 }
 
 impl<'a> Outbound<'a> {
-    /// `headers` gain the target's `Host`.
+    /// `headers` gain the target's `Host`, and `Content-Length` for a body
+    /// (set here, hyper would add it to each attempt's copy of the map and
+    /// grow it).
     pub fn new(method: Method, target: &'a Target, mut headers: HeaderMap, body: Bytes) -> Self {
         headers.insert(header::HOST, target.host.clone());
+        if !body.is_empty() {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
         Outbound {
             method,
             target,
