@@ -525,33 +525,15 @@ async fn an_https_upstream_is_spoken_to_over_tls() {
 #[tokio::test]
 async fn upstream_connections_are_reused() {
     let gw = TestGateway::start("").await;
-    for i in 0..4 {
-        let r = call(
-            &gw.url("/v1/chat/completions"),
-            ALPHA,
-            &chat(&format!("reuse {i}")),
-            &[],
-        )
-        .await;
+    // Answers, a stream read to its end, and an answer after it: each frees
+    // the connection for the next.
+    let bodies = (0..4)
+        .map(|i| chat(&format!("reuse {i}")))
+        .chain([chat_stream("reuse stream"), chat("after the stream")]);
+    for body in bodies {
+        let r = call(&gw.url("/v1/chat/completions"), ALPHA, &body, &[]).await;
         assert_eq!(r.status, 200);
     }
-    // A stream read to its end frees its connection too.
-    let r = call(
-        &gw.url("/v1/chat/completions"),
-        ALPHA,
-        &chat_stream("reuse stream"),
-        &[],
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    let r = call(
-        &gw.url("/v1/chat/completions"),
-        ALPHA,
-        &chat("after the stream"),
-        &[],
-    )
-    .await;
-    assert_eq!(r.status, 200);
     assert_eq!(gw.sim.calls(), 6);
     assert_eq!(
         gw.sim.connections(),
