@@ -620,7 +620,7 @@ async fn follow(
             let tenant = record.tenant.as_ref().map_or("unknown", |t| &t.name);
             let model = record.model.as_deref().unwrap_or(crate::metrics::OTHER);
             let saved = match &record.tenant {
-                Some(t) => t.usage(model, &app.metrics).saved,
+                Some(t) => t.usage(model, &app.metrics).saved.clone(),
                 None => app.metrics.tokens_saved.with_label_values(&[tenant, model]),
             };
             return Ok(stream_follower(saved, flight, p.events, api.include_usage));

@@ -3,6 +3,7 @@
 //! so every request reads it without a lock, plus what lives for the whole
 //! process (metrics, cache, in-flight map, upstream client, shutdown state).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -52,13 +53,14 @@ impl Tenant {
         self.models.is_empty() || self.models.iter().any(|m| m == model)
     }
 
-    /// The usage handles for a model label (one `ModelLabels` returned).
-    pub fn usage(&self, model: &str, metrics: &Metrics) -> UsageHandles {
+    /// The usage handles for a model label (one `ModelLabels` returned):
+    /// borrowed, so metering clones no counter handles.
+    pub fn usage(&self, model: &str, metrics: &Metrics) -> Cow<'_, UsageHandles> {
         match self.usage.get(model) {
-            Some(cell) => cell
-                .get_or_init(|| metrics.usage_handles(&self.name, model))
-                .clone(),
-            None => metrics.usage_handles(&self.name, model),
+            Some(cell) => {
+                Cow::Borrowed(cell.get_or_init(|| metrics.usage_handles(&self.name, model)))
+            }
+            None => Cow::Owned(metrics.usage_handles(&self.name, model)),
         }
     }
 }
