@@ -199,7 +199,6 @@ impl Upstream {
 /// Where one upstream URL is, parsed once per config: the scheme and
 /// authority pick and open the connection, the origin-form target goes on
 /// the request line, and `Host` names the authority.
-#[derive(Clone)]
 pub struct Target {
     origin: Origin,
     connect: Uri,
@@ -237,11 +236,6 @@ impl Target {
             path,
         })
     }
-
-    /// The absolute URL.
-    pub fn uri(&self) -> &Uri {
-        &self.connect
-    }
 }
 
 /// One upstream request, built afresh for each attempt (hyper consumes a
@@ -255,12 +249,15 @@ pub struct Outbound<'a> {
 }
 
 impl<'a> Outbound<'a> {
-    /// `headers` gain the target's `Host`, and `Content-Length` for a body
-    /// (set here, hyper would add it to each attempt's copy of the map and
-    /// grow it).
+    /// The framing headers are Sluice's own: `Host` names the target, and
+    /// `Content-Length` is the body's (set here, hyper would add it to each
+    /// attempt's copy of the map and grow it); whatever the client sent for
+    /// them is replaced.
     pub fn new(method: Method, target: &'a Target, mut headers: HeaderMap, body: Bytes) -> Self {
         headers.insert(header::HOST, target.host.clone());
-        if !body.is_empty() {
+        if body.is_empty() {
+            headers.remove(header::CONTENT_LENGTH);
+        } else {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
         Outbound {

@@ -372,7 +372,7 @@ async fn upstream_gets_the_shared_key_and_no_hop_by_hop_headers() {
     )
     .await;
     assert_eq!(r.status, 200);
-    let (h, _) = gw.sim.last_request().expect("seen");
+    let (h, body) = gw.sim.last_request().expect("seen");
     assert_eq!(h["authorization"], format!("Bearer {UPSTREAM_KEY}"));
     assert!(
         !h.contains_key("x-private"),
@@ -381,6 +381,14 @@ async fn upstream_gets_the_shared_key_and_no_hop_by_hop_headers() {
     assert!(!h.contains_key("te"));
     assert!(!h.contains_key("accept-encoding"));
     assert_eq!(h["x-custom"], "kept");
+    assert!(!h.contains_key("keep-alive") && !h.contains_key("connection"));
+    // Host names the upstream, not the gateway; the length is the body's.
+    let upstream = gw.sim.base_url();
+    assert_eq!(
+        h["host"],
+        upstream.trim_start_matches("http://").trim_end_matches('/')
+    );
+    assert_eq!(h["content-length"], body.len().to_string().as_str());
     assert!(
         !format!("{h:?}").contains(ALPHA),
         "the tenant key never goes upstream"
