@@ -15,6 +15,8 @@
 //!    relay streams the answer back, metering and caching along the way.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -47,27 +49,9 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     let mut record = Box::new(Record::new(Arc::clone(&app), request_id.clone(), start));
     let snap = app.snapshot.load_full();
     let mut standings = Standings::default();
-    // Boxed: hyper keeps the slot of a connection's in-flight service future
-    // for the connection's lifetime, so an unboxed request path (a few KiB)
-    // would stay allocated for every open stream. Nothing of the request's
-    // head stays in this future either: it is taken apart in one statement.
-    let served = {
-        let serving = match route(req, &mut record) {
-            Ok((endpoint, headers, body)) => Ok(Box::pin(serve(
-                &app,
-                &snap,
-                endpoint,
-                headers,
-                body,
-                &mut record,
-                &mut standings,
-            ))),
-            Err(e) => Err(e),
-        };
-        match serving {
-            Ok(serving) => serving.await,
-            Err(e) => Err(e),
-        }
+    let served = match begin(&app, &snap, req, &mut record, &mut standings) {
+        Ok(serving) => serving.await,
+        Err(e) => Err(e),
     };
     let mut resp = match served {
         Ok(resp) => resp,
@@ -86,17 +70,31 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     Ok(resp)
 }
 
-/// Step 1: route, and detach the head. Its values are slices of the
+/// What the request path ends in: an answer, or the error that becomes one.
+type Served = Result<Response<Body>, GatewayError>;
+
+/// Step 1: route, and detach the head (its values are slices of the
 /// connection's read buffer, which hyper can reuse for its next read only
-/// once nothing points into it.
-fn route(
+/// once nothing points into it); then the rest of the path, boxed. hyper
+/// keeps the slot of a connection's in-flight service future for the
+/// connection's lifetime, so an unboxed request path (a few KiB) would stay
+/// allocated for every open stream; and done here, outside `handle`, the
+/// request's head takes no room in that slot either.
+fn begin<'a>(
+    app: &'a Arc<App>,
+    snap: &'a Arc<Snapshot>,
     req: Request<Incoming>,
-    record: &mut Record,
-) -> Result<(Endpoint, HeaderMap, Incoming), GatewayError> {
+    record: &'a mut Record,
+    standings: &'a mut Standings,
+) -> Result<Pin<Box<impl Future<Output = Served> + 'a>>, GatewayError> {
     let (parts, body) = req.into_parts();
     let endpoint = routes::route(&parts.method, parts.uri.path())?;
     record.endpoint = endpoint.label();
-    Ok((endpoint, detach_headers(&parts.headers), body))
+    let headers = detach_headers(&parts.headers);
+    drop(parts);
+    Ok(Box::pin(serve(
+        app, snap, endpoint, headers, body, record, standings,
+    )))
 }
 
 fn refuse(app: &App, record: &mut Record, e: GatewayError) -> Response<Body> {
@@ -469,19 +467,14 @@ pub fn detach_headers(h: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// Headers sent upstream: the client's, less hop-by-hop headers, Host, its
+/// Headers sent upstream: the client's, less hop-by-hop headers, its
 /// Authorization (replaced by the shared key) and Accept-Encoding (Sluice
-/// reads the answer, so it asks for it uncompressed).
+/// reads the answer, so it asks for it uncompressed). `Outbound` replaces
+/// Host and Content-Length.
 fn upstream_headers(mut h: HeaderMap, snap: &Snapshot, request_id: &HeaderValue) -> HeaderMap {
     strip_hop_by_hop(&mut h);
-    for name in [
-        header::HOST,
-        header::AUTHORIZATION,
-        header::CONTENT_LENGTH,
-        header::ACCEPT_ENCODING,
-    ] {
-        h.remove(name);
-    }
+    h.remove(header::AUTHORIZATION);
+    h.remove(header::ACCEPT_ENCODING);
     if let Some(auth) = &snap.upstream_auth {
         h.insert(header::AUTHORIZATION, auth.clone());
     }
