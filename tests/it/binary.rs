@@ -41,6 +41,14 @@ mod tempfile_lite {
     }
 }
 
+/// The value of the first `name value` line of `text` that starts with
+/// `name`, trimmed.
+fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(str::trim)
+}
+
 #[test]
 fn version_new_key_and_hash_key() {
     let out = sluice().arg("--version").output().expect("run");
@@ -49,21 +57,11 @@ fn version_new_key_and_hash_key() {
 
     let out = sluice().arg("new-key").output().expect("run");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let key = text
-        .lines()
-        .find_map(|l| l.strip_prefix("key:"))
-        .expect("key line")
-        .trim()
-        .to_string();
-    let hash = text
-        .lines()
-        .find_map(|l| l.strip_prefix("key_sha256:"))
-        .expect("hash line")
-        .trim()
-        .to_string();
+    let key = field(&text, "key:").expect("key line");
+    let hash = field(&text, "key_sha256:").expect("hash line");
     let random = key.strip_prefix("sk-sluice-").expect("prefix");
     assert!(random.len() >= 32 && random.chars().all(|c| c.is_ascii_alphanumeric()));
-    assert_eq!(hash, sha(&key));
+    assert_eq!(hash, sha(key));
 
     let out = sluice().args(["hash-key", "sk-abc"]).output().expect("run");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), sha("sk-abc"));
@@ -326,11 +324,9 @@ async fn demo_with_workers(workers: &str) -> usize {
     assert_eq!(r.status, 200);
     assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
     let pid = child.id().expect("pid").to_string();
-    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("status")
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|n| n.trim().parse().ok())
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let threads = field(&status, "Threads:")
+        .and_then(|n| n.parse().ok())
         .expect("thread count");
     signal(&pid, "-INT");
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
