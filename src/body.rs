@@ -215,30 +215,27 @@ impl Drop for Record {
         let code = http::StatusCode::from_u16(self.status)
             .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
         let status = code.as_str();
-        m.requests
-            .with_label_values(&[tenant, model, self.endpoint, status, self.cache])
-            .inc();
         let elapsed = self.start.elapsed();
-        if self.endpoint != "other" {
-            m.request_duration
-                .with_label_values(&[
-                    tenant,
-                    model,
-                    self.endpoint,
-                    if self.stream { "true" } else { "false" },
-                ])
-                .observe(elapsed.as_secs_f64());
-        }
         let ttft = self
             .first_byte
             .map(|t| t.saturating_duration_since(self.start));
-        if let (Some(ttft), true) = (ttft, self.status == 200 && self.model.is_some()) {
-            m.ttft
-                .with_label_values(&[tenant, model, self.cache])
-                .observe(ttft.as_secs_f64());
-        }
-        if let (Some(saved), Some(t)) = (&self.saved, &self.tenant) {
-            t.usage(model, m).saved.inc_by(saved.total);
+        let handles = self.tenant.as_ref().map(|t| t.usage(model, m));
+        m.observe_request(
+            handles.as_deref().map(|h| &h.requests),
+            &crate::metrics::RequestLabels {
+                tenant,
+                model,
+                endpoint: self.endpoint,
+                status,
+                cache: self.cache,
+                stream: self.stream,
+            },
+            (self.endpoint != "other").then_some(elapsed.as_secs_f64()),
+            ttft.filter(|_| self.status == 200 && self.model.is_some())
+                .map(|t| t.as_secs_f64()),
+        );
+        if let (Some(saved), Some(h)) = (&self.saved, &handles) {
+            h.saved.inc_by(saved.total);
         }
         if self.inflight {
             if let Some(t) = &self.tenant {

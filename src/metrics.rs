@@ -5,7 +5,7 @@
 //! a `&'static str`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -210,6 +210,55 @@ impl Metrics {
             cost: self.cost.with_label_values(&[tenant, model]),
             saved: self.tokens_saved.with_label_values(&[tenant, model]),
             estimated: self.usage_estimated.with_label_values(&[tenant, model]),
+            requests: RequestHandles::default(),
+        }
+    }
+
+    /// Counts a finished request and observes its duration (`None` for an
+    /// unrouted one) and time to first byte. Where the labels are common
+    /// ones (a 200, a known endpoint and cache state), through `cached`:
+    /// the tenant's handles for this model, made on first use.
+    pub fn observe_request(
+        &self,
+        cached: Option<&RequestHandles>,
+        l: &RequestLabels<'_>,
+        duration: Option<f64>,
+        ttft: Option<f64>,
+    ) {
+        let e = ENDPOINTS.iter().position(|x| *x == l.endpoint);
+        let c = CACHE_STATES.iter().position(|x| *x == l.cache);
+        let ok = cached
+            .zip(e)
+            .zip(c)
+            .filter(|_| l.status == "200")
+            .map(|((h, e), c)| &h.ok[e][c]);
+        with_cell(
+            ok,
+            || {
+                self.requests
+                    .with_label_values(&[l.tenant, l.model, l.endpoint, l.status, l.cache])
+            },
+            IntCounter::inc,
+        );
+        let stream = if l.stream { "true" } else { "false" };
+        if let Some(secs) = duration {
+            with_cell(
+                cached
+                    .zip(e)
+                    .map(|(h, e)| &h.duration[e][usize::from(l.stream)]),
+                || {
+                    self.request_duration
+                        .with_label_values(&[l.tenant, l.model, l.endpoint, stream])
+                },
+                |h| h.observe(secs),
+            );
+        }
+        if let Some(secs) = ttft {
+            with_cell(
+                cached.zip(c).map(|(h, c)| &h.ttft[c]),
+                || self.ttft.with_label_values(&[l.tenant, l.model, l.cache]),
+                |h| h.observe(secs),
+            );
         }
     }
 
@@ -232,6 +281,41 @@ pub struct UsageHandles {
     cost: prometheus::Counter,
     pub saved: prometheus::IntCounter,
     pub estimated: prometheus::IntCounter,
+    pub requests: RequestHandles,
+}
+
+/// The endpoint and cache labels whose request metrics are cached; anything
+/// else takes the label lookup.
+const ENDPOINTS: [&str; 4] = ["chat", "chat_prefix", "fim", "models"];
+const CACHE_STATES: [&str; 6] = ["none", "miss", "hit", "coalesced", "refresh", "bypass"];
+
+/// A (tenant, model)'s request metrics by endpoint, cache state and stream,
+/// each made on first use: `requests_total` of 200s, the duration and TTFT
+/// histograms.
+#[derive(Clone, Default)]
+pub struct RequestHandles {
+    ok: [[OnceLock<IntCounter>; CACHE_STATES.len()]; ENDPOINTS.len()],
+    duration: [[OnceLock<Histogram>; 2]; ENDPOINTS.len()],
+    ttft: [OnceLock<Histogram>; CACHE_STATES.len()],
+}
+
+/// The labels of one finished request.
+pub struct RequestLabels<'a> {
+    pub tenant: &'a str,
+    pub model: &'a str,
+    pub endpoint: &'a str,
+    pub status: &'a str,
+    pub cache: &'a str,
+    pub stream: bool,
+}
+
+/// Applies `f` to the handle in `cell` (made by `make` on first use), or,
+/// without a cell, to a handle looked up now.
+fn with_cell<T>(cell: Option<&OnceLock<T>>, make: impl FnOnce() -> T, f: impl FnOnce(&T)) {
+    match cell {
+        Some(cell) => f(cell.get_or_init(make)),
+        None => f(&make()),
+    }
 }
 
 impl UsageHandles {
@@ -294,6 +378,63 @@ impl ModelLabels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_request_handles_count_under_the_same_labels() {
+        let m = Metrics::new();
+        let handles = m.usage_handles("team", "deepseek-chat");
+        let labels = |status, cache| RequestLabels {
+            tenant: "team",
+            model: "deepseek-chat",
+            endpoint: "chat",
+            status,
+            cache,
+            stream: true,
+        };
+        // Twice through the cached handles, once by lookup (a 429), once
+        // without handles at all (no tenant): all under their own labels.
+        for _ in 0..2 {
+            m.observe_request(
+                Some(&handles.requests),
+                &labels("200", "miss"),
+                Some(0.5),
+                Some(0.1),
+            );
+        }
+        m.observe_request(
+            Some(&handles.requests),
+            &labels("429", "none"),
+            Some(0.0),
+            None,
+        );
+        m.observe_request(None, &labels("200", "miss"), Some(0.5), Some(0.1));
+        let text = String::from_utf8(m.render()).expect("utf-8");
+        let has = |needle: &str| text.lines().any(|l| l == needle);
+        assert!(
+            has(
+                r#"sluice_requests_total{cache="miss",endpoint="chat",model="deepseek-chat",status="200",tenant="team"} 3"#
+            ),
+            "{text}"
+        );
+        assert!(
+            has(
+                r#"sluice_requests_total{cache="none",endpoint="chat",model="deepseek-chat",status="429",tenant="team"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            has(
+                r#"sluice_request_duration_seconds_count{endpoint="chat",model="deepseek-chat",stream="true",tenant="team"} 4"#
+            ),
+            "{text}"
+        );
+        assert!(
+            has(
+                r#"sluice_time_to_first_token_seconds_count{cache="miss",model="deepseek-chat",tenant="team"} 3"#
+            ),
+            "{text}"
+        );
+    }
 
     #[test]
     fn unknown_models_collapse_to_other() {
