@@ -15,11 +15,9 @@ use http_body::{Frame, SizeHint};
 use tokio::sync::mpsc;
 
 use crate::limit::Permit;
-use crate::relay::Relay;
+use crate::relay::{BoxError, Relay, RelaySummary};
 use crate::sse::Usage;
 use crate::state::{App, Tenant};
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub struct Body {
     kind: Kind,
@@ -127,16 +125,6 @@ impl Drop for Body {
             }
         }
     }
-}
-
-/// What the relay tells the record when it is done.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct RelaySummary {
-    pub usage: Option<Usage>,
-    pub estimated: bool,
-    pub first_event_at: Option<Instant>,
-    /// How the body ended: "ok", "interrupted", "client_gone", "handed_off".
-    pub outcome: &'static str,
 }
 
 /// One request's facts, filled in along the request path and written out

@@ -7,26 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::body::Body;
-
-/// Which tenant limit refused a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
-    Requests,
-    Tokens,
-    Concurrency,
-}
-
-impl Limit {
-    /// The `limit` label of `sluice_rate_limited_total`.
-    pub fn label(self) -> &'static str {
-        match self {
-            Limit::Requests => "requests",
-            Limit::Tokens => "tokens",
-            Limit::Concurrency => "concurrency",
-        }
-    }
-}
+use crate::limit::{Limit, Refused};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
@@ -135,8 +116,10 @@ impl GatewayError {
         Bytes::from(body.to_string())
     }
 
-    pub fn into_response(self) -> Response<Body> {
-        let mut resp = Response::new(Body::full(self.body()));
+    /// The error as a response with whole-bytes body; the caller wraps the
+    /// body in its own type (this module knows no body type).
+    pub fn into_response(self) -> Response<Bytes> {
+        let mut resp = Response::new(self.body());
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
         h.insert(
@@ -152,6 +135,15 @@ impl GatewayError {
             h.insert("retry-after-ms", HeaderValue::from(ms as u64));
         }
         resp
+    }
+}
+
+impl From<Refused> for GatewayError {
+    fn from(r: Refused) -> GatewayError {
+        GatewayError::RateLimited {
+            limit: r.limit,
+            retry_after: r.wait,
+        }
     }
 }
 

@@ -29,6 +29,7 @@ pub mod limit;
 pub mod metrics;
 pub mod proxy;
 pub mod relay;
+pub mod request_id;
 pub mod routes;
 pub mod server;
 pub mod simulator;

@@ -20,7 +20,6 @@ use governor::{Quota, RateLimiter};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::LimitSpec;
-use crate::error::{GatewayError, Limit};
 
 /// What a limit says about a tenant right now, for the `x-ratelimit-*` headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +154,25 @@ impl TokenBucket {
     }
 }
 
+/// Which tenant limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Requests,
+    Tokens,
+    Concurrency,
+}
+
+impl Limit {
+    /// The `limit` label of `sluice_rate_limited_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Requests => "requests",
+            Limit::Tokens => "tokens",
+            Limit::Concurrency => "concurrency",
+        }
+    }
+}
+
 /// A refused request: which limit, how long until it would pass, and where
 /// the tenant stands on that limit (for the `x-ratelimit-*` headers).
 #[derive(Debug, Clone, Copy)]
@@ -162,15 +180,6 @@ pub struct Refused {
     pub limit: Limit,
     pub wait: Duration,
     pub standing: Option<Standing>,
-}
-
-impl From<Refused> for GatewayError {
-    fn from(r: Refused) -> GatewayError {
-        GatewayError::RateLimited {
-            limit: r.limit,
-            retry_after: r.wait,
-        }
-    }
 }
 
 /// All limits of one tenant. Shared (`Arc`) by the tenant table, in-flight

@@ -24,12 +24,23 @@ use http_body::Body as _;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 
-use crate::body::{BoxError, RelaySummary};
 use crate::cache::{End, Entry, Head, Key, Leader, FLIGHT_LOG_MAX};
 use crate::error::{stream_error_event, GatewayError};
 use crate::sse::{self, Assembler, EventData, Framer, Shape, Usage};
 use crate::state::{App, Tenant};
 use crate::upstream::UpstreamBody;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the relay tells the record when it is done.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RelaySummary {
+    pub usage: Option<Usage>,
+    pub estimated: bool,
+    pub first_event_at: Option<Instant>,
+    /// How the body ended: "ok", "interrupted", "client_gone", "handed_off".
+    pub outcome: &'static str,
+}
 
 /// Who pays for the tokens of this upstream call.
 pub struct Meter {

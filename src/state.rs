@@ -215,7 +215,7 @@ pub struct App {
     pub flights: Arc<Flights>,
     pub upstream: Upstream,
     pub lifecycle: Lifecycle,
-    pub request_ids: crate::proxy::RequestIds,
+    pub request_ids: crate::request_id::RequestIds,
 }
 
 impl App {
@@ -231,7 +231,7 @@ impl App {
             flights: Arc::new(Flights::default()),
             upstream,
             lifecycle: Lifecycle::default(),
-            request_ids: crate::proxy::RequestIds::default(),
+            request_ids: crate::request_id::RequestIds::default(),
         })
     }
 
