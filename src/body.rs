@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use tokio::sync::mpsc;
 
-use crate::limit::Permit;
+use crate::limit::Lease;
 use crate::relay::{BoxError, Relay, RelaySummary};
 use crate::sse::Usage;
 use crate::state::{App, Tenant};
@@ -147,7 +147,9 @@ pub struct Record {
     pub first_byte: Option<Instant>,
     pub outcome: &'static str,
     pub error: Option<&'static str>,
-    pub permit: Option<Permit>,
+    /// Held until settled: by the relay with the answer's tokens, or here,
+    /// with none, when the request ends without going upstream.
+    pub lease: Option<Lease>,
     inflight: bool,
 }
 
@@ -170,7 +172,7 @@ impl Record {
             first_byte: None,
             outcome: "ok",
             error: None,
-            permit: None,
+            lease: None,
             inflight: false,
         }
     }

@@ -52,6 +52,77 @@ pub struct Config {
     pub cache: CacheConfig,
     pub tenants: Vec<TenantConfig>,
     pub pricing: BTreeMap<String, Pricing>,
+    /// `None`: every replica keeps its own state (SPEC §8).
+    pub redis: Option<RedisConfig>,
+}
+
+/// What a request gets while Redis is unavailable (SPEC §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// Each replica decides on its own.
+    Local,
+    /// A tenant with a limit is answered 503 `shared_state_unavailable`.
+    Deny,
+}
+
+/// `[redis]`: state shared by every replica that uses the same server and
+/// `key_prefix`. Fixed at start.
+#[derive(Clone, PartialEq)]
+pub struct RedisConfig {
+    /// May carry a password: never printed whole (see `redacted_url`).
+    pub url: String,
+    pub cluster: bool,
+    pub key_prefix: String,
+    pub timeout: Duration,
+    pub on_error: OnError,
+    pub limits: bool,
+    pub cache: bool,
+    pub coalesce: bool,
+    pub cache_max_entry_bytes: u64,
+}
+
+impl RedisConfig {
+    /// The URL with any password replaced by `*****`, for logs and summaries.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.redacted_url())
+            .field("cluster", &self.cluster)
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("on_error", &self.on_error)
+            .field("limits", &self.limits)
+            .field("cache", &self.cache)
+            .field("coalesce", &self.coalesce)
+            .field("cache_max_entry_bytes", &self.cache_max_entry_bytes)
+            .finish()
+    }
+}
+
+/// `scheme://user:secret@host` → `scheme://user:*****@host`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            let shown = if userinfo.contains(':') {
+                format!("{user}:*****")
+            } else {
+                "*****".to_string()
+            };
+            format!("{scheme}://{shown}{}", &rest[at..])
+        }
+        None => url.to_string(),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -141,6 +212,37 @@ struct RawConfig {
     tenants: Vec<RawTenant>,
     #[serde(default)]
     pricing: BTreeMap<String, Pricing>,
+    redis: Option<RawRedis>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRedis {
+    url: String,
+    cluster: bool,
+    key_prefix: String,
+    timeout_ms: u64,
+    on_error: String,
+    limits: bool,
+    cache: bool,
+    coalesce: bool,
+    cache_max_entry_bytes: u64,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            cluster: false,
+            key_prefix: "sluice".into(),
+            timeout_ms: 25,
+            on_error: "local".into(),
+            limits: true,
+            cache: true,
+            coalesce: true,
+            cache_max_entry_bytes: 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -253,10 +355,11 @@ fn default_true() -> bool {
 }
 
 /// Environment variables that override config keys (SPEC §2).
-pub const ENV_OVERRIDES: [(&str, &str); 3] = [
+pub const ENV_OVERRIDES: [(&str, &str); 4] = [
     ("SLUICE_LISTEN", "server.listen"),
     ("SLUICE_ADMIN_LISTEN", "server.admin_listen"),
     ("SLUICE_UPSTREAM_URL", "upstream.base_url"),
+    ("SLUICE_REDIS_URL", "redis.url"),
 ];
 
 impl Config {
@@ -280,6 +383,10 @@ impl Config {
         }
         if let Some(v) = env("SLUICE_UPSTREAM_URL") {
             raw.upstream.base_url = v;
+        }
+        // With no [redis] section, the env var turns it on with the defaults.
+        if let Some(v) = env("SLUICE_REDIS_URL") {
+            raw.redis.get_or_insert_with(RawRedis::default).url = v;
         }
         validate(raw)
     }
@@ -511,6 +618,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
+    let redis = raw
+        .redis
+        .filter(|r| !r.url.is_empty())
+        .map(|r| validate_redis(r, &mut errs));
+
     if errs.is_empty() {
         Ok(Config {
             server,
@@ -518,9 +630,58 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             cache,
             tenants,
             pricing: raw.pricing,
+            redis,
         })
     } else {
         Err(ConfigError(errs))
+    }
+}
+
+fn validate_redis(r: RawRedis, errs: &mut Vec<String>) -> RedisConfig {
+    // The client library is the judge of what it can connect to; its
+    // message may quote the URL, so only the redacted form is shown.
+    if !matches!(
+        r.url.split_once("://").map(|(s, _)| s),
+        Some("redis" | "rediss" | "redis+unix" | "unix" | "valkey" | "valkeys")
+    ) || redis::IntoConnectionInfo::into_connection_info(r.url.as_str()).is_err()
+    {
+        errs.push(format!(
+            "redis.url: {:?} is not a Redis URL like redis://host:6379/0, rediss://… or redis+unix:///path",
+            redact_url(&r.url)
+        ));
+    }
+    let on_error = match r.on_error.as_str() {
+        "local" => OnError::Local,
+        "deny" => OnError::Deny,
+        other => {
+            errs.push(format!(
+                "redis.on_error: {other:?} is not one of \"local\", \"deny\""
+            ));
+            OnError::Local
+        }
+    };
+    if r.timeout_ms == 0 || r.timeout_ms > 60_000 {
+        errs.push("redis.timeout_ms: must be between 1 and 60000".into());
+    }
+    let prefix_ok = !r.key_prefix.is_empty()
+        && !r.key_prefix.contains(['{', '}'])
+        && r.key_prefix.bytes().all(|b| b.is_ascii_graphic());
+    if !prefix_ok {
+        errs.push(format!(
+            "redis.key_prefix: {:?} must be printable ASCII without spaces or braces",
+            r.key_prefix
+        ));
+    }
+    RedisConfig {
+        url: r.url,
+        cluster: r.cluster,
+        key_prefix: r.key_prefix,
+        timeout: Duration::from_millis(r.timeout_ms.clamp(1, 60_000)),
+        on_error,
+        limits: r.limits,
+        cache: r.cache,
+        coalesce: r.coalesce,
+        cache_max_entry_bytes: r.cache_max_entry_bytes,
     }
 }
 
@@ -554,6 +715,26 @@ impl fmt::Display for Config {
                 CacheScope::Shared => "shared",
             }
         )?;
+        match &self.redis {
+            None => writeln!(
+                f,
+                "shared state  none: limits, cache and coalescing are per replica"
+            )?,
+            Some(r) => writeln!(
+                f,
+                "shared state  redis {}{} (limits {}, cache {}, coalesce {}, timeout {}ms, on_error {})",
+                r.redacted_url(),
+                if r.cluster { " (cluster)" } else { "" },
+                if r.limits { "shared" } else { "per replica" },
+                if r.cache { "shared" } else { "per replica" },
+                if r.coalesce { "shared" } else { "per replica" },
+                r.timeout.as_millis(),
+                match r.on_error {
+                    OnError::Local => "local",
+                    OnError::Deny => "deny",
+                },
+            )?,
+        }
         writeln!(f, "tenants       {}", self.tenants.len())?;
         for t in &self.tenants {
             let l = &t.limits;
@@ -613,6 +794,49 @@ mod tests {
         assert_eq!(c.tenants[0].limits.request_burst, 60);
         assert!(c.cache.enabled);
         assert!(c.tenants[0].cache);
+    }
+
+    #[test]
+    fn redis_section() {
+        let c = Config::parse(&tenant(""), no_env).expect("valid");
+        assert!(c.redis.is_none(), "no [redis]: per replica");
+        let c =
+            Config::parse(&format!("[redis]\nurl = \"\"\n{}", tenant("")), no_env).expect("valid");
+        assert!(c.redis.is_none(), "an empty url is per replica too");
+        let env = |k: &str| (k == "SLUICE_REDIS_URL").then(|| "redis://h:1/0".to_string());
+        let c = Config::parse(&tenant(""), env).expect("valid");
+        let r = c.redis.expect("the env var turns [redis] on");
+        assert_eq!(r.timeout, Duration::from_millis(25));
+        assert_eq!(r.on_error, OnError::Local);
+        assert_eq!(r.key_prefix, "sluice");
+        assert!(r.limits && r.cache && r.coalesce && !r.cluster);
+        let text = format!(
+            "[redis]\nurl = \"redis://u:hunter2@h:6379/0\"\non_error = \"deny\"\ntimeout_ms = 5\n{}",
+            tenant("")
+        );
+        let c = Config::parse(&text, no_env).expect("valid");
+        let r = c.redis.as_ref().expect("on");
+        assert_eq!(r.on_error, OnError::Deny);
+        assert_eq!(r.redacted_url(), "redis://u:*****@h:6379/0");
+        assert!(!format!("{r:?}").contains("hunter2"));
+        assert!(!c.to_string().contains("hunter2"));
+        assert!(c.to_string().contains("limits shared"));
+        for (extra, key) in [
+            ("url = \"http://h\"", "redis.url"),
+            ("url = \"redis://:pw@h:notaport\"", "redis.url"),
+            ("url = \"redis://h\"\non_error = \"open\"", "redis.on_error"),
+            ("url = \"redis://h\"\ntimeout_ms = 0", "redis.timeout_ms"),
+            (
+                "url = \"redis://h\"\nkey_prefix = \"a{b}\"",
+                "redis.key_prefix",
+            ),
+            ("url = \"redis://h\"\ntimeout = 3", "timeout"),
+        ] {
+            let text = format!("[redis]\n{extra}\n{}", tenant(""));
+            let err = Config::parse(&text, no_env).expect_err(extra).to_string();
+            assert!(err.contains(key), "{extra:?}: {err}");
+            assert!(!err.contains(":pw@"), "{err}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::limit::{Limit, Refused};
+use crate::limit::{Denied, Limit, Refused};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
@@ -29,6 +29,8 @@ pub enum GatewayError {
     BodyTimeout,
     #[error("Rate limit reached for {}; retry after {retry_after:?}.", limit.label())]
     RateLimited { limit: Limit, retry_after: Duration },
+    #[error("Shared limit state is unavailable; retry shortly.")]
+    SharedStateUnavailable,
     #[error("The upstream API could not be reached.")]
     UpstreamUnreachable,
     #[error("The upstream API did not answer in time.")]
@@ -52,6 +54,7 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::SharedStateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -69,6 +72,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable
             | GatewayError::UpstreamTimeout
             | GatewayError::StreamInterrupted => "upstream_error",
+            GatewayError::SharedStateUnavailable => "api_error",
         }
     }
 
@@ -90,6 +94,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable => "upstream_unreachable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::StreamInterrupted => "upstream_stream_interrupted",
+            GatewayError::SharedStateUnavailable => "shared_state_unavailable",
         }
     }
 
@@ -100,6 +105,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable
                 | GatewayError::UpstreamTimeout
                 | GatewayError::StreamInterrupted
+                | GatewayError::SharedStateUnavailable
         )
     }
 
@@ -126,6 +132,9 @@ impl GatewayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let GatewayError::SharedStateUnavailable = self {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+        }
         if let GatewayError::RateLimited { retry_after, .. } = self {
             let ms = retry_after.as_millis().max(1);
             // Whole seconds, rounded up and at least 1, so a client that sleeps
@@ -135,6 +144,15 @@ impl GatewayError {
             h.insert("retry-after-ms", HeaderValue::from(ms as u64));
         }
         resp
+    }
+}
+
+impl From<Denied> for GatewayError {
+    fn from(d: Denied) -> GatewayError {
+        match d {
+            Denied::Limit(r) => r.into(),
+            Denied::Unavailable => GatewayError::SharedStateUnavailable,
+        }
     }
 }
 
@@ -226,6 +244,12 @@ mod tests {
                 504,
                 "upstream_error",
                 "upstream_timeout",
+            ),
+            (
+                GatewayError::SharedStateUnavailable,
+                503,
+                "api_error",
+                "shared_state_unavailable",
             ),
         ];
         for (e, status, ty, code) in cases {

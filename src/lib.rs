@@ -32,6 +32,7 @@ pub mod relay;
 pub mod request_id;
 pub mod routes;
 pub mod server;
+pub mod shared;
 pub mod simulator;
 pub mod sse;
 pub mod state;

@@ -23,6 +23,8 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     registry: Registry,
+    /// Requests whose limits were decided locally because Redis was down.
+    pub limits_local_fallback: IntCounterVec,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub ttft: HistogramVec,
@@ -131,6 +133,12 @@ impl Metrics {
         .expect("unique metric");
 
         Self {
+            limits_local_fallback: counter(
+                &r,
+                "sluice_limits_local_fallback_total",
+                "Requests whose limits were decided by this replica alone because Redis was unavailable.",
+                &["tenant"],
+            ),
             requests: counter(
                 &r,
                 "sluice_requests_total",
@@ -197,6 +205,11 @@ impl Metrics {
     }
 
     /// The usage handles of one (tenant, model), resolved once.
+    /// The registry, for metrics that only some configurations have.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn usage_handles(&self, tenant: &str, model: &str) -> UsageHandles {
         let kinds = [
             "prompt",

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use crate::body::{Body, Record};
 use crate::cache::{self, End, Entry, Flight, Head, Join};
 use crate::error::{stream_error_event, GatewayError};
-use crate::limit::Standings;
+use crate::limit::{Admission, Standings};
 use crate::relay::{Meter, Relay, Sink, StreamOpts};
 use crate::request_id::X_REQUEST_ID;
 use crate::routes::{self, Endpoint};
@@ -138,18 +138,10 @@ async fn serve(
     };
     record.set_tenant(Arc::clone(&tenant));
 
-    // 3. Request bucket and concurrency.
-    let limits = &tenant.limits;
-    standings.tokens = limits.peek_tokens(Instant::now());
-    match limits.check_request() {
-        Ok(s) => standings.requests = s,
-        Err(refused) => {
-            standings.requests = refused.standing;
-            return Err(refused.into());
-        }
-    }
-    record.permit = limits.acquire()?;
-
+    // 3. Request bucket and concurrency (and where the token bucket
+    // stands): one decision, one Redis round trip when limits are shared.
+    let Admission { lease, tokens } = app.limiter.admit(&tenant.limits, standings).await?;
+    record.lease = lease;
     if endpoint == Endpoint::Models {
         // The rarer paths are boxed so the common one's future stays small.
         let listing = Box::pin(models(app, snap, &tenant, headers, record));
@@ -192,13 +184,7 @@ async fn serve(
     }
 
     // 6. Token bucket: only what goes upstream is refused for tokens.
-    match limits.check_tokens(Instant::now()) {
-        Ok(s) => standings.tokens = s,
-        Err(refused) => {
-            standings.tokens = refused.standing;
-            return Err(refused.into());
-        }
-    }
+    tokens.check(&tenant.limits, standings)?;
     if let (CacheMode::Lookup, Some(key)) = (mode, key) {
         match app.flights.join(key) {
             Join::Lead(l) => leader = Some(l),
@@ -554,6 +540,7 @@ async fn forward(
         first_event_deadline: deadline,
     });
     let meter = Meter {
+        lease: record.lease.take(),
         app: Arc::clone(app),
         tenant,
         model: record

@@ -26,6 +26,7 @@ use tokio::time::Sleep;
 
 use crate::cache::{End, Entry, Head, Key, Leader, FLIGHT_LOG_MAX};
 use crate::error::{stream_error_event, GatewayError};
+use crate::limit::Lease;
 use crate::sse::{self, Assembler, EventData, Framer, Shape, Usage};
 use crate::state::{App, Tenant};
 use crate::upstream::UpstreamBody;
@@ -44,6 +45,9 @@ pub struct RelaySummary {
 
 /// Who pays for the tokens of this upstream call.
 pub struct Meter {
+    /// Settled with the answer's tokens once they are known; dropped (no
+    /// tokens) when the answer is an error.
+    pub lease: Option<Lease>,
     pub app: Arc<App>,
     pub tenant: Arc<Tenant>,
     pub model: Arc<str>,
@@ -439,6 +443,8 @@ impl Relay {
                 } else {
                     self.finished = true;
                     self.slot = None;
+                    // An error answer spends no tokens; its slot is free now.
+                    self.meter.lease = None;
                     if let (Some(leader), Some(body)) = (self.sink.leader.take(), body) {
                         leader.end(End::Response {
                             status,
@@ -491,6 +497,7 @@ impl Relay {
         self.slot = None;
         self.summary.outcome = "interrupted";
         self.charge_partial();
+        self.meter.lease = None;
         // Leader dropped unended: followers get the interruption.
         self.sink.leader = None;
         match self.mode {
@@ -520,12 +527,17 @@ impl Relay {
             return;
         }
         self.charged = true;
-        let m = &self.meter;
         let (u, estimated) = match usage {
             Some(u) => (u, false),
-            None => (Usage::estimate(m.request_bytes, self.response_bytes), true),
+            None => (
+                Usage::estimate(self.meter.request_bytes, self.response_bytes),
+                true,
+            ),
         };
-        m.tenant.limits.debit_tokens(u.billable(), Instant::now());
+        if let Some(lease) = self.meter.lease.take() {
+            lease.settle(u.billable());
+        }
+        let m = &self.meter;
         let snapshot = m.app.snapshot.load();
         let handles = m.tenant.usage(&m.model, &m.app.metrics);
         handles.record(&u, snapshot.price(&m.model));
@@ -563,6 +575,7 @@ impl Relay {
         self.slot = None;
         self.summary.outcome = "client_gone";
         self.charge_partial();
+        self.meter.lease = None;
         self.summary
     }
 }

@@ -66,7 +66,7 @@ impl Gateway {
     pub async fn bind(config: Config, key: Secret) -> std::io::Result<Gateway> {
         let listener = TcpListener::bind(config.server.listen).await?;
         let admin = TcpListener::bind(config.server.admin_listen).await?;
-        let app = Arc::new(App::new(config, &key)?);
+        let app = Arc::new(App::new(config, &key).await?);
         Ok(Gateway {
             app,
             listener,

@@ -16,9 +16,10 @@ use tokio::sync::watch;
 
 use crate::cache::{Flights, Store};
 use crate::config::{CacheScope, Config, Pricing, Secret};
-use crate::limit::TenantLimits;
+use crate::limit::{Limiter, TenantLimits};
 use crate::metrics::{Metrics, ModelLabels, UsageHandles};
 use crate::routes::Endpoint;
+use crate::shared::Redis;
 use crate::upstream::{Target, Upstream};
 
 /// A fresh tenant key: `sk-sluice-` and 40 random alphanumerics.
@@ -84,6 +85,7 @@ impl Snapshot {
         config: Config,
         key: &Secret,
         previous: Option<&Snapshot>,
+        limiter: &Limiter,
         metrics: &Metrics,
     ) -> Snapshot {
         let models = ModelLabels::new(config.known_models());
@@ -94,7 +96,7 @@ impl Snapshot {
                 .and_then(|p| p.by_name.get(&t.name))
                 .filter(|old| old.limits.spec == t.limits)
                 .map(|old| Arc::clone(&old.limits))
-                .unwrap_or_else(|| Arc::new(TenantLimits::new(t.limits)));
+                .unwrap_or_else(|| limiter.tenant(&t.name, t.limits, metrics));
             let tenant = Arc::new(Tenant {
                 name: Arc::from(t.name.as_str()),
                 models: t.models.clone(),
@@ -211,6 +213,10 @@ impl Lifecycle {
 pub struct App {
     pub snapshot: ArcSwap<Snapshot>,
     pub metrics: Metrics,
+    /// Tenant limits: in memory, or shared through Redis (SPEC §8).
+    pub limiter: Limiter,
+    /// The connection to Redis, when `[redis]` is set.
+    pub redis: Option<Arc<Redis>>,
     pub store: Store,
     pub flights: Arc<Flights>,
     pub upstream: Upstream,
@@ -219,14 +225,24 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: Config, key: &Secret) -> Result<App, std::io::Error> {
+    /// The process-wide state. With `[redis]`, connects to Redis (a Redis
+    /// that does not answer is logged and retried in the background, never
+    /// a start-up failure).
+    pub async fn new(config: Config, key: &Secret) -> Result<App, std::io::Error> {
         let metrics = Metrics::new();
         let upstream = Upstream::new(&config.upstream)?;
         let store = Store::new(config.cache.max_bytes, config.cache.ttl);
-        let snapshot = Snapshot::build(config, key, None, &metrics);
+        let redis = match &config.redis {
+            Some(cfg) => Some(Redis::start(cfg, &metrics).await),
+            None => None,
+        };
+        let limiter = Limiter::new(redis.as_ref().zip(config.redis.as_ref()));
+        let snapshot = Snapshot::build(config, key, None, &limiter, &metrics);
         Ok(App {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
+            limiter,
+            redis,
             store,
             flights: Arc::new(Flights::default()),
             upstream,
@@ -258,7 +274,11 @@ impl App {
                 "upstream.connect_timeout_secs and upstream.max_concurrent take effect at restart"
             );
         }
-        let next = Snapshot::build(config, key, Some(&current), &self.metrics);
+        if config.redis != old.redis {
+            tracing::warn!("[redis] takes effect at restart; keeping the running one");
+            config.redis = old.redis.clone();
+        }
+        let next = Snapshot::build(config, key, Some(&current), &self.limiter, &self.metrics);
         self.snapshot.store(Arc::new(next));
     }
 }

@@ -1,0 +1,362 @@
+//! The Redis backend of the limiter (SPEC §8): every replica that uses the
+//! same Redis and `key_prefix` shares each tenant's request bucket, token
+//! bucket and concurrency count.
+//!
+//! - One script decides a request (`ADMIT`): the request bucket (GCRA on a
+//!   theoretical arrival time), a concurrency slot, and the token balance,
+//!   returned with the standings for the headers. One round trip.
+//! - One script settles it after the answer (`SETTLE`): the token debit and
+//!   this replica's new in-flight count. Sent by a task fed through a
+//!   bounded queue, so nothing on the response path waits for it.
+//! - Concurrency is a hash of in-flight counts per replica, each stamped
+//!   with a version that only grows, so the newest report wins whatever the
+//!   order of arrival; a replica's entry lives as long as its lease in a
+//!   sorted set, renewed every few seconds while it runs. A replica that
+//!   dies stops renewing and its count is dropped within `LEASE_TTL`.
+//! - Time is Redis's (`TIME`), so replicas with skewed clocks agree.
+//! - Every key carries the tenant as a cluster hash tag (`prefix:{tenant}:…`)
+//!   and every key expires. The request and token keys name the limits they
+//!   hold, so a reload that changes a tenant's limits starts it afresh, as
+//!   in memory.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use redis::Script;
+use tokio::sync::mpsc;
+
+use super::{
+    concurrency_refused, token_standing, Admission, Count, Denied, Lease, Limit, Refused, Standing,
+    Standings, TenantLimits, TokenCheck,
+};
+use crate::config::{LimitSpec, OnError};
+use crate::shared::{Op, Redis, Unavailable};
+
+/// How long a replica's concurrency count outlives its last report.
+const LEASE_TTL: Duration = Duration::from_secs(15);
+/// How often a running replica renews its counts.
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// Settlements waiting for Redis; past this they are dropped (the local
+/// state already changed, and the next report of a count supersedes it).
+const QUEUE: usize = 8192;
+
+/// Shared by both scripts: the caller's time, and recording this replica's
+/// in-flight count when it is newer than what Redis holds.
+const PRELUDE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function report(conc, live, replica, version, count, ttl_ms)
+  local seen = tonumber(redis.call('HGET', conc, replica .. ':v')) or -1
+  if version > seen then
+    redis.call('HSET', conc, replica, count, replica .. ':v', string.format('%.0f', version))
+  end
+  redis.call('ZADD', live, string.format('%.0f', now + ttl_ms * 1000), replica)
+  redis.call('PEXPIRE', conc, ttl_ms * 2)
+  redis.call('PEXPIRE', live, ttl_ms * 2)
+end
+local function balance(tok, tpm)
+  local h = redis.call('HMGET', tok, 'b', 't')
+  local b, at = tonumber(h[1]), tonumber(h[2])
+  if b == nil or at == nil then return tpm end
+  return math.min(tpm, b + math.max(0, now - at) * tpm / 60000000)
+end
+"#;
+
+/// KEYS: request bucket, token bucket, concurrency hash, live set.
+/// ARGV: rpm, burst, tpm, max_concurrent, replica, version, count, ttl_ms.
+/// Returns {verdict (0 admitted, 1 requests, 2 concurrency), wait_us,
+/// requests remaining, requests reset_us, token balance ("" = no limit)}.
+const ADMIT: &str = r#"
+local rpm, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tpm, maxc = tonumber(ARGV[3]), tonumber(ARGV[4])
+local tokens = ''
+if tpm > 0 then tokens = string.format('%.3f', balance(KEYS[2], tpm)) end
+local remaining, reset = 0, 0
+if rpm > 0 then
+  local period = 60000000 / rpm
+  local tat = tonumber(redis.call('GET', KEYS[1])) or now
+  if tat < now then tat = now end
+  local next_tat = tat + period
+  local allow_at = next_tat - burst * period
+  if now < allow_at then
+    return {1, math.ceil(allow_at - now), 0, math.ceil(tat - now), tokens}
+  end
+  redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1)
+  remaining = math.floor((now - allow_at) / period)
+  reset = math.ceil(next_tat - now)
+end
+if maxc > 0 then
+  local replica = ARGV[5]
+  report(KEYS[3], KEYS[4], replica, tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]))
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', string.format('%.0f', now))
+  for _, r in ipairs(dead) do
+    redis.call('HDEL', KEYS[3], r, r .. ':v')
+    redis.call('ZREM', KEYS[4], r)
+  end
+  local all = redis.call('HGETALL', KEYS[3])
+  local total = 0
+  for i = 1, #all, 2 do
+    if string.sub(all[i], -2) ~= ':v' then total = total + tonumber(all[i + 1]) end
+  end
+  if total > maxc then
+    redis.call('HINCRBY', KEYS[3], replica, -1)
+    return {2, 1000000, remaining, reset, tokens}
+  end
+end
+return {0, 0, remaining, reset, tokens}
+"#;
+
+/// KEYS: token bucket, concurrency hash, live set.
+/// ARGV: tpm, tokens to debit, replica, version (-1: no count), count, ttl_ms.
+const SETTLE: &str = r#"
+local tpm, spent = tonumber(ARGV[1]), tonumber(ARGV[2])
+if tpm > 0 and spent > 0 then
+  local b = math.max(balance(KEYS[1], tpm) - spent, -tpm * 1440)
+  redis.call('HSET', KEYS[1], 'b', string.format('%.3f', b), 't', string.format('%.0f', now))
+  redis.call('PEXPIRE', KEYS[1], math.ceil((tpm - b) * 60000 / tpm) + 1000)
+end
+local version = tonumber(ARGV[4])
+if version >= 0 then
+  report(KEYS[2], KEYS[3], ARGV[3], version, tonumber(ARGV[5]), tonumber(ARGV[6]))
+end
+return 1
+"#;
+
+struct Scripts {
+    admit: Script,
+    settle: Script,
+}
+
+/// One settlement on its way to Redis.
+struct Settle {
+    tenant: Arc<TenantLimits>,
+    tokens: u64,
+    count: Option<Count>,
+}
+
+/// A tenant's Redis keys, and the queue its settlements go through.
+pub struct Keys {
+    req: String,
+    tok: String,
+    conc: String,
+    live: String,
+    queue: mpsc::Sender<Settle>,
+    /// The version of the count last renewed, so an idle tenant is not
+    /// reported again.
+    renewed: AtomicU64,
+}
+
+impl Keys {
+    /// Queues the Redis side of a settlement; never waits.
+    pub(super) fn settle(&self, tenant: &Arc<TenantLimits>, tokens: u64, count: Option<Count>) {
+        let debit = tokens > 0 && tenant.spec.tokens_per_minute > 0;
+        if !debit && count.is_none() {
+            return;
+        }
+        let msg = Settle {
+            tenant: Arc::clone(tenant),
+            tokens: if debit { tokens } else { 0 },
+            count,
+        };
+        if self.queue.try_send(msg).is_err() {
+            tracing::debug!("settlement queue full; the next count report supersedes it");
+        }
+    }
+}
+
+/// The Redis backend, as the limiter holds it.
+pub struct Fleet {
+    redis: Arc<Redis>,
+    pub on_error: OnError,
+    scripts: Arc<Scripts>,
+    queue: mpsc::Sender<Settle>,
+    /// Tenants with a concurrency cap, for renewal; touched at config load
+    /// and by the renewal tick, never per request.
+    tracked: Arc<Mutex<Vec<Weak<TenantLimits>>>>,
+}
+
+impl Fleet {
+    pub fn start(redis: Arc<Redis>, on_error: OnError) -> Fleet {
+        let scripts = Arc::new(Scripts {
+            admit: Script::new(&format!("{PRELUDE}{ADMIT}")),
+            settle: Script::new(&format!("{PRELUDE}{SETTLE}")),
+        });
+        let (queue, rx) = mpsc::channel(QUEUE);
+        let tracked = Arc::new(Mutex::new(Vec::new()));
+        tokio::spawn(settler(
+            Arc::clone(&redis),
+            Arc::clone(&scripts),
+            rx,
+            Arc::clone(&tracked),
+        ));
+        Fleet {
+            redis,
+            on_error,
+            scripts,
+            queue,
+            tracked,
+        }
+    }
+
+    pub fn keys(&self, tenant: &str, spec: LimitSpec) -> Keys {
+        let r = &self.redis;
+        Keys {
+            req: r.tenant_key(
+                tenant,
+                &format!("req:{}:{}", spec.requests_per_minute, spec.request_burst),
+            ),
+            tok: r.tenant_key(tenant, &format!("tok:{}", spec.tokens_per_minute)),
+            conc: r.tenant_key(tenant, "conc"),
+            live: r.tenant_key(tenant, "live"),
+            queue: self.queue.clone(),
+            renewed: AtomicU64::new(0),
+        }
+    }
+
+    pub fn track(&self, tenant: &Arc<TenantLimits>) {
+        if tenant.spec.max_concurrent == 0 {
+            return;
+        }
+        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        tracked.retain(|w| w.strong_count() > 0);
+        tracked.push(Arc::downgrade(tenant));
+    }
+
+    /// One round trip decides the request. `Err(Unavailable)`: Redis did
+    /// not answer (or is known down), and nothing was taken.
+    pub async fn admit(
+        &self,
+        t: &Arc<TenantLimits>,
+        keys: &Keys,
+        standings: &mut Standings,
+    ) -> Result<Result<Admission, Denied>, Unavailable> {
+        if !self.redis.is_up() {
+            return Err(Unavailable);
+        }
+        let spec = t.spec;
+        let slot = spec.max_concurrent > 0;
+        // Counted here first, so the report includes this request and the
+        // count never lags behind what Redis admitted.
+        let count = if slot {
+            t.in_flight.acquire()
+        } else {
+            t.in_flight.now()
+        };
+        let mut inv = self.scripts.admit.prepare_invoke();
+        inv.key(&keys.req)
+            .key(&keys.tok)
+            .key(&keys.conc)
+            .key(&keys.live)
+            .arg(spec.requests_per_minute)
+            .arg(spec.request_burst)
+            .arg(spec.tokens_per_minute)
+            .arg(spec.max_concurrent)
+            .arg(self.redis.replica())
+            .arg(count.version)
+            .arg(count.count)
+            .arg(LEASE_TTL.as_millis() as u64);
+        let reply: Result<(i64, i64, i64, i64, String), _> =
+            self.redis.invoke(Op::Limits, &inv).await;
+        let (verdict, wait_us, remaining, reset_us, tokens) = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                if slot {
+                    t.in_flight.release();
+                }
+                return Err(e);
+            }
+        };
+        let us = |v: i64| Duration::from_micros(v.max(0) as u64);
+        let balance = tokens.parse::<f64>().ok();
+        standings.tokens = balance.map(|b| token_standing(spec.tokens_per_minute, b));
+        standings.requests = (spec.requests_per_minute > 0).then(|| Standing {
+            limit: u64::from(spec.requests_per_minute),
+            remaining: remaining.max(0) as u64,
+            reset: us(reset_us),
+        });
+        let refused = match verdict {
+            0 => {
+                return Ok(Ok(Admission {
+                    lease: Some(Lease::new(t, slot, true)),
+                    tokens: TokenCheck { balance },
+                }))
+            }
+            1 => Refused {
+                limit: Limit::Requests,
+                wait: us(wait_us),
+                standing: standings.requests,
+            },
+            _ => concurrency_refused(),
+        };
+        if slot {
+            // The script counted this request only when it refused for
+            // concurrency (and took it back there); report the local count
+            // again so Redis holds this replica's true number.
+            let count = t.in_flight.release();
+            if refused.limit == Limit::Concurrency {
+                keys.settle(t, 0, Some(count));
+            }
+        }
+        Ok(Err(Denied::Limit(refused)))
+    }
+}
+
+/// Sends settlements as they come (all that are waiting at once, so they
+/// share the connection's pipeline), and every `RENEW_EVERY` reports the
+/// count of each tenant with requests in flight, keeping its lease alive.
+async fn settler(
+    redis: Arc<Redis>,
+    scripts: Arc<Scripts>,
+    mut rx: mpsc::Receiver<Settle>,
+    tracked: Arc<Mutex<Vec<Weak<TenantLimits>>>>,
+) {
+    let mut renew = tokio::time::interval(RENEW_EVERY);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        tokio::select! {
+            got = rx.recv_many(&mut batch, 64) => {
+                if got == 0 {
+                    return;
+                }
+            }
+            _ = renew.tick() => {
+                let tenants: Vec<Arc<TenantLimits>> = tracked
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .filter_map(Weak::upgrade)
+                    .collect();
+                for t in tenants {
+                    let Some(keys) = &t.keys else { continue };
+                    let count = t.in_flight.now();
+                    let last = keys.renewed.swap(count.version, Ordering::AcqRel);
+                    if count.count > 0 || count.version != last {
+                        batch.push(Settle { tenant: Arc::clone(&t), tokens: 0, count: Some(count) });
+                    }
+                }
+            }
+        }
+        let sends = batch.drain(..).map(|s| {
+            let redis = &redis;
+            let scripts = &scripts;
+            async move {
+                let Some(keys) = &s.tenant.keys else { return };
+                let mut inv = scripts.settle.prepare_invoke();
+                let (version, count) = s.count.map_or((-1, 0), |c| (c.version as i64, c.count));
+                inv.key(&keys.tok)
+                    .key(&keys.conc)
+                    .key(&keys.live)
+                    .arg(s.tenant.spec.tokens_per_minute)
+                    .arg(s.tokens)
+                    .arg(redis.replica())
+                    .arg(version)
+                    .arg(count)
+                    .arg(LEASE_TTL.as_millis() as u64);
+                let _: Result<i64, Unavailable> = redis.invoke(Op::Limits, &inv).await;
+            }
+        });
+        futures_util::future::join_all(sends).await;
+    }
+}

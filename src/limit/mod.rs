@@ -1,0 +1,525 @@
+//! Tenant limits (SPEC §4, §8) behind one interface. The request path asks
+//! a `Limiter` to `admit` a request (request bucket, concurrency, and where
+//! the token bucket stands, in one decision), asks the `Admission` whether
+//! the tenant may spend tokens upstream, and `settle`s its `Lease` with the
+//! tokens the answer used. Nothing outside this module knows which backend
+//! decided:
+//!
+//! - `local`: in-memory buckets and counters, one set per replica (the
+//!   default, and the fallback while Redis is unavailable);
+//! - `fleet`: the same limits kept in Redis for every replica, one script
+//!   round trip before upstream and at most one after.
+//!
+//! Settling never waits: the local state changes at once and the Redis side
+//! goes to a task through a bounded queue, so a `Drop` or a body's `poll`
+//! can settle without holding a response back.
+
+mod fleet;
+mod local;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use prometheus::IntCounter;
+
+use crate::config::{LimitSpec, OnError, RedisConfig};
+use crate::metrics::Metrics;
+use crate::shared::Redis;
+
+pub use local::{token_standing, token_verdict, RequestBucket, TokenBucket};
+
+/// Which tenant limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Requests,
+    Tokens,
+    Concurrency,
+}
+
+impl Limit {
+    /// The `limit` label of `sluice_rate_limited_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Requests => "requests",
+            Limit::Tokens => "tokens",
+            Limit::Concurrency => "concurrency",
+        }
+    }
+}
+
+/// What a limit says about a tenant right now, for the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset: Duration,
+}
+
+/// A refused request: which limit, how long until it would pass, and where
+/// the tenant stands on that limit (for the `x-ratelimit-*` headers).
+#[derive(Debug, Clone, Copy)]
+pub struct Refused {
+    pub limit: Limit,
+    pub wait: Duration,
+    pub standing: Option<Standing>,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, Copy)]
+pub enum Denied {
+    Limit(Refused),
+    /// Redis is unavailable and `on_error = "deny"`.
+    Unavailable,
+}
+
+/// Where the tenant stands after this request: what the headers report.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Standings {
+    pub requests: Option<Standing>,
+    pub tokens: Option<Standing>,
+}
+
+// Limit, remaining, reset; parsed once.
+static REQUEST_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+static TOKEN_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+
+impl Standings {
+    /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`.
+    pub fn write_headers(&self, h: &mut HeaderMap) {
+        for (names, standing) in [
+            (&REQUEST_HEADERS, self.requests),
+            (&TOKEN_HEADERS, self.tokens),
+        ] {
+            let Some(s) = standing else { continue };
+            let [limit, remaining, reset] = names;
+            h.insert(limit, HeaderValue::from(s.limit));
+            h.insert(remaining, HeaderValue::from(s.remaining));
+            if let Ok(v) = HeaderValue::from_str(&format_reset(s.reset)) {
+                h.insert(reset, v);
+            }
+        }
+    }
+}
+
+/// Seconds to a `Duration`, saturating: a hostile upstream can report
+/// absurd usage, and that must not turn into a panic.
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)
+}
+
+/// Durations the way OpenAI writes them: `20ms`, `1s`, `6m0s`.
+pub fn format_reset(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs_f64();
+    if secs < 60.0 {
+        let s = format!("{secs:.3}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        return format!("{s}s");
+    }
+    let total = d.as_secs();
+    let (h, m, s) = (total / 3600, (total % 3600) / 60, total % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else {
+        format!("{m}m{s}s")
+    }
+}
+
+/// A tenant's requests in flight on this replica, with a version that
+/// grows with every change: `version << 24 | count`. The version lets Redis
+/// keep the newest of this replica's reports whatever order they arrive in.
+#[derive(Default)]
+struct InFlight(AtomicU64);
+
+const COUNT_BITS: u32 = 24;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+const ACQUIRE: u64 = (1 << COUNT_BITS) + 1;
+const RELEASE: u64 = (1 << COUNT_BITS) - 1;
+
+/// One report of `InFlight`: (version, count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Count {
+    version: u64,
+    count: u64,
+}
+
+impl Count {
+    fn of(packed: u64) -> Count {
+        Count {
+            version: packed >> COUNT_BITS,
+            count: packed & COUNT_MASK,
+        }
+    }
+}
+
+impl InFlight {
+    fn acquire(&self) -> Count {
+        Count::of(
+            self.0
+                .fetch_add(ACQUIRE, Ordering::AcqRel)
+                .wrapping_add(ACQUIRE),
+        )
+    }
+    fn release(&self) -> Count {
+        Count::of(
+            self.0
+                .fetch_add(RELEASE, Ordering::AcqRel)
+                .wrapping_add(RELEASE),
+        )
+    }
+    fn now(&self) -> Count {
+        Count::of(self.0.load(Ordering::Acquire))
+    }
+}
+
+/// All limits of one tenant: the local buckets and counter, and the names
+/// of its Redis keys when limits are shared. Shared (`Arc`) by the tenant
+/// table, leases and, across a reload, by the new table when the spec is
+/// unchanged.
+pub struct TenantLimits {
+    pub spec: LimitSpec,
+    requests: Option<RequestBucket>,
+    tokens: Option<TokenBucket>,
+    in_flight: InFlight,
+    /// `Some` when this tenant's limits are shared through Redis.
+    keys: Option<fleet::Keys>,
+    fallback: IntCounter,
+}
+
+impl TenantLimits {
+    fn is_unlimited(&self) -> bool {
+        self.spec.requests_per_minute == 0
+            && self.spec.tokens_per_minute == 0
+            && self.spec.max_concurrent == 0
+    }
+
+    /// Requests in flight on this replica.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.now().count
+    }
+
+    /// Refuses a tenant without a whole token left, saying when it will
+    /// have one (the local bucket).
+    fn local_tokens(&self, now: Instant) -> Result<Option<Standing>, Refused> {
+        match &self.tokens {
+            None => Ok(None),
+            Some(b) => b.check(now).map(Some).map_err(|(wait, standing)| Refused {
+                limit: Limit::Tokens,
+                wait,
+                standing: Some(standing),
+            }),
+        }
+    }
+
+    /// Request bucket and concurrency, decided on this replica alone.
+    fn admit_local(self: &Arc<Self>, standings: &mut Standings) -> Result<Admission, Denied> {
+        standings.tokens = self.tokens.as_ref().map(|b| b.peek(Instant::now()));
+        if let Some(b) = &self.requests {
+            match b.check() {
+                Ok(s) => standings.requests = Some(s),
+                Err((wait, standing)) => {
+                    standings.requests = Some(standing);
+                    return Err(Denied::Limit(Refused {
+                        limit: Limit::Requests,
+                        wait,
+                        standing: Some(standing),
+                    }));
+                }
+            }
+        }
+        let max = u64::from(self.spec.max_concurrent);
+        let slot = max > 0;
+        if slot && self.in_flight.acquire().count > max {
+            self.in_flight.release();
+            return Err(Denied::Limit(concurrency_refused()));
+        }
+        Ok(Admission {
+            lease: Some(Lease::new(self, slot, false)),
+            tokens: TokenCheck::default(),
+        })
+    }
+}
+
+/// No clock says when a slot frees; one second is the honest hint.
+fn concurrency_refused() -> Refused {
+    Refused {
+        limit: Limit::Concurrency,
+        wait: Duration::from_secs(1),
+        standing: None,
+    }
+}
+
+/// The limiter the request path talks to. Chosen at start from config:
+/// in memory, or shared through Redis with the in-memory limits as the
+/// fallback.
+pub struct Limiter {
+    fleet: Option<fleet::Fleet>,
+}
+
+impl Limiter {
+    /// The in-memory limiter: every replica on its own.
+    pub fn local() -> Limiter {
+        Limiter { fleet: None }
+    }
+
+    /// Limits shared through `redis` when `[redis] limits` is on.
+    pub fn new(redis: Option<(&Arc<Redis>, &RedisConfig)>) -> Limiter {
+        let fleet = redis
+            .filter(|(_, cfg)| cfg.limits)
+            .map(|(redis, cfg)| fleet::Fleet::start(Arc::clone(redis), cfg.on_error));
+        Limiter { fleet }
+    }
+
+    /// Whether limits are shared by the fleet.
+    pub fn is_shared(&self) -> bool {
+        self.fleet.is_some()
+    }
+
+    /// The limiter state of one tenant. A reload calls this only for a
+    /// tenant whose limits changed (or is new); the others keep theirs.
+    pub fn tenant(&self, name: &str, spec: LimitSpec, metrics: &Metrics) -> Arc<TenantLimits> {
+        let limits = Arc::new(TenantLimits {
+            spec,
+            requests: std::num::NonZeroU32::new(spec.requests_per_minute).map(|rpm| {
+                RequestBucket::new(
+                    rpm,
+                    std::num::NonZeroU32::new(spec.request_burst)
+                        .unwrap_or(std::num::NonZeroU32::MIN),
+                )
+            }),
+            tokens: (spec.tokens_per_minute > 0)
+                .then(|| TokenBucket::new(spec.tokens_per_minute, Instant::now())),
+            in_flight: InFlight::default(),
+            keys: self.fleet.as_ref().map(|f| f.keys(name, spec)),
+            fallback: metrics.limits_local_fallback.with_label_values(&[name]),
+        });
+        if let Some(f) = &self.fleet {
+            f.track(&limits);
+        }
+        limits
+    }
+
+    /// Takes one request from the request bucket and a concurrency slot,
+    /// and learns where the token bucket stands: one decision, one Redis
+    /// round trip when limits are shared. `standings` is filled in for the
+    /// headers whatever the outcome.
+    pub async fn admit(
+        &self,
+        tenant: &Arc<TenantLimits>,
+        standings: &mut Standings,
+    ) -> Result<Admission, Denied> {
+        if tenant.is_unlimited() {
+            return Ok(Admission {
+                lease: None,
+                tokens: TokenCheck::default(),
+            });
+        }
+        if let (Some(fleet), Some(keys)) = (&self.fleet, &tenant.keys) {
+            match fleet.admit(tenant, keys, standings).await {
+                Ok(decision) => return decision,
+                Err(crate::shared::Unavailable) => {
+                    if fleet.on_error == OnError::Deny {
+                        return Err(Denied::Unavailable);
+                    }
+                    tenant.fallback.inc();
+                }
+            }
+        }
+        tenant.admit_local(standings)
+    }
+}
+
+/// An admitted request: its lease (what it holds until settled) and the
+/// token check it will face if it goes upstream.
+pub struct Admission {
+    pub lease: Option<Lease>,
+    pub tokens: TokenCheck,
+}
+
+/// The token balance admission saw when Redis decided; otherwise the local
+/// bucket is asked.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenCheck {
+    balance: Option<f64>,
+}
+
+impl TokenCheck {
+    /// Refuses a tenant in token deficit; only requests that go upstream
+    /// ask. Decided from what admission saw, without another round trip.
+    pub fn check(self, t: &TenantLimits, standings: &mut Standings) -> Result<(), Refused> {
+        let verdict = match (self.balance, &t.tokens) {
+            (_, None) => Ok(None),
+            (Some(balance), Some(_)) => token_verdict(t.spec.tokens_per_minute, balance)
+                .map(Some)
+                .map_err(|(wait, standing)| Refused {
+                    limit: Limit::Tokens,
+                    wait,
+                    standing: Some(standing),
+                }),
+            (None, Some(_)) => t.local_tokens(Instant::now()),
+        };
+        match verdict {
+            Ok(s) => {
+                standings.tokens = s;
+                Ok(())
+            }
+            Err(refused) => {
+                standings.tokens = refused.standing;
+                Err(refused)
+            }
+        }
+    }
+}
+
+/// What an admitted request holds until it is settled: a concurrency slot
+/// (if the tenant has a cap) and the duty to debit its tokens. Settled once,
+/// by `settle` with the answer's tokens, or on drop with none.
+pub struct Lease {
+    tenant: Arc<TenantLimits>,
+    slot: bool,
+    /// Admitted through Redis: settle there too.
+    shared: bool,
+    settled: bool,
+}
+
+impl Lease {
+    fn new(tenant: &Arc<TenantLimits>, slot: bool, shared: bool) -> Lease {
+        Lease {
+            tenant: Arc::clone(tenant),
+            slot,
+            shared,
+            settled: false,
+        }
+    }
+
+    /// Debits the tokens the answer used (the bucket may go into deficit)
+    /// and frees the concurrency slot. Never waits.
+    pub fn settle(mut self, tokens: u64) {
+        self.finish(tokens);
+    }
+
+    fn finish(&mut self, tokens: u64) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let t = &self.tenant;
+        // Always charged locally too: while Redis is away, the local bucket
+        // knows what this replica spent.
+        if let Some(b) = &t.tokens {
+            if tokens > 0 {
+                b.debit(tokens, Instant::now());
+            }
+        }
+        let count = self.slot.then(|| t.in_flight.release());
+        if let (true, Some(keys)) = (self.shared, &t.keys) {
+            keys.settle(t, tokens, count);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.finish(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(rpm: u32, burst: u32, tpm: u64, concurrent: u32) -> LimitSpec {
+        LimitSpec {
+            requests_per_minute: rpm,
+            request_burst: burst,
+            tokens_per_minute: tpm,
+            max_concurrent: concurrent,
+        }
+    }
+
+    fn admit(l: &Limiter, t: &Arc<TenantLimits>) -> Result<Admission, Denied> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(l.admit(t, &mut Standings::default()))
+    }
+
+    #[test]
+    fn concurrency_is_released_when_settled_or_dropped() {
+        let m = Metrics::new();
+        let l = Limiter::local();
+        let t = l.tenant("a", spec(0, 1, 0, 2), &m);
+        let a = admit(&l, &t).expect("1");
+        let b = admit(&l, &t).expect("2");
+        match admit(&l, &t) {
+            Err(Denied::Limit(r)) => assert_eq!(r.limit, Limit::Concurrency),
+            _ => panic!("third is over the cap"),
+        }
+        assert_eq!(t.in_flight(), 2, "a refusal holds nothing");
+        drop(a);
+        assert_eq!(t.in_flight(), 1);
+        b.lease.expect("lease").settle(0);
+        assert_eq!(t.in_flight(), 0);
+        assert!(admit(&l, &t).is_ok());
+    }
+
+    #[test]
+    fn settling_debits_the_token_bucket() {
+        let m = Metrics::new();
+        let l = Limiter::local();
+        let t = l.tenant("a", spec(0, 1, 600, 0), &m);
+        let mut s = Standings::default();
+        let a = admit(&l, &t).expect("admitted");
+        a.tokens.check(&t, &mut s).expect("full bucket");
+        assert_eq!(s.tokens.map(|s| s.remaining), Some(600));
+        a.lease.expect("lease").settle(700);
+        let a = admit(&l, &t).expect("the request bucket is unlimited");
+        let r = a.tokens.check(&t, &mut s).expect_err("in deficit");
+        assert_eq!(r.limit, Limit::Tokens);
+        assert!(r.wait > Duration::from_secs(10));
+    }
+
+    #[test]
+    fn unlimited_means_no_headers_and_no_lease() {
+        let m = Metrics::new();
+        let l = Limiter::local();
+        let t = l.tenant("a", spec(0, 1, 0, 0), &m);
+        let mut s = Standings::default();
+        let a = admit(&l, &t).expect("ok");
+        assert!(a.lease.is_none());
+        a.tokens.check(&t, &mut s).expect("ok");
+        assert!(s.requests.is_none() && s.tokens.is_none());
+    }
+
+    #[test]
+    fn in_flight_reports_grow_in_version() {
+        let f = InFlight::default();
+        let a = f.acquire();
+        let b = f.acquire();
+        let c = f.release();
+        assert_eq!((a.count, b.count, c.count), (1, 2, 1));
+        assert!(a.version < b.version && b.version < c.version);
+        assert_eq!(f.now(), c);
+    }
+
+    #[test]
+    fn reset_formats() {
+        assert_eq!(format_reset(Duration::from_millis(20)), "20ms");
+        assert_eq!(format_reset(Duration::from_secs(1)), "1s");
+        assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
+        assert_eq!(format_reset(Duration::from_secs(3725)), "1h2m5s");
+    }
+}

@@ -1,0 +1,346 @@
+//! The connection to Redis through which replicas share state (SPEC §8):
+//! one multiplexed connection (or a cluster connection), its health, and
+//! the metrics of every round trip. It keeps no state of its own; the
+//! limiter's Redis backend (`limit::fleet`) calls `Redis::invoke`.
+//!
+//! Health is a circuit. While Redis answers, requests use it. The first
+//! error or round trip over `timeout_ms` marks it down (one warn line), and
+//! from then on no request touches Redis, so nothing waits or queues behind
+//! it: a prober reconnects and pings every 500 ms, and the first answer
+//! marks it up again (one info line). While up, the prober pings once a
+//! second, so `sluice_redis_up` is true without traffic too.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, ScriptInvocation, Value};
+use tokio::sync::Notify;
+
+use crate::config::RedisConfig;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+use crate::metrics::Metrics;
+
+/// What a round trip was for: the `op` label of the Redis metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Limits,
+    CacheGet,
+    CachePut,
+    Coalesce,
+}
+
+impl Op {
+    pub fn label(self) -> &'static str {
+        match self {
+            Op::Limits => "limits",
+            Op::CacheGet => "cache_get",
+            Op::CachePut => "cache_put",
+            Op::Coalesce => "coalesce",
+        }
+    }
+}
+
+/// Redis did not answer in time, answered with an error, or is known to be
+/// down: the caller falls back (SPEC §8 `on_error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable;
+
+/// A single server or a cluster, behind one `ConnectionLike`.
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The metrics of SPEC §8, registered only when `[redis]` is set (so
+/// `sluice_redis_up` is absent without it). Handles per op and result are
+/// resolved once.
+pub struct RedisMetrics {
+    pub up: IntGauge,
+    results: [[IntCounter; 3]; 4],
+    durations: [Histogram; 4],
+}
+
+const REDIS_OPS: [&str; 4] = ["limits", "cache_get", "cache_put", "coalesce"];
+const REDIS_RESULTS: [&str; 3] = ["ok", "error", "timeout"];
+
+impl RedisMetrics {
+    fn op_index(op: Op) -> usize {
+        match op {
+            Op::Limits => 0,
+            Op::CacheGet => 1,
+            Op::CachePut => 2,
+            Op::Coalesce => 3,
+        }
+    }
+
+    pub fn result(&self, op: Op, result: &str) -> &IntCounter {
+        let r = REDIS_RESULTS.iter().position(|x| *x == result).unwrap_or(1);
+        &self.results[Self::op_index(op)][r]
+    }
+
+    pub fn duration(&self, op: Op) -> &Histogram {
+        &self.durations[Self::op_index(op)]
+    }
+}
+
+/// Round-trip buckets for Redis: tens of microseconds on a LAN to the
+/// timeout.
+const REDIS_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+];
+
+impl RedisMetrics {
+    #[expect(
+        clippy::expect_used,
+        reason = "metric definitions are static; a bad one is a bug caught by every test"
+    )]
+    fn register(r: &Registry) -> RedisMetrics {
+        let up = IntGauge::new("sluice_redis_up", "1 while Redis answers, else 0.")
+            .expect("valid metric");
+        r.register(Box::new(up.clone())).expect("unique metric");
+        let ops = IntCounterVec::new(
+            Opts::new(
+                "sluice_redis_operations_total",
+                "Redis round trips, by what they were for and how they ended.",
+            ),
+            &["op", "result"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(ops.clone())).expect("unique metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "sluice_redis_duration_seconds",
+                "Time of one Redis round trip, timeouts included.",
+            )
+            .buckets(REDIS_BUCKETS.to_vec()),
+            &["op"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(duration.clone()))
+            .expect("unique metric");
+        RedisMetrics {
+            up,
+            results: REDIS_OPS.map(|op| REDIS_RESULTS.map(|res| ops.with_label_values(&[op, res]))),
+            durations: REDIS_OPS.map(|op| duration.with_label_values(&[op])),
+        }
+    }
+}
+
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
+/// The shared connection and its health.
+pub struct Redis {
+    cfg: RedisConfig,
+    conn: ArcSwapOption<Conn>,
+    health: AtomicU8,
+    /// Wakes the prober as soon as a request sees Redis fail.
+    wake: Arc<Notify>,
+    metrics: RedisMetrics,
+    /// This process's id in shared state (its concurrency leases).
+    replica: String,
+}
+
+impl Redis {
+    /// Connects (waiting at most a second, so a replica whose Redis is down
+    /// still starts at once) and starts the prober.
+    pub async fn start(cfg: &RedisConfig, metrics: &Metrics) -> Arc<Redis> {
+        let redis = Arc::new(Redis {
+            cfg: cfg.clone(),
+            conn: ArcSwapOption::empty(),
+            health: AtomicU8::new(UNKNOWN),
+            wake: Arc::new(Notify::new()),
+            metrics: RedisMetrics::register(metrics.registry()),
+            replica: format!("{:016x}", rand::random::<u64>()),
+        });
+        redis.probe().await;
+        tokio::spawn(prober(Arc::downgrade(&redis), Arc::clone(&redis.wake)));
+        redis
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.health.load(Ordering::Acquire) == UP
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// A key of one tenant: `prefix:{tenant}:suffix`. The braces are a
+    /// cluster hash tag, so every key of a tenant lives in one slot and a
+    /// script may touch them all.
+    pub fn tenant_key(&self, tenant: &str, suffix: &str) -> String {
+        format!("{}:{{{tenant}}}:{suffix}", self.cfg.key_prefix)
+    }
+
+    /// Runs a script (loaded again transparently if the server forgot it)
+    /// within `timeout_ms`. While Redis is down this returns at once.
+    pub async fn invoke<T: FromRedisValue>(
+        &self,
+        op: Op,
+        script: &ScriptInvocation<'_>,
+    ) -> Result<T, Unavailable> {
+        if !self.is_up() {
+            return Err(Unavailable);
+        }
+        let Some(conn) = self.conn.load_full() else {
+            return Err(Unavailable);
+        };
+        let mut conn = Conn::clone(&conn);
+        let start = Instant::now();
+        let result = tokio::time::timeout(self.cfg.timeout, script.invoke_async(&mut conn)).await;
+        self.metrics
+            .duration(op)
+            .observe(start.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(v)) => {
+                self.metrics.result(op, "ok").inc();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                self.metrics.result(op, "error").inc();
+                self.mark_down(&format!("{:?}", e.kind()));
+                Err(Unavailable)
+            }
+            Err(_) => {
+                self.metrics.result(op, "timeout").inc();
+                self.mark_down("a round trip exceeded redis.timeout_ms");
+                Err(Unavailable)
+            }
+        }
+    }
+
+    fn mark_down(&self, why: &str) {
+        if self.health.swap(DOWN, Ordering::AcqRel) != DOWN {
+            self.metrics.up.set(0);
+            tracing::warn!(
+                url = %self.cfg.redacted_url(),
+                reason = why,
+                "Redis unavailable: shared state falls back to this replica's own until it answers again"
+            );
+            self.wake.notify_one();
+        }
+    }
+
+    fn mark_up(&self) {
+        if self.health.swap(UP, Ordering::AcqRel) != UP {
+            self.metrics.up.set(1);
+            tracing::info!(url = %self.cfg.redacted_url(), "Redis answers: state is shared");
+        }
+    }
+
+    /// One health check: ping on the current connection while up; while
+    /// down, a fresh connection, used only once it answers.
+    async fn probe(&self) {
+        let wait = self.cfg.timeout.max(Duration::from_millis(250));
+        if self.is_up() {
+            if let Some(conn) = self.conn.load_full() {
+                let mut conn = Conn::clone(&conn);
+                let pong =
+                    tokio::time::timeout(wait, redis::cmd("PING").query_async::<String>(&mut conn))
+                        .await;
+                match pong {
+                    Ok(Ok(_)) => return,
+                    Ok(Err(e)) => self.mark_down(&format!("{:?}", e.kind())),
+                    Err(_) => self.mark_down("ping timed out"),
+                }
+            }
+            return;
+        }
+        let connect = Duration::from_secs(1).max(wait);
+        let attempt = tokio::time::timeout(connect, async {
+            let mut conn = self.connect(connect).await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await?;
+            Ok::<Conn, redis::RedisError>(conn)
+        })
+        .await;
+        match attempt {
+            Ok(Ok(conn)) => {
+                self.conn.store(Some(Arc::new(conn)));
+                self.mark_up();
+            }
+            Ok(Err(e)) => self.mark_down(&format!("{:?}", e.kind())),
+            Err(_) => self.mark_down("connecting timed out"),
+        }
+    }
+
+    async fn connect(&self, timeout: Duration) -> redis::RedisResult<Conn> {
+        if self.cfg.cluster {
+            let client = redis::cluster::ClusterClient::builder(vec![self.cfg.url.as_str()])
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .build()?;
+            Ok(Conn::Cluster(client.get_async_connection().await?))
+        } else {
+            let client = redis::Client::open(self.cfg.url.as_str())?;
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(None);
+            Ok(Conn::Single(
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?,
+            ))
+        }
+    }
+}
+
+/// Keeps the health fresh: every second while up, every 500 ms (or at
+/// once, when a request saw a failure) while down. Ends with the gateway.
+async fn prober(redis: Weak<Redis>, wake: Arc<Notify>) {
+    loop {
+        let Some(r) = redis.upgrade() else { return };
+        let pause = if r.is_up() {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(500)
+        };
+        // Wait without holding the gateway alive.
+        drop(r);
+        let woken = tokio::time::timeout(pause, wake.notified()).await.is_ok();
+        let Some(r) = redis.upgrade() else { return };
+        if woken {
+            // A request just marked it down; give the server a moment
+            // before the first reconnect.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        r.probe().await;
+    }
+}
