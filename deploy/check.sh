@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Offline checks of deploy/ and of the live metrics exposition:
 #   - a live Sluice (against the built-in simulator) takes a little traffic,
-#     then `promtool check metrics` reads its /metrics;
+#     then `promtool check metrics` reads its /metrics; a second one with
+#     [redis] set and Redis unreachable shows the Redis metrics and the local
+#     fallback (limits decided by the replica alone) the same way;
 #   - `promtool check config` / `check rules` on deploy/prometheus;
 #   - the Grafana dashboard is valid JSON and only queries metrics Sluice has;
 #   - Kubernetes manifests (if present) against the Kubernetes schemas, and
@@ -70,18 +72,40 @@ for m in sluice_requests_total sluice_tokens_total sluice_cost_usd_total sluice_
 done
 echo "metrics: promtool clean, $(grep -c '^sluice_' "$tmp/metrics.txt") sluice series"
 
+echo "--- live exposition with [redis] unreachable"
+# A loopback port nothing listens on: Sluice starts anyway, answers with the
+# limits decided locally (on_error = "local") and reports Redis down.
+closed=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+sed -e 's/^\[\[tenants\]\]$/[redis]\nurl = "redis:\/\/127.0.0.1:'"$closed"'\/0"\n\n&/' \
+    -e 's/^name = "check"$/&\nrequests_per_minute = 600/' "$tmp/sluice.toml" >"$tmp/sluice-redis.toml"
+"$BIN" check-config --config "$tmp/sluice-redis.toml" | grep '^shared state .*limits shared'
+SLUICE_LOG_FORMAT=json "$BIN" --config "$tmp/sluice-redis.toml" >"$tmp/gw-redis.log" 2>&1 &
+pids+=($!)
+line=$(wait_line "$tmp/gw-redis.log" '"sluice listening"')
+listen=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["listen"])' "$line")
+admin=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["admin"])' "$line")
+curl -sf "http://$listen/v1/chat/completions" -H "Authorization: Bearer $key" -d "$body" >/dev/null
+curl -s "http://$admin/metrics" >"$tmp/metrics-redis.txt"
+promtool check metrics <"$tmp/metrics-redis.txt"
+grep -q '^sluice_redis_up 0' "$tmp/metrics-redis.txt" || { echo "sluice_redis_up should be 0" >&2; exit 1; }
+for m in sluice_redis_operations_total sluice_redis_duration_seconds_bucket 'sluice_limits_local_fallback_total{tenant="check"}'; do
+  grep -qF "$m" "$tmp/metrics-redis.txt" || { echo "missing $m with Redis down" >&2; exit 1; }
+done
+if grep -q '^sluice_redis_up' "$tmp/metrics.txt"; then echo "sluice_redis_up without [redis]" >&2; exit 1; fi
+echo "metrics: promtool clean with Redis down, sluice_redis_up 0, local fallback counted"
+
 echo "--- prometheus config and rules"
 promtool check config deploy/prometheus/prometheus.yml
 promtool check rules deploy/prometheus/alerts.yml
 
 echo "--- grafana dashboard"
-python3 - "$tmp/metrics.txt" deploy/grafana/sluice-dashboard.json <<'PY'
-import json, re, sys
-exposed = {l.split("{")[0].split(" ")[0] for l in open(sys.argv[1]) if l and not l.startswith("#")}
+python3 - deploy/grafana/sluice-dashboard.json "$tmp/metrics.txt" "$tmp/metrics-redis.txt" <<'PY'
+import glob, json, re, sys
+exposed = {l.split("{")[0].split(" ")[0] for m in sys.argv[2:] for l in open(m) if l and not l.startswith("#")}
 # Vectors without samples yet are not exposed; take their names from the source.
-defined = set(re.findall(r'"(sluice_[a-z_]+)"', open("src/metrics.rs").read()))
+defined = {n for f in glob.glob("src/**/*.rs", recursive=True) for n in re.findall(r'"(sluice_[a-z_]+)"', open(f).read())}
 families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in exposed} | exposed | defined
-dash = json.load(open(sys.argv[2]))
+dash = json.load(open(sys.argv[1]))
 panels = dash["panels"]
 assert panels, "dashboard has panels"
 for p in panels:

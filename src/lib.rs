@@ -6,7 +6,8 @@
 //! - [`routes`]: path and method to an endpoint;
 //! - [`state`]: the tenant table; auth hashes the presented key and finds
 //!   the `Tenant` (code past auth never sees a raw key);
-//! - [`limit`]: request bucket, concurrency cap, token bucket;
+//! - [`limit`]: request bucket, concurrency cap, token bucket, in memory or
+//!   shared by the fleet through Redis ([`shared`] is the connection);
 //! - [`cache`]: exact-match store and the in-flight map that coalesces
 //!   identical requests;
 //! - [`upstream`]: the pooled client, timeouts and retries — the only
@@ -15,7 +16,8 @@
 //!   reading usage, filling the cache and feeding followers, using [`sse`];
 //! - [`body`]: the response body type and the per-request `Record` that
 //!   writes metrics ([`metrics`]) and the access log when the body is done;
-//! - [`error`]: Sluice's own errors in the OpenAI shape.
+//! - [`error`]: Sluice's own errors in the OpenAI shape;
+//! - [`request_id`]: the `x-request-id` of every response.
 //!
 //! [`server::Gateway`] binds the listeners and runs them; the binary, `sluice
 //! demo`, the tests and the benchmarks all start it. [`simulator`] is the

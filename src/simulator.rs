@@ -51,6 +51,10 @@ use tokio::sync::mpsc;
 #[derive(Default)]
 pub struct SimStats {
     calls: AtomicU64,
+    /// Completion calls between arrival and response headers, and the most
+    /// there ever were at once.
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
     connections: AtomicU64,
     aborted: AtomicU64,
     aborted_notify: tokio::sync::Notify,
@@ -86,6 +90,12 @@ impl Simulator {
     /// Completion calls received (chat, prefix, FIM), retries included.
     pub fn calls(&self) -> u64 {
         self.stats.calls.load(Ordering::SeqCst)
+    }
+
+    /// The most completion calls that were ever waiting for their response
+    /// headers at once (what upstream sees of a concurrency cap).
+    pub fn max_in_flight(&self) -> u64 {
+        self.stats.max_in_flight.load(Ordering::SeqCst)
     }
 
     /// Connections accepted.
@@ -308,6 +318,20 @@ async fn handle(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     stats.calls.fetch_add(1, Ordering::SeqCst);
+    let now = stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    stats.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let answer = answer(&stats, endpoint, parts, body).await;
+    stats.in_flight.fetch_sub(1, Ordering::SeqCst);
+    answer
+}
+
+/// A completion call's answer, after its faults.
+async fn answer(
+    stats: &Arc<SimStats>,
+    endpoint: &'static str,
+    parts: http::request::Parts,
+    body: Bytes,
+) -> Result<Response<SimBody>, std::io::Error> {
     *stats.last.lock().unwrap_or_else(|e| e.into_inner()) =
         Some((parts.headers.clone(), body.clone()));
     let faults = Faults::of(&parts.headers);
@@ -364,7 +388,7 @@ async fn handle(
         Ok(stream_response(
             answer.events(include_usage),
             &faults,
-            &stats,
+            stats,
         ))
     } else {
         Ok(whole_response(answer.completion(!faults.no_usage), &faults))

@@ -3,10 +3,15 @@
 #   - every base manifest against the Kubernetes schemas (kubernetes-validate
 #     from PyPI ships them), strictly;
 #   - cross-references: selectors, probe ports, HPA/PDB targets, the
-#     ServiceMonitor's port, overlay patches and files;
-#   - the ConfigMap's sluice.toml and the compose config through
-#     `sluice check-config`;
-#   - compose.yaml parses and every file it mounts exists.
+#     ServiceMonitor's port, overlay patches, components and files;
+#   - every component (deploy/k8s/components) the same way: its resources
+#     against the schemas, its patches applied to the base Deployment and
+#     the result validated, and the Redis it ships or points at wired to
+#     the Sluice pods (Service, NetworkPolicy, SLUICE_REDIS_URL);
+#   - the ConfigMap's sluice.toml (alone and with each component's
+#     SLUICE_REDIS_URL) and the compose config through `sluice check-config`;
+#   - compose.yaml parses, every file it mounts exists, and the Redis its
+#     config names is a service Sluice depends on.
 # Usage: deploy/k8s/check.sh [path/to/sluice]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,7 +22,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check kubernetes-validate pyyaml
 "$venv/bin/python" - "$BIN" <<'PY'
-import os, subprocess, sys, tempfile
+import copy, os, re, subprocess, sys, tempfile
+from urllib.parse import urlsplit
 import yaml
 import kubernetes_validate
 
@@ -30,17 +36,30 @@ def load(path):
     with open(path) as f:
         return list(d for d in yaml.safe_load_all(f) if d)
 
+def validate(d, where):
+    if d["apiVersion"].startswith("monitoring.coreos.com/"):
+        return  # a CRD: checked by hand below
+    try:
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        problems.append(f"{where}: {e.message} at {'/'.join(map(str, e.path))}")
+
+def check_config(toml, env=None):
+    """Runs `sluice check-config` on TOML text; returns (ok, output)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(toml)
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    run_env.update(env or {})
+    r = subprocess.run([BIN, "check-config", "--config", f.name], capture_output=True, text=True, env=run_env)
+    os.unlink(f.name)
+    return r.returncode == 0, r.stdout + r.stderr
+
 kust = load(f"{base}/kustomization.yaml")[0]
 docs = {}
 for res in kust["resources"]:
     for d in load(f"{base}/{res}"):
         docs[(d["kind"], d["metadata"]["name"])] = d
-        if d["apiVersion"].startswith("monitoring.coreos.com/"):
-            continue  # a CRD: checked by hand below
-        try:
-            kubernetes_validate.validate(d, K8S_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as e:
-            problems.append(f"{res}: {e.message} at {'/'.join(map(str, e.path))}")
+        validate(d, res)
 print(f"k8s: {len(docs)} base resources validated against Kubernetes {K8S_VERSION}")
 
 dep = docs[("Deployment", "sluice")]
@@ -80,32 +99,162 @@ if not dep["spec"]["template"]["spec"]["securityContext"].get("runAsNonRoot"):
 
 # The config the pods run must be valid, and the drain must fit the grace.
 toml = docs[("ConfigMap", "sluice-config")]["data"]["sluice.toml"]
-with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-    f.write(toml)
-r = subprocess.run([BIN, "check-config", "--config", f.name], capture_output=True, text=True)
-os.unlink(f.name)
-if r.returncode != 0:
-    problems.append(f"ConfigMap sluice.toml: {r.stderr.strip()}")
-import re
+ok, out = check_config(toml)
+if not ok:
+    problems.append(f"ConfigMap sluice.toml: {out.strip()}")
 grace = int(re.search(r"shutdown_grace_secs\s*=\s*(\d+)", toml).group(1))
 pre = container["lifecycle"]["preStop"]["sleep"]["seconds"]
 if dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] < grace + pre:
     problems.append("terminationGracePeriodSeconds must cover preStop + shutdown_grace_secs")
 
-# Overlay: files exist, patches target base resources.
+def merge(into, patch):
+    """A strategic merge as kustomize does it for the fields used here:
+    maps merge, lists of named items merge by name, other lists replace."""
+    for key, val in patch.items():
+        cur = into.get(key)
+        if isinstance(val, dict) and isinstance(cur, dict):
+            merge(cur, val)
+        elif (isinstance(val, list) and isinstance(cur, list)
+              and all(isinstance(x, dict) and "name" in x for x in val + cur)):
+            by_name = {x["name"]: x for x in cur}
+            for x in val:
+                if x["name"] in by_name:
+                    merge(by_name[x["name"]], x)
+                else:
+                    cur.insert(0, copy.deepcopy(x))  # kustomize puts new items first
+        else:
+            into[key] = copy.deepcopy(val)
+
+def labels_match(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+# Components: each is a kustomize Component whose resources are validated
+# like the base's and whose patches, applied to the base, still validate.
+# A Redis it ships (or a Secret it reads) must be what SLUICE_REDIS_URL names.
+comp_root = "deploy/k8s/components"
+components = sorted(os.listdir(comp_root)) if os.path.isdir(comp_root) else []
+for comp in components:
+    root = f"{comp_root}/{comp}"
+    where = f"component {comp}"
+    k = load(f"{root}/kustomization.yaml")[0]
+    if (k.get("apiVersion"), k.get("kind")) != ("kustomize.config.k8s.io/v1alpha1", "Component"):
+        problems.append(f"{where}: kustomization.yaml is not a kustomize Component")
+    cdocs = {}
+    for res in k.get("resources", []):
+        for d in load(f"{root}/{res}"):
+            ident = (d["kind"], d["metadata"]["name"])
+            if ident in docs or ident in cdocs:
+                problems.append(f"{where}: {res} redefines {ident[0]}/{ident[1]}")
+            cdocs[ident] = d
+            validate(d, f"{where}/{res}")
+    patched = copy.deepcopy(docs)
+    for p in k.get("patches", []):
+        for d in load(os.path.join(root, p["path"])):
+            ident = (d["kind"], d["metadata"]["name"])
+            if ident not in patched:
+                problems.append(f"{where}: patch targets unknown {ident[0]}/{ident[1]}")
+                continue
+            if ident == ("Deployment", "sluice"):
+                names = {c["name"] for c in dep["spec"]["template"]["spec"]["containers"]}
+                for c in d["spec"]["template"]["spec"].get("containers", []):
+                    if c["name"] not in names:
+                        problems.append(f"{where}: patch adds a container {c['name']!r} instead of patching one")
+            merge(patched[ident], d)
+            validate(patched[ident], f"{where}: {p['path']} applied to the base")
+
+    # Every workload it adds: selectors, non-root, read-only, limits, probes.
+    for (kind, name), d in cdocs.items():
+        if kind != "Deployment":
+            continue
+        spec = d["spec"]["template"]["spec"]
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        if not labels_match(d["spec"]["selector"]["matchLabels"], labels):
+            problems.append(f"{where}: Deployment {name} selector does not match its pods")
+        if labels_match(docs[("Service", "sluice")]["spec"]["selector"], labels):
+            problems.append(f"{where}: Deployment {name}'s pods are selected by the sluice Service")
+        if not spec.get("securityContext", {}).get("runAsNonRoot"):
+            problems.append(f"{where}: Deployment {name} must run as non-root")
+        for c in spec["containers"]:
+            csc = c.get("securityContext", {})
+            if not (csc.get("readOnlyRootFilesystem") and csc.get("allowPrivilegeEscalation") is False):
+                problems.append(f"{where}: container {c['name']} needs a read-only root fs and no privilege escalation")
+            lim = c.get("resources", {}).get("limits", {})
+            if not ("memory" in lim and "cpu" in lim):
+                problems.append(f"{where}: container {c['name']} needs cpu and memory limits")
+            if "readinessProbe" not in c:
+                problems.append(f"{where}: container {c['name']} has no readiness probe")
+            if "redis" in c["image"] or "valkey" in c["image"]:
+                argv = " ".join(c.get("command", []) + c.get("args", []))
+                if not ("--maxmemory " in argv and "--maxmemory-policy allkeys-lru" in argv):
+                    problems.append(f"{where}: Redis {c['name']} needs --maxmemory and --maxmemory-policy allkeys-lru")
+                probe = " ".join(c.get("readinessProbe", {}).get("exec", {}).get("command", []))
+                if "redis-cli" not in probe or "ping" not in probe:
+                    problems.append(f"{where}: Redis {c['name']} should be ready on `redis-cli ping`")
+    pods = [(d["spec"]["template"]["metadata"]["labels"], d["spec"]["template"]["spec"])
+            for (kind, _), d in cdocs.items() if kind == "Deployment"]
+    services = {}
+    for (kind, name), d in cdocs.items():
+        if kind == "Service":
+            target = [spec for labels, spec in pods if labels_match(d["spec"]["selector"], labels)]
+            if not target:
+                problems.append(f"{where}: Service {name} selects no pod of the component")
+                continue
+            cports = {p.get("name") for c in target[0]["containers"] for p in c.get("ports", [])}
+            cports |= {p["containerPort"] for c in target[0]["containers"] for p in c.get("ports", [])}
+            for sp in d["spec"]["ports"]:
+                if sp.get("targetPort", sp["port"]) not in cports:
+                    problems.append(f"{where}: Service {name} targets unknown port {sp.get('targetPort')}")
+            services[name] = {sp["port"] for sp in d["spec"]["ports"]}
+        if kind == "NetworkPolicy":
+            if not any(labels_match(d["spec"]["podSelector"].get("matchLabels", {}), labels) for labels, _ in pods):
+                problems.append(f"{where}: NetworkPolicy {name} protects no pod of the component")
+            sources = [f.get("podSelector", {}).get("matchLabels", {}) for r in d["spec"].get("ingress", []) for f in r.get("from", [])]
+            if not any(labels_match(sel, pod_labels) for sel in sources):
+                problems.append(f"{where}: NetworkPolicy {name} shuts out the Sluice pods")
+
+    # SLUICE_REDIS_URL on the patched pods: names the component's Service (or
+    # comes from a Secret), and the ConfigMap's config is valid with it.
+    pdep = patched[("Deployment", "sluice")]["spec"]["template"]["spec"]["containers"][0]
+    url_env = [e for e in pdep.get("env", []) if e["name"] == "SLUICE_REDIS_URL"]
+    if url_env:
+        e = url_env[0]
+        if "value" in e:
+            url = e["value"]
+            u = urlsplit(url)
+            if cdocs and (u.hostname not in services or (u.port or 6379) not in services[u.hostname]):
+                problems.append(f"{where}: SLUICE_REDIS_URL {url} names no Service port of the component")
+        else:
+            ref = e.get("valueFrom", {}).get("secretKeyRef", {})
+            if not (ref.get("name") and ref.get("key")):
+                problems.append(f"{where}: SLUICE_REDIS_URL must be a value or a Secret key")
+            if ref.get("name") == "sluice-upstream":
+                problems.append(f"{where}: keep the Redis URL out of the upstream key's Secret")
+            url = "rediss://:stand-in@redis.example.internal:6380/0"  # what the Secret would hold
+        ok, out = check_config(toml, {"SLUICE_REDIS_URL": url})
+        if not ok:
+            problems.append(f"{where}: ConfigMap sluice.toml with SLUICE_REDIS_URL: {out.strip()}")
+        elif not re.search(r"^shared state\s+redis .*limits shared", out, re.M):
+            problems.append(f"{where}: with SLUICE_REDIS_URL, check-config does not report shared limits")
+    print(f"k8s: component {comp}: {len(cdocs)} resources and {len(k.get('patches', []))} patches checked")
+
+# Overlay: files exist, patches target base resources, components exist.
 for overlay in sorted(os.listdir("deploy/k8s/overlays")):
     root = f"deploy/k8s/overlays/{overlay}"
     k = load(f"{root}/kustomization.yaml")[0]
     for res in k.get("resources", []):
         if not os.path.exists(os.path.join(root, res)):
             problems.append(f"overlay {overlay}: missing resource {res}")
+    for c in k.get("components", []):
+        path = os.path.normpath(os.path.join(root, c))
+        if os.path.dirname(path) != os.path.normpath(comp_root) or os.path.basename(path) not in components:
+            problems.append(f"overlay {overlay}: unknown component {c}")
     for p in k.get("patches", []):
         for d in load(os.path.join(root, p["path"])):
             if (d["kind"], d["metadata"]["name"]) not in docs:
                 problems.append(f"overlay {overlay}: patch targets unknown {d['kind']}/{d['metadata']['name']}")
     print(f"k8s: overlay {overlay} checked")
 
-# Compose: parses, mounts exist, its config is valid.
+# Compose: parses, mounts exist, its config is valid, its Redis is there.
 compose = yaml.safe_load(open("deploy/compose.yaml"))
 for name, svc in compose["services"].items():
     for v in svc.get("volumes", []):
@@ -115,9 +264,26 @@ for name, svc in compose["services"].items():
     b = svc.get("build")
     if b and not os.path.exists(os.path.join("deploy", b["context"], b["dockerfile"])):
         problems.append(f"compose {name}: missing Dockerfile")
-r = subprocess.run([BIN, "check-config", "--config", "deploy/compose/sluice.toml"], capture_output=True, text=True)
-if r.returncode != 0:
-    problems.append(f"deploy/compose/sluice.toml: {r.stderr.strip()}")
+compose_toml = open("deploy/compose/sluice.toml").read()
+ok, out = check_config(compose_toml)
+if not ok:
+    problems.append(f"deploy/compose/sluice.toml: {out.strip()}")
+m = re.search(r'^\[redis\][^\[]*?^url\s*=\s*"([^"]*)"', compose_toml, re.M | re.S)
+if m and m.group(1):
+    host = urlsplit(m.group(1)).hostname
+    redis_svc = compose["services"].get(host)
+    if redis_svc is None:
+        problems.append(f"compose: [redis] url names {host}, which is no service")
+    else:
+        if host not in compose["services"]["sluice"].get("depends_on", []):
+            problems.append(f"compose: sluice does not depend on {host}")
+        argv = " ".join(map(str, redis_svc.get("command", [])))
+        if not ("--maxmemory " in argv and "--maxmemory-policy allkeys-lru" in argv):
+            problems.append(f"compose {host}: needs --maxmemory and --maxmemory-policy allkeys-lru")
+        if "healthcheck" not in redis_svc:
+            problems.append(f"compose {host}: no healthcheck")
+    if ok and not re.search(r"^shared state\s+redis .*limits shared", out, re.M):
+        problems.append("deploy/compose/sluice.toml: check-config does not report shared limits")
 print(f"compose: {len(compose['services'])} services checked")
 
 if problems:

@@ -8,11 +8,14 @@
 //! - One script settles it after the answer (`SETTLE`): the token debit and
 //!   this replica's new in-flight count. Sent by a task fed through a
 //!   bounded queue, so nothing on the response path waits for it.
-//! - Concurrency is a hash of in-flight counts per replica, each stamped
-//!   with a version that only grows, so the newest report wins whatever the
-//!   order of arrival; a replica's entry lives as long as its lease in a
-//!   sorted set, renewed every few seconds while it runs. A replica that
-//!   dies stops renewing and its count is dropped within `LEASE_TTL`.
+//! - Concurrency is a hash of in-flight counts per replica: +1 when Redis
+//!   admits, -1 when settled, and every few seconds an absolute report that
+//!   repairs what an outage lost. Each change carries a version that only
+//!   grows on its replica, so a report never undoes a newer change and a
+//!   change already in a report is not applied twice. A replica's entry
+//!   lives as long as its lease in a sorted set, renewed by those reports;
+//!   one that dies stops renewing and its count is dropped within
+//!   `LEASE_TTL`.
 //! - Time is Redis's (`TIME`), so replicas with skewed clocks agree.
 //! - Every key carries the tenant as a cluster hash tag (`prefix:{tenant}:…`)
 //!   and every key expires. The request and token keys name the limits they
@@ -41,16 +44,28 @@ const RENEW_EVERY: Duration = Duration::from_secs(5);
 /// state already changed, and the next report of a count supersedes it).
 const QUEUE: usize = 8192;
 
-/// Shared by both scripts: the caller's time, and recording this replica's
-/// in-flight count when it is newer than what Redis holds.
+/// Shared by both scripts: Redis's time, a tenant's token balance, and the
+/// bookkeeping of one replica's in-flight count in the concurrency hash.
+/// Per replica R the hash holds `R` (the count), `R:m` (the newest version
+/// of a +1/-1 applied) and `R:b` (the version of the last absolute report).
+/// A change is applied only if it is newer than the last absolute report
+/// (which already includes it); an absolute report only if no newer change
+/// was applied. So the count is exact whatever order reports arrive in.
 const PRELUDE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function report(conc, live, replica, version, count, ttl_ms)
-  local seen = tonumber(redis.call('HGET', conc, replica .. ':v')) or -1
-  if version > seen then
-    redis.call('HSET', conc, replica, count, replica .. ':v', string.format('%.0f', version))
+local function field(conc, name)
+  return tonumber(redis.call('HGET', conc, name)) or -1
+end
+local function change(conc, replica, version, by)
+  if version <= field(conc, replica .. ':b') then return end
+  local n = redis.call('HINCRBY', conc, replica, by)
+  if n < 0 then redis.call('HSET', conc, replica, 0) end
+  if version > field(conc, replica .. ':m') then
+    redis.call('HSET', conc, replica .. ':m', string.format('%.0f', version))
   end
+end
+local function alive(conc, live, replica, ttl_ms)
   redis.call('ZADD', live, string.format('%.0f', now + ttl_ms * 1000), replica)
   redis.call('PEXPIRE', conc, ttl_ms * 2)
   redis.call('PEXPIRE', live, ttl_ms * 2)
@@ -64,7 +79,7 @@ end
 "#;
 
 /// KEYS: request bucket, token bucket, concurrency hash, live set.
-/// ARGV: rpm, burst, tpm, max_concurrent, replica, version, count, ttl_ms.
+/// ARGV: rpm, burst, tpm, max_concurrent, replica, version, ttl_ms.
 /// Returns {verdict (0 admitted, 1 requests, 2 concurrency), wait_us,
 /// requests remaining, requests reset_us, token balance ("" = no limit)}.
 const ADMIT: &str = r#"
@@ -87,28 +102,34 @@ if rpm > 0 then
   reset = math.ceil(next_tat - now)
 end
 if maxc > 0 then
-  local replica = ARGV[5]
-  report(KEYS[3], KEYS[4], replica, tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]))
+  local replica, version = ARGV[5], tonumber(ARGV[6])
   local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', string.format('%.0f', now))
   for _, r in ipairs(dead) do
-    redis.call('HDEL', KEYS[3], r, r .. ':v')
+    redis.call('HDEL', KEYS[3], r, r .. ':m', r .. ':b')
     redis.call('ZREM', KEYS[4], r)
   end
   local all = redis.call('HGETALL', KEYS[3])
   local total = 0
   for i = 1, #all, 2 do
-    if string.sub(all[i], -2) ~= ':v' then total = total + tonumber(all[i + 1]) end
+    if not string.find(all[i], ':', 1, true) then total = total + tonumber(all[i + 1]) end
   end
+  -- An absolute report newer than this admission already counted it.
+  local counted = version <= field(KEYS[3], replica .. ':b')
+  if not counted then total = total + 1 end
   if total > maxc then
-    redis.call('HINCRBY', KEYS[3], replica, -1)
+    if counted then redis.call('HINCRBY', KEYS[3], replica, -1) end
     return {2, 1000000, remaining, reset, tokens}
   end
+  if not counted then change(KEYS[3], replica, version, 1) end
+  alive(KEYS[3], KEYS[4], replica, tonumber(ARGV[7]))
 end
 return {0, 0, remaining, reset, tokens}
 "#;
 
 /// KEYS: token bucket, concurrency hash, live set.
-/// ARGV: tpm, tokens to debit, replica, version (-1: no count), count, ttl_ms.
+/// ARGV: tpm, tokens to debit, replica, what to do with the count
+/// ("" nothing, "release": one fewer, "report": the count is ARGV[6]),
+/// version, count, ttl_ms.
 const SETTLE: &str = r#"
 local tpm, spent = tonumber(ARGV[1]), tonumber(ARGV[2])
 if tpm > 0 and spent > 0 then
@@ -116,9 +137,14 @@ if tpm > 0 and spent > 0 then
   redis.call('HSET', KEYS[1], 'b', string.format('%.3f', b), 't', string.format('%.0f', now))
   redis.call('PEXPIRE', KEYS[1], math.ceil((tpm - b) * 60000 / tpm) + 1000)
 end
-local version = tonumber(ARGV[4])
-if version >= 0 then
-  report(KEYS[2], KEYS[3], ARGV[3], version, tonumber(ARGV[5]), tonumber(ARGV[6]))
+local replica, what, version = ARGV[3], ARGV[4], tonumber(ARGV[5])
+if what == 'release' then
+  change(KEYS[2], replica, version, -1)
+elseif what == 'report' then
+  if version > field(KEYS[2], replica .. ':b') and version >= field(KEYS[2], replica .. ':m') then
+    redis.call('HSET', KEYS[2], replica, ARGV[6], replica .. ':b', string.format('%.0f', version))
+  end
+  alive(KEYS[2], KEYS[3], replica, tonumber(ARGV[7]))
 end
 return 1
 "#;
@@ -128,11 +154,21 @@ struct Scripts {
     settle: Script,
 }
 
+/// What a settlement says of this replica's in-flight count.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum CountChange {
+    None,
+    /// One request fewer (this is the count after it).
+    Release(Count),
+    /// The whole count, for renewal and after Redis lost it.
+    Report(Count),
+}
+
 /// One settlement on its way to Redis.
 struct Settle {
     tenant: Arc<TenantLimits>,
     tokens: u64,
-    count: Option<Count>,
+    count: CountChange,
 }
 
 /// A tenant's Redis keys, and the queue its settlements go through.
@@ -149,9 +185,9 @@ pub struct Keys {
 
 impl Keys {
     /// Queues the Redis side of a settlement; never waits.
-    pub(super) fn settle(&self, tenant: &Arc<TenantLimits>, tokens: u64, count: Option<Count>) {
+    pub(super) fn settle(&self, tenant: &Arc<TenantLimits>, tokens: u64, count: CountChange) {
         let debit = tokens > 0 && tenant.spec.tokens_per_minute > 0;
-        if !debit && count.is_none() {
+        if !debit && matches!(count, CountChange::None) {
             return;
         }
         let msg = Settle {
@@ -236,8 +272,8 @@ impl Fleet {
         }
         let spec = t.spec;
         let slot = spec.max_concurrent > 0;
-        // Counted here first, so the report includes this request and the
-        // count never lags behind what Redis admitted.
+        // Counted here first, so a renewal report made while this request
+        // waits for Redis includes it (the script then knows it is counted).
         let count = if slot {
             t.in_flight.acquire()
         } else {
@@ -254,7 +290,6 @@ impl Fleet {
             .arg(spec.max_concurrent)
             .arg(self.redis.replica())
             .arg(count.version)
-            .arg(count.count)
             .arg(LEASE_TTL.as_millis() as u64);
         let reply: Result<(i64, i64, i64, i64, String), _> =
             self.redis.invoke(Op::Limits, &inv).await;
@@ -290,13 +325,8 @@ impl Fleet {
             _ => concurrency_refused(),
         };
         if slot {
-            // The script counted this request only when it refused for
-            // concurrency (and took it back there); report the local count
-            // again so Redis holds this replica's true number.
-            let count = t.in_flight.release();
-            if refused.limit == Limit::Concurrency {
-                keys.settle(t, 0, Some(count));
-            }
+            // Redis holds nothing of a refused request.
+            t.in_flight.release();
         }
         Ok(Err(Denied::Limit(refused)))
     }
@@ -333,7 +363,7 @@ async fn settler(
                     let count = t.in_flight.now();
                     let last = keys.renewed.swap(count.version, Ordering::AcqRel);
                     if count.count > 0 || count.version != last {
-                        batch.push(Settle { tenant: Arc::clone(&t), tokens: 0, count: Some(count) });
+                        batch.push(Settle { tenant: Arc::clone(&t), tokens: 0, count: CountChange::Report(count) });
                     }
                 }
             }
@@ -344,15 +374,26 @@ async fn settler(
             async move {
                 let Some(keys) = &s.tenant.keys else { return };
                 let mut inv = scripts.settle.prepare_invoke();
-                let (version, count) = s.count.map_or((-1, 0), |c| (c.version as i64, c.count));
+                let (what, c) = match s.count {
+                    CountChange::None => (
+                        "",
+                        Count {
+                            version: 0,
+                            count: 0,
+                        },
+                    ),
+                    CountChange::Release(c) => ("release", c),
+                    CountChange::Report(c) => ("report", c),
+                };
                 inv.key(&keys.tok)
                     .key(&keys.conc)
                     .key(&keys.live)
                     .arg(s.tenant.spec.tokens_per_minute)
                     .arg(s.tokens)
                     .arg(redis.replica())
-                    .arg(version)
-                    .arg(count)
+                    .arg(what)
+                    .arg(c.version)
+                    .arg(c.count)
                     .arg(LEASE_TTL.as_millis() as u64);
                 let _: Result<i64, Unavailable> = redis.invoke(Op::Limits, &inv).await;
             }

@@ -423,7 +423,11 @@ impl Lease {
                 b.debit(tokens, Instant::now());
             }
         }
-        let count = self.slot.then(|| t.in_flight.release());
+        let count = if self.slot {
+            fleet::CountChange::Release(t.in_flight.release())
+        } else {
+            fleet::CountChange::None
+        };
         if let (true, Some(keys)) = (self.shared, &t.keys) {
             keys.settle(t, tokens, count);
         }

@@ -6,6 +6,7 @@ mod support;
 mod binary;
 mod cache;
 mod faults;
+mod fleet;
 mod limits;
 mod metrics;
 mod ops;

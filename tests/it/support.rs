@@ -220,6 +220,13 @@ impl Resp {
             .unwrap_or("")
             .to_string()
     }
+    /// The error code, or "" for a body that is not an error object.
+    pub fn error_code_or_empty(&self) -> String {
+        serde_json::from_slice::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).to_string()
     }
@@ -342,4 +349,275 @@ pub fn streamed_content(events: &[String]) -> String {
                 .map(str::to_string)
         })
         .collect()
+}
+
+// ---- Redis and replicas -----------------------------------------------------
+
+/// A free loopback port (bound and released; the caller binds it next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Whether the Redis tests can run here. Without `redis-server` they are
+/// skipped with a line saying so, unless `SLUICE_TEST_REDIS=require` (CI),
+/// where a missing server is a failure.
+pub fn redis_available(test: &str) -> bool {
+    let found = std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("SLUICE_TEST_REDIS").as_deref() != Ok("require"),
+            "SLUICE_TEST_REDIS=require but redis-server is not installed"
+        );
+        eprintln!("SKIPPED {test}: redis-server is not installed (apt-get install redis-server)");
+    }
+    found
+}
+
+/// A `redis-server` of the test's own on a free loopback port, without
+/// persistence; killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<std::process::Child>,
+    dir: std::path::PathBuf,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    /// `None` (with the reason printed) when `redis-server` is missing.
+    pub fn start(test: &str) -> Option<RedisServer> {
+        Self::start_with(test, &[])
+    }
+
+    pub fn start_with(test: &str, extra: &[&str]) -> Option<RedisServer> {
+        Self::start_on(test, free_port(), extra)
+    }
+
+    /// On a given port (one a gateway was told about before it existed).
+    pub fn start_on(test: &str, port: u16, extra: &[&str]) -> Option<RedisServer> {
+        if !redis_available(test) {
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!("sluice-redis-{:x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut r = RedisServer {
+            port,
+            child: None,
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        r.launch();
+        Some(r)
+    }
+
+    /// A port nothing listens on, for a Redis that is down from the start.
+    pub fn url_of_port(port: u16) -> String {
+        format!("redis://127.0.0.1:{port}/0")
+    }
+
+    pub fn url(&self) -> String {
+        Self::url_of_port(self.port)
+    }
+
+    fn launch(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits (up to 10 s) until the server answers PING, or says it needs
+    /// a password (which is also an answer).
+    fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self.cli(&["PING"]);
+            if out.contains("PONG") || out.contains("NOAUTH") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server on {} did not start: {out}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `redis-cli` against this server; its output (stdout and stderr).
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A config file in the temp directory, removed on drop.
+pub struct TempFile(pub std::path::PathBuf);
+
+impl TempFile {
+    pub fn new(text: &str) -> TempFile {
+        let n: u64 = rand::random();
+        let path = std::env::temp_dir().join(format!("sluice-test-{n:x}.toml"));
+        std::fs::write(&path, text).expect("write config");
+        TempFile(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The real `sluice` binary as one replica of a fleet: JSON logs read by a
+/// thread, addresses taken from its "sluice listening" line; killed on drop.
+pub struct Replica {
+    child: tokio::process::Child,
+    pub addr: String,
+    pub admin: String,
+    logs: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+    /// Every line read so far.
+    seen: Vec<serde_json::Value>,
+    _config: TempFile,
+}
+
+impl Replica {
+    pub async fn start(config_text: &str) -> Replica {
+        let config = TempFile::new(config_text);
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("--config")
+            .arg(&config.0)
+            .env_remove("SLUICE_REDIS_URL")
+            .env_remove("SLUICE_LISTEN")
+            .env_remove("SLUICE_ADMIN_LISTEN")
+            .env_remove("SLUICE_UPSTREAM_URL")
+            .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+            .env("SLUICE_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn sluice");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, mut logs) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let fd = stderr.into_owned_fd().expect("fd");
+            for line in std::io::BufReader::new(std::fs::File::from(fd)).lines() {
+                let Ok(line) = line else { break };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        let listening = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let v = logs.recv().await.expect("sluice exited before listening");
+                seen.push(v.clone());
+                if v["message"] == "sluice listening" {
+                    return v;
+                }
+            }
+        })
+        .await
+        .expect("replica started");
+        Replica {
+            child,
+            addr: listening["listen"].as_str().expect("listen").to_string(),
+            admin: listening["admin"].as_str().expect("admin").to_string(),
+            logs,
+            seen,
+            _config: config,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// SIGKILL: the replica dies without releasing anything.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let r = send(
+            Request::get(format!("http://{}/metrics", self.admin))
+                .body(Full::new(Bytes::new()))
+                .expect("req"),
+        )
+        .await;
+        metric_value(&String::from_utf8_lossy(&r.body), name, labels).unwrap_or(0.0)
+    }
+
+    /// Every log line written so far.
+    pub fn logs(&mut self) -> &[serde_json::Value] {
+        while let Ok(v) = self.logs.try_recv() {
+            self.seen.push(v);
+        }
+        &self.seen
+    }
+
+    /// Waits (up to 20 s) for a new log line whose message is `want`.
+    pub async fn wait_log(&mut self, want: &str) -> serde_json::Value {
+        let seen = &mut self.seen;
+        let logs = &mut self.logs;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let v = logs.recv().await.expect("log line");
+                seen.push(v.clone());
+                if v["message"] == want {
+                    return v;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no log line {want:?}"))
+    }
 }
