@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::cache::{Flights, Store};
-use crate::config::{CacheScope, Config, Pricing, Secret};
+use crate::config::{CacheScope, Config, Pricing, RedisConfig, Secret};
 use crate::limit::{Limiter, TenantLimits};
 use crate::metrics::{Metrics, ModelLabels, UsageHandles};
 use crate::routes::Endpoint;
@@ -275,10 +275,62 @@ impl App {
             );
         }
         if config.redis != old.redis {
-            tracing::warn!("[redis] takes effect at restart; keeping the running one");
+            tracing::warn!(
+                keys = %redis_changes(old.redis.as_ref(), config.redis.as_ref()).join(", "),
+                "[redis] is fixed at start; the change is ignored until a restart"
+            );
             config.redis = old.redis.clone();
         }
         let next = Snapshot::build(config, key, Some(&current), &self.limiter, &self.metrics);
         self.snapshot.store(Arc::new(next));
+    }
+}
+
+/// The `[redis]` keys a reload would change (the URL by name only: it may
+/// hold a password).
+fn redis_changes(old: Option<&RedisConfig>, new: Option<&RedisConfig>) -> Vec<&'static str> {
+    let (old, new) = match (old, new) {
+        (Some(o), Some(n)) => (o, n),
+        _ => return vec!["redis.url"],
+    };
+    [
+        ("redis.url", old.url != new.url),
+        ("redis.cluster", old.cluster != new.cluster),
+        ("redis.key_prefix", old.key_prefix != new.key_prefix),
+        ("redis.timeout_ms", old.timeout != new.timeout),
+        ("redis.on_error", old.on_error != new.on_error),
+        ("redis.limits", old.limits != new.limits),
+        ("redis.cache", old.cache != new.cache),
+        ("redis.coalesce", old.coalesce != new.coalesce),
+        (
+            "redis.cache_max_entry_bytes",
+            old.cache_max_entry_bytes != new.cache_max_entry_bytes,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_changes_name_each_key() {
+        let text = |extra: &str| {
+            format!(
+                "[redis]\nurl = \"redis://h:1\"\n{extra}\n[[tenants]]\nname = \"a\"\nkey_sha256 = [\"{}\"]\n",
+                "ab".repeat(32)
+            )
+        };
+        let parse = |t: &str| Config::parse(t, |_| None).expect("valid").redis;
+        let a = parse(&text(""));
+        let b = parse(&text("timeout_ms = 50\non_error = \"deny\""));
+        assert_eq!(
+            redis_changes(a.as_ref(), b.as_ref()),
+            vec!["redis.timeout_ms", "redis.on_error"]
+        );
+        assert_eq!(redis_changes(a.as_ref(), None), vec!["redis.url"]);
     }
 }
