@@ -16,29 +16,8 @@ fn sluice() -> Command {
     c
 }
 
-fn temp_config(text: &str) -> tempfile_lite::TempFile {
-    tempfile_lite::TempFile::new(text)
-}
-
-mod tempfile_lite {
-    //! A config file in the target directory's temp space, removed on drop.
-    pub struct TempFile(pub std::path::PathBuf);
-    impl TempFile {
-        pub fn new(text: &str) -> TempFile {
-            let n: u64 = rand::random();
-            let path = std::env::temp_dir().join(format!("sluice-test-{n:x}.toml"));
-            std::fs::write(&path, text).expect("write config");
-            TempFile(path)
-        }
-        pub fn write(&self, text: &str) {
-            std::fs::write(&self.0, text).expect("rewrite config");
-        }
-    }
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+fn temp_config(text: &str) -> TempFile {
+    TempFile::new(text)
 }
 
 /// The value of the first `name value` line of `text` that starts with

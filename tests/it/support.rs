@@ -503,6 +503,10 @@ impl TempFile {
         std::fs::write(&path, text).expect("write config");
         TempFile(path)
     }
+
+    pub fn write(&self, text: &str) {
+        std::fs::write(&self.0, text).expect("rewrite config");
+    }
 }
 
 impl Drop for TempFile {
