@@ -158,7 +158,30 @@ fn drain(r: impl BufRead + Send + 'static) {
     std::thread::spawn(move || for _ in r.lines() {});
 }
 
-fn start_sluice(upstream: &str, cache: bool, tmp: &std::path::Path) -> (Proc, SocketAddr) {
+/// Limits for the limited rows: all three set, so high that no request is
+/// ever refused, so that the row measures what keeping them costs.
+const BENCH_LIMITS: &str = "requests_per_minute = 100000000
+request_burst = 100000000
+tokens_per_minute = 1000000000000
+max_concurrent = 100000";
+
+const NO_LIMITS: &str = "requests_per_minute = 0
+tokens_per_minute = 0
+max_concurrent = 0";
+
+/// A Sluice under test. `limits` sets the tenant's limits (`BENCH_LIMITS`);
+/// `redis` (a port) shares them through that Redis.
+fn start_sluice(
+    name: &'static str,
+    upstream: &str,
+    cache: bool,
+    limits: bool,
+    redis: Option<u16>,
+    tmp: &std::path::Path,
+) -> (Proc, SocketAddr) {
+    let redis_section = redis.map_or(String::new(), |port| {
+        format!("[redis]\nurl = \"redis://127.0.0.1:{port}/0\"\n")
+    });
     let cfg = format!(
         r#"
 [server]
@@ -172,19 +195,19 @@ first_byte_timeout_secs = 3600
 idle_timeout_secs = 3600
 [cache]
 enabled = {cache}
+{redis_section}
 [[tenants]]
 name = "bench"
 key_sha256 = ["{}"]
-requests_per_minute = 0
-tokens_per_minute = 0
-max_concurrent = 0
+{}
 "#,
-        hex::encode(Sha256::digest(KEY))
+        hex::encode(Sha256::digest(KEY)),
+        if limits { BENCH_LIMITS } else { NO_LIMITS }
     );
-    let path = tmp.join(if cache { "hit.toml" } else { "miss.toml" });
+    let path = tmp.join(format!("{name}.toml"));
     std::fs::write(&path, cfg).expect("write config");
     let (p, mut err, out) = spawn(
-        if cache { "sluice-hit" } else { "sluice-miss" },
+        name,
         "0",
         &[
             env!("CARGO_BIN_EXE_sluice"),
@@ -207,6 +230,129 @@ max_concurrent = 0
     )
 }
 
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| e.to_string())
+}
+
+fn find_exe(candidates: &[&'static str]) -> Option<&'static str> {
+    candidates
+        .iter()
+        .copied()
+        .find(|p| std::path::Path::new(p).exists())
+}
+
+/// A throwaway redis-server on a free loopback port, no persistence, pinned
+/// to core 0 with the proxy (see benches/README.md).
+struct Redis {
+    proc_: Proc,
+    port: u16,
+    cli: &'static str,
+}
+
+fn start_redis(tmp: &std::path::Path) -> Result<Redis, String> {
+    let Some(server) = find_exe(&["/usr/bin/redis-server", "/usr/local/bin/redis-server"]) else {
+        return Err("redis-server is not installed (apt-get install redis-server)".into());
+    };
+    let Some(cli) = find_exe(&["/usr/bin/redis-cli", "/usr/local/bin/redis-cli"]) else {
+        return Err("redis-cli is not installed (apt-get install redis-tools)".into());
+    };
+    let port = free_port()?;
+    let port_s = port.to_string();
+    let dir = tmp.display().to_string();
+    let (p, err, out) = spawn(
+        "redis",
+        "0",
+        &[
+            server,
+            "--port",
+            &port_s,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir,
+        ],
+        &[],
+    );
+    drain(err);
+    drain(out);
+    let r = Redis {
+        proc_: p,
+        port,
+        cli,
+    };
+    for _ in 0..300 {
+        if r.info("server").contains("redis_version") {
+            return Ok(r);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err("redis-server did not start".into())
+}
+
+impl Redis {
+    fn info(&self, section: &str) -> String {
+        Command::new(self.cli)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "INFO",
+                section,
+            ])
+            .stderr(Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+    /// EVALSHA + EVAL so far: calls, failed calls (NOSCRIPT on a script's
+    /// first use), and Redis's own time in them (µs); and all commands
+    /// but INFO, those the scripts run included.
+    fn command_calls(&self) -> [u64; 4] {
+        let info = self.info("commandstats");
+        let mut out = [0; 4];
+        for line in info.lines() {
+            let Some((name, rest)) = line.trim().split_once(':') else {
+                continue;
+            };
+            let Some(cmd) = name.strip_prefix("cmdstat_") else {
+                continue;
+            };
+            let field = |k: &str| -> u64 {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(k))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            if cmd == "evalsha" || cmd == "eval" {
+                out[0] += field("calls=");
+                out[1] += field("failed_calls=");
+                out[2] += field("usec=");
+            }
+            if cmd != "info" {
+                out[3] += field("calls=");
+            }
+        }
+        out
+    }
+    /// Reads Redis has processed from its clients (`total_reads_processed`):
+    /// a pipelined batch of commands is one read, so this counts round trips.
+    fn reads(&self) -> u64 {
+        self.info("stats")
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("total_reads_processed:"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
 fn start_nginx(upstream: SocketAddr, tmp: &std::path::Path) -> Result<(Proc, SocketAddr), String> {
     let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
@@ -214,10 +360,7 @@ fn start_nginx(upstream: SocketAddr, tmp: &std::path::Path) -> Result<(Proc, Soc
     let Some(nginx) = nginx else {
         return Err("nginx is not installed (apt-get install nginx-light)".into());
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
+    let port = free_port()?;
     let conf = format!(
         r#"
 worker_processes 1;
@@ -338,6 +481,9 @@ async fn throughput(addr: SocketAddr, conns: usize, dur: Duration) -> u64 {
     total
 }
 
+/// Requests `fixed_rate` sends before it measures.
+const FIXED_RATE_WARM: u64 = 32;
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -354,7 +500,7 @@ async fn fixed_rate(addr: SocketAddr, rate: u64, dur: Duration) -> (Duration, Du
         .pool_max_idle_per_host(256)
         .build_http();
     // Warm the pool.
-    for _ in 0..32 {
+    for _ in 0..FIXED_RATE_WARM {
         let r = client.request(request(addr, &[])).await.expect("warm");
         r.into_body().collect().await.expect("body");
     }
@@ -530,15 +676,36 @@ fn main() {
         .build()
         .expect("runtime");
     let mut rows: Vec<(String, Option<&Proc>, SocketAddr)> = Vec::new();
-    let (miss, miss_addr) = start_sluice(&sim_url, false, &tmp);
-    let (hit, hit_addr) = start_sluice(&sim_url, true, &tmp);
+    let (miss, miss_addr) = start_sluice("sluice-miss", &sim_url, false, false, None, &tmp);
+    let (limited, limited_addr) =
+        start_sluice("sluice-miss-limits", &sim_url, false, true, None, &tmp);
+    let (hit, hit_addr) = start_sluice("sluice-hit", &sim_url, true, false, None, &tmp);
     let nginx = start_nginx(sim_addr, &tmp);
+    let redis = start_redis(&tmp);
+    let shared = redis.as_ref().ok().map(|r| {
+        start_sluice(
+            "sluice-miss-redis",
+            &sim_url,
+            false,
+            true,
+            Some(r.port),
+            &tmp,
+        )
+    });
     rows.push(("direct".into(), None, sim_addr));
     match &nginx {
         Ok((p, addr)) => rows.push(("nginx".into(), Some(p), *addr)),
         Err(reason) => println!("nginx row skipped: {reason}"),
     }
     rows.push(("sluice-miss".into(), Some(&miss), miss_addr));
+    rows.push(("sluice-miss-limits".into(), Some(&limited), limited_addr));
+    match &shared {
+        Some((p, addr)) => rows.push(("sluice-miss-redis".into(), Some(p), *addr)),
+        None => println!(
+            "sluice-miss-redis row skipped: {}",
+            redis.as_ref().err().map_or("", String::as_str)
+        ),
+    }
     rows.push(("sluice-hit".into(), Some(&hit), hit_addr));
     // Warm the hit path's one entry.
     rt.block_on(async {
@@ -549,17 +716,34 @@ fn main() {
 
     println!("\n| target | req/s @64 conns | CPU µs/req (proxy) | core 0 / core 1 busy | p50 ms @500 rps | p99 ms @500 rps | peak RSS MiB |");
     println!("|---|---|---|---|---|---|---|");
+    // Redis's own counters, from before the first request of the Redis row
+    // to after its last settlement.
+    let redis_ok = redis.as_ref().ok().filter(|_| shared.is_some());
+    let redis_before = redis_ok.map(|r| (r.command_calls(), r.reads()));
+    let mut redis_cpu_us = 0u64;
+    // Requests the Redis row served: closed loop, fixed rate, warm-ups.
+    let mut redis_row_requests = 0u64;
+    // Of these, the closed-loop ones (over which Redis's CPU is taken).
+    let mut redis_closed_requests = 0u64;
     // Throughput in `REPS` passes over the targets, round robin, so drift on
     // a shared machine hits every target alike; requests, CPU time and busy
     // fractions are summed over the passes.
     const REPS: usize = 3;
+    const RATE: u64 = 500;
     let mut sums: Vec<(u64, u64, Vec<f64>)> = rows.iter().map(|_| (0, 0, Vec::new())).collect();
     for _ in 0..REPS {
-        for ((_, proc_, addr), sum) in rows.iter().zip(&mut sums) {
+        for ((name, proc_, addr), sum) in rows.iter().zip(&mut sums) {
+            let redis_here = redis_ok.filter(|_| name == "sluice-miss-redis");
             let cpu0 = proc_.map(Proc::cpu_us).unwrap_or(0);
+            let rcpu0 = redis_here.map(|r| r.proc_.cpu_us()).unwrap_or(0);
             let (done, busy) = core_busy(|| rt.block_on(throughput(*addr, 64, dur)));
             sum.0 += done;
             sum.1 += proc_.map(Proc::cpu_us).unwrap_or(0) - cpu0;
+            if let Some(r) = redis_here {
+                redis_cpu_us += r.proc_.cpu_us() - rcpu0;
+                redis_row_requests += done;
+                redis_closed_requests += done;
+            }
             sum.2.resize(busy.len(), 0.0);
             for (s, b) in sum.2.iter_mut().zip(&busy) {
                 *s += b / REPS as f64;
@@ -570,7 +754,10 @@ fn main() {
     for ((name, proc_, addr), (done, cpu_us, busy)) in rows.iter().zip(&sums) {
         let cpu = proc_.map(|_| *cpu_us as f64 / *done as f64);
         let rps = *done as f64 / (dur.as_secs_f64() * REPS as f64);
-        let (p50, p99) = rt.block_on(fixed_rate(*addr, 500, dur));
+        let (p50, p99) = rt.block_on(fixed_rate(*addr, RATE, dur));
+        if name == "sluice-miss-redis" {
+            redis_row_requests += RATE * dur.as_secs() + FIXED_RATE_WARM;
+        }
         let rss = proc_.map(|p| p.rss_kib().0 as f64 / 1024.0);
         println!(
             "| {name} | {rps:.0} | {} | {:.0}% / {:.0}% | {} | {} | {} |",
@@ -603,6 +790,50 @@ fn main() {
         if let Some(hit) = base("sluice-hit") {
             println!("sluice-hit: {:.2}× direct req/s", hit.1 / direct.1);
         }
+        if let Some(lim) = base("sluice-miss-limits") {
+            println!(
+                "sluice-miss-limits: added p50 {} ms; vs sluice-miss: req/s {:.2}×, CPU/req {:.2}×",
+                ms(lim.3.saturating_sub(direct.3)),
+                lim.1 / miss.1,
+                lim.2.unwrap_or(0.0) / miss.2.unwrap_or(f64::NAN)
+            );
+            if let (Some(red), Some(r), Some((c0, n0))) =
+                (base("sluice-miss-redis"), redis_ok, redis_before)
+            {
+                // Let the last settlements land.
+                std::thread::sleep(Duration::from_millis(200));
+                let (c1, n1) = (r.command_calls(), r.reads());
+                let d = |i: usize| c1[i] - c0[i];
+                let reqs = redis_row_requests.max(1) as f64;
+                let cpu_ratio = red.2.unwrap_or(0.0) / lim.2.unwrap_or(f64::NAN);
+                let rps_ratio = red.1 / lim.1;
+                let evals = d(0) as f64 / reqs;
+                let p50_more = red.3.as_secs_f64() * 1000.0 - lim.3.as_secs_f64() * 1000.0;
+                let met = |ok: bool| if ok { "met" } else { "NOT met" };
+                println!(
+                    "sluice-miss-redis: added p50 {} ms; Redis CPU {:.1} µs/req; \
+                     EVALSHA+EVAL {evals:.3}/req ({} calls, {} failed, {:.1} µs/req inside Redis), \
+                     all commands incl. those run by scripts {:.2}/req, \
+                     Redis reads (round trips, batched) {:.3}/req; over {redis_row_requests} requests",
+                    ms(red.3.saturating_sub(direct.3)),
+                    redis_cpu_us as f64 / redis_closed_requests.max(1) as f64,
+                    d(0),
+                    d(1),
+                    d(2) as f64 / reqs,
+                    d(3) as f64 / reqs,
+                    (n1 - n0) as f64 / reqs,
+                );
+                println!(
+                    "  vs sluice-miss-limits: CPU/req {cpu_ratio:.2}× (≤ 1.3×: {}); \
+                     req/s {rps_ratio:.2}× (≥ 0.7×: {}); p50 {p50_more:+.3} ms (≤ +0.15: {}); \
+                     EVALSHA+EVAL per miss {evals:.3} (≤ 2: {})",
+                    met(cpu_ratio <= 1.3),
+                    met(rps_ratio >= 0.7),
+                    met(p50_more <= 0.15),
+                    met(evals <= 2.0),
+                );
+            }
+        }
     }
 
     println!("\n| streams (32 concurrent, 20 chunks 5 ms apart) | first event p50 ms | first event p99 ms | whole stream p50 ms | one stream at a time: first event p50 ms | p99 ms |");
@@ -632,7 +863,10 @@ fn main() {
             rss as f64 / 1024.0
         );
     }
-    for p in [&miss, &hit] {
+    for p in [&miss, &limited, &hit]
+        .into_iter()
+        .chain(shared.as_ref().map(|s| &s.0))
+    {
         let (hwm, _) = p.rss_kib();
         println!("{} peak RSS: {:.1} MiB", p.name, hwm as f64 / 1024.0);
     }

@@ -54,6 +54,7 @@ pub struct Config {
     pub pricing: BTreeMap<String, Pricing>,
     /// `None`: every replica keeps its own state (SPEC §8).
     pub redis: Option<RedisConfig>,
+    pub budgets: BudgetsConfig,
 }
 
 /// What a request gets while Redis is unavailable (SPEC §8).
@@ -183,6 +184,42 @@ pub struct TenantConfig {
     /// Empty = any model.
     pub models: Vec<String>,
     pub cache: bool,
+    /// `None` = no spend cap.
+    pub budget: Option<BudgetSpec>,
+}
+
+/// A calendar period in UTC (SPEC §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BudgetPeriod {
+    Day,
+    /// ISO week, from Monday.
+    Week,
+    Month,
+}
+
+impl BudgetPeriod {
+    pub fn label(self) -> &'static str {
+        match self {
+            BudgetPeriod::Day => "day",
+            BudgetPeriod::Week => "week",
+            BudgetPeriod::Month => "month",
+        }
+    }
+}
+
+/// A tenant's spend cap: USD per period.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BudgetSpec {
+    pub usd: f64,
+    pub period: BudgetPeriod,
+}
+
+/// `[budgets]`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BudgetsConfig {
+    /// Without Redis, where spend survives restarts; `None` = memory only.
+    /// Relative to the config file's directory.
+    pub state_path: Option<std::path::PathBuf>,
 }
 
 /// USD per million tokens.
@@ -213,6 +250,14 @@ struct RawConfig {
     #[serde(default)]
     pricing: BTreeMap<String, Pricing>,
     redis: Option<RawRedis>,
+    #[serde(default)]
+    budgets: RawBudgets,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawBudgets {
+    state_path: String,
 }
 
 #[derive(Deserialize)]
@@ -331,6 +376,14 @@ struct RawTenant {
     models: Vec<String>,
     #[serde(default = "default_true")]
     cache: bool,
+    #[serde(default)]
+    budget_usd: f64,
+    #[serde(default = "default_period")]
+    budget_period: String,
+}
+
+fn default_period() -> String {
+    "month".into()
 }
 
 /// `key_sha256` takes one string or a list of them.
@@ -365,10 +418,17 @@ pub const ENV_OVERRIDES: [(&str, &str); 4] = [
 impl Config {
     /// Reads and validates the file at `path`, applying the env overrides
     /// that `env` returns (a function, so tests never touch the process env).
+    /// Relative paths in it are relative to the file's directory.
     pub fn load(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))?;
-        Self::parse(&text, env)
+        let mut config = Self::parse(&text, env)?;
+        if let (Some(state), Some(dir)) = (&mut config.budgets.state_path, path.parent()) {
+            if state.is_relative() {
+                *state = dir.join(&*state);
+            }
+        }
+        Ok(config)
     }
 
     /// Parses and validates TOML text, applying env overrides.
@@ -591,6 +651,43 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         if t.models.iter().any(|m| m.is_empty()) {
             errs.push(format!("{at}.models: model names must not be empty"));
         }
+        let period = match t.budget_period.as_str() {
+            "day" => BudgetPeriod::Day,
+            "week" => BudgetPeriod::Week,
+            "month" => BudgetPeriod::Month,
+            other => {
+                errs.push(format!(
+                    "{at}.budget_period: {other:?} is not one of \"day\", \"week\", \"month\""
+                ));
+                BudgetPeriod::Month
+            }
+        };
+        if !t.budget_usd.is_finite() || t.budget_usd < 0.0 {
+            errs.push(format!(
+                "{at}.budget_usd: must be a number of at least 0 (0 = no budget)"
+            ));
+        }
+        let budget = (t.budget_usd > 0.0 && t.budget_usd.is_finite()).then_some(BudgetSpec {
+            usd: t.budget_usd,
+            period,
+        });
+        // A budget must be able to price everything the tenant may use.
+        if budget.is_some() && !raw.pricing.contains_key("default") {
+            if t.models.is_empty() {
+                errs.push(format!(
+                    "{at}: tenant {:?} has a budget and models = [] allows models without a price; \
+                     list its models, price them, or set [pricing.default]",
+                    t.name
+                ));
+            }
+            for m in t.models.iter().filter(|m| !raw.pricing.contains_key(*m)) {
+                errs.push(format!(
+                    "{at}: tenant {:?} has a budget but model {m:?} has no [pricing.{m}] \
+                     (or set [pricing.default])",
+                    t.name
+                ));
+            }
+        }
         tenants.push(TenantConfig {
             name: t.name,
             key_sha256,
@@ -602,6 +699,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             },
             models: t.models,
             cache: t.cache,
+            budget,
         });
     }
     for (model, p) in &raw.pricing {
@@ -622,6 +720,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         .redis
         .filter(|r| !r.url.is_empty())
         .map(|r| validate_redis(r, &mut errs));
+    let budgets = BudgetsConfig {
+        state_path: (!raw.budgets.state_path.is_empty())
+            .then(|| std::path::PathBuf::from(&raw.budgets.state_path)),
+    };
 
     if errs.is_empty() {
         Ok(Config {
@@ -631,6 +733,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             tenants,
             pricing: raw.pricing,
             redis,
+            budgets,
         })
     } else {
         Err(ConfigError(errs))
@@ -748,6 +851,20 @@ impl fmt::Display for Config {
                 if t.models.is_empty() { "any".to_string() } else { t.models.join(",") },
                 if t.cache { "on" } else { "off" },
             )?;
+            if let Some(b) = &t.budget {
+                writeln!(f, "  {:<20} budget ${} per {}", "", b.usd, b.period.label())?;
+            }
+        }
+        if self.tenants.iter().any(|t| t.budget.is_some()) {
+            writeln!(
+                f,
+                "budgets       spend kept {}",
+                match (&self.redis, &self.budgets.state_path) {
+                    (Some(r), _) if r.limits => "in Redis, shared by the fleet".to_string(),
+                    (_, Some(p)) => format!("in {}", p.display()),
+                    (_, None) => "in memory only: a restart resets it".to_string(),
+                }
+            )?;
         }
         if !self.pricing.is_empty() {
             writeln!(
@@ -835,6 +952,56 @@ mod tests {
             assert!(err.contains(key), "{extra:?}: {err}");
             assert!(!err.contains(":pw@"), "{err}");
         }
+    }
+
+    #[test]
+    fn budgets() {
+        let t = |extra: &str| Config::parse(&tenant(extra), no_env);
+        let priced = "[pricing.deepseek-chat]\noutput = 1.0\n";
+        let c = Config::parse(
+            &format!(
+                "{priced}{}",
+                tenant("models = [\"deepseek-chat\"]\nbudget_usd = 5")
+            ),
+            no_env,
+        )
+        .expect("valid");
+        let b = c.tenants[0].budget.expect("budget");
+        assert_eq!((b.usd, b.period), (5.0, BudgetPeriod::Month));
+        assert!(c.to_string().contains("budget $5 per month"));
+        assert!(c.to_string().contains("a restart resets it"));
+        assert!(t("budget_usd = 0").expect("valid").tenants[0]
+            .budget
+            .is_none());
+        let err = t("budget_usd = -1").expect_err("negative").to_string();
+        assert!(err.contains("budget_usd"), "{err}");
+        let err = t("budget_usd = 1\nbudget_period = \"year\"")
+            .expect_err("period")
+            .to_string();
+        assert!(err.contains("budget_period"), "{err}");
+        let err = t("budget_usd = 1").expect_err("unpriced").to_string();
+        assert!(
+            err.contains("\"a\"") && err.contains("models = []"),
+            "{err}"
+        );
+        let err = t("budget_usd = 1\nmodels = [\"m1\"]")
+            .expect_err("unpriced")
+            .to_string();
+        assert!(err.contains("\"m1\"") && err.contains("pricing"), "{err}");
+        let default = "[pricing.default]\noutput = 1.0\n";
+        Config::parse(&format!("{default}{}", tenant("budget_usd = 1")), no_env)
+            .expect("[pricing.default] prices everything");
+        let dir = std::env::temp_dir().join(format!("sluice-cfg-{:x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("s.toml");
+        std::fs::write(
+            &file,
+            format!("[budgets]\nstate_path = \"spend.json\"\n{}", tenant("")),
+        )
+        .expect("write");
+        let c = Config::load(&file, no_env).expect("valid");
+        assert_eq!(c.budgets.state_path, Some(dir.join("spend.json")));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub enum GatewayError {
     BodyTimeout,
     #[error("Rate limit reached for {}; retry after {retry_after:?}.", limit.label())]
     RateLimited { limit: Limit, retry_after: Duration },
+    #[error("This key's spend budget for the period is used up; it resets when the period ends.")]
+    BudgetExceeded { retry_after: Duration },
     #[error("Shared limit state is unavailable; retry shortly.")]
     SharedStateUnavailable,
     #[error("The upstream API could not be reached.")]
@@ -55,6 +57,7 @@ impl GatewayError {
             }
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::SharedStateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::BudgetExceeded { .. } => StatusCode::PAYMENT_REQUIRED,
         }
     }
 
@@ -73,6 +76,7 @@ impl GatewayError {
             | GatewayError::UpstreamTimeout
             | GatewayError::StreamInterrupted => "upstream_error",
             GatewayError::SharedStateUnavailable => "api_error",
+            GatewayError::BudgetExceeded { .. } => "insufficient_quota",
         }
     }
 
@@ -90,11 +94,13 @@ impl GatewayError {
                 Limit::Requests => "rate_limit_exceeded",
                 Limit::Tokens => "tokens_rate_limit_exceeded",
                 Limit::Concurrency => "concurrency_limit_exceeded",
+                Limit::Budget => "budget_exceeded",
             },
             GatewayError::UpstreamUnreachable => "upstream_unreachable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::StreamInterrupted => "upstream_stream_interrupted",
             GatewayError::SharedStateUnavailable => "shared_state_unavailable",
+            GatewayError::BudgetExceeded { .. } => "budget_exceeded",
         }
     }
 
@@ -135,6 +141,13 @@ impl GatewayError {
         if let GatewayError::SharedStateUnavailable = self {
             h.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
         }
+        if let GatewayError::BudgetExceeded { retry_after } = self {
+            h.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after.as_secs().max(1)),
+            );
+            h.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         if let GatewayError::RateLimited { retry_after, .. } = self {
             let ms = retry_after.as_millis().max(1);
             // Whole seconds, rounded up and at least 1, so a client that sleeps
@@ -158,9 +171,14 @@ impl From<Denied> for GatewayError {
 
 impl From<Refused> for GatewayError {
     fn from(r: Refused) -> GatewayError {
-        GatewayError::RateLimited {
-            limit: r.limit,
-            retry_after: r.wait,
+        match r.limit {
+            Limit::Budget => GatewayError::BudgetExceeded {
+                retry_after: r.wait,
+            },
+            Limit::Requests | Limit::Tokens | Limit::Concurrency => GatewayError::RateLimited {
+                limit: r.limit,
+                retry_after: r.wait,
+            },
         }
     }
 }
@@ -244,6 +262,14 @@ mod tests {
                 504,
                 "upstream_error",
                 "upstream_timeout",
+            ),
+            (
+                GatewayError::BudgetExceeded {
+                    retry_after: Duration::from_secs(3600),
+                },
+                402,
+                "insufficient_quota",
+                "budget_exceeded",
             ),
             (
                 GatewayError::SharedStateUnavailable,

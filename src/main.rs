@@ -251,7 +251,7 @@ async fn serve(config: Config, key: Secret, path: Option<PathBuf>) -> ExitCode {
     let gateway = match Gateway::bind(config, key).await {
         Ok(g) => g,
         Err(e) => {
-            tracing::error!("cannot listen: {e}");
+            tracing::error!("cannot start: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -377,7 +377,7 @@ output = 0.42
     let gateway = match Gateway::bind(config, Secret::default()).await {
         Ok(g) => g,
         Err(e) => {
-            tracing::error!("cannot listen: {e}");
+            tracing::error!("cannot start: {e}");
             return ExitCode::FAILURE;
         }
     };

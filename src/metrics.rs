@@ -25,6 +25,9 @@ pub struct Metrics {
     registry: Registry,
     /// Requests whose limits were decided locally because Redis was down.
     pub limits_local_fallback: IntCounterVec,
+    /// Budgeted tenants' caps and their spend in the current period.
+    pub budget_usd: GaugeVec,
+    pub budget_spent_usd: GaugeVec,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub ttft: HistogramVec,
@@ -132,7 +135,20 @@ impl Metrics {
         ))
         .expect("unique metric");
 
+        let gauge = |name: &str, help: &str| {
+            let g = GaugeVec::new(Opts::new(name, help), &["tenant"]).expect("valid metric");
+            r.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
         Self {
+            budget_usd: gauge(
+                "sluice_budget_usd",
+                "A budgeted tenant's spend cap per period, in USD.",
+            ),
+            budget_spent_usd: gauge(
+                "sluice_budget_spent_usd",
+                "A budgeted tenant's spend in the current period, in USD.",
+            ),
             limits_local_fallback: counter(
                 &r,
                 "sluice_limits_local_fallback_total",
@@ -345,11 +361,7 @@ impl UsageHandles {
             counter.inc_by(n);
         }
         if let Some(p) = price {
-            let usd = (usage.prompt_cache_hit as f64 * p.input_cache_hit
-                + usage.prompt_cache_miss as f64 * p.input_cache_miss
-                + usage.completion as f64 * p.output)
-                / 1e6;
-            self.cost.inc_by(usd);
+            self.cost.inc_by(usage.cost_usd(p));
         }
     }
 }

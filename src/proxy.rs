@@ -112,10 +112,15 @@ fn refuse(app: &App, record: &mut Record, e: GatewayError) -> Response<Body> {
             "request refused"
         );
     }
-    if let (GatewayError::RateLimited { limit, .. }, Some(t)) = (&e, &record.tenant) {
+    let limit = match &e {
+        GatewayError::RateLimited { limit, .. } => Some(limit.label()),
+        GatewayError::BudgetExceeded { .. } => Some(crate::limit::Limit::Budget.label()),
+        _ => None,
+    };
+    if let (Some(limit), Some(t)) = (limit, &record.tenant) {
         app.metrics
             .rate_limited
-            .with_label_values(&[&t.name, limit.label()])
+            .with_label_values(&[&t.name, limit])
             .inc();
     }
     e.into_response().map(Body::full)
@@ -140,7 +145,7 @@ async fn serve(
 
     // 3. Request bucket and concurrency (and where the token bucket
     // stands): one decision, one Redis round trip when limits are shared.
-    let Admission { lease, tokens } = app.limiter.admit(&tenant.limits, standings).await?;
+    let Admission { lease, check } = app.limiter.admit(&tenant.limits, standings).await?;
     record.lease = lease;
     if endpoint == Endpoint::Models {
         // The rarer paths are boxed so the common one's future stays small.
@@ -183,8 +188,9 @@ async fn serve(
         }
     }
 
-    // 6. Token bucket: only what goes upstream is refused for tokens.
-    tokens.check(&tenant.limits, standings)?;
+    // 6. Budget and token bucket: only what goes upstream is refused for
+    // spend or tokens.
+    check.check(&tenant.limits, standings)?;
     if let (CacheMode::Lookup, Some(key)) = (mode, key) {
         match app.flights.join(key) {
             Join::Lead(l) => leader = Some(l),

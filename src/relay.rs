@@ -534,13 +534,15 @@ impl Relay {
                 true,
             ),
         };
-        if let Some(lease) = self.meter.lease.take() {
-            lease.settle(u.billable());
-        }
         let m = &self.meter;
         let snapshot = m.app.snapshot.load();
+        let price = snapshot.price(&m.model);
+        if let Some(lease) = self.meter.lease.take() {
+            lease.settle(u.billable(), price.map_or(0.0, |p| u.cost_usd(p)));
+        }
+        let m = &self.meter;
         let handles = m.tenant.usage(&m.model, &m.app.metrics);
-        handles.record(&u, snapshot.price(&m.model));
+        handles.record(&u, price);
         if estimated {
             handles.estimated.inc();
         }

@@ -147,6 +147,8 @@ impl Gateway {
         }
         poller.abort();
         admin_task.abort();
+        // Spend recorded during the drain is in the state file too.
+        app.limiter.flush();
         tracing::info!("stopped");
     }
 }

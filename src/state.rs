@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::cache::{Flights, Store};
 use crate::config::{CacheScope, Config, Pricing, RedisConfig, Secret};
+use crate::limit::budget::{Budgets, SystemClock};
 use crate::limit::{Limiter, TenantLimits};
 use crate::metrics::{Metrics, ModelLabels, UsageHandles};
 use crate::routes::Endpoint;
@@ -94,9 +95,9 @@ impl Snapshot {
         for t in &config.tenants {
             let limits = previous
                 .and_then(|p| p.by_name.get(&t.name))
-                .filter(|old| old.limits.spec == t.limits)
+                .filter(|old| old.limits.spec == t.limits && old.limits.budget_spec() == t.budget)
                 .map(|old| Arc::clone(&old.limits))
-                .unwrap_or_else(|| limiter.tenant(&t.name, t.limits, metrics));
+                .unwrap_or_else(|| limiter.tenant(&t.name, t.limits, t.budget, metrics));
             let tenant = Arc::new(Tenant {
                 name: Arc::from(t.name.as_str()),
                 models: t.models.clone(),
@@ -166,8 +167,12 @@ impl Snapshot {
         self.targets.get(path)
     }
 
+    /// The price of a model: its own, else `[pricing.default]`.
     pub fn price(&self, model: &str) -> Option<&Pricing> {
-        self.config.pricing.get(model)
+        self.config
+            .pricing
+            .get(model)
+            .or_else(|| self.config.pricing.get("default"))
     }
 
     /// The cache scope of a tenant's requests: its name, or the shared pool.
@@ -236,7 +241,14 @@ impl App {
             Some(cfg) => Some(Redis::start(cfg, &metrics).await),
             None => None,
         };
-        let limiter = Limiter::new(redis.as_ref().zip(config.redis.as_ref()));
+        let budgets = Budgets::open(config.budgets.state_path.as_deref(), Arc::new(SystemClock))
+            .map_err(std::io::Error::other)?;
+        let limiter = Limiter::new(redis.as_ref().zip(config.redis.as_ref()), budgets);
+        if config.tenants.iter().any(|t| t.budget.is_some()) && !limiter.spend_is_kept() {
+            tracing::warn!(
+                "tenants have budgets but neither [redis] nor budgets.state_path keeps their spend: a restart resets it"
+            );
+        }
         let snapshot = Snapshot::build(config, key, None, &limiter, &metrics);
         Ok(App {
             snapshot: ArcSwap::from_pointee(snapshot),

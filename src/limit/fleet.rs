@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 
 use super::{
     concurrency_refused, token_standing, Admission, Count, Denied, Lease, Limit, Refused, Standing,
-    Standings, TenantLimits, TokenCheck,
+    Standings, TenantLimits, UpstreamCheck,
 };
 use crate::config::{LimitSpec, OnError};
 use crate::shared::{Op, Redis, Unavailable};
@@ -78,15 +78,20 @@ local function balance(tok, tpm)
 end
 "#;
 
-/// KEYS: request bucket, token bucket, concurrency hash, live set.
-/// ARGV: rpm, burst, tpm, max_concurrent, replica, version, ttl_ms.
+/// KEYS: request bucket, token bucket, concurrency hash, live set, spend
+/// of the current period.
+/// ARGV: rpm, burst, tpm, max_concurrent, replica, version, ttl_ms,
+/// budgeted ("1"/"0").
 /// Returns {verdict (0 admitted, 1 requests, 2 concurrency), wait_us,
-/// requests remaining, requests reset_us, token balance ("" = no limit)}.
+/// requests remaining, requests reset_us, token balance ("" = no limit),
+/// spend ("" = no budget)}.
 const ADMIT: &str = r#"
 local rpm, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tpm, maxc = tonumber(ARGV[3]), tonumber(ARGV[4])
 local tokens = ''
 if tpm > 0 then tokens = string.format('%.3f', balance(KEYS[2], tpm)) end
+local spent = ''
+if ARGV[8] == '1' then spent = redis.call('GET', KEYS[5]) or '0' end
 local remaining, reset = 0, 0
 if rpm > 0 then
   local period = 60000000 / rpm
@@ -95,7 +100,7 @@ if rpm > 0 then
   local next_tat = tat + period
   local allow_at = next_tat - burst * period
   if now < allow_at then
-    return {1, math.ceil(allow_at - now), 0, math.ceil(tat - now), tokens}
+    return {1, math.ceil(allow_at - now), 0, math.ceil(tat - now), tokens, spent}
   end
   redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1)
   remaining = math.floor((now - allow_at) / period)
@@ -118,22 +123,28 @@ if maxc > 0 then
   if not counted then total = total + 1 end
   if total > maxc then
     if counted then redis.call('HINCRBY', KEYS[3], replica, -1) end
-    return {2, 1000000, remaining, reset, tokens}
+    return {2, 1000000, remaining, reset, tokens, spent}
   end
   if not counted then change(KEYS[3], replica, version, 1) end
   alive(KEYS[3], KEYS[4], replica, tonumber(ARGV[7]))
 end
-return {0, 0, remaining, reset, tokens}
+return {0, 0, remaining, reset, tokens, spent}
 "#;
 
-/// KEYS: token bucket, concurrency hash, live set.
+/// KEYS: token bucket, concurrency hash, live set, spend of a period.
 /// ARGV: tpm, tokens to debit, replica, what to do with the count
 /// ("" nothing, "release": one fewer, "report": the count is ARGV[6]),
-/// version, count, ttl_ms.
+/// version, count, ttl_ms, USD to add to the spend, when the spend key
+/// expires (Unix ms).
 const SETTLE: &str = r#"
-local tpm, spent = tonumber(ARGV[1]), tonumber(ARGV[2])
-if tpm > 0 and spent > 0 then
-  local b = math.max(balance(KEYS[1], tpm) - spent, -tpm * 1440)
+local usd = tonumber(ARGV[8])
+if usd > 0 then
+  redis.call('INCRBYFLOAT', KEYS[4], ARGV[8])
+  redis.call('PEXPIREAT', KEYS[4], ARGV[9])
+end
+local tpm, used = tonumber(ARGV[1]), tonumber(ARGV[2])
+if tpm > 0 and used > 0 then
+  local b = math.max(balance(KEYS[1], tpm) - used, -tpm * 1440)
   redis.call('HSET', KEYS[1], 'b', string.format('%.3f', b), 't', string.format('%.0f', now))
   redis.call('PEXPIRE', KEYS[1], math.ceil((tpm - b) * 60000 / tpm) + 1000)
 end
@@ -164,11 +175,24 @@ pub(super) enum CountChange {
     Report(Count),
 }
 
+/// Spend to add to a period's total.
+#[derive(Debug, Clone)]
+pub(super) struct SpendCharge {
+    pub period: String,
+    /// When the period ends (Unix seconds): its key expires a week later.
+    pub end: i64,
+    pub usd: f64,
+}
+
+/// How long a period's spend outlives the period in Redis.
+const SPEND_KEPT_AFTER: i64 = 7 * 86_400;
+
 /// One settlement on its way to Redis.
 struct Settle {
     tenant: Arc<TenantLimits>,
     tokens: u64,
     count: CountChange,
+    spend: Option<SpendCharge>,
 }
 
 /// A tenant's Redis keys, and the queue its settlements go through.
@@ -177,6 +201,8 @@ pub struct Keys {
     tok: String,
     conc: String,
     live: String,
+    /// `prefix:{tenant}:spend:`, followed by the period.
+    spend_prefix: String,
     queue: mpsc::Sender<Settle>,
     /// The version of the count last renewed, so an idle tenant is not
     /// reported again.
@@ -185,19 +211,36 @@ pub struct Keys {
 
 impl Keys {
     /// Queues the Redis side of a settlement; never waits.
-    pub(super) fn settle(&self, tenant: &Arc<TenantLimits>, tokens: u64, count: CountChange) {
+    pub(super) fn settle(
+        &self,
+        tenant: &Arc<TenantLimits>,
+        tokens: u64,
+        count: CountChange,
+        spend: Option<SpendCharge>,
+    ) {
         let debit = tokens > 0 && tenant.spec.tokens_per_minute > 0;
-        if !debit && matches!(count, CountChange::None) {
+        if !debit && matches!(count, CountChange::None) && spend.is_none() {
             return;
         }
         let msg = Settle {
             tenant: Arc::clone(tenant),
             tokens: if debit { tokens } else { 0 },
             count,
+            spend,
         };
-        if self.queue.try_send(msg).is_err() {
+        if let Err(e) = self.queue.try_send(msg) {
+            // Spend is never dropped: it waits for the next flush.
+            let msg = e.into_inner();
+            if let (Some(s), Some(b)) = (&msg.spend, &tenant.budget) {
+                b.spend.defer(&s.period, s.usd);
+            }
             tracing::debug!("settlement queue full; the next count report supersedes it");
         }
+    }
+
+    /// The Redis key of a period's spend.
+    fn spend_key(&self, period: &str) -> String {
+        format!("{}{period}", self.spend_prefix)
     }
 }
 
@@ -245,13 +288,14 @@ impl Fleet {
             tok: r.tenant_key(tenant, &format!("tok:{}", spec.tokens_per_minute)),
             conc: r.tenant_key(tenant, "conc"),
             live: r.tenant_key(tenant, "live"),
+            spend_prefix: r.tenant_key(tenant, "spend:"),
             queue: self.queue.clone(),
             renewed: AtomicU64::new(0),
         }
     }
 
     pub fn track(&self, tenant: &Arc<TenantLimits>) {
-        if tenant.spec.max_concurrent == 0 {
+        if tenant.spec.max_concurrent == 0 && tenant.budget.is_none() {
             return;
         }
         let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
@@ -279,21 +323,29 @@ impl Fleet {
         } else {
             t.in_flight.now()
         };
+        // The spend key names the period, so it is made per request (only
+        // for a budgeted tenant).
+        let budget = t.budget.as_ref().map(|b| {
+            let (span, _, now) = b.now();
+            (b, keys.spend_key(&span.key), span, now)
+        });
         let mut inv = self.scripts.admit.prepare_invoke();
         inv.key(&keys.req)
             .key(&keys.tok)
             .key(&keys.conc)
             .key(&keys.live)
+            .key(budget.as_ref().map_or(&keys.tok, |b| &b.1))
             .arg(spec.requests_per_minute)
             .arg(spec.request_burst)
             .arg(spec.tokens_per_minute)
             .arg(spec.max_concurrent)
             .arg(self.redis.replica())
             .arg(count.version)
-            .arg(LEASE_TTL.as_millis() as u64);
-        let reply: Result<(i64, i64, i64, i64, String), _> =
+            .arg(LEASE_TTL.as_millis() as u64)
+            .arg(if budget.is_some() { "1" } else { "0" });
+        let reply: Result<(i64, i64, i64, i64, String, String), _> =
             self.redis.invoke(Op::Limits, &inv).await;
-        let (verdict, wait_us, remaining, reset_us, tokens) = match reply {
+        let (verdict, wait_us, remaining, reset_us, tokens, spent) = match reply {
             Ok(r) => r,
             Err(e) => {
                 if slot {
@@ -304,6 +356,13 @@ impl Fleet {
         };
         let us = |v: i64| Duration::from_micros(v.max(0) as u64);
         let balance = tokens.parse::<f64>().ok();
+        if let (Some((b, _, span, now)), Ok(fleet)) = (&budget, spent.parse::<f64>()) {
+            // The fleet's spend, plus what this replica spent that Redis
+            // has not taken yet.
+            b.spend.observe(&span.key, fleet);
+            let spent = b.spend.spent(&span.key);
+            standings.budget = Some(b.standing(spent, span, *now));
+        }
         standings.tokens = balance.map(|b| token_standing(spec.tokens_per_minute, b));
         standings.requests = (spec.requests_per_minute > 0).then(|| Standing {
             limit: u64::from(spec.requests_per_minute),
@@ -314,7 +373,7 @@ impl Fleet {
             0 => {
                 return Ok(Ok(Admission {
                     lease: Some(Lease::new(t, slot, true)),
-                    tokens: TokenCheck { balance },
+                    check: UpstreamCheck { balance },
                 }))
             }
             1 => Refused {
@@ -360,10 +419,19 @@ async fn settler(
                     .collect();
                 for t in tenants {
                     let Some(keys) = &t.keys else { continue };
-                    let count = t.in_flight.now();
-                    let last = keys.renewed.swap(count.version, Ordering::AcqRel);
-                    if count.count > 0 || count.version != last {
-                        batch.push(Settle { tenant: Arc::clone(&t), tokens: 0, count: CountChange::Report(count) });
+                    if t.spec.max_concurrent > 0 {
+                        let count = t.in_flight.now();
+                        let last = keys.renewed.swap(count.version, Ordering::AcqRel);
+                        if count.count > 0 || count.version != last {
+                            batch.push(Settle { tenant: Arc::clone(&t), tokens: 0, count: CountChange::Report(count), spend: None });
+                        }
+                    }
+                    // Spend Redis missed while it was away.
+                    if let Some(b) = t.budget.as_ref().filter(|b| redis.is_up() && b.spend.has_unsent()) {
+                        for (period, usd) in b.spend.take_unsent() {
+                            let end = b.now().0.end.max(0);
+                            batch.push(Settle { tenant: Arc::clone(&t), tokens: 0, count: CountChange::None, spend: Some(SpendCharge { period, end, usd }) });
+                        }
                     }
                 }
             }
@@ -385,17 +453,31 @@ async fn settler(
                     CountChange::Release(c) => ("release", c),
                     CountChange::Report(c) => ("report", c),
                 };
+                let spend_key = s.spend.as_ref().map(|c| keys.spend_key(&c.period));
+                let (usd, expire_ms) = s
+                    .spend
+                    .as_ref()
+                    .map_or((0.0, 0), |c| (c.usd, (c.end + SPEND_KEPT_AFTER) * 1000));
                 inv.key(&keys.tok)
                     .key(&keys.conc)
                     .key(&keys.live)
+                    .key(spend_key.as_ref().unwrap_or(&keys.tok))
                     .arg(s.tenant.spec.tokens_per_minute)
                     .arg(s.tokens)
                     .arg(redis.replica())
                     .arg(what)
                     .arg(c.version)
                     .arg(c.count)
-                    .arg(LEASE_TTL.as_millis() as u64);
-                let _: Result<i64, Unavailable> = redis.invoke(Op::Limits, &inv).await;
+                    .arg(LEASE_TTL.as_millis() as u64)
+                    .arg(format!("{usd:.9}"))
+                    .arg(expire_ms);
+                let sent: Result<i64, Unavailable> = redis.invoke(Op::Limits, &inv).await;
+                if sent.is_err() {
+                    // Added when Redis is back, never lost.
+                    if let (Some(c), Some(b)) = (&s.spend, &s.tenant.budget) {
+                        b.spend.defer(&c.period, c.usd);
+                    }
+                }
             }
         });
         futures_util::future::join_all(sends).await;

@@ -14,6 +14,7 @@
 //! goes to a task through a bounded queue, so a `Drop` or a body's `poll`
 //! can settle without holding a response back.
 
+pub mod budget;
 mod fleet;
 mod local;
 
@@ -24,9 +25,10 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use prometheus::IntCounter;
 
-use crate::config::{LimitSpec, OnError, RedisConfig};
+use crate::config::{BudgetSpec, LimitSpec, OnError, RedisConfig};
 use crate::metrics::Metrics;
 use crate::shared::Redis;
+use budget::{Budgets, Spend};
 
 pub use local::{token_standing, token_verdict, RequestBucket, TokenBucket};
 
@@ -36,6 +38,8 @@ pub enum Limit {
     Requests,
     Tokens,
     Concurrency,
+    /// The tenant's spend budget for the period (SPEC §9).
+    Budget,
 }
 
 impl Limit {
@@ -45,6 +49,7 @@ impl Limit {
             Limit::Requests => "requests",
             Limit::Tokens => "tokens",
             Limit::Concurrency => "concurrency",
+            Limit::Budget => "budget",
         }
     }
 }
@@ -74,11 +79,22 @@ pub enum Denied {
     Unavailable,
 }
 
+/// Where a budgeted tenant stands: what the `x-sluice-budget-*` headers say.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BudgetStanding {
+    pub limit_usd: f64,
+    /// Never below 0.
+    pub remaining_usd: f64,
+    /// Until the period ends.
+    pub reset: Duration,
+}
+
 /// Where the tenant stands after this request: what the headers report.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Standings {
     pub requests: Option<Standing>,
     pub tokens: Option<Standing>,
+    pub budget: Option<BudgetStanding>,
 }
 
 // Limit, remaining, reset; parsed once.
@@ -86,6 +102,11 @@ static REQUEST_HEADERS: [HeaderName; 3] = [
     HeaderName::from_static("x-ratelimit-limit-requests"),
     HeaderName::from_static("x-ratelimit-remaining-requests"),
     HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+static BUDGET_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-sluice-budget-limit-usd"),
+    HeaderName::from_static("x-sluice-budget-remaining-usd"),
+    HeaderName::from_static("x-sluice-budget-reset"),
 ];
 static TOKEN_HEADERS: [HeaderName; 3] = [
     HeaderName::from_static("x-ratelimit-limit-tokens"),
@@ -108,7 +129,26 @@ impl Standings {
                 h.insert(reset, v);
             }
         }
+        if let Some(b) = self.budget {
+            let [limit, remaining, reset] = &BUDGET_HEADERS;
+            for (name, value) in [
+                (limit, usd(b.limit_usd)),
+                (remaining, usd(b.remaining_usd)),
+                (reset, format_reset(b.reset)),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    h.insert(name, v);
+                }
+            }
+        }
     }
+}
+
+/// Dollars as a header shows them: up to six decimals, no trailing zeros.
+fn usd(v: f64) -> String {
+    let s = format!("{:.6}", v.max(0.0));
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    s.to_string()
 }
 
 /// Seconds to a `Duration`, saturating: a hostile upstream can report
@@ -197,6 +237,46 @@ pub struct TenantLimits {
     /// `Some` when this tenant's limits are shared through Redis.
     keys: Option<fleet::Keys>,
     fallback: IntCounter,
+    budget: Option<TenantBudget>,
+}
+
+/// A budgeted tenant's cap, its spend (kept by name across reloads) and
+/// its gauges.
+struct TenantBudget {
+    spec: BudgetSpec,
+    spend: Arc<Spend>,
+    budgets: Arc<Budgets>,
+    spent_gauge: prometheus::Gauge,
+}
+
+impl TenantBudget {
+    /// The current period and what was spent in it (this replica's view).
+    fn now(&self) -> (budget::Span, f64, i64) {
+        let now = self.budgets.clock.now();
+        let span = budget::span(self.spec.period, now);
+        let spent = self.spend.spent(&span.key);
+        (span, spent, now)
+    }
+
+    fn standing(&self, spent: f64, span: &budget::Span, now: i64) -> BudgetStanding {
+        BudgetStanding {
+            limit_usd: self.spec.usd,
+            remaining_usd: (self.spec.usd - spent).max(0.0),
+            reset: Duration::from_secs((span.end - now).max(0) as u64),
+        }
+    }
+
+    /// Records spend locally (and for the state file and the gauge).
+    fn charge(&self, key: &str, usd: f64) {
+        self.spend.add(key, usd);
+        self.budgets.mark_dirty();
+        self.spent_gauge.set(self.spend.spent(key));
+    }
+
+    fn refresh_gauge(&self) {
+        let (_, spent, _) = self.now();
+        self.spent_gauge.set(spent);
+    }
 }
 
 impl TenantLimits {
@@ -204,6 +284,13 @@ impl TenantLimits {
         self.spec.requests_per_minute == 0
             && self.spec.tokens_per_minute == 0
             && self.spec.max_concurrent == 0
+            && self.budget.is_none()
+    }
+
+    /// The budget this state was made for (a reload keeps the state only
+    /// when this and the limits are unchanged).
+    pub fn budget_spec(&self) -> Option<BudgetSpec> {
+        self.budget.as_ref().map(|b| b.spec)
     }
 
     /// Requests in flight on this replica.
@@ -227,6 +314,10 @@ impl TenantLimits {
     /// Request bucket and concurrency, decided on this replica alone.
     fn admit_local(self: &Arc<Self>, standings: &mut Standings) -> Result<Admission, Denied> {
         standings.tokens = self.tokens.as_ref().map(|b| b.peek(Instant::now()));
+        if let Some(b) = &self.budget {
+            let (span, spent, now) = b.now();
+            standings.budget = Some(b.standing(spent, &span, now));
+        }
         if let Some(b) = &self.requests {
             match b.check() {
                 Ok(s) => standings.requests = Some(s),
@@ -248,7 +339,7 @@ impl TenantLimits {
         }
         Ok(Admission {
             lease: Some(Lease::new(self, slot, false)),
-            tokens: TokenCheck::default(),
+            check: UpstreamCheck::default(),
         })
     }
 }
@@ -267,20 +358,51 @@ fn concurrency_refused() -> Refused {
 /// fallback.
 pub struct Limiter {
     fleet: Option<fleet::Fleet>,
+    budgets: Arc<Budgets>,
+    /// Budgeted tenants, for the gauges and the state file's ticker;
+    /// touched at config load and by the ticker, never per request.
+    budgeted: Arc<std::sync::Mutex<Vec<std::sync::Weak<TenantLimits>>>>,
 }
 
 impl Limiter {
-    /// The in-memory limiter: every replica on its own.
+    /// The in-memory limiter: every replica on its own, spend in memory.
     pub fn local() -> Limiter {
-        Limiter { fleet: None }
+        Self::build(None, Budgets::memory(Arc::new(budget::SystemClock)))
     }
 
-    /// Limits shared through `redis` when `[redis] limits` is on.
-    pub fn new(redis: Option<(&Arc<Redis>, &RedisConfig)>) -> Limiter {
+    /// Limits shared through `redis` when `[redis] limits` is on; spend in
+    /// Redis then, else in `budgets` (its state file, if any). Starts the
+    /// ticker that keeps budget gauges current and writes the state file.
+    pub fn new(redis: Option<(&Arc<Redis>, &RedisConfig)>, budgets: Budgets) -> Limiter {
+        let limiter = Self::build(redis, budgets);
+        tokio::spawn(tick(
+            Arc::clone(&limiter.budgets),
+            Arc::downgrade(&limiter.budgeted),
+        ));
+        limiter
+    }
+
+    fn build(redis: Option<(&Arc<Redis>, &RedisConfig)>, budgets: Budgets) -> Limiter {
         let fleet = redis
             .filter(|(_, cfg)| cfg.limits)
             .map(|(redis, cfg)| fleet::Fleet::start(Arc::clone(redis), cfg.on_error));
-        Limiter { fleet }
+        Limiter {
+            fleet,
+            budgets: Arc::new(budgets),
+            budgeted: Arc::default(),
+        }
+    }
+
+    /// Writes the spend state file now (at shutdown).
+    pub fn flush(&self) {
+        if let Err(e) = self.budgets.persist() {
+            tracing::error!(error = %e, "cannot write the budget state file");
+        }
+    }
+
+    /// Whether spend survives a restart (Redis or a state file).
+    pub fn spend_is_kept(&self) -> bool {
+        self.fleet.is_some() || self.budgets.has_file()
     }
 
     /// Whether limits are shared by the fleet.
@@ -290,7 +412,24 @@ impl Limiter {
 
     /// The limiter state of one tenant. A reload calls this only for a
     /// tenant whose limits changed (or is new); the others keep theirs.
-    pub fn tenant(&self, name: &str, spec: LimitSpec, metrics: &Metrics) -> Arc<TenantLimits> {
+    pub fn tenant(
+        &self,
+        name: &str,
+        spec: LimitSpec,
+        budget: Option<BudgetSpec>,
+        metrics: &Metrics,
+    ) -> Arc<TenantLimits> {
+        let budget = budget.map(|b| {
+            metrics.budget_usd.with_label_values(&[name]).set(b.usd);
+            let tb = TenantBudget {
+                spec: b,
+                spend: self.budgets.spend(name),
+                budgets: Arc::clone(&self.budgets),
+                spent_gauge: metrics.budget_spent_usd.with_label_values(&[name]),
+            };
+            tb.refresh_gauge();
+            tb
+        });
         let limits = Arc::new(TenantLimits {
             spec,
             requests: std::num::NonZeroU32::new(spec.requests_per_minute).map(|rpm| {
@@ -305,9 +444,15 @@ impl Limiter {
             in_flight: InFlight::default(),
             keys: self.fleet.as_ref().map(|f| f.keys(name, spec)),
             fallback: metrics.limits_local_fallback.with_label_values(&[name]),
+            budget,
         });
         if let Some(f) = &self.fleet {
             f.track(&limits);
+        }
+        if limits.budget.is_some() {
+            let mut b = self.budgeted.lock().unwrap_or_else(|e| e.into_inner());
+            b.retain(|w| w.strong_count() > 0);
+            b.push(Arc::downgrade(&limits));
         }
         limits
     }
@@ -324,7 +469,7 @@ impl Limiter {
         if tenant.is_unlimited() {
             return Ok(Admission {
                 lease: None,
-                tokens: TokenCheck::default(),
+                check: UpstreamCheck::default(),
             });
         }
         if let (Some(fleet), Some(keys)) = (&self.fleet, &tenant.keys) {
@@ -343,23 +488,34 @@ impl Limiter {
 }
 
 /// An admitted request: its lease (what it holds until settled) and the
-/// token check it will face if it goes upstream.
+/// checks it will face if it goes upstream.
 pub struct Admission {
     pub lease: Option<Lease>,
-    pub tokens: TokenCheck,
+    pub check: UpstreamCheck,
 }
 
-/// The token balance admission saw when Redis decided; otherwise the local
-/// bucket is asked.
+/// The token balance and spend admission saw when Redis decided; otherwise
+/// the local bucket and spend are asked.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct TokenCheck {
+pub struct UpstreamCheck {
     balance: Option<f64>,
 }
 
-impl TokenCheck {
-    /// Refuses a tenant in token deficit; only requests that go upstream
-    /// ask. Decided from what admission saw, without another round trip.
+impl UpstreamCheck {
+    /// Refuses a tenant whose budget is spent or whose token bucket is in
+    /// deficit; only requests that go upstream ask (hits and coalesced
+    /// answers are served). Decided from what admission saw, without
+    /// another round trip.
     pub fn check(self, t: &TenantLimits, standings: &mut Standings) -> Result<(), Refused> {
+        if let (Some(_), Some(standing)) = (&t.budget, standings.budget) {
+            if standing.remaining_usd <= 0.0 {
+                return Err(Refused {
+                    limit: Limit::Budget,
+                    wait: standing.reset.max(Duration::from_secs(1)),
+                    standing: None,
+                });
+            }
+        }
         let verdict = match (self.balance, &t.tokens) {
             (_, None) => Ok(None),
             (Some(balance), Some(_)) => token_verdict(t.spec.tokens_per_minute, balance)
@@ -405,13 +561,14 @@ impl Lease {
         }
     }
 
-    /// Debits the tokens the answer used (the bucket may go into deficit)
-    /// and frees the concurrency slot. Never waits.
-    pub fn settle(mut self, tokens: u64) {
-        self.finish(tokens);
+    /// Debits the tokens the answer used (the bucket may go into deficit),
+    /// charges its cost to the budget and frees the concurrency slot.
+    /// Never waits.
+    pub fn settle(mut self, tokens: u64, usd: f64) {
+        self.finish(tokens, usd);
     }
 
-    fn finish(&mut self, tokens: u64) {
+    fn finish(&mut self, tokens: u64, usd: f64) {
         if std::mem::replace(&mut self.settled, true) {
             return;
         }
@@ -423,20 +580,67 @@ impl Lease {
                 b.debit(tokens, Instant::now());
             }
         }
+        let spend = t.budget.as_ref().filter(|_| usd > 0.0).map(|b| {
+            let (span, _, _) = b.now();
+            b.charge(&span.key, usd);
+            fleet::SpendCharge {
+                period: span.key,
+                end: span.end,
+                usd,
+            }
+        });
         let count = if self.slot {
             fleet::CountChange::Release(t.in_flight.release())
         } else {
             fleet::CountChange::None
         };
-        if let (true, Some(keys)) = (self.shared, &t.keys) {
-            keys.settle(t, tokens, count);
+        if let Some(keys) = &t.keys {
+            // Spend reaches Redis whoever decided the admission: spend made
+            // while Redis was away is added when it is back.
+            if self.shared {
+                keys.settle(t, tokens, count, spend);
+            } else if spend.is_some() {
+                keys.settle(t, 0, fleet::CountChange::None, spend);
+            }
         }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.finish(0);
+        self.finish(0, 0.0);
+    }
+}
+
+/// Keeps budget gauges current (a period that rolls over shows 0 at once)
+/// and writes the spend state file when it changed: every second, so at
+/// most the last seconds are lost to a crash.
+async fn tick(
+    budgets: Arc<Budgets>,
+    tenants: std::sync::Weak<std::sync::Mutex<Vec<std::sync::Weak<TenantLimits>>>>,
+) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(tenants) = tenants.upgrade() else {
+            return;
+        };
+        let live: Vec<Arc<TenantLimits>> = tenants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        drop(tenants);
+        for t in live {
+            if let Some(b) = &t.budget {
+                b.refresh_gauge();
+            }
+        }
+        if let Err(e) = budgets.persist() {
+            tracing::error!(error = %e, "cannot write the budget state file");
+        }
     }
 }
 
@@ -464,7 +668,7 @@ mod tests {
     fn concurrency_is_released_when_settled_or_dropped() {
         let m = Metrics::new();
         let l = Limiter::local();
-        let t = l.tenant("a", spec(0, 1, 0, 2), &m);
+        let t = l.tenant("a", spec(0, 1, 0, 2), None, &m);
         let a = admit(&l, &t).expect("1");
         let b = admit(&l, &t).expect("2");
         match admit(&l, &t) {
@@ -474,7 +678,7 @@ mod tests {
         assert_eq!(t.in_flight(), 2, "a refusal holds nothing");
         drop(a);
         assert_eq!(t.in_flight(), 1);
-        b.lease.expect("lease").settle(0);
+        b.lease.expect("lease").settle(0, 0.0);
         assert_eq!(t.in_flight(), 0);
         assert!(admit(&l, &t).is_ok());
     }
@@ -483,14 +687,14 @@ mod tests {
     fn settling_debits_the_token_bucket() {
         let m = Metrics::new();
         let l = Limiter::local();
-        let t = l.tenant("a", spec(0, 1, 600, 0), &m);
+        let t = l.tenant("a", spec(0, 1, 600, 0), None, &m);
         let mut s = Standings::default();
         let a = admit(&l, &t).expect("admitted");
-        a.tokens.check(&t, &mut s).expect("full bucket");
+        a.check.check(&t, &mut s).expect("full bucket");
         assert_eq!(s.tokens.map(|s| s.remaining), Some(600));
-        a.lease.expect("lease").settle(700);
+        a.lease.expect("lease").settle(700, 0.0);
         let a = admit(&l, &t).expect("the request bucket is unlimited");
-        let r = a.tokens.check(&t, &mut s).expect_err("in deficit");
+        let r = a.check.check(&t, &mut s).expect_err("in deficit");
         assert_eq!(r.limit, Limit::Tokens);
         assert!(r.wait > Duration::from_secs(10));
     }
@@ -499,12 +703,80 @@ mod tests {
     fn unlimited_means_no_headers_and_no_lease() {
         let m = Metrics::new();
         let l = Limiter::local();
-        let t = l.tenant("a", spec(0, 1, 0, 0), &m);
+        let t = l.tenant("a", spec(0, 1, 0, 0), None, &m);
         let mut s = Standings::default();
         let a = admit(&l, &t).expect("ok");
         assert!(a.lease.is_none());
-        a.tokens.check(&t, &mut s).expect("ok");
+        a.check.check(&t, &mut s).expect("ok");
         assert!(s.requests.is_none() && s.tokens.is_none());
+    }
+
+    #[test]
+    fn a_spent_budget_refuses_until_the_period_rolls_over() {
+        use crate::config::BudgetPeriod;
+        use std::sync::atomic::AtomicI64;
+        struct Fake(AtomicI64);
+        impl budget::Clock for Fake {
+            fn now(&self) -> i64 {
+                self.0.load(Ordering::Acquire)
+            }
+        }
+        // Sunday 2026-11-29, 23:00 UTC.
+        let clock = Arc::new(Fake(AtomicI64::new(1_795_993_200)));
+        let m = Metrics::new();
+        let l = Limiter::build(None, Budgets::memory(clock.clone()));
+        let budget = BudgetSpec {
+            usd: 1.0,
+            period: BudgetPeriod::Week,
+        };
+        let t = l.tenant("a", spec(0, 1, 0, 0), Some(budget), &m);
+        let mut s = Standings::default();
+        let a = admit_with(&l, &t, &mut s).expect("admitted");
+        a.check.check(&t, &mut s).expect("nothing spent yet");
+        let b = s.budget.expect("budget standing");
+        assert_eq!(b.remaining_usd, 1.0);
+        assert_eq!(
+            b.reset,
+            Duration::from_secs(3600),
+            "the week ends at Monday 00:00"
+        );
+        // One request under budget may overrun it; the next is refused.
+        a.lease.expect("lease").settle(10, 1.25);
+        let mut s = Standings::default();
+        let a = admit_with(&l, &t, &mut s).expect("admission itself is not refused");
+        let r = a.check.check(&t, &mut s).expect_err("spent");
+        assert_eq!(r.limit, Limit::Budget);
+        assert_eq!(r.wait, Duration::from_secs(3600));
+        assert_eq!(
+            s.budget.map(|b| b.remaining_usd),
+            Some(0.0),
+            "never below 0"
+        );
+        assert_eq!(m.budget_spent_usd.with_label_values(&["a"]).get(), 1.25);
+        // Monday: a new period.
+        clock.0.fetch_add(3600, Ordering::AcqRel);
+        let mut s = Standings::default();
+        let a = admit_with(&l, &t, &mut s).expect("admitted");
+        a.check.check(&t, &mut s).expect("a new week");
+        assert_eq!(s.budget.map(|b| b.remaining_usd), Some(1.0));
+        // A reload that changes the cap keeps the period's spend.
+        a.lease.expect("lease").settle(1, 0.5);
+        let bigger = BudgetSpec { usd: 2.0, ..budget };
+        let t2 = l.tenant("a", spec(0, 1, 0, 0), Some(bigger), &m);
+        let mut s = Standings::default();
+        admit_with(&l, &t2, &mut s).expect("admitted");
+        assert_eq!(s.budget.map(|b| b.remaining_usd), Some(1.5));
+    }
+
+    fn admit_with(
+        l: &Limiter,
+        t: &Arc<TenantLimits>,
+        s: &mut Standings,
+    ) -> Result<Admission, Denied> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(l.admit(t, s))
     }
 
     #[test]
