@@ -101,6 +101,7 @@ fn limiter(c: &mut Criterion) {
             tokens_per_minute: u64::MAX / 4,
             max_concurrent: u32::MAX / 2,
         },
+        None,
         &metrics,
     );
     // Admission (request bucket, concurrency), the token check and the
@@ -113,9 +114,9 @@ fn limiter(c: &mut Criterion) {
                 .now_or_never()
                 .expect("in memory, admission never waits")
                 .expect("allowed");
-            a.tokens.check(&limits, &mut s).expect("allowed");
+            a.check.check(&limits, &mut s).expect("allowed");
             if let Some(lease) = a.lease {
-                lease.settle(1);
+                lease.settle(1, 0.0);
             }
         })
     });
