@@ -3,14 +3,16 @@
 //! the metrics of every round trip. It keeps no state of its own; the
 //! limiter's Redis backend (`limit::fleet`) calls `Redis::invoke`.
 //!
-//! Health is a circuit. While Redis answers, requests use it. The first
-//! error or round trip over `timeout_ms` marks it down (one warn line), and
-//! from then on no request touches Redis, so nothing waits or queues behind
-//! it: a prober reconnects and pings every 500 ms, and the first answer
-//! marks it up again (one info line). While up, the prober pings once a
-//! second, so `sluice_redis_up` is true without traffic too.
+//! Health is a circuit. While Redis answers, requests use it; a round trip
+//! that fails or exceeds `timeout_ms` sends its request to the local
+//! limits. An error, or a few timeouts in a row, mark Redis down (one warn
+//! line), and from then on no request touches Redis, so nothing waits or
+//! queues behind it: a prober pings (reconnecting if the connection is
+//! gone) every 500 ms, and the first answer marks it up again (one info
+//! line). While up, the prober pings once a second, so `sluice_redis_up`
+//! is true without traffic too.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -176,7 +178,14 @@ pub struct Redis {
     metrics: RedisMetrics,
     /// This process's id in shared state (its concurrency leases).
     replica: String,
+    /// Round trips over `timeout_ms` in a row; a few mark Redis down.
+    slow: AtomicU32,
 }
+
+/// Timeouts in a row that mark Redis down. One slow round trip (a busy
+/// host, a GC pause) only sends its own request to the local limits; a
+/// Redis that stays slow stops being asked after this many.
+const SLOW_IN_A_ROW: u32 = 3;
 
 impl Redis {
     /// Connects (waiting at most a second, so a replica whose Redis is down
@@ -189,6 +198,7 @@ impl Redis {
             wake: Arc::new(Notify::new()),
             metrics: RedisMetrics::register(metrics.registry()),
             replica: format!("{:016x}", rand::random::<u64>()),
+            slow: AtomicU32::new(0),
         });
         redis.probe().await;
         tokio::spawn(prober(Arc::downgrade(&redis), Arc::clone(&redis.wake)));
@@ -232,6 +242,7 @@ impl Redis {
         match result {
             Ok(Ok(v)) => {
                 self.metrics.result(op, "ok").inc();
+                self.slow.store(0, Ordering::Relaxed);
                 Ok(v)
             }
             Ok(Err(e)) => {
@@ -241,7 +252,9 @@ impl Redis {
             }
             Err(_) => {
                 self.metrics.result(op, "timeout").inc();
-                self.mark_down("a round trip exceeded redis.timeout_ms");
+                if self.slow.fetch_add(1, Ordering::Relaxed) + 1 >= SLOW_IN_A_ROW {
+                    self.mark_down("round trips exceeded redis.timeout_ms");
+                }
                 Err(Unavailable)
             }
         }
@@ -284,6 +297,19 @@ impl Redis {
             }
             return;
         }
+        // A connection that only timed out may still be good: try it first,
+        // so a slow spell costs no reconnect.
+        if let Some(conn) = self.conn.load_full() {
+            let mut conn = Conn::clone(&conn);
+            let pong =
+                tokio::time::timeout(wait, redis::cmd("PING").query_async::<String>(&mut conn))
+                    .await;
+            if let Ok(Ok(_)) = pong {
+                self.slow.store(0, Ordering::Relaxed);
+                self.mark_up();
+                return;
+            }
+        }
         let connect = Duration::from_secs(1).max(wait);
         let attempt = tokio::time::timeout(connect, async {
             let mut conn = self.connect(connect).await?;
@@ -294,6 +320,7 @@ impl Redis {
         match attempt {
             Ok(Ok(conn)) => {
                 self.conn.store(Some(Arc::new(conn)));
+                self.slow.store(0, Ordering::Relaxed);
                 self.mark_up();
             }
             Ok(Err(e)) => self.mark_down(&format!("{:?}", e.kind())),

@@ -54,14 +54,15 @@ const QUEUE: usize = 8192;
 const PRELUDE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function field(conc, name)
-  return tonumber(redis.call('HGET', conc, name)) or -1
+local function marks(conc, replica)
+  local v = redis.call('HMGET', conc, replica .. ':b', replica .. ':m')
+  return tonumber(v[1]) or -1, tonumber(v[2]) or -1
 end
-local function change(conc, replica, version, by)
-  if version <= field(conc, replica .. ':b') then return end
+local function change(conc, replica, version, by, base, newest)
+  if version <= base then return end
   local n = redis.call('HINCRBY', conc, replica, by)
   if n < 0 then redis.call('HSET', conc, replica, 0) end
-  if version > field(conc, replica .. ':m') then
+  if version > newest then
     redis.call('HSET', conc, replica .. ':m', string.format('%.0f', version))
   end
 end
@@ -113,20 +114,27 @@ if maxc > 0 then
     redis.call('HDEL', KEYS[3], r, r .. ':m', r .. ':b')
     redis.call('ZREM', KEYS[4], r)
   end
+  -- One read gives every replica's count and this replica's marks.
   local all = redis.call('HGETALL', KEYS[3])
-  local total = 0
+  local total, base, newest = 0, -1, -1
+  local b_field, m_field = replica .. ':b', replica .. ':m'
   for i = 1, #all, 2 do
-    if not string.find(all[i], ':', 1, true) then total = total + tonumber(all[i + 1]) end
+    local f = all[i]
+    if f == b_field then base = tonumber(all[i + 1])
+    elseif f == m_field then newest = tonumber(all[i + 1])
+    elseif not string.find(f, ':', 1, true) then total = total + tonumber(all[i + 1]) end
   end
   -- An absolute report newer than this admission already counted it.
-  local counted = version <= field(KEYS[3], replica .. ':b')
+  local counted = version <= base
   if not counted then total = total + 1 end
   if total > maxc then
     if counted then redis.call('HINCRBY', KEYS[3], replica, -1) end
     return {2, 1000000, remaining, reset, tokens, spent}
   end
-  if not counted then change(KEYS[3], replica, version, 1) end
-  alive(KEYS[3], KEYS[4], replica, tonumber(ARGV[7]))
+  if not counted then change(KEYS[3], replica, version, 1, base, newest) end
+  -- Renewal keeps a reporting replica alive; one Redis has not heard a
+  -- report from (new, or Redis restarted) registers here.
+  if base < 0 then alive(KEYS[3], KEYS[4], replica, tonumber(ARGV[7])) end
 end
 return {0, 0, remaining, reset, tokens, spent}
 "#;
@@ -150,9 +158,11 @@ if tpm > 0 and used > 0 then
 end
 local replica, what, version = ARGV[3], ARGV[4], tonumber(ARGV[5])
 if what == 'release' then
-  change(KEYS[2], replica, version, -1)
+  local base, newest = marks(KEYS[2], replica)
+  change(KEYS[2], replica, version, -1, base, newest)
 elseif what == 'report' then
-  if version > field(KEYS[2], replica .. ':b') and version >= field(KEYS[2], replica .. ':m') then
+  local base, newest = marks(KEYS[2], replica)
+  if version > base and version >= newest then
     redis.call('HSET', KEYS[2], replica, ARGV[6], replica .. ':b', string.format('%.0f', version))
   end
   alive(KEYS[2], KEYS[3], replica, tonumber(ARGV[7]))

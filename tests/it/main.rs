@@ -4,6 +4,7 @@
 mod support;
 
 mod binary;
+mod budgets;
 mod cache;
 mod faults;
 mod fleet;

@@ -590,6 +590,16 @@ impl Replica {
         let _ = self.child.kill().await;
     }
 
+    /// SIGTERM, and wait for the process to exit.
+    pub async fn stop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
+    }
+
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let r = send(
             Request::get(format!("http://{}/metrics", self.admin))

@@ -21,6 +21,7 @@ BIN = os.environ.get("SLUICE_BIN", str(ROOT / "target" / "debug" / "sluice"))
 ALPHA = "sk-sdk-alpha-0123456789"
 BETA = "sk-sdk-beta-0123456789"
 LIMITED = "sk-sdk-limited-0123456789"
+BUDGETED = "sk-sdk-budgeted-0123456789"
 
 
 def sha(key: str) -> str:
@@ -94,6 +95,17 @@ name = "limited"
 key_sha256 = ["{sha(LIMITED)}"]
 requests_per_minute = 60
 request_burst = 1
+
+[[tenants]]
+name = "budgeted"
+key_sha256 = ["{sha(BUDGETED)}"]
+models = ["deepseek-chat"]
+budget_usd = 0.000001
+
+[pricing.deepseek-chat]
+input_cache_hit = 0.028
+input_cache_miss = 0.28
+output = 0.42
 """
     f = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
     f.write(config)

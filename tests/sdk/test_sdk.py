@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import ALPHA, BETA, LIMITED
+from conftest import ALPHA, BETA, BUDGETED, LIMITED
 
 
 def client(stack, key=ALPHA, **kw):
@@ -188,3 +188,20 @@ def test_insufficient_balance_is_not_retried(stack):
     assert e.value.status_code == 402
     assert e.value.response.headers["x-should-retry"] == "false"
     assert sim_calls(stack) - before == 1, "neither Sluice nor the SDK retried"
+
+
+def test_budget_exceeded_raises_at_once_without_retry(stack):
+    c = client(stack, key=BUDGETED, max_retries=2)
+    # Under budget when it starts; its cost overruns the tiny budget.
+    c.chat.completions.create(model="deepseek-chat", messages=msgs("budget 1"))
+    before = sim_calls(stack)
+    start = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as e:
+        c.chat.completions.create(model="deepseek-chat", messages=msgs("budget 2"))
+    assert e.value.status_code == 402
+    assert e.value.code == "budget_exceeded"
+    assert e.value.type == "insufficient_quota"
+    assert e.value.response.headers["x-should-retry"] == "false"
+    assert float(e.value.response.headers["x-sluice-budget-remaining-usd"]) == 0
+    assert sim_calls(stack) == before, "refused before upstream"
+    assert time.monotonic() - start < 2, "the SDK did not retry"

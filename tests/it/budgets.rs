@@ -1,0 +1,307 @@
+//! Spend budgets (SPEC §9): refusal before upstream once spent, hits still
+//! served, the headers and gauges, spend kept across restarts in the state
+//! file, and one budget for a fleet through Redis.
+
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const TEAM: &str = "sk-budgeted-0123456789";
+
+/// One request with `x-sim-usage: 800,400` costs, at the test pricing
+/// (hit 0.1, miss 1.0, output 2.0 per million; a quarter of the prompt
+/// is a cache hit): (200 × 0.1 + 600 × 1.0 + 400 × 2.0) / 1e6.
+const COST: f64 = 0.001_42;
+const USAGE: (&str, &str) = ("x-sim-usage", "800,400");
+
+fn budgeted(usd: f64, period: &str) -> String {
+    format!(
+        "[[tenants]]\nname = \"team\"\nkey_sha256 = [\"{}\"]\nrequests_per_minute = 0\ntokens_per_minute = 0\nmax_concurrent = 0\nmodels = [\"deepseek-chat\"]\nbudget_usd = {usd}\nbudget_period = \"{period}\"\n",
+        sha(TEAM)
+    )
+}
+
+fn usd(r: &Resp, h: &str) -> f64 {
+    r.header(h)
+        .parse()
+        .unwrap_or_else(|_| panic!("{h}: {:?}", r.header(h)))
+}
+
+#[tokio::test]
+async fn spent_budget_refuses_before_upstream_but_serves_hits() {
+    let gw = TestGateway::start(&budgeted(0.001, "day")).await;
+    let url = gw.url("/v1/chat/completions");
+    assert_eq!(
+        gw.metric("sluice_budget_usd", &[("tenant", "team")]).await,
+        0.001
+    );
+    assert_eq!(
+        gw.metric("sluice_budget_spent_usd", &[("tenant", "team")])
+            .await,
+        0.0
+    );
+
+    let r = call(&url, TEAM, &chat("first"), &[USAGE]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(usd(&r, "x-sluice-budget-limit-usd"), 0.001);
+    assert_eq!(
+        usd(&r, "x-sluice-budget-remaining-usd"),
+        0.001,
+        "as known when the headers were sent, before this answer's charge"
+    );
+    let reset = r.header("x-sluice-budget-reset");
+    assert!(reset.ends_with('s') && !reset.is_empty(), "{reset}");
+
+    // Under budget when it started, it overran; the next one is refused.
+    let r = call(&url, TEAM, &chat("second"), &[USAGE]).await;
+    assert_eq!(r.status, 402);
+    assert_eq!(r.error_code(), "budget_exceeded");
+    assert_eq!(r.json()["error"]["type"], "insufficient_quota");
+    assert_eq!(r.header("x-should-retry"), "false");
+    let retry: u64 = r.header("retry-after").parse().expect("retry-after");
+    assert!((1..=86_400).contains(&retry), "until the day ends: {retry}");
+    assert_eq!(
+        usd(&r, "x-sluice-budget-remaining-usd"),
+        0.0,
+        "never below 0"
+    );
+    assert_eq!(gw.sim.calls(), 1, "nothing went upstream");
+
+    // A cached answer is still served, and costs nothing.
+    let r = call(&url, TEAM, &chat("first"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-sluice-cache"), "hit");
+    assert_eq!(gw.sim.calls(), 1);
+    // So is the model list.
+    let models = send(
+        http::Request::get(gw.url("/v1/models"))
+            .header("authorization", format!("Bearer {TEAM}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(models.status, 200);
+
+    let spent = gw
+        .metric("sluice_budget_spent_usd", &[("tenant", "team")])
+        .await;
+    assert!((spent - COST).abs() < 1e-9, "{spent}");
+    assert_eq!(
+        gw.metric(
+            "sluice_rate_limited_total",
+            &[("tenant", "team"), ("limit", "budget")]
+        )
+        .await,
+        1.0
+    );
+    // Other tenants are untouched.
+    assert_eq!(call(&url, ALPHA, &chat("x"), &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn streams_are_charged_from_their_usage() {
+    let gw = TestGateway::start(&budgeted(0.002, "month")).await;
+    let url = gw.url("/v1/chat/completions");
+    let r = call(&url, TEAM, &chat_stream("s1"), &[USAGE]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(usd(&r, "x-sluice-budget-remaining-usd"), 0.002);
+    let r = call(&url, TEAM, &chat("s2"), &[]).await;
+    assert_eq!(r.status, 200);
+    let left = usd(&r, "x-sluice-budget-remaining-usd");
+    assert!((left - (0.002 - COST)).abs() < 1e-6, "{left}");
+    // A month's reset reads in hours.
+    assert!(r.header("x-sluice-budget-reset").contains('h'));
+}
+
+// ---- the state file, across restarts of the real binary --------------------
+
+fn file_config(sim: &str, state: &std::path::Path) -> String {
+    config_text(
+        sim,
+        &format!(
+            "{}[budgets]\nstate_path = \"{}\"\n",
+            budgeted(1.0, "month"),
+            state.display()
+        ),
+    )
+}
+
+async fn remaining(replica: &Replica) -> f64 {
+    let r = call(
+        &replica.url("/v1/chat/completions"),
+        TEAM,
+        &chat("probe"),
+        &[("cache-control", "no-store"), ("x-sim-usage", "0,0")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    usd(&r, "x-sluice-budget-remaining-usd")
+}
+
+#[tokio::test]
+async fn spend_survives_sigterm_and_sigkill_and_a_corrupt_file_stops_start_up() {
+    let sim = sluice::simulator::Simulator::start(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("sim");
+    let dir = std::env::temp_dir().join(format!("sluice-spend-{:x}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let state = dir.join("spend.json");
+    let text = file_config(&sim.base_url(), &state);
+
+    let mut a = Replica::start(&text).await;
+    assert!(state.exists(), "a missing file is created at start");
+    let r = call(&a.url("/v1/chat/completions"), TEAM, &chat("a"), &[USAGE]).await;
+    assert_eq!(r.status, 200);
+    a.stop().await;
+    let b = Replica::start(&text).await;
+    let left = remaining(&b).await;
+    assert!((left - (1.0 - COST)).abs() < 1e-9, "after SIGTERM: {left}");
+
+    // SIGKILL: what was written (at least every 5 s) survives.
+    let mut b = b;
+    let r = call(&b.url("/v1/chat/completions"), TEAM, &chat("b"), &[USAGE]).await;
+    assert_eq!(r.status, 200);
+    let written = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&state).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let spent = v["spend"]["team"]
+            .as_object()
+            .and_then(|m| m.values().next())
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.0);
+        if (spent - 2.0 * COST).abs() < 1e-9 {
+            break;
+        }
+        assert!(
+            written.elapsed() < Duration::from_secs(5),
+            "written within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.kill().await;
+    let c = Replica::start(&text).await;
+    let left = remaining(&c).await;
+    assert!(
+        (left - (1.0 - 2.0 * COST)).abs() < 1e-9,
+        "after SIGKILL: {left}"
+    );
+    drop(c);
+
+    // A file that exists but cannot be parsed is never silently zeroed.
+    std::fs::write(&state, b"{\"version\":1,\"spend\":").expect("corrupt");
+    let cfg = TempFile::new(&text);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--config")
+        .arg(&cfg.0)
+        .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&state.display().to_string()), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- one budget for a fleet ---------------------------------------------------
+
+#[tokio::test]
+async fn a_fleet_shares_one_budget_and_keeps_spend_made_while_redis_was_away() {
+    let Some(mut redis) = RedisServer::start("a_fleet_shares_one_budget") else {
+        return;
+    };
+    let sim = sluice::simulator::Simulator::start(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("sim");
+    let text = config_text(
+        &sim.base_url(),
+        &format!(
+            "{}[redis]\nurl = \"{}\"\n",
+            budgeted(0.002, "month"),
+            redis.url()
+        ),
+    );
+    let a = Replica::start(&text).await;
+    let b = Replica::start(&text).await;
+    let post = |r: &Replica, what: &str| {
+        let url = r.url("/v1/chat/completions");
+        let what = what.to_string();
+        async move {
+            call(
+                &url,
+                TEAM,
+                &chat(&what),
+                &[USAGE, ("cache-control", "no-store")],
+            )
+            .await
+        }
+    };
+    assert_eq!(post(&a, "one").await.status, 200);
+    // Charged before the answer ended, seen by the other replica within a
+    // second.
+    let seen = Instant::now();
+    loop {
+        let r = post(&b, "two").await;
+        let left = usd(&r, "x-sluice-budget-remaining-usd");
+        if (left - (0.002 - COST)).abs() < 1e-6 {
+            assert_eq!(r.status, 200, "under budget when it started");
+            break;
+        }
+        assert!(seen.elapsed() < Duration::from_secs(1), "{left}");
+    }
+    // Now both spent: the fleet stops at the budget, not twice it.
+    for r in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let resp = post(r, "three").await;
+            if resp.status == 402 {
+                assert_eq!(resp.error_code(), "budget_exceeded");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{}", resp.status);
+        }
+    }
+    assert_eq!(sim.calls(), 2);
+
+    // Spend made while Redis is away is added when it is back.
+    redis.kill();
+    let c = Replica::start(&config_text(
+        &sim.base_url(),
+        &format!(
+            "{}[redis]\nurl = \"{}\"\n",
+            budgeted(1.0, "month"),
+            redis.url()
+        ),
+    ))
+    .await;
+    assert_eq!(post(&c, "while away").await.status, 200);
+    redis.restart();
+    let d = Replica::start(&config_text(
+        &sim.base_url(),
+        &format!(
+            "{}[redis]\nurl = \"{}\"\n",
+            budgeted(1.0, "month"),
+            redis.url()
+        ),
+    ))
+    .await;
+    let back = Instant::now();
+    loop {
+        let r = call(
+            &d.url("/v1/chat/completions"),
+            TEAM,
+            &chat("probe"),
+            &[("cache-control", "no-store"), ("x-sim-usage", "0,0")],
+        )
+        .await;
+        let left = usd(&r, "x-sluice-budget-remaining-usd");
+        if (left - (1.0 - COST)).abs() < 1e-6 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(15),
+            "the spend made while Redis was away never reached it: {left}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
