@@ -134,7 +134,7 @@ async fn remaining(replica: &Replica) -> f64 {
         &[("cache-control", "no-store"), ("x-sim-usage", "0,0")],
     )
     .await;
-    assert_eq!(r.status, 200);
+    assert!(r.status == 200 || r.status == 402, "{}", r.status);
     usd(&r, "x-sluice-budget-remaining-usd")
 }
 
