@@ -9,7 +9,7 @@
 //! - [`limit`]: request bucket, concurrency cap, token bucket, in memory or
 //!   shared by the fleet through Redis ([`shared`] is the connection);
 //! - [`cache`]: exact-match store and the in-flight map that coalesces
-//!   identical requests;
+//!   identical requests; [`cache_store`] puts Redis behind the store;
 //! - [`upstream`]: the pooled client, timeouts and retries — the only
 //!   outbound code;
 //! - [`relay`]: the response body that streams the answer back while
@@ -25,6 +25,7 @@
 
 pub mod body;
 pub mod cache;
+pub mod cache_store;
 pub mod config;
 pub mod error;
 pub mod limit;

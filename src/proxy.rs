@@ -173,7 +173,7 @@ async fn serve(
         .map(|v| cache::key(snap.cache_scope(&tenant), endpoint.label(), v));
     let mut leader = None;
     if let (CacheMode::Lookup, Some(key)) = (mode, key) {
-        if let Some(entry) = app.store.get(&key) {
+        if let Some(entry) = app.cache.get(&key).await {
             record.cache = "hit";
             record.saved = entry.usage;
             let mut resp = entry_response(&entry, api.stream, api.include_usage);

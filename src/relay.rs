@@ -470,7 +470,7 @@ impl Relay {
         raw: Option<(StatusCode, Option<HeaderValue>, Bytes)>,
     ) {
         if let (Some(key), Some(entry)) = (self.sink.store, &entry) {
-            self.meter.app.store.insert(key, Arc::clone(entry));
+            self.meter.app.cache.put(key, Arc::clone(entry));
         }
         if let Some(leader) = self.sink.leader.take() {
             match (entry, raw) {

@@ -274,7 +274,7 @@ fn admin(app: &App, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, In
     let (status, content_type, body): (StatusCode, &'static str, Bytes) =
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => {
-                let (entries, bytes) = app.store.stats();
+                let (entries, bytes) = app.cache.local().stats();
                 app.metrics
                     .cache_entries
                     .set(i64::try_from(entries).unwrap_or(i64::MAX));

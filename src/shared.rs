@@ -227,15 +227,36 @@ impl Redis {
         op: Op,
         script: &ScriptInvocation<'_>,
     ) -> Result<T, Unavailable> {
+        self.run(op, |mut conn| async move {
+            script.invoke_async(&mut conn).await
+        })
+        .await
+    }
+
+    /// Runs one command within `timeout_ms`. While Redis is down this
+    /// returns at once.
+    pub async fn query<T: FromRedisValue>(&self, op: Op, cmd: &Cmd) -> Result<T, Unavailable> {
+        self.run(
+            op,
+            |mut conn| async move { cmd.query_async(&mut conn).await },
+        )
+        .await
+    }
+
+    /// One round trip with its timeout, metrics and effect on health.
+    async fn run<T, F, Fut>(&self, op: Op, call: F) -> Result<T, Unavailable>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         if !self.is_up() {
             return Err(Unavailable);
         }
         let Some(conn) = self.conn.load_full() else {
             return Err(Unavailable);
         };
-        let mut conn = Conn::clone(&conn);
         let start = Instant::now();
-        let result = tokio::time::timeout(self.cfg.timeout, script.invoke_async(&mut conn)).await;
+        let result = tokio::time::timeout(self.cfg.timeout, call(Conn::clone(&conn))).await;
         self.metrics
             .duration(op)
             .observe(start.elapsed().as_secs_f64());
@@ -258,6 +279,11 @@ impl Redis {
                 Err(Unavailable)
             }
         }
+    }
+
+    /// The prefix of every key Sluice writes.
+    pub fn key_prefix(&self) -> &str {
+        &self.cfg.key_prefix
     }
 
     fn mark_down(&self, why: &str) {

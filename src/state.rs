@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::cache::{Flights, Store};
+use crate::cache_store::CacheStore;
 use crate::config::{CacheScope, Config, Pricing, RedisConfig, Secret};
 use crate::limit::budget::{Budgets, SystemClock};
 use crate::limit::{Limiter, TenantLimits};
@@ -222,7 +223,8 @@ pub struct App {
     pub limiter: Limiter,
     /// The connection to Redis, when `[redis]` is set.
     pub redis: Option<Arc<Redis>>,
-    pub store: Store,
+    /// The cache: memory, in front of Redis when it is shared.
+    pub cache: CacheStore,
     pub flights: Arc<Flights>,
     pub upstream: Upstream,
     pub lifecycle: Lifecycle,
@@ -244,6 +246,7 @@ impl App {
         let budgets = Budgets::open(config.budgets.state_path.as_deref(), Arc::new(SystemClock))
             .map_err(std::io::Error::other)?;
         let limiter = Limiter::new(redis.as_ref().zip(config.redis.as_ref()), budgets);
+        let cache = CacheStore::new(store, redis.as_ref().zip(config.redis.as_ref()));
         if config.tenants.iter().any(|t| t.budget.is_some()) && !limiter.spend_is_kept() {
             tracing::warn!(
                 "tenants have budgets but neither [redis] nor budgets.state_path keeps their spend: a restart resets it"
@@ -255,7 +258,7 @@ impl App {
             metrics,
             limiter,
             redis,
-            store,
+            cache,
             flights: Arc::new(Flights::default()),
             upstream,
             lifecycle: Lifecycle::default(),

@@ -12,3 +12,4 @@ mod limits;
 mod metrics;
 mod ops;
 mod proxy;
+mod shared_cache;

@@ -1,0 +1,180 @@
+//! The cache store the request path looks up and stores through (SPEC §5,
+//! §8): the replica's in-memory store, in front of Redis when `[redis]
+//! cache` is on.
+//!
+//! - A lookup that misses memory asks Redis (one `GET`, at most
+//!   `timeout_ms`); what it finds is a hit, kept in memory too. A Redis that
+//!   fails, is slow or is down is a miss, never an error.
+//! - A store goes to memory at once and to Redis from a task, so it never
+//!   delays a response; an entry larger than `cache_max_entry_bytes` (as
+//!   encoded) stays in memory only.
+//! - A replica keeps its copy of an entry it read from or wrote to Redis at
+//!   most 60 s, so a `no-cache` refresh elsewhere reaches it within a
+//!   minute.
+//!
+//! An entry crosses replicas in a versioned encoding of what a hit needs:
+//! the completion (its usage is inside) and when it was first stored, as
+//! wall-clock time. The SSE replay is rebuilt from the completion on the
+//! replica that reads it.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::sync::Semaphore;
+
+use crate::cache::{Entry, Key, Store};
+use crate::config::RedisConfig;
+use crate::shared::{Op, Redis};
+
+/// The longest a replica keeps its own copy of a shared entry.
+const SHARED_COPY_TTL: Duration = Duration::from_secs(60);
+/// Encoding version 1: magic, stored-at (Unix ms, big endian), completion.
+const MAGIC: &[u8; 4] = b"SLC1";
+/// Writes to Redis in flight at once; past it a store stays local.
+const WRITES_IN_FLIGHT: usize = 256;
+
+/// The cache as the request path sees it.
+pub struct CacheStore {
+    local: Store,
+    shared: Option<Shared>,
+}
+
+struct Shared {
+    redis: Arc<Redis>,
+    max_entry_bytes: u64,
+    writes: Arc<Semaphore>,
+}
+
+impl CacheStore {
+    /// `redis`: the shared tier, when `[redis] cache` is on.
+    pub fn new(local: Store, redis: Option<(&Arc<Redis>, &RedisConfig)>) -> CacheStore {
+        let shared = redis.filter(|(_, c)| c.cache).map(|(redis, c)| Shared {
+            redis: Arc::clone(redis),
+            max_entry_bytes: c.cache_max_entry_bytes,
+            writes: Arc::new(Semaphore::new(WRITES_IN_FLIGHT)),
+        });
+        CacheStore { local, shared }
+    }
+
+    /// The in-memory tier (for its gauges).
+    pub fn local(&self) -> &Store {
+        &self.local
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Memory first, then Redis.
+    pub async fn get(&self, key: &Key) -> Option<Arc<Entry>> {
+        if let Some(e) = self.local.get(key) {
+            return Some(e);
+        }
+        let shared = self.shared.as_ref()?;
+        let bytes: Option<Vec<u8>> = shared
+            .redis
+            .query(Op::CacheGet, redis::cmd("GET").arg(shared.key(key)))
+            .await
+            .ok()?;
+        let entry = Arc::new(decode(&bytes?)?);
+        let left = self.local.ttl().saturating_sub(entry.age());
+        self.local
+            .insert_for(*key, Arc::clone(&entry), left.min(SHARED_COPY_TTL));
+        Some(entry)
+    }
+
+    /// Memory at once; Redis from a task, never delaying the caller.
+    pub fn put(&self, key: Key, entry: Arc<Entry>) {
+        let Some(shared) = &self.shared else {
+            self.local.insert(key, entry);
+            return;
+        };
+        let encoded = encode(&entry);
+        if encoded.len() as u64 > shared.max_entry_bytes {
+            self.local.insert(key, entry);
+            return;
+        }
+        self.local
+            .insert_for(key, entry, SHARED_COPY_TTL.min(self.local.ttl()));
+        let Ok(permit) = Arc::clone(&shared.writes).try_acquire_owned() else {
+            return;
+        };
+        let redis = Arc::clone(&shared.redis);
+        let name = shared.key(&key);
+        let ttl_ms = self.local.ttl().as_millis() as u64;
+        tokio::spawn(async move {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(name).arg(encoded.as_ref()).arg("PX").arg(ttl_ms);
+            let _: Result<(), _> = redis.query(Op::CachePut, &cmd).await;
+            drop(permit);
+        });
+    }
+}
+
+impl Shared {
+    /// `prefix:cache:<hex of the key>`. The key already holds the scope.
+    fn key(&self, key: &Key) -> String {
+        format!("{}:cache:{}", self.redis.key_prefix(), hex::encode(key))
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The portable form of an entry.
+pub fn encode(entry: &Entry) -> Bytes {
+    let stored = unix_ms(SystemTime::now()).saturating_sub(entry.age().as_millis() as u64);
+    let mut out = BytesMut::with_capacity(12 + entry.completion.len());
+    out.put_slice(MAGIC);
+    out.put_u64(stored);
+    out.put_slice(&entry.completion);
+    out.freeze()
+}
+
+/// An entry from its portable form; `None` for anything else (another
+/// version, or not an entry at all): a miss.
+pub fn decode(bytes: &[u8]) -> Option<Entry> {
+    let rest = bytes.strip_prefix(MAGIC)?;
+    let (stored, completion) = rest.split_at_checked(8)?;
+    let stored = u64::from_be_bytes(stored.try_into().ok()?);
+    let mut entry = Entry::from_completion(Bytes::copy_from_slice(completion))?;
+    let age = Duration::from_millis(unix_ms(SystemTime::now()).saturating_sub(stored));
+    entry.stored_at = std::time::Instant::now()
+        .checked_sub(age)
+        .unwrap_or(entry.stored_at);
+    Some(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_crosses_replicas_whole() {
+        let completion = Bytes::from_static(
+            br#"{"id":"x","object":"chat.completion","model":"deepseek-chat","choices":[{"index":0,"message":{"role":"assistant","content":"hi","reasoning_content":"r"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+        );
+        let entry = Entry::from_completion(completion.clone()).expect("entry");
+        let bytes = encode(&entry);
+        let back = decode(&bytes).expect("decodes");
+        assert_eq!(back.completion, completion);
+        assert_eq!(back.usage, entry.usage);
+        assert_eq!(
+            back.replay.chunks, entry.replay.chunks,
+            "replay rebuilt alike"
+        );
+        assert!(back.age() < Duration::from_secs(2));
+        assert!(decode(b"SLC2....").is_none(), "another version is a miss");
+        assert!(decode(b"garbage").is_none());
+        let mut old = bytes.to_vec();
+        old[4..12].copy_from_slice(&(unix_ms(SystemTime::now()) - 90_000).to_be_bytes());
+        let aged = decode(&old).expect("decodes");
+        assert!(
+            aged.age() >= Duration::from_secs(89),
+            "age from the first store"
+        );
+    }
+}

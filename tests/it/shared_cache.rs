@@ -1,0 +1,255 @@
+//! The cache shared by replicas through Redis (SPEC §8 "Cache"): gateways
+//! in this process, one simulator, one `redis-server` of the test's own.
+
+use std::time::{Duration, Instant};
+
+use sluice::simulator::Simulator;
+
+use crate::support::*;
+
+async fn simulator() -> Simulator {
+    Simulator::start(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("simulator")
+}
+
+/// `n` gateways in front of one simulator (the first gateway's), sharing
+/// `redis_url`, with `extra` config.
+async fn fleet(n: usize, redis_url: &str, extra: &str) -> Vec<TestGateway> {
+    let sim = simulator().await;
+    let text = config_text(
+        &sim.base_url(),
+        &format!("{extra}\n[redis]\nurl = \"{redis_url}\"\n"),
+    );
+    let mut out = vec![TestGateway::with(sim, parse(&text)).await];
+    for _ in 1..n {
+        out.push(TestGateway::with(simulator().await, parse(&text)).await);
+    }
+    out
+}
+
+fn url(gw: &TestGateway) -> String {
+    gw.url("/v1/chat/completions")
+}
+
+/// Waits until `gw` answers `body` from the cache (the write to Redis is
+/// made after the answer, from a task).
+async fn hit_on(gw: &TestGateway, body: &serde_json::Value) -> Resp {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = call(&url(gw), ALPHA, body, &[]).await;
+        if r.header("x-sluice-cache") == "hit" {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never a hit: {}",
+            r.header("x-sluice-cache")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_answer_stored_on_one_replica_is_a_hit_on_another_in_both_modes() {
+    let Some(redis) = RedisServer::start("an_answer_stored_on_one_replica_is_a_hit") else {
+        return;
+    };
+    let gws = fleet(3, &redis.url(), "").await;
+    let sim = &gws[0].sim;
+
+    // JSON stored, JSON and stream hits elsewhere.
+    let first = call(&url(&gws[0]), ALPHA, &chat("shared one"), &[]).await;
+    assert_eq!(first.header("x-sluice-cache"), "miss");
+    let hit = hit_on(&gws[1], &chat("shared one")).await;
+    assert_eq!(
+        hit.json()["choices"][0]["message"],
+        first.json()["choices"][0]["message"]
+    );
+    let streamed = call(&url(&gws[2]), ALPHA, &chat_stream("shared one"), &[]).await;
+    assert_eq!(streamed.header("x-sluice-cache"), "hit");
+    assert_eq!(
+        streamed_content(&streamed.events()),
+        first.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content")
+    );
+    assert_eq!(streamed.events().last().map(String::as_str), Some("[DONE]"));
+
+    // Stream stored, JSON hit elsewhere.
+    let s = call(&url(&gws[1]), ALPHA, &chat_stream("shared two"), &[]).await;
+    assert_eq!(s.header("x-sluice-cache"), "miss");
+    let hit = hit_on(&gws[0], &chat("shared two")).await;
+    assert_eq!(
+        hit.json()["choices"][0]["message"]["content"].as_str(),
+        Some(streamed_content(&s.events()).as_str())
+    );
+    assert_eq!(sim.calls(), 2, "one upstream call per answer, fleet-wide");
+
+    // Tenant scope still isolates tenants.
+    let other = call(&url(&gws[1]), BETA, &chat("shared one"), &[]).await;
+    assert_eq!(other.header("x-sluice-cache"), "miss");
+
+    // A replica that starts now serves hits from Redis at once.
+    let fresh = fleet(1, &redis.url(), "").await;
+    let r = call(&url(&fresh[0]), ALPHA, &chat("shared one"), &[]).await;
+    assert_eq!(r.header("x-sluice-cache"), "hit");
+    assert_eq!(fresh[0].sim.calls(), 0);
+
+    // `no-cache` replaces the shared entry too: a replica without its own
+    // copy gets the refreshed answer.
+    let r = call(
+        &url(&gws[0]),
+        ALPHA,
+        &chat("shared one"),
+        &[("cache-control", "no-cache"), ("x-sim-usage", "7,7")],
+    )
+    .await;
+    assert_eq!(r.header("x-sluice-cache"), "refresh");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // A new replica each time: it has no copy of its own.
+        let later = fleet(1, &redis.url(), "").await;
+        let r = call(&url(&later[0]), ALPHA, &chat("shared one"), &[]).await;
+        if r.header("x-sluice-cache") == "hit" && r.json()["usage"]["prompt_tokens"] == 7 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the refresh never reached Redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for g in gws.iter().chain(&fresh) {
+        assert!(
+            g.metric(
+                "sluice_redis_operations_total",
+                &[("op", "cache_get"), ("result", "ok")]
+            )
+            .await
+                + g.metric(
+                    "sluice_redis_operations_total",
+                    &[("op", "cache_put"), ("result", "ok")]
+                )
+                .await
+                >= 1.0
+        );
+    }
+}
+
+#[tokio::test]
+async fn age_counts_from_the_first_store() {
+    let Some(redis) = RedisServer::start("age_counts_from_the_first_store") else {
+        return;
+    };
+    let gws = fleet(2, &redis.url(), "").await;
+    call(&url(&gws[0]), ALPHA, &chat("aged"), &[]).await;
+    // Let the entry be stored in Redis, then grow a second older.
+    hit_on(&gws[0], &chat("aged")).await;
+    let stored = Instant::now();
+    while stored.elapsed() < Duration::from_millis(1100) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = hit_on(&gws[1], &chat("aged")).await;
+    let age: u64 = r.header("age").parse().expect("age");
+    assert!(age >= 1, "age {age} counts from the first store");
+}
+
+#[tokio::test]
+async fn no_store_errors_and_large_answers_stay_off_redis() {
+    let Some(redis) = RedisServer::start("no_store_errors_and_large_answers_stay_off_redis") else {
+        return;
+    };
+    let gws = fleet(2, &redis.url(), "").await;
+    let (a, b) = (&gws[0], &gws[1]);
+    let r = call(
+        &url(a),
+        ALPHA,
+        &chat("private"),
+        &[("cache-control", "no-store")],
+    )
+    .await;
+    assert_eq!(r.header("x-sluice-cache"), "bypass");
+    let r = call(&url(a), ALPHA, &chat("err"), &[("x-sim-status", "400")]).await;
+    assert_eq!(r.status, 400);
+    // A broken stream: read to whatever end it has.
+    let mut broken = call_open(
+        &url(a),
+        ALPHA,
+        &chat_stream("broken"),
+        &[("x-sim-die-after", "2")],
+    )
+    .await
+    .into_body();
+    while next_chunk(&mut broken).await.is_some() {}
+    // A normal answer, so we know the writes of the ones above would have
+    // landed by the time this one has.
+    call(&url(a), ALPHA, &chat("marker"), &[]).await;
+    hit_on(b, &chat("marker")).await;
+    for body in ["private", "err", "broken"] {
+        let r = call(&url(b), ALPHA, &chat(body), &[]).await;
+        assert_eq!(r.header("x-sluice-cache"), "miss", "{body} was not shared");
+    }
+    let keys = redis.cli(&["--scan", "--pattern", "sluice:cache:*"]);
+    assert!(!keys.trim().is_empty());
+    for key in keys.lines() {
+        let ttl: i64 = redis.cli(&["PTTL", key]).trim().parse().expect("ttl");
+        assert!(ttl > 0, "every key Sluice writes expires: {key} {ttl}");
+    }
+
+    // An answer over cache_max_entry_bytes stays in memory.
+    drop(gws);
+    let text = |sim: &str| {
+        config_text(
+            sim,
+            &format!(
+                "[redis]\nurl = \"{}\"\ncache_max_entry_bytes = 64\n",
+                redis.url()
+            ),
+        )
+    };
+    let sim = simulator().await;
+    let t = text(&sim.base_url());
+    let a = TestGateway::with(sim, parse(&t)).await;
+    let b = TestGateway::with(simulator().await, parse(&t)).await;
+    call(&url(&a), ALPHA, &chat("large"), &[]).await;
+    let r = call(&url(&a), ALPHA, &chat("large"), &[]).await;
+    assert_eq!(r.header("x-sluice-cache"), "hit", "kept in memory");
+    let r = call(&url(&b), ALPHA, &chat("large"), &[]).await;
+    assert_eq!(r.header("x-sluice-cache"), "miss", "not in Redis");
+}
+
+#[tokio::test]
+async fn shared_entries_expire_after_the_ttl() {
+    let Some(redis) = RedisServer::start("shared_entries_expire_after_the_ttl") else {
+        return;
+    };
+    let gws = fleet(2, &redis.url(), "[cache]\nttl_secs = 1\n").await;
+    call(&url(&gws[0]), ALPHA, &chat("brief"), &[]).await;
+    hit_on(&gws[1], &chat("brief")).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = call(&url(&gws[1]), ALPHA, &chat("brief"), &[]).await;
+        if r.header("x-sluice-cache") == "miss" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_redis_that_is_away_is_a_miss_never_an_error() {
+    if !redis_available("a_redis_that_is_away_is_a_miss_never_an_error") {
+        return;
+    }
+    let gws = fleet(1, &RedisServer::url_of_port(free_port()), "").await;
+    let start = Instant::now();
+    let r = call(&url(&gws[0]), ALPHA, &chat("down"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-sluice-cache"), "miss");
+    let r = call(&url(&gws[0]), ALPHA, &chat("down"), &[]).await;
+    assert_eq!(
+        r.header("x-sluice-cache"),
+        "hit",
+        "the local tier still works"
+    );
+    assert!(start.elapsed() < Duration::from_secs(2));
+}
