@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 
 use crate::cache::{Entry, Key, Store};
 use crate::config::RedisConfig;
+use crate::metrics::Metrics;
 use crate::shared::{Op, Redis};
 
 /// The longest a replica keeps its own copy of a shared entry.
@@ -44,15 +45,42 @@ struct Shared {
     redis: Arc<Redis>,
     max_entry_bytes: u64,
     writes: Arc<Semaphore>,
+    /// Lookups Redis answered, found and not found.
+    found: prometheus::IntCounter,
+    not_found: prometheus::IntCounter,
 }
 
 impl CacheStore {
     /// `redis`: the shared tier, when `[redis] cache` is on.
-    pub fn new(local: Store, redis: Option<(&Arc<Redis>, &RedisConfig)>) -> CacheStore {
-        let shared = redis.filter(|(_, c)| c.cache).map(|(redis, c)| Shared {
-            redis: Arc::clone(redis),
-            max_entry_bytes: c.cache_max_entry_bytes,
-            writes: Arc::new(Semaphore::new(WRITES_IN_FLIGHT)),
+    #[expect(
+        clippy::expect_used,
+        reason = "metric definitions are static; a bad one is a bug caught by every test"
+    )]
+    pub fn new(
+        local: Store,
+        redis: Option<(&Arc<Redis>, &RedisConfig)>,
+        metrics: &Metrics,
+    ) -> CacheStore {
+        let shared = redis.filter(|(_, c)| c.cache).map(|(redis, c)| {
+            let lookups = prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "sluice_cache_shared_lookups_total",
+                    "Lookups that missed memory and were answered by Redis: found there or not.",
+                ),
+                &["result"],
+            )
+            .expect("valid metric");
+            metrics
+                .registry()
+                .register(Box::new(lookups.clone()))
+                .expect("unique metric");
+            Shared {
+                redis: Arc::clone(redis),
+                max_entry_bytes: c.cache_max_entry_bytes,
+                writes: Arc::new(Semaphore::new(WRITES_IN_FLIGHT)),
+                found: lookups.with_label_values(&["hit"]),
+                not_found: lookups.with_label_values(&["miss"]),
+            }
         });
         CacheStore { local, shared }
     }
@@ -77,7 +105,16 @@ impl CacheStore {
             .query(Op::CacheGet, redis::cmd("GET").arg(shared.key(key)))
             .await
             .ok()?;
-        let entry = Arc::new(decode(&bytes?)?);
+        let Some(bytes) = bytes else {
+            shared.not_found.inc();
+            return None;
+        };
+        let Some(entry) = decode(&bytes) else {
+            shared.not_found.inc();
+            return None;
+        };
+        shared.found.inc();
+        let entry = Arc::new(entry);
         let left = self.local.ttl().saturating_sub(entry.age());
         self.local
             .insert_for(*key, Arc::clone(&entry), left.min(SHARED_COPY_TTL));

@@ -246,7 +246,7 @@ impl App {
         let budgets = Budgets::open(config.budgets.state_path.as_deref(), Arc::new(SystemClock))
             .map_err(std::io::Error::other)?;
         let limiter = Limiter::new(redis.as_ref().zip(config.redis.as_ref()), budgets);
-        let cache = CacheStore::new(store, redis.as_ref().zip(config.redis.as_ref()));
+        let cache = CacheStore::new(store, redis.as_ref().zip(config.redis.as_ref()), &metrics);
         if config.tenants.iter().any(|t| t.budget.is_some()) && !limiter.spend_is_kept() {
             tracing::warn!(
                 "tenants have budgets but neither [redis] nor budgets.state_path keeps their spend: a restart resets it"

@@ -95,6 +95,12 @@ async fn an_answer_stored_on_one_replica_is_a_hit_on_another_in_both_modes() {
     let r = call(&url(&fresh[0]), ALPHA, &chat("shared one"), &[]).await;
     assert_eq!(r.header("x-sluice-cache"), "hit");
     assert_eq!(fresh[0].sim.calls(), 0);
+    assert_eq!(
+        fresh[0]
+            .metric("sluice_cache_shared_lookups_total", &[("result", "hit")])
+            .await,
+        1.0
+    );
 
     // `no-cache` replaces the shared entry too: a replica without its own
     // copy gets the refreshed answer.
