@@ -633,7 +633,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             let mut out = [0u8; 32];
             if h.len() != 64 || hex::decode_to_slice(h, &mut out).is_err() {
                 errs.push(format!(
-                    "{at}.key_sha256[{j}]: must be 64 hex digits (run `sluice hash-key`)"
+                    "{at}.key_sha256[{j}]: {h:?} is not a key hash (64 hex digits): run `sluice new-key` \
+                     and paste the key_sha256 it prints (or `sluice hash-key KEY` for an existing key)"
                 ));
                 continue;
             }
@@ -1006,9 +1007,32 @@ mod tests {
     }
 
     #[test]
-    fn example_config_is_valid() {
+    fn example_config_is_valid_but_for_its_placeholder_keys() {
+        // No shipped file grants access with a publicly known key: every
+        // tenant key in the example is a placeholder that is refused, with
+        // the command that makes a real one.
         let text = include_str!("../config/sluice.toml");
-        let c = Config::parse(text, no_env).expect("config/sluice.toml must be valid");
+        let err = Config::parse(text, no_env).expect_err("placeholders are refused");
+        for problem in &err.0 {
+            assert!(
+                problem.contains("key_sha256") && problem.contains("sluice new-key"),
+                "only the placeholder keys are wrong: {problem}"
+            );
+        }
+        // A distinct real hash for each placeholder.
+        let filled: String = text
+            .lines()
+            .enumerate()
+            .map(|(i, l)| {
+                if l.trim_start().starts_with("key_sha256") {
+                    format!("key_sha256 = [\"{i:064x}\"]")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = Config::parse(&filled, no_env).expect("valid once keys are filled in");
         assert!(!c.tenants.is_empty());
     }
 

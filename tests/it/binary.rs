@@ -95,20 +95,28 @@ fn check_config_reports_and_exits() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_retires"));
 
-    // SLUICE_CONFIG names the file too; the shipped example is valid.
+    // SLUICE_CONFIG names the file too. The shipped example grants no
+    // access with a known key: its keys are placeholders, refused with the
+    // command that makes a real one, at check-config and at start-up.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/sluice.toml");
     let out = sluice()
         .arg("check-config")
-        .env(
-            "SLUICE_CONFIG",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/config/sluice.toml"),
-        )
+        .env("SLUICE_CONFIG", example)
         .output()
         .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains("key_sha256") && err.contains("sluice new-key"),
+        "{err}"
     );
+    let out = sluice()
+        .args(["--config", example])
+        .env("DEEPSEEK_API_KEY", "sk-x")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sluice new-key"));
 }
 
 #[test]
