@@ -275,27 +275,19 @@ async fn a_fleet_shares_one_budget_and_keeps_spend_made_while_redis_was_away() {
     assert_eq!(sim.calls(), calls, "refused before upstream");
 
     // Spend made while Redis is away is added when it is back.
-    redis.kill();
-    let c = Replica::start(&config_text(
+    let roomy = config_text(
         &sim.base_url(),
         &format!(
             "{}[redis]\nurl = \"{}\"\n",
             budgeted(1.0, "month"),
             redis.url()
         ),
-    ))
-    .await;
+    );
+    redis.kill();
+    let c = Replica::start(&roomy).await;
     assert_eq!(post(&c, "while away").await.status, 200);
     redis.restart();
-    let d = Replica::start(&config_text(
-        &sim.base_url(),
-        &format!(
-            "{}[redis]\nurl = \"{}\"\n",
-            budgeted(1.0, "month"),
-            redis.url()
-        ),
-    ))
-    .await;
+    let d = Replica::start(&roomy).await;
     let back = Instant::now();
     loop {
         let r = call(

@@ -14,10 +14,7 @@ use crate::support::*;
 const FLEET: &str = "sk-fleet-0123456789";
 
 fn tenant(rpm: u32, burst: u32, tpm: u64, concurrent: u32) -> String {
-    format!(
-        "[[tenants]]\nname = \"fleet\"\nkey_sha256 = [\"{}\"]\nrequests_per_minute = {rpm}\nrequest_burst = {burst}\ntokens_per_minute = {tpm}\nmax_concurrent = {concurrent}\n",
-        sha(FLEET)
-    )
+    tenant_with_limits("fleet", FLEET, rpm, burst, tpm, concurrent)
 }
 
 fn redis_section(url: &str, extra: &str) -> String {

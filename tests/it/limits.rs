@@ -8,10 +8,7 @@ use crate::support::*;
 const LIMITED: &str = "sk-limited-0123456789";
 
 fn limited(rpm: u32, burst: u32, tpm: u64, concurrent: u32) -> String {
-    format!(
-        "[[tenants]]\nname = \"limited\"\nkey_sha256 = [\"{}\"]\nrequests_per_minute = {rpm}\nrequest_burst = {burst}\ntokens_per_minute = {tpm}\nmax_concurrent = {concurrent}\n",
-        sha(LIMITED)
-    )
+    tenant_with_limits("limited", LIMITED, rpm, burst, tpm, concurrent)
 }
 
 fn num(r: &Resp, h: &str) -> u64 {

@@ -68,6 +68,21 @@ output = 2.0
     )
 }
 
+/// A `[[tenants]]` block with these limits (0 = unlimited).
+pub fn tenant_with_limits(
+    name: &str,
+    key: &str,
+    rpm: u32,
+    burst: u32,
+    tpm: u64,
+    concurrent: u32,
+) -> String {
+    format!(
+        "[[tenants]]\nname = \"{name}\"\nkey_sha256 = [\"{}\"]\nrequests_per_minute = {rpm}\nrequest_burst = {burst}\ntokens_per_minute = {tpm}\nmax_concurrent = {concurrent}\n",
+        sha(key)
+    )
+}
+
 pub fn parse(text: &str) -> Config {
     Config::parse(text, |_| None).expect("test config is valid")
 }
