@@ -6,8 +6,16 @@
 #     fallback (limits decided by the replica alone) the same way;
 #   - `promtool check config` / `check rules` on deploy/prometheus;
 #   - the Grafana dashboard is valid JSON and only queries metrics Sluice has;
+#   - no shipped file holds a working key: no 64-hex key hash and no
+#     plaintext key in the docs, configs and manifests; config/sluice.toml
+#     is refused by `sluice check-config` for its placeholder keys and valid
+#     once each is a fresh `sluice new-key` hash (deploy/shipped_keys.py);
+#   - the compose demo's key maker (deploy/compose/demo-key.sh) run on the
+#     host: it prints a key, writes a valid config from the compose one, and
+#     a live Sluice on that config takes the printed key (and the same key
+#     on the next start);
 #   - Kubernetes manifests (if present) against the Kubernetes schemas, and
-#     their sluice.toml through `sluice check-config`.
+#     their sluice.toml (and compose's) the same way as config/sluice.toml.
 # Usage: deploy/check.sh [path/to/sluice]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -93,6 +101,41 @@ for m in sluice_redis_operations_total sluice_redis_duration_seconds_bucket 'slu
 done
 if grep -q '^sluice_redis_up' "$tmp/metrics.txt"; then echo "sluice_redis_up without [redis]" >&2; exit 1; fi
 echo "metrics: promtool clean with Redis down, sluice_redis_up 0, local fallback counted"
+
+echo "--- shipped keys"
+python3 -B deploy/shipped_keys.py "$BIN"
+
+echo "--- compose demo key"
+# deploy/compose/demo-key.sh as the demo-key service runs it, with host paths.
+mkdir "$tmp/demo"
+demo_key() {
+  SLUICE_BIN="$BIN" DEMO_TEMPLATE=deploy/compose/sluice.toml DEMO_DIR="$tmp/demo" \
+    sh deploy/compose/demo-key.sh >"$tmp/demo-key.log" 2>&1 || { cat "$tmp/demo-key.log" >&2; exit 1; }
+  sed -n 's/^key: *//p' "$tmp/demo-key.log"
+}
+demo_key=$(demo_key)
+case $demo_key in sk-sluice-?*) ;; *) echo "demo-key printed no key" >&2; cat "$tmp/demo-key.log" >&2; exit 1 ;; esac
+grep -qF "Authorization: Bearer $demo_key" "$tmp/demo-key.log" || { echo "demo-key printed no curl line" >&2; exit 1; }
+grep -qF "\"$(printf '%s' "$demo_key" | "$BIN" hash-key)\"" "$tmp/demo/sluice.toml" \
+  || { echo "the demo config does not hold the printed key's hash" >&2; exit 1; }
+if grep -q '"REPLACE-ME' "$tmp/demo/sluice.toml"; then echo "the demo config kept a placeholder" >&2; exit 1; fi
+grep -qx 'base_url = "http://simulator:8000"' "$tmp/demo/sluice.toml" \
+  || { echo "the demo config's upstream is not the simulator" >&2; exit 1; }
+[ "$(demo_key)" = "$demo_key" ] || { echo "demo-key made another key on its second start" >&2; exit 1; }
+# The gateway as the sluice service runs it on that config (simulator and
+# Redis at local addresses): the printed key is let in, another is not.
+SLUICE_LOG_FORMAT=json SLUICE_UPSTREAM_URL="$sim" SLUICE_REDIS_URL="redis://127.0.0.1:$closed/0" \
+  SLUICE_LISTEN=127.0.0.1:0 SLUICE_ADMIN_LISTEN=127.0.0.1:0 \
+  "$BIN" --config "$tmp/demo/sluice.toml" >"$tmp/gw-demo.log" 2>&1 &
+pids+=($!)
+line=$(wait_line "$tmp/gw-demo.log" '"sluice listening"')
+listen=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["listen"])' "$line")
+curl -sf "http://$listen/v1/chat/completions" -H "Authorization: Bearer $demo_key" -d "$body" >/dev/null \
+  || { echo "the gateway refused the demo's printed key" >&2; exit 1; }
+other=$("$BIN" new-key | sed -n 's/^key: *//p')
+code=$(curl -s -o /dev/null -w '%{http_code}' "http://$listen/v1/chat/completions" -H "Authorization: Bearer $other" -d "$body")
+[ "$code" = 401 ] || { echo "the demo gateway answered $code to another key" >&2; exit 1; }
+echo "demo: demo-key printed a key, wrote a valid config from deploy/compose/sluice.toml, the gateway took the key"
 
 echo "--- prometheus config and rules"
 promtool check config deploy/prometheus/prometheus.yml

@@ -148,6 +148,9 @@ pub struct UpstreamConfig {
     pub max_concurrent: usize,
     /// `None` = balance polling off.
     pub balance_poll: Option<Duration>,
+    /// Extra CA certificates (PEM) trusted for an https upstream, besides
+    /// the public web roots. Relative to the config file's directory.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,6 +326,7 @@ struct RawUpstream {
     max_retries: u32,
     max_concurrent: u64,
     balance_poll_secs: u64,
+    ca_file: String,
 }
 
 impl Default for RawUpstream {
@@ -336,6 +340,7 @@ impl Default for RawUpstream {
             max_retries: 2,
             max_concurrent: 0,
             balance_poll_secs: 300,
+            ca_file: String::new(),
         }
     }
 }
@@ -423,10 +428,20 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))?;
         let mut config = Self::parse(&text, env)?;
-        if let (Some(state), Some(dir)) = (&mut config.budgets.state_path, path.parent()) {
-            if state.is_relative() {
-                *state = dir.join(&*state);
+        let dir = path.parent().unwrap_or(Path::new(""));
+        for p in [
+            config.budgets.state_path.as_mut(),
+            config.upstream.ca_file.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = dir.join(&*p);
             }
+        }
+        if let Some(ca) = &config.upstream.ca_file {
+            read_ca_file(ca).map_err(|e| ConfigError(vec![e]))?;
         }
         Ok(config)
     }
@@ -482,6 +497,24 @@ impl Config {
         models.extend(self.pricing.keys().cloned());
         models
     }
+}
+
+/// The certificates of `upstream.ca_file`: a missing or unreadable file,
+/// or one without a PEM certificate, is an error naming the key.
+pub fn read_ca_file(path: &Path) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+    use rustls_pki_types::pem::PemObject;
+    let bytes =
+        std::fs::read(path).map_err(|e| format!("upstream.ca_file: {}: {e}", path.display()))?;
+    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("upstream.ca_file: {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "upstream.ca_file: {}: no PEM certificate in it",
+            path.display()
+        ));
+    }
+    Ok(certs)
 }
 
 /// toml's message names the offending key for unknown fields and wrong
@@ -580,7 +613,15 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 raw.upstream.balance_poll_secs,
             )
         }),
+        ca_file: (!raw.upstream.ca_file.is_empty())
+            .then(|| std::path::PathBuf::from(&raw.upstream.ca_file)),
     };
+    // A relative path is checked once `load` knows the file's directory.
+    if let Some(path) = upstream.ca_file.as_deref().filter(|p| p.is_absolute()) {
+        if let Err(e) = read_ca_file(path) {
+            errs.push(e);
+        }
+    }
     if upstream.max_retries > 10 {
         errs.push("upstream.max_retries: must be at most 10".into());
     }
@@ -954,6 +995,41 @@ mod tests {
             assert!(err.contains(key), "{extra:?}: {err}");
             assert!(!err.contains(":pw@"), "{err}");
         }
+    }
+
+    #[test]
+    fn ca_file_must_hold_a_certificate() {
+        let dir = std::env::temp_dir().join(format!("sluice-ca-{:x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let missing = dir.join("missing.pem");
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").expect("write");
+        for path in [&missing, &empty] {
+            let text = format!(
+                "[upstream]\nca_file = \"{}\"\n{}",
+                path.display(),
+                tenant("")
+            );
+            let err = Config::parse(&text, no_env)
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains("upstream.ca_file"), "{err}");
+        }
+        // Relative to the config file's directory.
+        let file = dir.join("s.toml");
+        std::fs::write(
+            &file,
+            format!("[upstream]\nca_file = \"empty.pem\"\n{}", tenant("")),
+        )
+        .expect("write");
+        let err = Config::load(&file, no_env)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("upstream.ca_file") && err.contains("empty.pem"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

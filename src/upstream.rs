@@ -44,6 +44,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub struct Upstream {
     connector: HttpsConnector<HttpConnector>,
+    /// For the TCP connect and the TLS handshake together.
+    connect_timeout: Duration,
     pool: Arc<Pool>,
     /// `upstream.max_concurrent`; tokio's semaphore is fair (FIFO).
     slots: Option<Arc<Semaphore>>,
@@ -66,9 +68,32 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
-            .map_err(std::io::Error::other)?
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let builder = match &cfg.ca_file {
+            None => builder
+                .with_provider_and_webpki_roots(provider)
+                .map_err(std::io::Error::other)?,
+            // A private CA: its certificates, in addition to the public
+            // web roots.
+            Some(path) => {
+                let mut roots = rustls::RootCertStore {
+                    roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+                };
+                for cert in crate::config::read_ca_file(path).map_err(std::io::Error::other)? {
+                    roots.add(cert).map_err(|e| {
+                        std::io::Error::other(format!("upstream.ca_file: {}: {e}", path.display()))
+                    })?;
+                }
+                let tls = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(std::io::Error::other)?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                builder.with_tls_config(tls)
+            }
+        };
+        let connector = builder
             .https_or_http()
             // HTTP/1.1 only: over HTTP/2 one connection per host would carry
             // every stream, queued beyond the server's concurrency limit, so
@@ -83,6 +108,7 @@ impl Upstream {
         }
         Ok(Upstream {
             connector,
+            connect_timeout: cfg.connect_timeout,
             pool,
             slots: (cfg.max_concurrent > 0).then(|| Arc::new(Semaphore::new(cfg.max_concurrent))),
         })
@@ -185,7 +211,24 @@ impl Upstream {
     async fn connect(&self, target: &Target) -> Result<Box<Link>, BoxError> {
         let mut connector = self.connector.clone();
         poll_fn(|cx| connector.poll_ready(cx)).await?;
-        let io = connector.call(target.connect.clone()).await?;
+        // The TLS handshake counts against the connect timeout too.
+        let io = match tokio::time::timeout(
+            self.connect_timeout,
+            connector.call(target.connect.clone()),
+        )
+        .await
+        {
+            Ok(Ok(io)) => io,
+            Ok(Err(e)) => {
+                // A failed TLS handshake (an untrusted certificate, a wrong
+                // name) is an operator's problem: say why, once per attempt.
+                if target.connect.scheme_str() == Some("https") {
+                    tracing::warn!(error = %e, "upstream connection failed");
+                }
+                return Err(e);
+            }
+            Err(_) => return Err("upstream connect timed out".into()),
+        };
         let (tx, conn) = http1::handshake(io).await?;
         Ok(Box::new(Link {
             tx,

@@ -8,10 +8,22 @@
 #     against the schemas, its patches applied to the base Deployment and
 #     the result validated, and the Redis it ships or points at wired to
 #     the Sluice pods (Service, NetworkPolicy, SLUICE_REDIS_URL);
-#   - the ConfigMap's sluice.toml (alone and with each component's
-#     SLUICE_REDIS_URL) and the compose config through `sluice check-config`;
-#   - compose.yaml parses, every file it mounts exists, and the Redis its
-#     config names is a service Sluice depends on.
+#   - the ConfigMap's sluice.toml and the compose config through
+#     `sluice check-config`: refused for their placeholder tenant keys (exit 1,
+#     naming key_sha256), valid once each placeholder is a fresh
+#     `sluice new-key` hash; the filled-in ConfigMap config also with each
+#     component's SLUICE_REDIS_URL (deploy/shipped_keys.py);
+#   - compose.yaml parses, every file it mounts exists, every named volume
+#     is declared, and the Redis its config names is a service Sluice
+#     depends on;
+#   - the compose demo profile: its one-shot demo-key service (the image's
+#     demo-key target running deploy/compose/demo-key.sh) reads the compose
+#     config, writes the demo config into a volume where the sluice service
+#     reads it (SLUICE_CONFIG in the documented demo command), and the sluice
+#     service waits for it only in that profile; the upstream it writes is
+#     the simulator's listen port;
+#   - the Dockerfile: the runtime image copies no config (no tenant), keeps
+#     its health check, and reads /etc/sluice/sluice.toml.
 # Usage: deploy/k8s/check.sh [path/to/sluice]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,10 +34,13 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check kubernetes-validate pyyaml
 "$venv/bin/python" - "$BIN" <<'PY'
-import copy, os, re, subprocess, sys, tempfile
+import copy, os, re, sys
 from urllib.parse import urlsplit
 import yaml
 import kubernetes_validate
+sys.dont_write_bytecode = True
+sys.path.insert(0, "deploy")
+import shipped_keys
 
 BIN = sys.argv[1]
 K8S_VERSION = "1.30.0"
@@ -46,13 +61,15 @@ def validate(d, where):
 
 def check_config(toml, env=None):
     """Runs `sluice check-config` on TOML text; returns (ok, output)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(toml)
-    run_env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    run_env.update(env or {})
-    r = subprocess.run([BIN, "check-config", "--config", f.name], capture_output=True, text=True, env=run_env)
-    os.unlink(f.name)
-    return r.returncode == 0, r.stdout + r.stderr
+    code, out = shipped_keys.check_config(BIN, toml, env)
+    return code == 0, out
+
+def shipped_config(toml, where, env=None):
+    """A shipped config: refused for its placeholder keys, valid with fresh
+    ones. Returns (the filled-in copy, check-config's output on it)."""
+    found, filled, valid, out = shipped_keys.refused_then_filled(BIN, toml, where, env)
+    problems.extend(found)
+    return filled, valid, out
 
 kust = load(f"{base}/kustomization.yaml")[0]
 docs = {}
@@ -97,11 +114,11 @@ if not (sc.get("readOnlyRootFilesystem") and not sc.get("allowPrivilegeEscalatio
 if not dep["spec"]["template"]["spec"]["securityContext"].get("runAsNonRoot"):
     problems.append("pod must run as non-root")
 
-# The config the pods run must be valid, and the drain must fit the grace.
-toml = docs[("ConfigMap", "sluice-config")]["data"]["sluice.toml"]
-ok, out = check_config(toml)
-if not ok:
-    problems.append(f"ConfigMap sluice.toml: {out.strip()}")
+# The config the pods run: refused until its placeholder keys are replaced,
+# valid once they are (the rest of the checks use that filled-in copy); the
+# drain must fit the grace.
+shipped_toml = docs[("ConfigMap", "sluice-config")]["data"]["sluice.toml"]
+toml, _, _ = shipped_config(shipped_toml, "ConfigMap sluice.toml")
 grace = int(re.search(r"shutdown_grace_secs\s*=\s*(\d+)", toml).group(1))
 pre = container["lifecycle"]["preStop"]["sleep"]["seconds"]
 if dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] < grace + pre:
@@ -254,20 +271,30 @@ for overlay in sorted(os.listdir("deploy/k8s/overlays")):
                 problems.append(f"overlay {overlay}: patch targets unknown {d['kind']}/{d['metadata']['name']}")
     print(f"k8s: overlay {overlay} checked")
 
-# Compose: parses, mounts exist, its config is valid, its Redis is there.
+# Compose: parses, mounts exist, its config is refused until its placeholder
+# keys are replaced and valid once they are, its Redis is there.
 compose = yaml.safe_load(open("deploy/compose.yaml"))
-for name, svc in compose["services"].items():
+services = compose["services"]
+named_volumes = compose.get("volumes") or {}
+def mounts(svc):
+    """{container path: (source, read_only)} of a service's short-form volumes."""
+    out = {}
     for v in svc.get("volumes", []):
-        host = v.split(":")[0]
-        if not os.path.exists(os.path.join("deploy", host)):
-            problems.append(f"compose {name}: mounts missing {host}")
+        parts = v.split(":")
+        out[parts[1]] = (parts[0], len(parts) > 2 and "ro" in parts[2].split(","))
+    return out
+for name, svc in services.items():
+    for target, (source, _) in mounts(svc).items():
+        if source.startswith((".", "/")):
+            if not os.path.exists(os.path.join("deploy", source)):
+                problems.append(f"compose {name}: mounts missing {source}")
+        elif source not in named_volumes:
+            problems.append(f"compose {name}: mounts undeclared volume {source}")
     b = svc.get("build")
     if b and not os.path.exists(os.path.join("deploy", b["context"], b["dockerfile"])):
         problems.append(f"compose {name}: missing Dockerfile")
 compose_toml = open("deploy/compose/sluice.toml").read()
-ok, out = check_config(compose_toml)
-if not ok:
-    problems.append(f"deploy/compose/sluice.toml: {out.strip()}")
+_, ok, out = shipped_config(compose_toml, "deploy/compose/sluice.toml")
 m = re.search(r'^\[redis\][^\[]*?^url\s*=\s*"([^"]*)"', compose_toml, re.M | re.S)
 if m and m.group(1):
     host = urlsplit(m.group(1)).hostname
@@ -275,7 +302,7 @@ if m and m.group(1):
     if redis_svc is None:
         problems.append(f"compose: [redis] url names {host}, which is no service")
     else:
-        if host not in compose["services"]["sluice"].get("depends_on", []):
+        if host not in services["sluice"].get("depends_on", []):
             problems.append(f"compose: sluice does not depend on {host}")
         argv = " ".join(map(str, redis_svc.get("command", [])))
         if not ("--maxmemory " in argv and "--maxmemory-policy allkeys-lru" in argv):
@@ -284,7 +311,89 @@ if m and m.group(1):
             problems.append(f"compose {host}: no healthcheck")
     if ok and not re.search(r"^shared state\s+redis .*limits shared", out, re.M):
         problems.append("deploy/compose/sluice.toml: check-config does not report shared limits")
-print(f"compose: {len(compose['services'])} services checked")
+
+# The demo profile: demo-key makes the key and the config; sluice reads it.
+sluice_svc = services["sluice"]
+sluice_mounts = mounts(sluice_svc)
+operator_config = "/etc/sluice/sluice.toml"
+if sluice_mounts.get(operator_config, (None,))[0] != "./compose/sluice.toml":
+    problems.append(f"compose sluice: ./compose/sluice.toml is not mounted at {operator_config}")
+env = sluice_svc.get("environment", {})
+if env.get("SLUICE_CONFIG") != "${SLUICE_CONFIG:-%s}" % operator_config:
+    problems.append(f"compose sluice: SLUICE_CONFIG should default to {operator_config} and take the demo's from the shell")
+demo = services.get("demo-key")
+script = open("deploy/compose/demo-key.sh").read()
+def script_default(var):
+    m = re.search(r"\$\{%s:-([^}]*)\}" % var, script)
+    return m and m.group(1)
+if demo is None:
+    problems.append("compose: no demo-key service (the demo profile's key maker)")
+else:
+    if demo.get("profiles") != ["demo"]:
+        problems.append("compose demo-key: should be in the demo profile only")
+    if demo.get("restart", "no") != "no":
+        problems.append("compose demo-key: a one-shot must not restart")
+    b = demo.get("build", {})
+    if (b.get("dockerfile"), b.get("target")) != ("deploy/Dockerfile", "demo-key"):
+        problems.append("compose demo-key: should build deploy/Dockerfile's demo-key target")
+    demo_mounts = mounts(demo)
+    template, outdir = script_default("DEMO_TEMPLATE"), script_default("DEMO_DIR")
+    if demo_mounts.get(template) != ("./compose/sluice.toml", True):
+        problems.append(f"compose demo-key: ./compose/sluice.toml should be mounted read-only at {template}, where demo-key.sh reads it")
+    vol, ro = demo_mounts.get(outdir, (None, True))
+    if vol not in named_volumes or ro:
+        problems.append(f"compose demo-key: needs a writable named volume at {outdir}, where demo-key.sh writes")
+    readers = [t for t, (src, _) in sluice_mounts.items() if src == vol]
+    demo_cmd = re.search(r"^#\s+(SLUICE_CONFIG=(\S+) docker compose -f deploy/compose.yaml --profile demo up)$",
+                         open("deploy/compose.yaml").read(), re.M)
+    if not readers:
+        problems.append(f"compose sluice: does not mount the {vol} volume demo-key writes")
+    elif not demo_cmd or demo_cmd.group(2) != f"{readers[0]}/sluice.toml":
+        problems.append(f"compose.yaml: the demo command should set SLUICE_CONFIG={readers[0]}/sluice.toml")
+    elif demo_cmd.group(1) not in open("README.md").read():
+        problems.append(f"README.md does not give the demo command `{demo_cmd.group(1)}`")
+    if "docker compose -f deploy/compose.yaml logs demo-key" not in open("README.md").read():
+        problems.append("README.md does not say where the demo key is printed (logs demo-key)")
+    dep = sluice_svc.get("depends_on", {})
+    dep = dep.get("demo-key") if isinstance(dep, dict) else None
+    if dep != {"condition": "service_completed_successfully", "required": False}:
+        problems.append("compose sluice: should wait for demo-key (service_completed_successfully) only where it runs (required: false)")
+    # The upstream demo-key.sh writes is the simulator's listen port.
+    sim = services.get("simulator", {})
+    up = urlsplit(script_default("DEMO_UPSTREAM_URL") or "")
+    listen = " ".join(sim.get("command", []))
+    if "demo" not in sim.get("profiles", []) or up.hostname != "simulator" or not listen.endswith(f":{up.port}"):
+        problems.append(f"compose: demo-key.sh's upstream {up.geturl()} is not the demo profile's simulator ({listen})")
+    # It prints the key (the printed key is checked live by deploy/check.sh).
+    if not re.search(r"^key: +\$key$", script, re.M):
+        problems.append("demo-key.sh: does not print the key")
+
+# The image: the runtime stage holds no config (so no tenant), checks its
+# health, reads /etc/sluice/sluice.toml; the demo-key stage runs demo-key.sh.
+stages = {}
+name = None
+for raw in open("deploy/Dockerfile").read().replace("\\\n", " ").splitlines():
+    line = raw.strip()
+    if not line or line.startswith("#"):
+        continue
+    if line.upper().startswith("FROM "):
+        words = line.split()
+        name = words[3] if len(words) > 3 and words[2].upper() == "AS" else f"stage{len(stages)}"
+        stages[name] = []
+    stages[name].append(line)
+runtime = stages[name]  # the last stage: what `docker build` makes
+for line in runtime:
+    if line.upper().startswith(("COPY", "ADD")) and (".toml" in line or "config" in line.split()[-1]):
+        problems.append(f"Dockerfile: the runtime image must hold no config (no tenant): {line}")
+if not any(l.upper().startswith("HEALTHCHECK") and "healthcheck" in l for l in runtime):
+    problems.append("Dockerfile: the runtime image lost its HEALTHCHECK")
+if not any(f"SLUICE_CONFIG={operator_config}" in l for l in runtime):
+    problems.append(f"Dockerfile: SLUICE_CONFIG should be {operator_config}")
+dk = stages.get("demo-key", [])
+if not any("deploy/compose/demo-key.sh" in l for l in dk) or not any(l.startswith("ENTRYPOINT") and "demo-key.sh" in l for l in dk):
+    problems.append("Dockerfile: the demo-key stage should copy and run deploy/compose/demo-key.sh")
+print(f"compose: {len(services)} services checked, the demo profile's key maker wired to the gateway")
+print(f"image: {len(stages)} stages; the runtime image holds no config")
 
 if problems:
     print("\n".join(f"PROBLEM: {p}" for p in problems))

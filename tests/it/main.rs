@@ -13,3 +13,4 @@ mod metrics;
 mod ops;
 mod proxy;
 mod shared_cache;
+mod tls;
