@@ -28,6 +28,7 @@ pub mod cache;
 pub mod cache_store;
 pub mod config;
 pub mod error;
+pub mod fleet_flight;
 pub mod limit;
 pub mod metrics;
 pub mod proxy;

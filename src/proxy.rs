@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use crate::body::{Body, Record};
 use crate::cache::{self, End, Entry, Flight, Head, Join};
 use crate::error::{stream_error_event, GatewayError};
+use crate::fleet_flight::Remote;
 use crate::limit::{Admission, Standings};
 use crate::relay::{Meter, Relay, Sink, StreamOpts};
 use crate::request_id::X_REQUEST_ID;
@@ -193,7 +194,26 @@ async fn serve(
     check.check(&tenant.limits, standings)?;
     if let (CacheMode::Lookup, Some(key)) = (mode, key) {
         match app.flights.join(key) {
-            Join::Lead(l) => leader = Some(l),
+            Join::Lead(l) => match &app.fleet_flights {
+                None => leader = Some(l),
+                // Another replica may be calling upstream for this already.
+                Some(fleet) => match fleet.claim(&key, &l.flight).await {
+                    Ok(true) | Err(_) => leader = Some(l),
+                    Ok(false) => {
+                        let deadline = record.start + snap.config.upstream.first_byte_timeout;
+                        let idle = snap.config.upstream.idle_timeout;
+                        let remote = Box::pin(fleet.follow(&key, l, deadline, idle));
+                        match remote.await {
+                            Remote::Following(flight) => {
+                                record.cache = "coalesced";
+                                let following = Box::pin(follow(app, flight, &api, record));
+                                return following.await;
+                            }
+                            Remote::TakeOver(l) | Remote::Alone(l) => leader = Some(l),
+                        }
+                    }
+                },
+            },
             Join::Follow(flight) => {
                 record.cache = "coalesced";
                 let following = Box::pin(follow(app, flight, &api, record));

@@ -164,6 +164,45 @@ impl RedisMetrics {
     }
 }
 
+/// A connection of one task's own (see `Redis::dedicated`).
+pub struct Dedicated(Conn);
+
+impl Dedicated {
+    /// Runs `cmd`, which may block up to `block`, within `block` plus
+    /// `timeout_ms`.
+    pub async fn query<T: FromRedisValue>(
+        &mut self,
+        redis: &Redis,
+        op: Op,
+        cmd: &Cmd,
+        block: Duration,
+    ) -> Result<T, Unavailable> {
+        let start = Instant::now();
+        // The read itself may take `block`; a busy host gets some slack
+        // beyond it before the read counts as failed.
+        let slack = redis.cfg.timeout.max(Duration::from_millis(250));
+        let result = tokio::time::timeout(block + slack, cmd.query_async(&mut self.0)).await;
+        redis
+            .metrics
+            .duration(op)
+            .observe(start.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(v)) => {
+                redis.metrics.result(op, "ok").inc();
+                Ok(v)
+            }
+            Ok(Err(_)) => {
+                redis.metrics.result(op, "error").inc();
+                Err(Unavailable)
+            }
+            Err(_) => {
+                redis.metrics.result(op, "timeout").inc();
+                Err(Unavailable)
+            }
+        }
+    }
+}
+
 const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
 const DOWN: u8 = 2;
@@ -241,6 +280,28 @@ impl Redis {
             |mut conn| async move { cmd.query_async(&mut conn).await },
         )
         .await
+    }
+
+    /// Runs a pipeline within `timeout_ms`.
+    pub async fn pipe<T: FromRedisValue>(&self, op: Op, pipe: &Pipeline) -> Result<T, Unavailable> {
+        self.run(
+            op,
+            |mut conn| async move { pipe.query_async(&mut conn).await },
+        )
+        .await
+    }
+
+    /// A connection of its own, for a command that blocks (a blocking read
+    /// on the shared connection would hold up every request behind it).
+    pub async fn dedicated(&self) -> Result<Dedicated, Unavailable> {
+        if !self.is_up() {
+            return Err(Unavailable);
+        }
+        let wait = Duration::from_secs(1).max(self.cfg.timeout);
+        match tokio::time::timeout(wait, self.connect(wait)).await {
+            Ok(Ok(conn)) => Ok(Dedicated(conn)),
+            _ => Err(Unavailable),
+        }
     }
 
     /// One round trip with its timeout, metrics and effect on health.

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use crate::cache::{Flights, Store};
 use crate::cache_store::CacheStore;
 use crate::config::{CacheScope, Config, Pricing, RedisConfig, Secret};
+use crate::fleet_flight::FleetFlights;
 use crate::limit::budget::{Budgets, SystemClock};
 use crate::limit::{Limiter, TenantLimits};
 use crate::metrics::{Metrics, ModelLabels, UsageHandles};
@@ -225,6 +226,8 @@ pub struct App {
     pub redis: Option<Arc<Redis>>,
     /// The cache: memory, in front of Redis when it is shared.
     pub cache: CacheStore,
+    /// Coalescing across replicas, when `[redis] coalesce` is on.
+    pub fleet_flights: Option<Arc<FleetFlights>>,
     pub flights: Arc<Flights>,
     pub upstream: Upstream,
     pub lifecycle: Lifecycle,
@@ -247,6 +250,11 @@ impl App {
             .map_err(std::io::Error::other)?;
         let limiter = Limiter::new(redis.as_ref().zip(config.redis.as_ref()), budgets);
         let cache = CacheStore::new(store, redis.as_ref().zip(config.redis.as_ref()), &metrics);
+        let fleet_flights = redis
+            .as_ref()
+            .zip(config.redis.as_ref())
+            .filter(|(_, c)| c.coalesce)
+            .map(|(r, _)| Arc::new(FleetFlights::new(Arc::clone(r))));
         if config.tenants.iter().any(|t| t.budget.is_some()) && !limiter.spend_is_kept() {
             tracing::warn!(
                 "tenants have budgets but neither [redis] nor budgets.state_path keeps their spend: a restart resets it"
@@ -259,6 +267,7 @@ impl App {
             limiter,
             redis,
             cache,
+            fleet_flights,
             flights: Arc::new(Flights::default()),
             upstream,
             lifecycle: Lifecycle::default(),

@@ -8,6 +8,7 @@ mod budgets;
 mod cache;
 mod faults;
 mod fleet;
+mod fleet_coalesce;
 mod limits;
 mod metrics;
 mod ops;

@@ -279,6 +279,14 @@ pub async fn send(req: Request<Full<Bytes>>) -> Resp {
     }
 }
 
+/// Sends a request; the answer's head and live body, or the error (for a
+/// server that may die under it).
+pub async fn try_open(
+    req: Request<Full<Bytes>>,
+) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
+    client().request(req).await
+}
+
 /// Sends a request and returns the answer's head and live body.
 pub async fn open(req: Request<Full<Bytes>>) -> http::Response<Incoming> {
     client().request(req).await.expect("request")
