@@ -11,3 +11,4 @@ mod limits;
 mod metrics;
 mod ops;
 mod proxy;
+mod slow_clients;
