@@ -40,6 +40,7 @@ pub mod shared;
 pub mod simulator;
 pub mod sse;
 pub mod state;
+pub mod text;
 pub mod upstream;
 
 pub use config::{Config, ConfigError, Secret};
