@@ -1,6 +1,7 @@
 //! The response body type, and the `Record` every response carries. A body
 //! is whole bytes (errors, cache hits), a list of frames (SSE replay), the
-//! upstream relay, or a channel (coalesced followers). The record rides in
+//! upstream relay (a flight's leader's in its `LeadBody`), or a reader of a
+//! flight's log (coalesced followers). The record rides in
 //! the body, so when hyper drops the body — sent in full, or the client gone —
 //! the request is metered and logged exactly once, whatever path it took.
 
@@ -10,18 +11,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
-use tokio::sync::mpsc;
-
 use crate::limit::Lease;
-use crate::relay::{BoxError, Relay, RelaySummary};
+use crate::relay::{BoxError, LeadBody, LogBody, Relay, RelaySummary};
 use crate::sse::Usage;
 use crate::state::{App, Tenant};
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 
 pub struct Body {
     kind: Kind,
     record: Option<Box<Record>>,
+    /// The error that aborts the response, held back for one poll so hyper
+    /// first writes out what came before it (the SSE error event).
+    failing: Option<BoxError>,
 }
 
 enum Kind {
@@ -29,7 +31,8 @@ enum Kind {
     Full(Option<Bytes>),
     Frames(VecDeque<Bytes>),
     Relay(Box<Relay>),
-    Channel(mpsc::Receiver<Bytes>),
+    Lead(LeadBody),
+    Log(LogBody),
 }
 
 impl Body {
@@ -37,24 +40,35 @@ impl Body {
         Body {
             kind: Kind::Full(Some(b.into())),
             record: None,
+            failing: None,
         }
     }
     pub fn frames(frames: impl IntoIterator<Item = Bytes>) -> Body {
         Body {
             kind: Kind::Frames(frames.into_iter().collect()),
             record: None,
+            failing: None,
         }
     }
     pub fn relay(r: Relay) -> Body {
         Body {
             kind: Kind::Relay(Box::new(r)),
             record: None,
+            failing: None,
         }
     }
-    pub fn channel(rx: mpsc::Receiver<Bytes>) -> Body {
+    pub fn lead(l: LeadBody) -> Body {
         Body {
-            kind: Kind::Channel(rx),
+            kind: Kind::Lead(l),
             record: None,
+            failing: None,
+        }
+    }
+    pub fn log(l: LogBody) -> Body {
+        Body {
+            kind: Kind::Log(l),
+            record: None,
+            failing: None,
         }
     }
     pub fn set_record(&mut self, record: Box<Record>) {
@@ -76,21 +90,43 @@ impl http_body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let next = match &mut this.kind {
-            Kind::Empty => None,
-            Kind::Full(b) => b.take(),
-            Kind::Frames(q) => q.pop_front(),
-            Kind::Channel(rx) => match rx.poll_recv(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(b) => b,
-            },
+        if let Some(e) = this.failing.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        let polled = match &mut this.kind {
+            Kind::Empty => Poll::Ready(None),
+            Kind::Full(b) => Poll::Ready(b.take().map(Ok)),
+            Kind::Frames(q) => Poll::Ready(q.pop_front().map(Ok)),
+            Kind::Log(l) => {
+                let polled = l.poll(cx);
+                if let Poll::Ready(Some(Ok(_))) = &polled {
+                    this.first_byte();
+                }
+                polled
+            }
             // The relay keeps its own time of first data event; the record
             // takes it when the body is dropped.
-            Kind::Relay(r) => return r.poll(cx).map(|frame| frame.map(|f| f.map(Frame::data))),
+            Kind::Relay(r) => r.poll(cx),
+            Kind::Lead(l) => l.poll(cx),
+        };
+        let next = match polled {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(Err(e))) => {
+                // An abort (HTTP/1.1: no final chunk; HTTP/2: RST_STREAM)
+                // would discard what hyper has not written yet: yield once
+                // so it is flushed first.
+                this.failing = Some(e);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(Some(Ok(b))) => Some(b),
+            Poll::Ready(None) => None,
         };
         match next {
             Some(b) => {
-                this.first_byte();
+                if matches!(this.kind, Kind::Full(_) | Kind::Frames(_)) {
+                    this.first_byte();
+                }
                 Poll::Ready(Some(Ok(Frame::data(b))))
             }
             None => Poll::Ready(None),
@@ -102,7 +138,7 @@ impl http_body::Body for Body {
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
             Kind::Frames(q) => q.is_empty(),
-            Kind::Relay(_) | Kind::Channel(_) => false,
+            Kind::Relay(_) | Kind::Lead(_) | Kind::Log(_) => false,
         }
     }
 
@@ -111,18 +147,20 @@ impl http_body::Body for Body {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Frames(q) => SizeHint::with_exact(q.iter().map(|b| b.len() as u64).sum()),
-            Kind::Relay(_) | Kind::Channel(_) => SizeHint::default(),
+            Kind::Relay(_) | Kind::Lead(_) | Kind::Log(_) => SizeHint::default(),
         }
     }
 }
 
 impl Drop for Body {
     fn drop(&mut self) {
-        if let Kind::Relay(relay) = std::mem::replace(&mut self.kind, Kind::Empty) {
-            let summary = relay.release();
-            if let Some(rec) = &mut self.record {
-                rec.absorb(summary);
-            }
+        let summary = match std::mem::replace(&mut self.kind, Kind::Empty) {
+            Kind::Relay(relay) => (*relay).release(None),
+            Kind::Lead(lead) => lead.release(),
+            Kind::Empty | Kind::Full(_) | Kind::Frames(_) | Kind::Log(_) => return,
+        };
+        if let Some(rec) = &mut self.record {
+            rec.absorb(summary);
         }
     }
 }

@@ -5,16 +5,16 @@
 //! An entry holds the completion bytes and its SSE replay, both built once at
 //! store time, so a hit in either mode is served from bytes without parsing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tokio::sync::Notify;
 
 use crate::error::GatewayError;
 use crate::sse::{self, Replay, Usage};
@@ -219,9 +219,11 @@ impl Store {
 
 // ---- coalescing ---------------------------------------------------------
 
-/// Upper bound on what one in-flight request records for its followers; a
-/// longer answer stops being joinable and its followers end with the stream
-/// error event, so a flight never holds more than this.
+/// Upper bound on what one in-flight request keeps of its answer for its
+/// readers. Past it the oldest events leave the log: the flight stops taking
+/// new followers (they need the first event), and a reader that has not yet
+/// read an event that left gets the stream error event. A flight never holds
+/// more than this, whoever stops reading.
 pub const FLIGHT_LOG_MAX: usize = 8 * 1024 * 1024;
 
 /// How an in-flight request ended.
@@ -246,29 +248,71 @@ pub enum Head {
     Other,
 }
 
-#[derive(Debug, Default)]
+/// What one entry of a flight's log is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// An event (or, for a non-stream answer, a piece of the body).
+    Event,
+    /// DeepSeek's usage-only chunk: only clients that asked for usage get it.
+    UsageOnly,
+    /// `data: [DONE]`: nothing follows it.
+    Done,
+}
+
+/// Moves a leader's upstream reading off its client's connection (into a
+/// task of its own), so that no reader's pace holds back another's. Called
+/// when the first follower attaches; implemented by the relay.
+pub trait Detach: Send + Sync {
+    fn detach(&self);
+}
+
+#[derive(Default)]
 struct FlightState {
     head: Option<Head>,
-    /// Raw upstream events, each flagged if it is the usage-only chunk.
-    events: Vec<(Bytes, bool)>,
+    /// The log: raw upstream events, oldest first; `events[0]` is event
+    /// number `base` of the answer.
+    events: VecDeque<(Bytes, Mark)>,
+    base: usize,
     bytes: usize,
-    overflow: bool,
+    /// Events have left the log: no new follower can start from the first.
+    trimmed: bool,
     end: Option<End>,
+    /// Attached readers: followers, and the leader's own client once its
+    /// relay runs in a task.
+    readers: usize,
+    next_reader: u64,
+    /// Readers waiting for the log to grow (or the head, or the end).
+    wakers: HashMap<u64, Waker>,
+    /// The task driving the upstream call, waiting for readers to leave.
+    driver: Option<Waker>,
+    detach: Option<Weak<dyn Detach>>,
+}
+
+impl std::fmt::Debug for FlightState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlightState")
+            .field("head", &self.head)
+            .field("base", &self.base)
+            .field("events", &self.events.len())
+            .field("end", &self.end)
+            .field("readers", &self.readers)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One request in flight upstream that identical requests can attach to.
 #[derive(Debug, Default)]
 pub struct Flight {
     state: Mutex<FlightState>,
-    notify: Notify,
 }
 
-/// A follower's view of the flight at one moment.
-pub struct Progress {
-    pub head: Option<Head>,
-    pub events: Vec<(Bytes, bool)>,
-    pub overflow: bool,
-    pub end: Option<End>,
+/// What a reader finds next in the log.
+#[derive(Debug)]
+pub enum Next {
+    Event(Bytes, Mark),
+    /// The reader fell further behind than the log keeps.
+    Behind,
+    End(End),
 }
 
 impl Flight {
@@ -277,62 +321,214 @@ impl Flight {
         f(&mut s)
     }
 
-    pub fn set_head(&self, head: Head) {
-        self.with(|s| s.head = Some(head));
-        self.notify.notify_waiters();
+    /// Runs `f` on the state, then wakes the readers waiting on it (outside
+    /// the lock).
+    fn update<R>(&self, f: impl FnOnce(&mut FlightState) -> R) -> R {
+        let (r, wakers) = self.with(|s| {
+            let r = f(s);
+            let wakers = if s.wakers.is_empty() {
+                Vec::new()
+            } else {
+                s.wakers.drain().map(|(_, w)| w).collect()
+            };
+            (r, wakers)
+        });
+        for w in wakers {
+            w.wake();
+        }
+        r
     }
 
-    /// Records one event for followers. Returns false once the log is full.
-    pub fn push_event(&self, event: Bytes, usage_only: bool) -> bool {
-        let ok = self.with(|s| {
-            if s.overflow {
-                return false;
-            }
+    pub fn set_head(&self, head: Head) {
+        self.update(|s| s.head = Some(head));
+    }
+
+    /// Appends one entry to the log; past `FLIGHT_LOG_MAX` the oldest leave.
+    pub fn push_event(&self, event: Bytes, mark: Mark) -> Logged {
+        self.update(|s| {
+            let at = s.base + s.events.len();
             s.bytes += event.len();
-            if s.bytes > FLIGHT_LOG_MAX {
-                s.overflow = true;
-                s.events = Vec::new();
-                return false;
+            s.events.push_back((event, mark));
+            let whole = !s.trimmed;
+            while s.bytes > FLIGHT_LOG_MAX && s.events.len() > 1 {
+                if let Some((old, _)) = s.events.pop_front() {
+                    s.bytes -= old.len();
+                    s.base += 1;
+                    s.trimmed = true;
+                }
             }
-            s.events.push((event, usage_only));
-            true
-        });
-        self.notify.notify_waiters();
-        ok
+            Logged {
+                at,
+                just_trimmed: whole && s.trimmed,
+            }
+        })
+    }
+
+    /// The number of the next entry the log will take.
+    pub fn logged(&self) -> usize {
+        self.with(|s| s.base + s.events.len())
     }
 
     fn finish(&self, end: End) {
-        self.with(|s| {
+        let hook = self.update(|s| {
             if s.end.is_none() {
                 s.end = Some(end);
             }
+            s.detach.take()
         });
-        self.notify.notify_waiters();
+        drop(hook);
     }
 
-    /// Waits until something past `seen` events (or the head, or the end) is
-    /// there, then returns it.
-    pub async fn progress(&self, seen: usize, head_seen: bool) -> Progress {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let p = self.with(|s| {
-                let fresh = s.events.len() > seen
-                    || s.end.is_some()
-                    || s.overflow
-                    || (!head_seen && s.head.is_some());
-                fresh.then(|| Progress {
-                    head: s.head,
-                    events: s.events.get(seen..).map(<[_]>::to_vec).unwrap_or_default(),
-                    overflow: s.overflow,
-                    end: s.end.clone(),
-                })
-            });
-            if let Some(p) = p {
-                return p;
+    /// Readers attached now.
+    pub fn readers(&self) -> usize {
+        self.with(|s| s.readers)
+    }
+
+    /// Registers the hook that moves the upstream reading into a task.
+    /// Returns true if readers are attached already (the caller detaches at
+    /// once); otherwise the first follower to attach calls it.
+    pub fn set_detach(&self, hook: Weak<dyn Detach>) -> bool {
+        self.with(|s| {
+            if s.readers > 0 || s.end.is_some() {
+                true
+            } else {
+                s.detach = Some(hook);
+                false
             }
-            notified.await;
+        })
+    }
+
+    /// Attaches a reader at entry `pos`, handing back the detach hook if it
+    /// is the first (to be called outside any lock).
+    fn attach(self: &Arc<Self>, pos: usize) -> (Reader, Option<Weak<dyn Detach>>) {
+        let (id, hook) = self.with(|s| {
+            s.readers += 1;
+            s.next_reader += 1;
+            (s.next_reader, s.detach.take())
+        });
+        (
+            Reader {
+                flight: Arc::clone(self),
+                id,
+                pos,
+            },
+            hook,
+        )
+    }
+
+    /// A reader for the leader's own client, resuming at `pos`.
+    pub fn attach_leader(self: &Arc<Self>, pos: usize) -> Reader {
+        self.attach(pos).0
+    }
+
+    /// For the task driving the call: ready once no reader is attached.
+    pub fn poll_unread(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.with(|s| {
+            if s.readers == 0 {
+                Poll::Ready(())
+            } else {
+                if !s.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    s.driver = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        })
+    }
+}
+
+/// Where `push_event` put an entry.
+#[derive(Debug, Clone, Copy)]
+pub struct Logged {
+    /// The entry's number in the answer.
+    pub at: usize,
+    /// This push made the first events leave the log: the flight must stop
+    /// taking followers.
+    pub just_trimmed: bool,
+}
+
+/// One client reading a flight's log at its own pace. Dropping it detaches
+/// it; when the last reader leaves, the task driving the call (if any) is
+/// told, and cancels the call.
+pub struct Reader {
+    flight: Arc<Flight>,
+    id: u64,
+    pos: usize,
+}
+
+impl Reader {
+    pub fn flight(&self) -> &Arc<Flight> {
+        &self.flight
+    }
+
+    /// The next entry, or `Pending` (woken when the log grows or ends).
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
+        let id = self.id;
+        let pos = self.pos;
+        let next = self.flight.with(|s| {
+            if pos < s.base {
+                return Some(Next::Behind);
+            }
+            if let Some((ev, mark)) = s.events.get(pos - s.base) {
+                return Some(Next::Event(ev.clone(), *mark));
+            }
+            if let Some(end) = &s.end {
+                return Some(Next::End(end.clone()));
+            }
+            register(s, id, cx);
+            None
+        });
+        match next {
+            Some(n) => {
+                if matches!(n, Next::Event(..)) {
+                    self.pos += 1;
+                }
+                Poll::Ready(n)
+            }
+            None => Poll::Pending,
+        }
+    }
+
+    /// Waits until the head is known (when `head_seen` is false) or the
+    /// flight ended, and returns both.
+    pub async fn changed(&mut self, head_seen: bool) -> (Option<Head>, Option<End>) {
+        let id = self.id;
+        std::future::poll_fn(|cx| {
+            self.flight.with(|s| {
+                if s.end.is_some() || (!head_seen && s.head.is_some()) {
+                    Poll::Ready((s.head, s.end.clone()))
+                } else {
+                    register(s, id, cx);
+                    Poll::Pending
+                }
+            })
+        })
+        .await
+    }
+}
+
+fn register(s: &mut FlightState, id: u64, cx: &Context<'_>) {
+    match s.wakers.get_mut(&id) {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        Some(w) => w.clone_from(cx.waker()),
+        None => {
+            s.wakers.insert(id, cx.waker().clone());
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        let driver = self.flight.with(|s| {
+            s.readers -= 1;
+            s.wakers.remove(&self.id);
+            if s.readers == 0 {
+                s.driver.take()
+            } else {
+                None
+            }
+        });
+        if let Some(w) = driver {
+            w.wake();
         }
     }
 }
@@ -354,7 +550,7 @@ impl Default for Flights {
 
 pub enum Join {
     Lead(Leader),
-    Follow(Arc<Flight>),
+    Follow(Reader),
 }
 
 impl Flights {
@@ -365,15 +561,25 @@ impl Flights {
     }
 
     /// Attaches to an identical request in flight, if there is one.
-    pub fn follow(&self, key: &Key) -> Option<Arc<Flight>> {
-        self.shard(key).get(key).cloned()
+    pub fn follow(&self, key: &Key) -> Option<Reader> {
+        let (reader, hook) = {
+            // Attached under the map's lock, so a flight is never given up
+            // (`Leader::abandon`) between being found and being read.
+            let shard = self.shard(key);
+            shard.get(key)?.attach(0)
+        };
+        detach(hook);
+        Some(reader)
     }
 
     /// Becomes the leader for `key`, unless someone else just did.
     pub fn join(self: &Arc<Self>, key: Key) -> Join {
         let mut shard = self.shard(&key);
         if let Some(f) = shard.get(&key) {
-            return Join::Follow(Arc::clone(f));
+            let (reader, hook) = f.attach(0);
+            drop(shard);
+            detach(hook);
+            return Join::Follow(reader);
         }
         let flight = Arc::new(Flight::default());
         shard.insert(key, Arc::clone(&flight));
@@ -390,6 +596,12 @@ impl Flights {
         if shard.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
             shard.remove(key);
         }
+    }
+}
+
+fn detach(hook: Option<Weak<dyn Detach>>) {
+    if let Some(d) = hook.and_then(|h| h.upgrade()) {
+        d.detach();
     }
 }
 
@@ -420,8 +632,24 @@ impl Leader {
     }
 
     pub fn has_followers(&self) -> bool {
-        // The map's reference and ours; anything more is a follower.
-        Arc::strong_count(&self.flight) > 2
+        self.flight.readers() > 0
+    }
+
+    /// Gives the flight up if no reader is attached: removed from the map
+    /// (under its lock, so no follower can attach in between), it takes no
+    /// more. Returns false, changing nothing, while someone still reads.
+    pub fn abandon(&self) -> bool {
+        let mut shard = self.flights.shard(&self.key);
+        if self.flight.readers() > 0 {
+            return false;
+        }
+        if shard
+            .get(&self.key)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+        {
+            shard.remove(&self.key);
+        }
+        true
     }
 }
 
@@ -506,26 +734,57 @@ mod tests {
         let Join::Lead(leader) = flights.join(key) else {
             panic!("first is leader")
         };
-        let Join::Follow(f) = flights.join(key) else {
+        assert!(!leader.has_followers());
+        let Join::Follow(mut f) = flights.join(key) else {
             panic!("second follows")
         };
         assert!(leader.has_followers());
+        assert!(!leader.abandon(), "a reader is attached");
         leader.flight.set_head(Head::Stream);
         leader
             .flight
-            .push_event(Bytes::from_static(b"data: 1\n\n"), false);
-        let p = f.progress(0, false).await;
-        assert_eq!(p.events.len(), 1);
-        assert_eq!(p.head, Some(Head::Stream));
+            .push_event(Bytes::from_static(b"data: 1\n\n"), Mark::Event);
+        let (head, end) = f.changed(false).await;
+        assert_eq!(head, Some(Head::Stream));
+        assert!(end.is_none());
+        let next = std::future::poll_fn(|cx| f.poll_next(cx)).await;
+        assert!(matches!(next, Next::Event(_, Mark::Event)));
         drop(leader);
-        let p = f.progress(1, true).await;
+        let next = std::future::poll_fn(|cx| f.poll_next(cx)).await;
         assert!(matches!(
-            p.end,
-            Some(End::Error(GatewayError::StreamInterrupted))
+            next,
+            Next::End(End::Error(GatewayError::StreamInterrupted))
         ));
         assert!(
             flights.follow(&key).is_none(),
             "ended flights leave the map"
         );
+    }
+
+    #[test]
+    fn the_log_is_bounded_and_a_reader_left_behind_is_told() {
+        let flights = Arc::new(Flights::default());
+        let Join::Lead(leader) = flights.join([1u8; 32]) else {
+            panic!("leader")
+        };
+        let mut slow = flights.follow(&[1u8; 32]).expect("follows");
+        let chunk = Bytes::from(vec![b'x'; FLIGHT_LOG_MAX / 4]);
+        let mut trimmed = false;
+        for _ in 0..8 {
+            trimmed |= leader
+                .flight
+                .push_event(chunk.clone(), Mark::Event)
+                .just_trimmed;
+        }
+        assert!(trimmed);
+        let held: usize = leader.flight.with(|s| s.bytes);
+        assert!(held <= FLIGHT_LOG_MAX, "{held}");
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(matches!(slow.poll_next(&mut cx), Poll::Ready(Next::Behind)));
+        assert!(!leader.abandon(), "the slow reader is still attached");
+        drop(slow);
+        assert!(leader.abandon(), "no reader left");
+        assert!(flights.follow(&[1u8; 32]).is_none());
     }
 }

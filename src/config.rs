@@ -133,6 +133,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
+    /// A client that accepts no bytes of its response this long is dropped.
+    pub send_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -301,6 +303,7 @@ struct RawServer {
     max_body_bytes: u64,
     shutdown_grace_secs: u64,
     header_read_timeout_secs: u64,
+    send_timeout_secs: u64,
 }
 
 impl Default for RawServer {
@@ -311,6 +314,7 @@ impl Default for RawServer {
             max_body_bytes: 4 * 1024 * 1024,
             shutdown_grace_secs: 30,
             header_read_timeout_secs: 10,
+            send_timeout_secs: 60,
         }
     }
 }
@@ -572,6 +576,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             &mut errs,
             "server.header_read_timeout_secs",
             raw.server.header_read_timeout_secs,
+        ),
+        send_timeout: positive(
+            &mut errs,
+            "server.send_timeout_secs",
+            raw.server.send_timeout_secs,
         ),
     };
 
@@ -947,6 +956,7 @@ mod tests {
         let c = Config::parse(&tenant(""), no_env).expect("valid");
         assert_eq!(c.server.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.server.max_body_bytes, 4_194_304);
+        assert_eq!(c.server.send_timeout, Duration::from_secs(60));
         assert_eq!(c.upstream.base_url, "https://api.deepseek.com");
         assert_eq!(c.upstream.balance_poll, Some(Duration::from_secs(300)));
         assert_eq!(c.tenants[0].limits.request_burst, 60);
@@ -1148,6 +1158,10 @@ mod tests {
             (
                 "[server]\nshutdown_grace_secs = 999999999999\n",
                 "server.shutdown_grace_secs",
+            ),
+            (
+                "[server]\nsend_timeout_secs = 0\n",
+                "server.send_timeout_secs",
             ),
             ("[cache]\nttl = 3\n", "ttl"),
             ("[pricing.x]\ninput = 1.0\n", "input"),

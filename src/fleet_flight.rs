@@ -26,7 +26,7 @@ use http::{HeaderValue, StatusCode};
 use redis::streams::StreamReadReply;
 use redis::Script;
 
-use crate::cache::{End, Flight, Head, Key, Leader, FLIGHT_LOG_MAX};
+use crate::cache::{End, Head, Key, Leader, Mark, Next, Reader as LogReader, FLIGHT_LOG_MAX};
 use crate::cache_store;
 use crate::error::GatewayError;
 use crate::shared::{Op, Redis, Unavailable};
@@ -59,6 +59,138 @@ if tonumber(ARGV[2]) > 0 then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return redis.call('DEL', KEYS[1])
 "#;
 
+/// A claimed call, to be mirrored into the fleet's log.
+pub struct Publisher {
+    fleet: Arc<FleetFlights>,
+    n: Names,
+    owner: String,
+}
+
+impl Publisher {
+    /// Mirrors the local flight (through `reader`) into the log until it
+    /// ends, renewing the claim meanwhile. The reader keeps the call going
+    /// for followers elsewhere; once the leader's own client has left and
+    /// no replica follows, it lets go, so the call is cancelled as a lone
+    /// client's would be.
+    pub fn start(self, reader: LogReader) {
+        tokio::spawn(self.run(reader));
+    }
+
+    async fn run(self, mut reader: LogReader) {
+        let Publisher { fleet, n, owner } = self;
+        let mut renew = tokio::time::interval(RENEW_EVERY);
+        renew.tick().await;
+        // The head first (or the end, for an answer that never began).
+        let (head, mut end) = loop {
+            tokio::select! {
+                got = reader.changed(false) => break got,
+                _ = renew.tick() => {
+                    if !fleet.keep(&n, &owner, &reader).await {
+                        return;
+                    }
+                }
+            }
+        };
+        let mut pipe = redis::pipe();
+        if let Some(head) = head {
+            pipe.cmd("XADD")
+                .arg(&n.log)
+                .arg("*")
+                .arg("h")
+                .arg(head_code(head));
+        }
+        let mut bytes = 0usize;
+        loop {
+            // Everything the log has now, without waiting.
+            while end.is_none() {
+                let next = std::future::poll_fn(|cx| {
+                    std::task::Poll::Ready(match reader.poll_next(cx) {
+                        std::task::Poll::Ready(next) => Some(next),
+                        std::task::Poll::Pending => None,
+                    })
+                })
+                .await;
+                match next {
+                    Some(next) => end = add(&mut pipe, &n, next, &mut bytes),
+                    None => break,
+                }
+            }
+            if let Some(end) = &end {
+                add_end(&mut pipe, &n, end);
+            }
+            pipe.cmd("PEXPIRE").arg(&n.log).arg(LOG_TTL_MS).ignore();
+            let sent: Result<(), _> = fleet.redis.pipe(Op::Coalesce, &pipe).await;
+            if sent.is_err() || end.is_some() {
+                // Released, so a follower elsewhere is not left waiting
+                // for a claim to lapse (or takes over at once if this
+                // replica could not publish).
+                fleet.release(&n, &owner).await;
+                return;
+            }
+            pipe = redis::pipe();
+            // Wait for the next entry, renewing the claim meanwhile.
+            let next = loop {
+                tokio::select! {
+                    next = std::future::poll_fn(|cx| reader.poll_next(cx)) => break next,
+                    _ = renew.tick() => {
+                        if !fleet.keep(&n, &owner, &reader).await {
+                            return;
+                        }
+                    }
+                }
+            };
+            end = add(&mut pipe, &n, next, &mut bytes);
+        }
+    }
+}
+
+/// Adds one entry of the local log to a publishing pipeline; the end it
+/// brings, if any (past the bound, the flight ends as interrupted).
+fn add(pipe: &mut redis::Pipeline, n: &Names, next: Next, bytes: &mut usize) -> Option<End> {
+    match next {
+        Next::Event(ev, mark) => {
+            *bytes += ev.len();
+            if *bytes > FLIGHT_LOG_MAX {
+                return Some(End::Error(GatewayError::StreamInterrupted));
+            }
+            pipe.cmd("XADD")
+                .arg(&n.log)
+                .arg("*")
+                .arg("e")
+                .arg(ev.as_ref())
+                .arg("m")
+                .arg(mark_code(mark));
+            None
+        }
+        Next::End(end) => Some(end),
+        Next::Behind => Some(End::Error(GatewayError::StreamInterrupted)),
+    }
+}
+
+fn add_end(pipe: &mut redis::Pipeline, n: &Names, end: &End) {
+    let cmd = pipe.cmd("XADD").arg(&n.log).arg("*");
+    match end {
+        End::Done(entry) => {
+            cmd.arg("d").arg(cache_store::encode(entry).as_ref());
+        }
+        End::Response {
+            status,
+            content_type,
+            body,
+        } => {
+            cmd.arg("r")
+                .arg(status.as_str())
+                .arg("c")
+                .arg(content_type.as_ref().map_or(&b""[..], |c| c.as_bytes()))
+                .arg("b")
+                .arg(body.as_ref());
+        }
+        End::Error(e) => {
+            cmd.arg("x").arg(e.code());
+        }
+    }
+}
+
 /// Flights shared by the fleet.
 pub struct FleetFlights {
     redis: Arc<Redis>,
@@ -68,8 +200,8 @@ pub struct FleetFlights {
 
 /// What a request that found the call claimed elsewhere does.
 pub enum Remote {
-    /// Follows this flight, fed from the fleet leader's log.
-    Following(Arc<Flight>),
+    /// Follows the local flight fed from the fleet leader's log.
+    Following(LogReader),
     /// The leader died before any event: this replica took the call over
     /// and leads it (upstream, then published).
     TakeOver(Leader),
@@ -80,6 +212,8 @@ pub enum Remote {
 struct Names {
     lead: String,
     log: String,
+    /// How many followers on other replicas joined.
+    followers: String,
 }
 
 impl FleetFlights {
@@ -97,6 +231,7 @@ impl FleetFlights {
         Names {
             lead: format!("{tag}:lead"),
             log: format!("{tag}:log"),
+            followers: format!("{tag}:n"),
         }
     }
 
@@ -117,99 +252,47 @@ impl FleetFlights {
             .map(|won| won == 1)
     }
 
-    /// Leads the call for the fleet if nobody does: `Ok(true)` and the
-    /// local flight is published from now on; `Ok(false)`: another replica
-    /// leads it.
-    pub async fn claim(
-        self: &Arc<Self>,
-        key: &Key,
-        flight: &Arc<Flight>,
-    ) -> Result<bool, Unavailable> {
+    /// Leads the call for the fleet if nobody does: `Ok(Some(publisher))`,
+    /// to be started with a reader of the local flight; `Ok(None)`: another
+    /// replica leads it.
+    pub async fn claim(self: &Arc<Self>, key: &Key) -> Result<Option<Publisher>, Unavailable> {
         let n = self.names(key);
         let owner = self.owner();
         let won = self.try_claim(&n, &owner, true).await?;
-        if won {
-            tokio::spawn(Arc::clone(self).publish(n, owner, Arc::clone(flight)));
-        }
-        Ok(won)
+        Ok(won.then(|| Publisher {
+            fleet: Arc::clone(self),
+            n,
+            owner,
+        }))
     }
 
-    /// Mirrors a local flight into the log until it ends, renewing the
-    /// claim meanwhile. It reads the flight like a follower (so the leader's
-    /// call is finished even if its own client leaves: followers elsewhere
-    /// may be reading).
-    async fn publish(self: Arc<Self>, n: Names, owner: String, flight: Arc<Flight>) {
-        let mut seen = 0;
-        let mut head_seen = false;
-        let mut bytes = 0usize;
-        let mut renew = tokio::time::interval(RENEW_EVERY);
-        renew.tick().await;
-        loop {
-            let p = tokio::select! {
-                p = flight.progress(seen, head_seen) => p,
-                _ = renew.tick() => {
-                    let mut inv = self.hold.prepare_invoke();
-                    inv.key(&n.lead).arg(&owner).arg(CLAIM_TTL.as_millis() as u64);
-                    let _: Result<i64, _> = self.redis.invoke(Op::Coalesce, &inv).await;
-                    continue;
-                }
-            };
-            let mut pipe = redis::pipe();
-            let mut xadd = |fields: &[(&str, &[u8])]| {
-                let cmd = pipe.cmd("XADD").arg(&n.log).arg("*");
-                for (k, v) in fields {
-                    cmd.arg(*k).arg(*v);
-                }
-            };
-            if !head_seen {
-                if let Some(head) = p.head {
-                    head_seen = true;
-                    xadd(&[("h", head_code(head))]);
-                }
-            }
-            seen += p.events.len();
-            let mut done = false;
-            for (ev, usage_only) in &p.events {
-                bytes += ev.len();
-                if bytes > FLIGHT_LOG_MAX {
-                    break;
-                }
-                xadd(&[("e", ev), ("u", if *usage_only { b"1" } else { b"0" })]);
-            }
-            if p.overflow || bytes > FLIGHT_LOG_MAX {
-                xadd(&[("o", b"1")]);
-                done = true;
-            } else if let Some(end) = &p.end {
-                match end {
-                    End::Done(entry) => xadd(&[("d", &cache_store::encode(entry))]),
-                    End::Response {
-                        status,
-                        content_type,
-                        body,
-                    } => xadd(&[
-                        ("r", status.as_str().as_bytes()),
-                        (
-                            "c",
-                            content_type.as_ref().map_or(&b""[..], |c| c.as_bytes()),
-                        ),
-                        ("b", body),
-                    ]),
-                    End::Error(e) => xadd(&[("x", e.code().as_bytes())]),
-                }
-                done = true;
-            }
-            pipe.cmd("PEXPIRE").arg(&n.log).arg(LOG_TTL_MS).ignore();
-            let sent: Result<(), _> = self.redis.pipe(Op::Coalesce, &pipe).await;
-            if sent.is_err() || done {
-                // Released, so a follower elsewhere is not left waiting
-                // for a claim to lapse (or takes over at once if this
-                // replica could not publish).
-                let mut inv = self.hold.prepare_invoke();
-                inv.key(&n.lead).arg(&owner).arg(0);
-                let _: Result<i64, _> = self.redis.invoke(Op::Coalesce, &inv).await;
-                return;
-            }
+    /// Renews the claim while someone reads: the leader's own client, or a
+    /// follower on another replica. False once nobody does: the claim is
+    /// released and the publisher lets go of the flight.
+    async fn keep(&self, n: &Names, owner: &str, reader: &LogReader) -> bool {
+        let followers: i64 = self
+            .redis
+            .query(Op::Coalesce, redis::cmd("GET").arg(&n.followers))
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(1);
+        if reader.flight().readers() <= 1 && followers == 0 {
+            self.release(n, owner).await;
+            return false;
         }
+        let mut inv = self.hold.prepare_invoke();
+        inv.key(&n.lead)
+            .arg(owner)
+            .arg(CLAIM_TTL.as_millis() as u64);
+        let _: Result<i64, _> = self.redis.invoke(Op::Coalesce, &inv).await;
+        true
+    }
+
+    async fn release(&self, n: &Names, owner: &str) {
+        let mut inv = self.hold.prepare_invoke();
+        inv.key(&n.lead).arg(owner).arg(0);
+        let _: Result<i64, _> = self.redis.invoke(Op::Coalesce, &inv).await;
     }
 
     /// Follows the call another replica leads, feeding `leader`'s local
@@ -226,6 +309,13 @@ impl FleetFlights {
         let Ok(conn) = self.redis.dedicated().await else {
             return Remote::Alone(leader);
         };
+        let mut join = redis::pipe();
+        join.cmd("INCR").arg(&n.followers).ignore();
+        join.cmd("PEXPIRE")
+            .arg(&n.followers)
+            .arg(LOG_TTL_MS)
+            .ignore();
+        let _: Result<(), _> = self.redis.pipe(Op::Coalesce, &join).await;
         let mut reader = Reader {
             fleet: Arc::clone(self),
             conn,
@@ -243,19 +333,20 @@ impl FleetFlights {
                 Step::More if reader.head => break,
                 Step::More => {}
                 Step::Ended(end) => {
-                    let flight = Arc::clone(&leader.flight);
+                    let reader = leader.flight.attach_leader(0);
                     leader.end(end);
-                    return Remote::Following(flight);
+                    return Remote::Following(reader);
                 }
                 Step::LeaderGone if reader.events == 0 => {
                     let owner = self.owner();
                     match self.try_claim(&reader.n, &owner, false).await {
                         Ok(true) => {
-                            tokio::spawn(Arc::clone(self).publish(
-                                reader.n,
+                            Publisher {
+                                fleet: Arc::clone(self),
+                                n: reader.n,
                                 owner,
-                                Arc::clone(&leader.flight),
-                            ));
+                            }
+                            .start(leader.flight.attach_leader(0));
                             return Remote::TakeOver(leader);
                         }
                         // Someone else took it over: follow them.
@@ -266,13 +357,13 @@ impl FleetFlights {
                 // Nothing relayed yet: this replica can still go alone.
                 Step::Unavailable if reader.events == 0 => return Remote::Alone(leader),
                 Step::LeaderGone | Step::Unavailable => {
-                    let flight = Arc::clone(&leader.flight);
+                    let reader = leader.flight.attach_leader(0);
                     leader.end(End::Error(GatewayError::StreamInterrupted));
-                    return Remote::Following(flight);
+                    return Remote::Following(reader);
                 }
             }
         }
-        let flight = Arc::clone(&leader.flight);
+        let local = leader.flight.attach_leader(0);
         tokio::spawn(async move {
             loop {
                 match reader.step(&leader).await {
@@ -284,7 +375,7 @@ impl FleetFlights {
                 }
             }
         });
-        Remote::Following(flight)
+        Remote::Following(local)
     }
 }
 
@@ -292,6 +383,14 @@ fn head_code(head: Head) -> &'static [u8] {
     match head {
         Head::Stream => b"s",
         Head::Other => b"o",
+    }
+}
+
+fn mark_code(mark: Mark) -> &'static [u8] {
+    match mark {
+        Mark::Event => b"e",
+        Mark::UsageOnly => b"u",
+        Mark::Done => b"d",
     }
 }
 
@@ -380,8 +479,12 @@ impl Reader {
             } else if let Some(ev) = field("e") {
                 self.events += 1;
                 self.last_data = Instant::now();
-                let usage_only = field("u").is_some_and(|u| u == b"1");
-                leader.flight.push_event(Bytes::from(ev), usage_only);
+                let mark = match field("m").as_deref() {
+                    Some(b"u") => Mark::UsageOnly,
+                    Some(b"d") => Mark::Done,
+                    _ => Mark::Event,
+                };
+                leader.flight.push_event(Bytes::from(ev), mark);
             } else if let Some(d) = field("d") {
                 return Step::Ended(match cache_store::decode(&d) {
                     Some(e) => End::Done(Arc::new(e)),

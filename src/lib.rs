@@ -19,7 +19,8 @@
 //! - [`error`]: Sluice's own errors in the OpenAI shape;
 //! - [`request_id`]: the `x-request-id` of every response.
 //!
-//! [`server::Gateway`] binds the listeners and runs them; the binary, `sluice
+//! [`server::Gateway`] binds the listeners and runs them, each client
+//! connection under [`send_timeout`]; the binary, `sluice
 //! demo`, the tests and the benchmarks all start it. [`simulator`] is the
 //! simulated DeepSeek upstream they share.
 
@@ -35,11 +36,13 @@ pub mod proxy;
 pub mod relay;
 pub mod request_id;
 pub mod routes;
+pub mod send_timeout;
 pub mod server;
 pub mod shared;
 pub mod simulator;
 pub mod sse;
 pub mod state;
+pub mod text;
 pub mod upstream;
 
 pub use config::{Config, ConfigError, Secret};

@@ -25,18 +25,18 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::Value;
-use tokio::sync::mpsc;
 
 use crate::body::{Body, Record};
-use crate::cache::{self, End, Entry, Flight, Head, Join};
-use crate::error::{stream_error_event, GatewayError};
+use crate::cache::{self, End, Entry, Head, Join, Reader};
+use crate::error::GatewayError;
 use crate::fleet_flight::Remote;
 use crate::limit::{Admission, Standings};
-use crate::relay::{Meter, Relay, Sink, StreamOpts};
+use crate::relay::{Launch, LeadBody, LogBody, LogOpts, Meter, Plan, Sink, StreamOpts};
 use crate::request_id::X_REQUEST_ID;
 use crate::routes::{self, Endpoint};
 use crate::sse::{self, DONE_EVENT};
 use crate::state::{App, Snapshot, Tenant};
+use crate::text::{PromptText, TextKind};
 use crate::upstream::{read_small, strip_hop_by_hop, Outbound};
 
 // Parsed once: a `&str` name is parsed and validated on every use.
@@ -182,9 +182,9 @@ async fn serve(
                 .insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
             return Ok(resp);
         }
-        if let Some(flight) = app.flights.follow(&key) {
+        if let Some(reader) = app.flights.follow(&key) {
             record.cache = "coalesced";
-            let following = Box::pin(follow(app, flight, &api, record));
+            let following = Box::pin(follow(app, reader, &api, record));
             return following.await;
         }
     }
@@ -197,16 +197,23 @@ async fn serve(
             Join::Lead(l) => match &app.fleet_flights {
                 None => leader = Some(l),
                 // Another replica may be calling upstream for this already.
-                Some(fleet) => match fleet.claim(&key, &l.flight).await {
-                    Ok(true) | Err(_) => leader = Some(l),
-                    Ok(false) => {
+                Some(fleet) => match fleet.claim(&key).await {
+                    Ok(Some(publisher)) => {
+                        // Mirrored for the fleet from the local flight.
+                        if let Some(reader) = app.flights.follow(&key) {
+                            publisher.start(reader);
+                        }
+                        leader = Some(l);
+                    }
+                    Err(_) => leader = Some(l),
+                    Ok(None) => {
                         let deadline = record.start + snap.config.upstream.first_byte_timeout;
                         let idle = snap.config.upstream.idle_timeout;
                         let remote = Box::pin(fleet.follow(&key, l, deadline, idle));
                         match remote.await {
-                            Remote::Following(flight) => {
+                            Remote::Following(reader) => {
                                 record.cache = "coalesced";
-                                let following = Box::pin(follow(app, flight, &api, record));
+                                let following = Box::pin(follow(app, reader, &api, record));
                                 return following.await;
                             }
                             Remote::TakeOver(l) | Remote::Alone(l) => leader = Some(l),
@@ -214,9 +221,9 @@ async fn serve(
                     }
                 },
             },
-            Join::Follow(flight) => {
+            Join::Follow(reader) => {
                 record.cache = "coalesced";
-                let following = Box::pin(follow(app, flight, &api, record));
+                let following = Box::pin(follow(app, reader, &api, record));
                 return following.await;
             }
         }
@@ -275,6 +282,9 @@ pub struct ApiRequest {
     pub include_usage: bool,
     /// The client sent `stream_options` (so it cannot simply be spliced in).
     pub has_stream_options: bool,
+    /// Characters of the messages' text (or the FIM prompt), for the usage
+    /// estimate: counted here so nothing of the body is kept for it.
+    pub prompt_chars: u64,
 }
 
 /// The fields Sluice reads, each kept raw so a wrong type is told apart from
@@ -283,10 +293,10 @@ pub struct ApiRequest {
 struct Fields<'a> {
     #[serde(borrow, default)]
     model: Option<&'a serde_json::value::RawValue>,
-    #[serde(borrow, default)]
-    messages: Option<&'a serde_json::value::RawValue>,
-    #[serde(borrow, default)]
-    prompt: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    messages: Option<PromptText>,
+    #[serde(default)]
+    prompt: Option<PromptText>,
     #[serde(borrow, default)]
     stream: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow, default)]
@@ -334,6 +344,10 @@ impl ApiRequest {
             stream: seen.stream,
             include_usage: seen.stream && seen.include_usage,
             has_stream_options: seen.has_stream_options,
+            prompt_chars: match endpoint {
+                Endpoint::Fim => seen.prompt_chars,
+                Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models => seen.messages_chars,
+            },
         })
     }
 }
@@ -346,11 +360,14 @@ struct Seen {
     stream: bool,
     include_usage: bool,
     has_stream_options: bool,
+    messages_chars: u64,
+    prompt_chars: u64,
 }
 
 impl Seen {
     fn of_tree(v: &Value) -> Seen {
         let opts = v.get("stream_options");
+        let text = |field: &str| v.get(field).map(PromptText::of_value);
         Seen {
             model: v.get("model").and_then(Value::as_str).map(str::to_string),
             messages_is_array: v.get("messages").is_some_and(Value::is_array),
@@ -361,20 +378,19 @@ impl Seen {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             has_stream_options: opts.is_some_and(|o| !o.is_null()),
+            messages_chars: text("messages").map_or(0, |t| t.chars),
+            prompt_chars: text("prompt").map_or(0, |t| t.chars),
         }
     }
 
     fn of_fields(f: &Fields<'_>) -> Seen {
-        let starts = |raw: Option<&serde_json::value::RawValue>, c: u8| {
-            raw.is_some_and(|r| r.get().as_bytes().first() == Some(&c))
-        };
         Seen {
             model: f
                 .model
                 .filter(|r| r.get().starts_with('"'))
                 .and_then(|r| serde_json::from_str::<String>(r.get()).ok()),
-            messages_is_array: starts(f.messages, b'['),
-            prompt_is_string: starts(f.prompt, b'"'),
+            messages_is_array: f.messages.is_some_and(|t| t.kind == TextKind::Array),
+            prompt_is_string: f.prompt.is_some_and(|t| t.kind == TextKind::String),
             stream: f.stream.is_some_and(|r| r.get() == "true"),
             include_usage: f
                 .stream_options
@@ -382,6 +398,8 @@ impl Seen {
                 .and_then(|o| o.get("include_usage").and_then(Value::as_bool))
                 .unwrap_or(false),
             has_stream_options: f.stream_options.is_some_and(|r| r.get() != "null"),
+            messages_chars: f.messages.map_or(0, |t| t.chars),
+            prompt_chars: f.prompt.map_or(0, |t| t.chars),
         }
     }
 }
@@ -508,14 +526,14 @@ fn mark_no_retry(status: StatusCode, h: &mut HeaderMap) {
 )]
 async fn forward(
     app: &Arc<App>,
-    snap: &Snapshot,
+    snap: &Arc<Snapshot>,
     endpoint: Endpoint,
     headers: HeaderMap,
     bytes: Bytes,
     api: ApiRequest,
     tenant: Arc<Tenant>,
     record: &mut Record,
-    mut sink: Sink,
+    sink: Sink,
 ) -> Result<Response<Body>, GatewayError> {
     let cfg = &snap.config.upstream;
     let target = snap
@@ -526,25 +544,58 @@ async fn forward(
     } else {
         bytes
     };
-    let request_bytes = body.len();
     let mut headers = upstream_headers(headers, snap, &record.request_id);
     headers
         .entry(header::CONTENT_TYPE)
         .or_insert(HeaderValue::from_static("application/json"));
-    let outbound = Outbound::new(Method::POST, target, headers, body);
     let deadline = record.start + cfg.first_byte_timeout;
-    let sent = app
-        .upstream
-        .send(cfg, &app.metrics, deadline, &outbound)
-        .await;
-    let sent = match sent {
-        Ok(sent) => sent,
-        Err(e) => {
-            if let Some(leader) = sink.leader.take() {
-                leader.end(End::Error(e.clone()));
-            }
-            return Err(e);
-        }
+    // Made before the call: a leader's call may outlive this request.
+    let plan = Plan {
+        stream: api.stream.then(|| StreamOpts {
+            shape: endpoint.shape(),
+            client_wants_usage: api.include_usage,
+        }),
+        first_event_deadline: deadline,
+        idle: cfg.idle_timeout,
+        meter: Meter {
+            lease: record.lease.take(),
+            app: Arc::clone(app),
+            tenant,
+            model: record
+                .model
+                .clone()
+                .unwrap_or_else(|| Arc::from(crate::metrics::OTHER)),
+            prompt_chars: api.prompt_chars,
+        },
+        sink,
+    };
+    let (sent, plan) = if plan.sink.leader.is_some() {
+        // A flight's leader: the call is owned (boxed), so that if this
+        // client leaves before the headers while followers wait, it goes on
+        // without it.
+        let call = {
+            let (app, snap) = (Arc::clone(app), Arc::clone(snap));
+            let path = endpoint.upstream_path();
+            Box::pin(async move {
+                let target = snap
+                    .upstream_target(path)
+                    .ok_or(GatewayError::UpstreamUnreachable)?;
+                let outbound = Outbound::new(Method::POST, target, headers, body);
+                let cfg = &snap.config.upstream;
+                app.upstream
+                    .send(cfg, &app.metrics, deadline, &outbound)
+                    .await
+            })
+        };
+        let launch = Launch::new(call, plan);
+        launch.await?
+    } else {
+        let outbound = Outbound::new(Method::POST, target, headers, body);
+        let sent = app
+            .upstream
+            .send(cfg, &app.metrics, deadline, &outbound)
+            .await?;
+        (sent, plan)
     };
     let (parts, incoming) = sent.response.into_parts();
     record.upstream_status = Some(parts.status.as_u16());
@@ -556,36 +607,14 @@ async fn forward(
         resp_headers.remove(header::CONTENT_LENGTH);
     }
     mark_no_retry(parts.status, &mut resp_headers);
-    if parts.status != StatusCode::OK {
-        sink.store = None;
-    }
     let content_type = resp_headers.get(header::CONTENT_TYPE).cloned();
-    let stream = is_sse.then(|| StreamOpts {
-        shape: endpoint.shape(),
-        client_wants_usage: api.include_usage,
-        first_event_deadline: deadline,
-    });
-    let meter = Meter {
-        lease: record.lease.take(),
-        app: Arc::clone(app),
-        tenant,
-        model: record
-            .model
-            .clone()
-            .unwrap_or_else(|| Arc::from(crate::metrics::OTHER)),
-        request_bytes,
+    let relay = plan.relay(incoming, parts.status, content_type, sent.slot);
+    let body = if relay.leads() {
+        Body::lead(LeadBody::start(relay))
+    } else {
+        Body::relay(relay)
     };
-    let relay = Relay::new(
-        incoming,
-        parts.status,
-        content_type,
-        stream,
-        cfg.idle_timeout,
-        meter,
-        sink,
-        sent.slot,
-    );
-    let mut resp = Response::new(Body::relay(relay));
+    let mut resp = Response::new(body);
     *resp.status_mut() = parts.status;
     *resp.headers_mut() = resp_headers;
     Ok(resp)
@@ -610,35 +639,30 @@ pub fn entry_response(entry: &Entry, stream: bool, include_usage: bool) -> Respo
 }
 
 /// Serves a coalesced follower from the leader's flight: a streaming
-/// follower of a streaming leader reads its events from the first one on;
-/// everyone else gets the finished answer.
+/// follower of a streaming leader reads its log from the first event on, at
+/// its own pace; everyone else gets the finished answer.
 async fn follow(
     app: &Arc<App>,
-    flight: Arc<Flight>,
+    mut reader: Reader,
     api: &ApiRequest,
     record: &mut Record,
 ) -> Result<Response<Body>, GatewayError> {
-    let mut seen = 0;
     let mut head_seen = false;
     loop {
-        let p = flight.progress(seen, head_seen).await;
-        if api.stream && p.head == Some(Head::Stream) && !p.overflow {
+        let (head, end) = reader.changed(head_seen).await;
+        if api.stream && head == Some(Head::Stream) {
             let tenant = record.tenant.as_ref().map_or("unknown", |t| &t.name);
             let model = record.model.as_deref().unwrap_or(crate::metrics::OTHER);
             let saved = match &record.tenant {
                 Some(t) => t.usage(model, &app.metrics).saved.clone(),
                 None => app.metrics.tokens_saved.with_label_values(&[tenant, model]),
             };
-            return Ok(stream_follower(saved, flight, p.events, api.include_usage));
+            return Ok(stream_follower(saved, reader, api.include_usage));
         }
-        if let Some(end) = p.end {
+        if let Some(end) = end {
             return end_response(end, api, record);
         }
-        if p.overflow {
-            return Err(GatewayError::StreamInterrupted);
-        }
-        seen += p.events.len();
-        head_seen = p.head.is_some();
+        head_seen = head.is_some();
     }
 }
 
@@ -669,53 +693,19 @@ fn end_response(
     }
 }
 
-/// Copies the leader's events to one streaming follower through a small
-/// channel; the flight's log is shared, so a slow follower costs no more
+/// A streaming follower's response: the flight's log, read at the
+/// follower's pace; the log is shared, so a slow follower costs no more
 /// memory than the log already holds.
 fn stream_follower(
     saved: prometheus::IntCounter,
-    flight: Arc<Flight>,
-    first: Vec<(Bytes, bool)>,
+    reader: Reader,
     include_usage: bool,
 ) -> Response<Body> {
-    let (tx, rx) = mpsc::channel::<Bytes>(16);
-    tokio::spawn(async move {
-        let mut seen = first.len();
-        let mut batch = first;
-        loop {
-            for (ev, usage_only) in batch.drain(..) {
-                if usage_only && !include_usage {
-                    continue;
-                }
-                if tx.send(ev).await.is_err() {
-                    return;
-                }
-            }
-            let p = flight.progress(seen, true).await;
-            seen += p.events.len();
-            batch = p.events;
-            if p.overflow {
-                let _ = tx.send(stream_error_event()).await;
-                return;
-            }
-            if let Some(end) = p.end {
-                for (ev, usage_only) in batch.drain(..) {
-                    if (include_usage || !usage_only) && tx.send(ev).await.is_err() {
-                        return;
-                    }
-                }
-                match end {
-                    // Only the tokens of a completed answer count as saved.
-                    End::Done(entry) => saved.inc_by(entry.usage.map_or(0, |u| u.total)),
-                    End::Response { .. } | End::Error(_) => {
-                        let _ = tx.send(stream_error_event()).await;
-                    }
-                }
-                return;
-            }
-        }
-    });
-    let mut resp = Response::new(Body::channel(rx));
+    let opts = LogOpts {
+        raw: false,
+        include_usage,
+    };
+    let mut resp = Response::new(Body::log(LogBody::new(reader, opts, Some(saved))));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),

@@ -1,21 +1,29 @@
 //! The relay: the response body that carries an upstream answer to the
 //! client as it arrives. Polled by the client's connection, so a slow client
 //! slows the upstream read (backpressure, no backlog) and a client that goes
-//! away drops the upstream request — unless coalesced followers still read,
-//! in which case the relay is handed to a task that finishes the call.
+//! away drops the upstream request — unless coalesced readers still read.
 //!
 //! Along the way it reads: SSE events are framed as zero-copy slices and
 //! forwarded as they came (only the usage-only chunk is held back from a
 //! client that did not ask for it); usage is extracted for metering; the
 //! stream is assembled for the cache and published to followers. Timeouts
 //! (first data event, idle gap) and the end of the shutdown grace are
-//! enforced here; a stream that breaks ends with the SSE error event.
+//! enforced here; a stream that breaks ends with the SSE error event, and
+//! then the response is aborted, not ended cleanly.
+//!
+//! A flight's leader (a cacheable miss) is relayed in place, like any other
+//! answer, until a follower attaches: then the relay moves into a task of its
+//! own that reads upstream at upstream's pace (`Lead`, `drive`), and every
+//! client — the leader's too — reads the flight's bounded log at its own pace
+//! (`LogBody`). The call survives its leader's client leaving at any point
+//! (`Launch` before the response headers, `Relay::release` after) while a
+//! reader remains, and is cancelled when none does.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -24,12 +32,12 @@ use http_body::Body as _;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 
-use crate::cache::{End, Entry, Head, Key, Leader, FLIGHT_LOG_MAX};
+use crate::cache::{Detach, End, Entry, Head, Key, Leader, Mark, Next, Reader, FLIGHT_LOG_MAX};
 use crate::error::{stream_error_event, GatewayError};
 use crate::limit::Lease;
 use crate::sse::{self, Assembler, EventData, Framer, Shape, Usage};
 use crate::state::{App, Tenant};
-use crate::upstream::UpstreamBody;
+use crate::upstream::{Sent, UpstreamBody};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -51,7 +59,8 @@ pub struct Meter {
     pub app: Arc<App>,
     pub tenant: Arc<Tenant>,
     pub model: Arc<str>,
-    pub request_bytes: usize,
+    /// Characters of the request's messages or prompt, for the estimate.
+    pub prompt_chars: u64,
 }
 
 /// Where a complete answer goes besides the client.
@@ -85,7 +94,9 @@ enum Mode {
         framer: Framer,
         assembler: Option<Assembler>,
         client_wants_usage: bool,
+        /// `[DONE]` arrived: the stream is complete, nothing follows.
         done: bool,
+        /// Upstream sent an error event.
         broken: bool,
         usage: Option<Usage>,
     },
@@ -102,13 +113,23 @@ pub struct Relay {
     timer: Option<Pin<Box<Sleep>>>,
     idle: Duration,
     grace: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-    out: VecDeque<Bytes>,
+    /// What the client gets next, each with the number of the flight's log
+    /// entry a reader resumes at if it has not been sent yet.
+    out: VecDeque<(Bytes, usize)>,
     finished: bool,
+    /// The answer broke after bytes went out: once `out` is sent, the
+    /// response is aborted rather than ended.
+    abort: bool,
+    /// Driven by a task for the flight's readers: nothing is queued for a
+    /// client, and body pieces go to the log.
+    detached: bool,
     charged: bool,
     meter: Meter,
     sink: Sink,
     slot: Option<OwnedSemaphorePermit>,
     response_bytes: usize,
+    /// Characters of generated text relayed, for the usage estimate.
+    completion_chars: u64,
     summary: RelaySummary,
 }
 
@@ -116,8 +137,46 @@ pub struct Relay {
 pub struct StreamOpts {
     pub shape: Shape,
     pub client_wants_usage: bool,
+}
+
+/// Everything the relay of one upstream call needs but its response: made
+/// before the call goes out, so a call that outlives its client (a flight's
+/// leader) can still be relayed for the followers.
+pub struct Plan {
+    /// `Some` for a streaming request.
+    pub stream: Option<StreamOpts>,
     /// Deadline for the first data event (the first-byte timeout).
     pub first_event_deadline: Instant,
+    pub idle: Duration,
+    pub meter: Meter,
+    pub sink: Sink,
+}
+
+impl Plan {
+    /// The relay of the response that arrived for this plan.
+    pub fn relay(
+        mut self,
+        upstream: UpstreamBody,
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Relay {
+        if status != StatusCode::OK {
+            self.sink.store = None;
+        }
+        let stream = self.stream.filter(|_| status == StatusCode::OK);
+        Relay::new(
+            upstream,
+            status,
+            content_type,
+            stream,
+            self.first_event_deadline,
+            self.idle,
+            self.meter,
+            self.sink,
+            slot,
+        )
+    }
 }
 
 impl Relay {
@@ -126,11 +185,12 @@ impl Relay {
         clippy::too_many_arguments,
         reason = "each argument is a distinct part of the answer; a struct would only rename them"
     )]
-    pub fn new(
+    fn new(
         upstream: UpstreamBody,
         status: StatusCode,
         content_type: Option<HeaderValue>,
         stream: Option<StreamOpts>,
+        first_event_deadline: Instant,
         idle: Duration,
         meter: Meter,
         sink: Sink,
@@ -154,7 +214,7 @@ impl Relay {
                         broken: false,
                         usage: None,
                     },
-                    opts.first_event_deadline,
+                    first_event_deadline,
                 )
             }
             None => {
@@ -183,11 +243,14 @@ impl Relay {
             grace: None,
             out: VecDeque::new(),
             finished: false,
+            abort: false,
+            detached: false,
             charged: false,
             meter,
             sink,
             slot,
             response_bytes: 0,
+            completion_chars: 0,
             summary: RelaySummary {
                 outcome: "ok",
                 ..RelaySummary::default()
@@ -195,12 +258,20 @@ impl Relay {
         }
     }
 
+    /// Whether this relay publishes to a flight.
+    pub fn leads(&self) -> bool {
+        self.sink.leader.is_some()
+    }
+
     pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
         loop {
-            if let Some(b) = self.out.pop_front() {
+            if let Some((b, _)) = self.out.pop_front() {
                 return Poll::Ready(Some(Ok(b)));
             }
             if self.finished {
+                if std::mem::take(&mut self.abort) {
+                    return Poll::Ready(Some(Err("upstream stream interrupted".into())));
+                }
                 return Poll::Ready(None);
             }
             match Pin::new(&mut self.upstream).poll_frame(cx) {
@@ -212,9 +283,7 @@ impl Relay {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::warn!(error = %e, "upstream body broke");
-                    if let Some(err) = self.fail() {
-                        return Poll::Ready(Some(Err(err)));
-                    }
+                    self.fail();
                     continue;
                 }
                 Poll::Ready(None) => {
@@ -240,9 +309,7 @@ impl Relay {
             }
             if timer.as_mut().poll(cx).is_ready() {
                 tracing::warn!("upstream went quiet past its timeout");
-                if let Some(err) = self.fail() {
-                    return Poll::Ready(Some(Err(err)));
-                }
+                self.fail();
                 continue;
             }
             let app = &self.meter.app;
@@ -255,9 +322,7 @@ impl Relay {
                 })
             });
             if grace.as_mut().poll(cx).is_ready() {
-                if let Some(err) = self.fail() {
-                    return Poll::Ready(Some(Err(err)));
-                }
+                self.fail();
                 continue;
             }
             return Poll::Pending;
@@ -268,6 +333,13 @@ impl Relay {
         let now = Instant::now();
         self.summary.first_event_at.get_or_insert(now);
         self.deadline = now + self.idle;
+    }
+
+    /// Queues bytes for the client (none once the relay runs for readers).
+    fn emit(&mut self, b: Bytes, resume: usize) {
+        if !self.detached {
+            self.out.push_back((b, resume));
+        }
     }
 
     fn on_data(&mut self, data: Bytes) {
@@ -290,7 +362,12 @@ impl Relay {
                     }
                 }
             }
-            self.out.push_back(data);
+            if self.detached {
+                // The leader's client reads the body from the log now.
+                self.publish(&data, Mark::Event);
+            } else {
+                self.out.push_back((data, 0));
+            }
             if let Mode::Raw {
                 length: Some(len), ..
             } = self.mode
@@ -307,7 +384,8 @@ impl Relay {
             Mode::Raw { .. } => Ok(()),
         };
         for ev in events {
-            if self.finished {
+            // Nothing follows `[DONE]`.
+            if self.finished || matches!(self.mode, Mode::Sse { done: true, .. }) {
                 return;
             }
             self.on_event(ev);
@@ -323,16 +401,16 @@ impl Relay {
             EventData::None => {
                 // Comments and blank lines: forwarded, but they are not data,
                 // so they neither start the stream nor reset the idle clock.
-                self.publish(&ev, false);
-                self.out.push_back(ev);
+                let at = self.publish(&ev, Mark::Event);
+                self.emit(ev, at);
                 return;
             }
             EventData::Done => {
                 if let Mode::Sse { done, .. } = &mut self.mode {
                     *done = true;
                 }
-                self.publish(&ev, false);
-                self.out.push_back(ev);
+                let at = self.publish(&ev, Mark::Done);
+                self.emit(ev, at);
                 return;
             }
             EventData::Data(d) => d,
@@ -367,25 +445,35 @@ impl Relay {
             *usage = info.usage;
         }
         let forward = !info.usage_only || *client_wants_usage;
-        self.publish(&ev, info.usage_only);
+        self.completion_chars += info.text_chars;
+        let at = self.publish(
+            &ev,
+            if info.usage_only {
+                Mark::UsageOnly
+            } else {
+                Mark::Event
+            },
+        );
         if forward {
-            self.out.push_back(ev);
+            self.emit(ev, at);
         }
     }
 
-    fn publish(&mut self, ev: &Bytes, usage_only: bool) {
-        if let Some(leader) = &self.sink.leader {
-            // A copy: the event is a slice of the upstream connection's read
-            // buffer, and the log lives as long as the flight; holding slices
-            // would pin one 8 KiB buffer per read.
-            if !leader
-                .flight
-                .push_event(Bytes::copy_from_slice(ev), usage_only)
-            {
-                // Too long to keep for followers: stop taking new ones.
-                leader.close();
-            }
+    /// Logs an entry for the flight's readers; returns its number (0 without
+    /// a flight).
+    fn publish(&mut self, ev: &Bytes, mark: Mark) -> usize {
+        let Some(leader) = &self.sink.leader else {
+            return 0;
+        };
+        // A copy: the event is a slice of the upstream connection's read
+        // buffer, and the log lives as long as the flight; holding slices
+        // would pin one 8 KiB buffer per read.
+        let logged = leader.flight.push_event(Bytes::copy_from_slice(ev), mark);
+        if logged.just_trimmed {
+            // The first events left the log: a new follower could not start.
+            leader.close();
         }
+        logged.at
     }
 
     fn on_eof(&mut self) {
@@ -396,11 +484,12 @@ impl Relay {
                 framer,
                 ..
             } => {
-                if !*done || *broken || !framer.pending().iter().all(u8::is_ascii_whitespace) {
+                if !*done {
                     tracing::warn!("upstream stream ended before [DONE]");
                     self.fail();
                     return;
                 }
+                let clean = !*broken && framer.pending().iter().all(u8::is_ascii_whitespace);
                 let (usage, assembler) = match &mut self.mode {
                     Mode::Sse {
                         usage, assembler, ..
@@ -408,7 +497,11 @@ impl Relay {
                     Mode::Raw { .. } => (None, None),
                 };
                 self.finish_ok(usage);
-                let entry = assembler.and_then(|a| Entry::from_assembled(&a.finish()));
+                // An upstream error event before `[DONE]` went to the client
+                // as it came, and the stream is over; it is not cached.
+                let entry = assembler
+                    .filter(|_| clean)
+                    .and_then(|a| Entry::from_assembled(&a.finish()));
                 self.deliver(entry.map(Arc::new), None);
             }
             Mode::Raw {
@@ -438,6 +531,10 @@ impl Relay {
                         Some(e) => e.usage,
                         None => body.as_deref().and_then(sse::usage_of_completion),
                     };
+                    if usage.is_none() {
+                        self.completion_chars =
+                            body.as_deref().map_or(0, sse::completion_text_chars);
+                    }
                     self.finish_ok(usage);
                     self.deliver(entry, body.map(|b| (status, content_type, b)));
                 } else {
@@ -486,26 +583,27 @@ impl Relay {
         }
     }
 
-    /// Ends a broken answer. A stream gets the SSE error event (and `None` is
-    /// returned); a non-stream body is cut off, by returning an error for
-    /// hyper to abort the connection with.
-    fn fail(&mut self) -> Option<BoxError> {
+    /// Ends a broken answer. A stream gets the SSE error event and is then
+    /// aborted; a non-stream body is cut off (aborted at once). A stream
+    /// that already had its `[DONE]` is complete: nothing is added.
+    fn fail(&mut self) {
         if self.finished {
-            return None;
+            return;
+        }
+        if matches!(self.mode, Mode::Sse { done: true, .. }) {
+            self.on_eof();
+            return;
         }
         self.finished = true;
+        self.abort = true;
         self.slot = None;
         self.summary.outcome = "interrupted";
         self.charge_partial();
         self.meter.lease = None;
         // Leader dropped unended: followers get the interruption.
         self.sink.leader = None;
-        match self.mode {
-            Mode::Sse { .. } => {
-                self.out.push_back(stream_error_event());
-                None
-            }
-            Mode::Raw { .. } => Some("upstream body interrupted".into()),
+        if matches!(self.mode, Mode::Sse { .. }) {
+            self.emit(stream_error_event(), 0);
         }
     }
 
@@ -530,7 +628,7 @@ impl Relay {
         let (u, estimated) = match usage {
             Some(u) => (u, false),
             None => (
-                Usage::estimate(self.meter.request_bytes, self.response_bytes),
+                Usage::estimate(self.meter.prompt_chars, self.completion_chars),
                 true,
             ),
         };
@@ -550,34 +648,427 @@ impl Relay {
         self.summary.estimated = estimated;
     }
 
-    /// Called when the client's body is dropped. If the answer is not
-    /// finished and followers are reading it, a task finishes the upstream
-    /// call for them; otherwise the upstream request is cancelled here and
-    /// metered by estimate.
-    pub fn release(mut self: Box<Self>) -> RelaySummary {
-        if self.finished {
-            return self.summary;
-        }
-        let handoff = self.sink.leader.as_ref().is_some_and(Leader::has_followers);
-        if handoff {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let mut summary = self.summary;
-                summary.outcome = "handed_off";
-                rt.spawn(async move {
-                    let mut relay = self;
-                    relay.out.clear();
-                    while let Some(Ok(_)) = std::future::poll_fn(|cx| relay.poll(cx)).await {
-                        relay.out.clear();
-                    }
-                });
-                return summary;
-            }
-        }
+    /// Cancels the upstream call: nobody reads the answer any more.
+    fn cancel(&mut self) {
         self.finished = true;
         self.slot = None;
         self.summary.outcome = "client_gone";
         self.charge_partial();
         self.meter.lease = None;
+        self.sink.leader = None;
+    }
+
+    /// Called when the client's body is dropped. If the answer is not
+    /// finished and readers of its flight remain, a task finishes the
+    /// upstream call for them; otherwise the upstream request is cancelled
+    /// here and metered by estimate.
+    pub fn release(mut self, lead: Option<Weak<Lead>>) -> RelaySummary {
+        if self.finished {
+            return self.summary;
+        }
+        let keep = self.sink.leader.as_ref().is_some_and(|l| !l.abandon());
+        if keep {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let mut summary = self.summary;
+                summary.outcome = "handed_off";
+                self.out.clear();
+                self.detached = true;
+                rt.spawn(drive(self, lead));
+                return summary;
+            }
+        }
+        self.cancel();
         self.summary
+    }
+
+    /// Moves the relay off the leader's connection: the leader's client
+    /// gets a reader that resumes in the log where its client is, and from
+    /// now on the relay queues nothing for a client. `None` if there is
+    /// nothing left to drive.
+    fn detach_reader(&mut self) -> Option<(Reader, LogOpts)> {
+        if self.finished {
+            return None;
+        }
+        let leader = self.sink.leader.as_ref()?;
+        let (resume, opts) = match &self.mode {
+            Mode::Sse {
+                client_wants_usage, ..
+            } => (
+                // The first event the client has not been sent yet; every
+                // event of a stream is in the log already.
+                self.out
+                    .front()
+                    .map_or_else(|| leader.flight.logged(), |(_, at)| *at),
+                LogOpts {
+                    raw: false,
+                    include_usage: *client_wants_usage,
+                },
+            ),
+            Mode::Raw { .. } => {
+                // Body pieces are logged only from now on: the ones not yet
+                // sent go first.
+                let at = leader.flight.logged();
+                for (b, _) in self.out.drain(..) {
+                    leader
+                        .flight
+                        .push_event(Bytes::copy_from_slice(&b), Mark::Event);
+                }
+                (
+                    at,
+                    LogOpts {
+                        raw: true,
+                        include_usage: false,
+                    },
+                )
+            }
+        };
+        let reader = leader.flight.attach_leader(resume);
+        self.out.clear();
+        self.detached = true;
+        Some((reader, opts))
+    }
+}
+
+/// Drives a relay in a task for a flight's readers until the answer is done,
+/// or until no reader is left (then the upstream call is cancelled).
+async fn drive(mut relay: Relay, lead: Option<Weak<Lead>>) {
+    std::future::poll_fn(|cx| loop {
+        match relay.poll(cx) {
+            Poll::Ready(Some(Ok(_))) => continue,
+            Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
+            Poll::Pending => {}
+        }
+        let Some(leader) = &relay.sink.leader else {
+            return Poll::Pending;
+        };
+        if leader.flight.poll_unread(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if leader.abandon() {
+            tracing::debug!("every reader of a flight left: upstream call cancelled");
+            relay.cancel();
+            return Poll::Ready(());
+        }
+    })
+    .await;
+    if let Some(lead) = lead.and_then(|l| l.upgrade()) {
+        lead.with(|s| s.summary = Some(relay.summary));
+    }
+}
+
+/// How a reader of a flight's log delivers it.
+#[derive(Debug, Clone, Copy)]
+pub struct LogOpts {
+    /// A non-stream body: pieces as they are; a break aborts the response.
+    pub raw: bool,
+    /// Whether the usage-only chunk is sent.
+    pub include_usage: bool,
+}
+
+// ---- a flight's leader ------------------------------------------------------
+
+/// A flight leader's relay, where its first follower can find it.
+pub struct Lead {
+    me: Weak<Lead>,
+    state: Mutex<LeadState>,
+}
+
+struct LeadState {
+    slot: Slot,
+    /// The leader's connection, waiting on the relay: woken when the relay
+    /// moves, so it starts reading the log.
+    waker: Option<Waker>,
+    /// What the relay reported when it finished in its task.
+    summary: Option<RelaySummary>,
+}
+
+enum Slot {
+    /// Polled by the leader's connection.
+    Here(Box<Relay>),
+    /// Driven by a task; the leader's client reads the log with this reader.
+    Moved(Option<(Reader, LogOpts)>),
+    Gone,
+}
+
+impl Lead {
+    fn with<R>(&self, f: impl FnOnce(&mut LeadState) -> R) -> R {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut s)
+    }
+}
+
+impl Detach for Lead {
+    fn detach(&self) {
+        // Taken out of the slot under its lock: the leader's connection is
+        // not polling it meanwhile.
+        let moved = self.with(|s| {
+            let Slot::Here(relay) = &mut s.slot else {
+                return None;
+            };
+            let (reader, opts) = relay.detach_reader()?;
+            let Slot::Here(relay) =
+                std::mem::replace(&mut s.slot, Slot::Moved(Some((reader, opts))))
+            else {
+                return None;
+            };
+            Some((relay, s.waker.take()))
+        });
+        let Some((relay, waker)) = moved else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // A weak reference from the task: the leader's body owns the lead,
+        // and the task only leaves its summary there when it is done.
+        rt.spawn(drive(*relay, Some(self.me.clone())));
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// The leader's client's body: the relay in place, then, once a follower
+/// attached, a reader of the flight's log.
+pub struct LeadBody {
+    lead: Arc<Lead>,
+    log: Option<LogBody>,
+}
+
+impl LeadBody {
+    /// Takes a leader's relay; if followers attached while the call waited
+    /// for its headers, the relay moves into its task at once.
+    pub fn start(relay: Relay) -> LeadBody {
+        let flight = relay.sink.leader.as_ref().map(|l| Arc::clone(&l.flight));
+        let lead = Arc::new_cyclic(|me| Lead {
+            me: me.clone(),
+            state: Mutex::new(LeadState {
+                slot: Slot::Here(Box::new(relay)),
+                waker: None,
+                summary: None,
+            }),
+        });
+        if let Some(flight) = flight {
+            let weak: Weak<dyn Detach> = Arc::downgrade(&lead) as Weak<Lead>;
+            if flight.set_detach(weak) {
+                lead.detach();
+            }
+        }
+        LeadBody { lead, log: None }
+    }
+
+    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        if let Some(log) = &mut self.log {
+            return log.poll(cx);
+        }
+        let moved = self.lead.with(|s| match &mut s.slot {
+            Slot::Here(relay) => {
+                let polled = relay.poll(cx);
+                if polled.is_pending() && !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    s.waker = Some(cx.waker().clone());
+                }
+                Err(polled)
+            }
+            Slot::Moved(reader) => Ok(reader.take()),
+            Slot::Gone => Err(Poll::Ready(None)),
+        });
+        match moved {
+            Err(polled) => polled,
+            Ok(Some((reader, opts))) => {
+                let log = self.log.insert(LogBody::new(reader, opts, None));
+                log.poll(cx)
+            }
+            Ok(None) => Poll::Ready(None),
+        }
+    }
+
+    /// Called when the client's body is dropped.
+    pub fn release(self) -> RelaySummary {
+        let weak = Arc::downgrade(&self.lead);
+        let (relay, summary) =
+            self.lead
+                .with(|s| match std::mem::replace(&mut s.slot, Slot::Gone) {
+                    Slot::Here(relay) => (Some(relay), None),
+                    Slot::Moved(_) | Slot::Gone => (None, s.summary),
+                });
+        match relay {
+            Some(relay) => (*relay).release(Some(weak)),
+            None => summary.unwrap_or(RelaySummary {
+                outcome: if self.log.as_ref().is_some_and(|l| l.ended) {
+                    "ok"
+                } else {
+                    "handed_off"
+                },
+                ..RelaySummary::default()
+            }),
+        }
+    }
+}
+
+// ---- reading a flight's log -------------------------------------------------
+
+/// A client's body read from a flight's log, at the client's own pace: a
+/// coalesced follower's, or the leader's once its relay moved into a task.
+/// Nothing follows a `[DONE]`; a break (the flight's, or this reader falling
+/// further behind than the log keeps) ends a stream with the SSE error event
+/// and then aborts the response.
+pub struct LogBody {
+    reader: Reader,
+    opts: LogOpts,
+    /// Tokens answered without going upstream, counted when the answer is
+    /// complete (followers).
+    saved: Option<prometheus::IntCounter>,
+    done_sent: bool,
+    abort: bool,
+    ended: bool,
+}
+
+impl LogBody {
+    pub fn new(reader: Reader, opts: LogOpts, saved: Option<prometheus::IntCounter>) -> LogBody {
+        LogBody {
+            reader,
+            opts,
+            saved,
+            done_sent: false,
+            abort: false,
+            ended: false,
+        }
+    }
+
+    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        if std::mem::take(&mut self.abort) {
+            return Poll::Ready(Some(Err("upstream stream interrupted".into())));
+        }
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            let next = match self.reader.poll_next(cx) {
+                Poll::Ready(n) => n,
+                Poll::Pending => return Poll::Pending,
+            };
+            match next {
+                Next::Event(b, mark) => {
+                    if self.done_sent {
+                        continue;
+                    }
+                    match mark {
+                        Mark::UsageOnly if !self.opts.include_usage && !self.opts.raw => continue,
+                        Mark::Done => self.done_sent = true,
+                        Mark::UsageOnly | Mark::Event => {}
+                    }
+                    return Poll::Ready(Some(Ok(b)));
+                }
+                Next::Behind => return self.broken(),
+                Next::End(end) => {
+                    if let (End::Done(entry), Some(saved)) = (&end, &self.saved) {
+                        // Only the tokens of a completed answer count as saved.
+                        saved.inc_by(entry.usage.map_or(0, |u| u.total));
+                    }
+                    let clean = self.done_sent
+                        || match end {
+                            End::Done(_) => true,
+                            End::Response { .. } => self.opts.raw,
+                            End::Error(_) => false,
+                        };
+                    if clean {
+                        self.ended = true;
+                        return Poll::Ready(None);
+                    }
+                    return self.broken();
+                }
+            }
+        }
+    }
+
+    fn broken(&mut self) -> Poll<Option<Result<Bytes, BoxError>>> {
+        self.ended = true;
+        if self.done_sent {
+            return Poll::Ready(None);
+        }
+        if self.opts.raw {
+            return Poll::Ready(Some(Err("upstream body interrupted".into())));
+        }
+        self.abort = true;
+        Poll::Ready(Some(Ok(stream_error_event())))
+    }
+}
+
+// ---- a leader's call before its headers --------------------------------------
+
+type Call = Pin<Box<dyn Future<Output = Result<Sent, GatewayError>> + Send>>;
+
+/// A flight leader's upstream call, up to its response headers. If the
+/// leader's client leaves before they arrive while followers wait, the call
+/// goes on in a task and its answer is relayed to them; with no follower it
+/// is cancelled, as any request's is.
+pub struct Launch {
+    call: Option<Call>,
+    plan: Option<Plan>,
+}
+
+impl Launch {
+    pub fn new(call: Call, plan: Plan) -> Launch {
+        Launch {
+            call: Some(call),
+            plan: Some(plan),
+        }
+    }
+}
+
+impl Future for Launch {
+    type Output = Result<(Sent, Plan), GatewayError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some(call) = &mut this.call else {
+            return Poll::Ready(Err(GatewayError::StreamInterrupted));
+        };
+        let sent = match call.as_mut().poll(cx) {
+            Poll::Ready(sent) => sent,
+            Poll::Pending => return Poll::Pending,
+        };
+        this.call = None;
+        let Some(mut plan) = this.plan.take() else {
+            return Poll::Ready(Err(GatewayError::StreamInterrupted));
+        };
+        Poll::Ready(match sent {
+            Ok(sent) => Ok((sent, plan)),
+            Err(e) => {
+                if let Some(leader) = plan.sink.leader.take() {
+                    leader.end(End::Error(e.clone()));
+                }
+                Err(e)
+            }
+        })
+    }
+}
+
+impl Drop for Launch {
+    fn drop(&mut self) {
+        let (Some(call), Some(mut plan)) = (self.call.take(), self.plan.take()) else {
+            return;
+        };
+        if plan.sink.leader.as_ref().is_none_or(Leader::abandon) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            match call.await {
+                Ok(sent) => {
+                    let (parts, body) = sent.response.into_parts();
+                    let content_type = parts.headers.get(http::header::CONTENT_TYPE).cloned();
+                    let mut relay = plan.relay(body, parts.status, content_type, sent.slot);
+                    relay.detached = true;
+                    drive(relay, None).await;
+                }
+                Err(e) => {
+                    if let Some(leader) = plan.sink.leader.take() {
+                        leader.end(End::Error(e));
+                    }
+                }
+            }
+        });
     }
 }

@@ -20,6 +20,7 @@ use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown, Watcher
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::{Config, Secret};
+use crate::send_timeout::SendTimeout;
 use crate::state::App;
 use crate::upstream::{read_small, Outbound};
 
@@ -217,8 +218,10 @@ fn serve_connection(
             // Closed, failed, or silent for the header read timeout.
             _ => return,
         };
+        // Read per connection, so a reload applies to new connections.
+        let send_timeout = app.snapshot.load().config.server.send_timeout;
         let service = service_fn(move |req| crate::proxy::handle(Arc::clone(&app), req));
-        let io = TokioIo::new(stream);
+        let io = TokioIo::new(SendTimeout::new(stream, send_timeout));
         // The rarer protocols are boxed, so every connection's task is only
         // as large as an HTTP/1.1 connection needs. (Bound by `let`: a
         // temporary in the awaiting statement would be kept in the task.)

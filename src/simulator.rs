@@ -23,6 +23,7 @@
 //! | `x-sim-hang: headers\|body` | never answer / never send the body |
 //! | `x-sim-garbage: 1` | a non-JSON event mid-stream, or a non-JSON 200 body |
 //! | `x-sim-linger: 1` | the stream stays open after `data: [DONE]` |
+//! | `x-sim-error-event: N` | after N events, an error event and `data: [DONE]` end the stream |
 //! | `x-sim-close: 1` | the failing calls close the connection without answering |
 //!
 //! `GET /sim/stats` reports the number of completion calls and of
@@ -233,6 +234,7 @@ struct Faults {
     garbage: bool,
     linger: bool,
     close: bool,
+    error_event: Option<usize>,
 }
 
 impl Faults {
@@ -263,6 +265,7 @@ impl Faults {
             garbage: s("x-sim-garbage").is_some(),
             linger: s("x-sim-linger").is_some(),
             close: s("x-sim-close").is_some(),
+            error_event: n("x-sim-error-event").map(|e| e as usize),
         }
     }
 }
@@ -441,6 +444,7 @@ fn stream_response(events: Events, faults: &Faults, stats: &Arc<SimStats>) -> Re
         && faults.hang.is_none()
         && !faults.garbage
         && !faults.linger
+        && faults.error_event.is_none()
         && keepalives == 0;
     let mut r = if instant {
         // Fast path for benchmarks: the whole stream in one write.
@@ -457,6 +461,7 @@ fn stream_response(events: Events, faults: &Faults, stats: &Arc<SimStats>) -> Re
         let hang = faults.hang.is_some();
         let garbage = faults.garbage;
         let linger = faults.linger;
+        let error_event = faults.error_event;
         let stats = Arc::clone(stats);
         let aborted = move || {
             stats.aborted.fetch_add(1, Ordering::SeqCst);
@@ -478,6 +483,12 @@ fn stream_response(events: Events, faults: &Faults, stats: &Arc<SimStats>) -> Re
             }
             let paced = events.paced;
             for (i, ev) in events.all.into_iter().enumerate() {
+                if error_event == Some(i) {
+                    let error = "data: {\"error\":{\"message\":\"Server Error\",\"type\":\"api_error\",\"param\":null,\"code\":\"internal_error\"}}\n\n";
+                    let _ = tx.send(Ok(Bytes::from_static(error.as_bytes()))).await;
+                    let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+                    return;
+                }
                 if die_after == Some(i) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     let _ = tx.send(Err(std::io::Error::other("simulated death"))).await;

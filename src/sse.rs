@@ -16,6 +16,8 @@ use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::text::Chars;
+
 /// Splits a byte stream into SSE events. Each event is returned with its
 /// terminating blank line, exactly as received, so forwarding it is a
 /// reference-count bump, not a copy.
@@ -208,11 +210,14 @@ impl Usage {
         self.prompt.saturating_add(self.completion)
     }
 
-    /// A rough guess for a request whose usage never arrived: about four
-    /// bytes a token, on the request body and on what the client received.
-    pub fn estimate(request_bytes: usize, response_bytes: usize) -> Usage {
-        let prompt = (request_bytes as u64).div_ceil(4);
-        let completion = (response_bytes as u64).div_ceil(4);
+    /// A guess for a request whose usage never arrived (SPEC §3): four
+    /// characters a token, rounded up, of text only — the request's
+    /// messages or prompt, and the text generated and sent (content,
+    /// reasoning_content, tool-call arguments) — never of JSON or SSE
+    /// framing.
+    pub fn estimate(prompt_chars: u64, completion_chars: u64) -> Usage {
+        let prompt = prompt_chars.div_ceil(4);
+        let completion = completion_chars.div_ceil(4);
         Usage {
             prompt,
             completion,
@@ -299,6 +304,73 @@ pub struct ChunkInfo {
     pub usage: Option<Usage>,
     /// The chunk is an error object rather than a completion chunk.
     pub is_error: bool,
+    /// Characters of generated text in the chunk (content, reasoning,
+    /// tool-call arguments, FIM text), for the usage estimate.
+    pub text_chars: u64,
+}
+
+/// The generated text of a chunk (streamed `delta`s, FIM `text`) or of a
+/// completion (`message`s), counted without building it.
+#[derive(Deserialize, Default)]
+struct TextChoice {
+    #[serde(default)]
+    text: Option<Chars>,
+    #[serde(default)]
+    delta: Option<TextMessage>,
+    #[serde(default)]
+    message: Option<TextMessage>,
+}
+
+#[derive(Deserialize, Default)]
+struct TextMessage {
+    #[serde(default)]
+    content: Option<Chars>,
+    #[serde(default)]
+    reasoning_content: Option<Chars>,
+    #[serde(default)]
+    tool_calls: Option<Vec<TextCall>>,
+}
+
+#[derive(Deserialize)]
+struct TextCall {
+    #[serde(default)]
+    function: Option<TextFunction>,
+}
+
+#[derive(Deserialize)]
+struct TextFunction {
+    #[serde(default)]
+    arguments: Option<Chars>,
+}
+
+impl TextChoice {
+    fn chars(&self) -> u64 {
+        let n = |c: &Option<Chars>| c.map_or(0, |c| c.0);
+        let message = |m: &Option<TextMessage>| {
+            m.as_ref().map_or(0, |m| {
+                n(&m.content)
+                    + n(&m.reasoning_content)
+                    + m.tool_calls
+                        .iter()
+                        .flatten()
+                        .map(|c| c.function.as_ref().map_or(0, |f| n(&f.arguments)))
+                        .sum::<u64>()
+            })
+        };
+        n(&self.text) + message(&self.delta) + message(&self.message)
+    }
+}
+
+/// Characters of generated text in a whole non-streaming completion, for
+/// the usage estimate; 0 when the body is not one (cut off, garbage).
+pub fn completion_text_chars(body: &[u8]) -> u64 {
+    #[derive(Deserialize)]
+    struct Completion {
+        #[serde(default)]
+        choices: Vec<TextChoice>,
+    }
+    serde_json::from_slice::<Completion>(trim_leading_ws(body))
+        .map_or(0, |c| c.choices.iter().map(TextChoice::chars).sum())
 }
 
 /// Reads what the relay needs from one chunk without building it: whether
@@ -306,16 +378,38 @@ pub struct ChunkInfo {
 /// usage. Used when the stream is not being assembled for the cache.
 pub fn inspect(data: &[u8]) -> Result<ChunkInfo, serde_json::Error> {
     #[derive(Deserialize)]
-    struct Light {
-        #[serde(default)]
-        choices: Option<Vec<serde::de::IgnoredAny>>,
+    struct Light<C> {
+        #[serde(default = "none")]
+        choices: Option<Vec<C>>,
         #[serde(default)]
         usage: Option<RawUsage>,
         #[serde(default)]
         error: Option<serde::de::IgnoredAny>,
     }
-    let light: Light = match serde_json::from_slice(data) {
+    fn none<C>() -> Option<Vec<C>> {
+        None
+    }
+    // Read with the text counted; a chunk whose choices have an odd shape
+    // is read again without (it carries no text Sluice can count).
+    let light: Light<TextChoice> = match serde_json::from_slice(data) {
         Ok(l) => l,
+        Err(e) if e.is_data() => match serde_json::from_slice::<Light<serde::de::IgnoredAny>>(data)
+        {
+            Ok(l) => Light {
+                choices: l
+                    .choices
+                    .map(|c| c.iter().map(|_| TextChoice::default()).collect()),
+                usage: l.usage,
+                error: l.error,
+            },
+            Err(e) if e.is_data() => {
+                return Ok(ChunkInfo {
+                    is_error: true,
+                    ..ChunkInfo::default()
+                })
+            }
+            Err(e) => return Err(e),
+        },
         // Valid JSON that is not an object (or has odd field types).
         Err(e) if e.is_data() => {
             return Ok(ChunkInfo {
@@ -330,6 +424,7 @@ pub fn inspect(data: &[u8]) -> Result<ChunkInfo, serde_json::Error> {
         usage_only: light.choices.as_ref().is_none_or(Vec::is_empty) && usage.is_some(),
         usage,
         is_error: light.error.is_some(),
+        text_chars: light.choices.iter().flatten().map(TextChoice::chars).sum(),
     })
 }
 
@@ -341,8 +436,6 @@ pub struct Assembler {
     head: Map<String, Value>,
     choices: BTreeMap<u64, ChoiceAcc>,
     usage: Option<Value>,
-    /// Bytes of content received, for the usage estimate.
-    pub content_bytes: usize,
 }
 
 impl Assembler {
@@ -352,12 +445,12 @@ impl Assembler {
             head: Map::new(),
             choices: BTreeMap::new(),
             usage: None,
-            content_bytes: 0,
         }
     }
 
     /// Takes in one chunk's JSON. `Err` if it is not JSON at all.
     pub fn push(&mut self, data: &[u8]) -> Result<ChunkInfo, serde_json::Error> {
+        let chars = |s: &str| s.chars().count() as u64;
         let mut v: Value = serde_json::from_slice(data)?;
         let Some(obj) = v.as_object_mut() else {
             return Ok(ChunkInfo {
@@ -401,7 +494,7 @@ impl Assembler {
                 acc.logprobs.get_or_insert_with(Vec::new).append(items);
             }
             if let Some(Value::String(t)) = choice.get("text") {
-                self.content_bytes += t.len();
+                info.text_chars += chars(t);
                 acc.text.push_str(t);
             }
             let Some(delta) = choice.get_mut("delta").and_then(Value::as_object_mut) else {
@@ -411,11 +504,11 @@ impl Assembler {
                 acc.role = Some(r.clone());
             }
             if let Some(Value::String(c)) = delta.get("content") {
-                self.content_bytes += c.len();
+                info.text_chars += chars(c);
                 acc.content.get_or_insert_with(String::new).push_str(c);
             }
             if let Some(Value::String(r)) = delta.get("reasoning_content") {
-                self.content_bytes += r.len();
+                info.text_chars += chars(r);
                 acc.reasoning.get_or_insert_with(String::new).push_str(r);
             }
             if let Some(Value::Array(calls)) = delta.get("tool_calls") {
@@ -433,7 +526,7 @@ impl Assembler {
                             tool.name.push_str(n);
                         }
                         if let Some(Value::String(a)) = f.get("arguments") {
-                            self.content_bytes += a.len();
+                            info.text_chars += chars(a);
                             tool.arguments.push_str(a);
                         }
                     }

@@ -23,6 +23,7 @@ fn assert_stream_error_end(r: &Resp) {
         !events.iter().any(|e| e == "[DONE]"),
         "no [DONE] after a break: {events:?}"
     );
+    assert!(r.aborted, "the transfer is aborted after the error event");
 }
 
 #[tokio::test]

@@ -14,4 +14,5 @@ mod metrics;
 mod ops;
 mod proxy;
 mod shared_cache;
+mod slow_clients;
 mod tls;

@@ -215,7 +215,10 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
 pub struct Resp {
     pub status: StatusCode,
     pub headers: HeaderMap,
+    /// What arrived, up to the end or the break.
     pub body: Bytes,
+    /// The transfer broke (the response was aborted) instead of ending.
+    pub aborted: bool,
 }
 
 impl Resp {
@@ -267,15 +270,31 @@ fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<B
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-/// Sends a request and reads the whole answer.
+/// Sends a request and reads the whole answer (up to a break, if the
+/// response is aborted: see `Resp::aborted`).
 pub async fn send(req: Request<Full<Bytes>>) -> Resp {
     let resp = client().request(req).await.expect("request");
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).expect("body");
+    let (parts, mut body) = resp.into_parts();
+    let mut buf = Vec::new();
+    let mut aborted = false;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Ok(d) = f.into_data() {
+                    buf.extend_from_slice(&d);
+                }
+            }
+            Err(_) => {
+                aborted = true;
+                break;
+            }
+        }
+    }
     Resp {
         status: parts.status,
         headers: parts.headers,
-        body,
+        body: Bytes::from(buf),
+        aborted,
     }
 }
 
