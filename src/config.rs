@@ -876,11 +876,12 @@ impl fmt::Display for Config {
             )?,
             Some(r) => writeln!(
                 f,
-                "shared state  redis {}{} (limits {}, cache {}, coalescing per replica, timeout {}ms, on_error {})",
+                "shared state  redis {}{} (limits {}, cache {}, coalescing {}, timeout {}ms, on_error {})",
                 r.redacted_url(),
                 if r.cluster { " (cluster)" } else { "" },
                 if r.limits { "shared" } else { "per replica" },
                 if r.cache { "shared" } else { "per replica" },
+                if r.coalesce { "shared" } else { "per replica" },
                 r.timeout.as_millis(),
                 match r.on_error {
                     OnError::Local => "local",

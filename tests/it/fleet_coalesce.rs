@@ -85,6 +85,13 @@ async fn identical_requests_on_three_replicas_make_one_upstream_call() {
         assert_eq!(got, content, "follower {i} reassembles the same answer");
     }
     assert_eq!(sim.calls(), 1, "one upstream call for the whole fleet");
+    // Every key Sluice wrote expires (the log a minute after the flight).
+    let keys = redis.cli(&["--scan", "--pattern", "sluice:*"]);
+    assert!(keys.contains(":log"), "{keys}");
+    for key in keys.lines() {
+        let ttl: i64 = redis.cli(&["PTTL", key]).trim().parse().expect("ttl");
+        assert!(ttl > 0 || ttl == -2, "{key} has no expiry ({ttl})");
+    }
     assert!(
         gws[1]
             .metric(
