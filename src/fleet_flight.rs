@@ -121,6 +121,15 @@ impl Publisher {
             pipe.cmd("PEXPIRE").arg(&n.log).arg(LOG_TTL_MS).ignore();
             let sent: Result<(), _> = fleet.redis.pipe(Op::Coalesce, &pipe).await;
             if sent.is_err() || end.is_some() {
+                // A log nobody elsewhere followed is dropped at once (the
+                // answer is in the cache if it is worth keeping), so a
+                // replica's misses cost Redis no memory beyond the cache.
+                if end.is_some() && fleet.followers(&n).await == 0 {
+                    let _: Result<(), _> = fleet
+                        .redis
+                        .query(Op::Coalesce, redis::cmd("DEL").arg(&n.log))
+                        .await;
+                }
                 // Released, so a follower elsewhere is not left waiting
                 // for a claim to lapse (or takes over at once if this
                 // replica could not publish).
@@ -269,15 +278,17 @@ impl FleetFlights {
     /// Renews the claim while someone reads: the leader's own client, or a
     /// follower on another replica. False once nobody does: the claim is
     /// released and the publisher lets go of the flight.
-    async fn keep(&self, n: &Names, owner: &str, reader: &LogReader) -> bool {
-        let followers: i64 = self
-            .redis
-            .query(Op::Coalesce, redis::cmd("GET").arg(&n.followers))
+    /// Followers on other replicas so far (1 when Redis does not say: the
+    /// safe answer).
+    async fn followers(&self, n: &Names) -> i64 {
+        self.redis
+            .query::<Option<i64>>(Op::Coalesce, redis::cmd("GET").arg(&n.followers))
             .await
-            .ok()
-            .flatten()
-            .unwrap_or(1);
-        if reader.flight().readers() <= 1 && followers == 0 {
+            .map_or(1, |v| v.unwrap_or(0))
+    }
+
+    async fn keep(&self, n: &Names, owner: &str, reader: &LogReader) -> bool {
+        if reader.flight().readers() <= 1 && self.followers(n).await == 0 {
             self.release(n, owner).await;
             return false;
         }

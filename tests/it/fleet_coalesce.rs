@@ -244,3 +244,73 @@ async fn without_redis_each_replica_still_coalesces_its_own() {
     assert_eq!(lead.await.expect("lead").status, 200);
     assert_eq!(gws[0].sim.calls(), 1);
 }
+
+#[tokio::test]
+async fn a_leader_that_stops_reading_does_not_slow_a_follower_elsewhere() {
+    let Some(redis) = RedisServer::start("a_leader_that_stops_reading") else {
+        return;
+    };
+    let gws = fleet(2, &redis.url()).await;
+    let big = [("x-sim-answer-bytes", "3000000"), ("x-sim-chunks", "300")];
+    // The leader's client takes the head and then never reads again.
+    let stalled = call_open(
+        &gws[0].url("/v1/chat/completions"),
+        ALPHA,
+        &chat_stream("big paced"),
+        &big,
+    )
+    .await;
+    wait_calls(&gws[0].sim, 1).await;
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        call(
+            &gws[1].url("/v1/chat/completions"),
+            ALPHA,
+            &chat_stream("big paced"),
+            &[],
+        ),
+    )
+    .await
+    .expect("the follower is paced by upstream, not by the stalled leader");
+    assert_eq!(r.header("x-sluice-cache"), "coalesced");
+    assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
+    assert!(streamed_content(&r.events()).len() >= 2_900_000);
+    assert_eq!(gws[0].sim.calls(), 1);
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn redis_killed_and_restarted_mid_run_then_sharing_resumes() {
+    let Some(mut redis) = RedisServer::start("redis_killed_and_restarted_mid_run") else {
+        return;
+    };
+    let gws = fleet(2, &redis.url()).await;
+    let u = |i: usize, what: &str| {
+        let url = gws[i].url("/v1/chat/completions");
+        let body = chat(what);
+        async move { call(&url, ALPHA, &body, &[]).await }
+    };
+    assert_eq!(u(0, "before").await.status, 200);
+    redis.kill();
+    // Every request is still answered, from local tiers and flights.
+    let start = Instant::now();
+    for i in 0..6 {
+        let r = u(i % 2, "during").await;
+        assert_eq!(r.status, 200);
+    }
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(gws[0].metric("sluice_redis_up", &[]).await, 0.0);
+    redis.restart();
+    gws[0].wait_metric("sluice_redis_up", &[], 1.0).await;
+    gws[1].wait_metric("sluice_redis_up", &[], 1.0).await;
+    // Sharing resumes: stored through one, a hit on the other.
+    assert_eq!(u(0, "after").await.header("x-sluice-cache"), "miss");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if u(1, "after").await.header("x-sluice-cache") == "hit" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sharing never resumed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

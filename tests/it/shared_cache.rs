@@ -259,3 +259,43 @@ async fn a_redis_that_is_away_is_a_miss_never_an_error() {
     );
     assert!(start.elapsed() < Duration::from_secs(2));
 }
+
+#[tokio::test]
+async fn redis_memory_stays_proportional_to_the_cached_bytes() {
+    let Some(redis) = RedisServer::start("redis_memory_stays_proportional") else {
+        return;
+    };
+    let used = |r: &RedisServer| -> i64 {
+        r.cli(&["INFO", "memory"])
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("used_memory")
+    };
+    let gws = fleet(1, &redis.url(), "").await;
+    let before = used(&redis);
+    let mut cached = 0i64;
+    for i in 0..300 {
+        let r = call(
+            &url(&gws[0]),
+            ALPHA,
+            &chat(&format!("distinct {i}")),
+            &[("x-sim-answer-bytes", "2000")],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        cached += r.body.len() as i64;
+    }
+    // Let the writes from tasks land.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.cli(&["DBSIZE"]).trim().parse::<i64>().unwrap_or(0) < 300 {
+        assert!(Instant::now() < deadline, "writes never landed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let grown = used(&redis) - before;
+    eprintln!("Redis grew {grown} bytes for {cached} cached bytes");
+    assert!(
+        grown < cached * 2,
+        "Redis grew {grown} bytes for {cached} bytes of answers"
+    );
+}
