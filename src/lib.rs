@@ -27,6 +27,7 @@ pub mod body;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod json;
 pub mod limit;
 pub mod metrics;
 pub mod proxy;

@@ -24,6 +24,7 @@
 //! | `x-sim-garbage: 1` | a non-JSON event mid-stream, or a non-JSON 200 body |
 //! | `x-sim-linger: 1` | the stream stays open after `data: [DONE]` |
 //! | `x-sim-close: 1` | the failing calls close the connection without answering |
+//! | `x-sim-account-headers: 1` | answers carry the shared account's headers (`set-cookie`, `openai-organization`, `openai-project`, `x-ratelimit-*`) and a harmless `x-upstream-note` |
 //!
 //! `GET /sim/stats` reports the number of completion calls and of
 //! connections accepted as JSON.
@@ -233,6 +234,7 @@ struct Faults {
     garbage: bool,
     linger: bool,
     close: bool,
+    account_headers: bool,
 }
 
 impl Faults {
@@ -263,6 +265,7 @@ impl Faults {
             garbage: s("x-sim-garbage").is_some(),
             linger: s("x-sim-linger").is_some(),
             close: s("x-sim-close").is_some(),
+            account_headers: s("x-sim-account-headers").is_some(),
         }
     }
 }
@@ -335,7 +338,32 @@ async fn answer(
     *stats.last.lock().unwrap_or_else(|e| e.into_inner()) =
         Some((parts.headers.clone(), body.clone()));
     let faults = Faults::of(&parts.headers);
+    let mut r = answer_with(stats, endpoint, body, &faults).await?;
+    if faults.account_headers {
+        let h = r.headers_mut();
+        for (k, v) in [
+            ("set-cookie", "session=shared-account; Path=/"),
+            ("openai-organization", "org-shared"),
+            ("openai-project", "proj-shared"),
+            ("x-ratelimit-limit-requests", "10000"),
+            ("x-ratelimit-remaining-requests", "9999"),
+            ("x-ratelimit-limit-tokens", "5000000"),
+            ("x-ratelimit-remaining-tokens", "4999000"),
+            ("x-ratelimit-reset-tokens", "12ms"),
+            ("x-upstream-note", "kept"),
+        ] {
+            h.insert(k, HeaderValue::from_static(v));
+        }
+    }
+    Ok(r)
+}
 
+async fn answer_with(
+    stats: &Arc<SimStats>,
+    endpoint: &'static str,
+    body: Bytes,
+    faults: &Faults,
+) -> Result<Response<SimBody>, std::io::Error> {
     if !faults.latency.is_zero() {
         tokio::time::sleep(faults.latency).await;
     }
@@ -374,7 +402,7 @@ async fn answer(
         ));
     };
     let id = format!("sim-{}", stats.ids.fetch_add(1, Ordering::Relaxed));
-    let answer = Answer::new(endpoint, &request, &faults, id);
+    let answer = Answer::new(endpoint, &request, faults, id);
     let stream = request
         .get("stream")
         .and_then(Value::as_bool)
@@ -387,11 +415,11 @@ async fn answer(
                 .unwrap_or(false);
         Ok(stream_response(
             answer.events(include_usage),
-            &faults,
+            faults,
             stats,
         ))
     } else {
-        Ok(whole_response(answer.completion(!faults.no_usage), &faults))
+        Ok(whole_response(answer.completion(!faults.no_usage), faults))
     }
 }
 

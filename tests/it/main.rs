@@ -7,6 +7,7 @@ mod binary;
 mod cache;
 mod faults;
 mod fleet;
+mod hostile;
 mod limits;
 mod metrics;
 mod ops;
