@@ -22,7 +22,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version,
+};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::Value;
@@ -30,6 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::body::{Body, Record};
 use crate::cache::{self, End, Entry, Flight, Head, Join};
+use crate::config::Config;
 use crate::error::{stream_error_event, GatewayError};
 use crate::json;
 use crate::limit::{Admission, Standings};
@@ -51,14 +54,33 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     let mut record = Box::new(Record::new(Arc::clone(&app), request_id.clone(), start));
     let snap = app.snapshot.load_full();
     let mut standings = Standings::default();
-    let served = match begin(&app, &snap, req, &mut record, &mut standings) {
+    let http1 = req.version() < Version::HTTP_2;
+    let (parts, mut body) = req.into_parts();
+    let served = match begin(&app, &snap, parts, &mut body, &mut record, &mut standings) {
         Ok(serving) => serving.await,
         Err(e) => Err(e),
     };
     let mut resp = match served {
         Ok(resp) => resp,
-        Err(e) => refuse(&app, &mut record, e),
+        Err(e) => {
+            // A refusal may come before the body was read (401, 404, 413,
+            // 429, 503): the rest is read and discarded so the keep-alive
+            // connection stays usable, or, when that cannot be done in
+            // bounds, the answer says the connection closes. Never a
+            // connection closed under the client's next request.
+            let keep = http1 && {
+                let draining = Box::pin(discard_rest(&mut body, &e, &snap.config));
+                draining.await
+            };
+            let mut resp = refuse(&app, &mut record, e);
+            if http1 && !keep {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
+        }
     };
+    drop(body);
     record.status = resp.status().as_u16();
     let h = resp.headers_mut();
     h.insert(&X_REQUEST_ID, request_id);
@@ -70,6 +92,33 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     }
     resp.body_mut().set_record(record);
     Ok(resp)
+}
+
+/// Reads and discards what is left of a refused request's body, within
+/// `max_body_bytes` and `header_read_timeout`. `true` when the body is
+/// done and the connection can serve another request.
+async fn discard_rest(body: &mut Incoming, e: &GatewayError, config: &Config) -> bool {
+    if matches!(e, GatewayError::BodyTooLarge | GatewayError::BodyTimeout) {
+        return false;
+    }
+    if http_body::Body::is_end_stream(body) {
+        return true;
+    }
+    let deadline = tokio::time::Instant::now() + config.server.header_read_timeout;
+    let mut left = config.server.max_body_bytes;
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(None) => return true,
+            Ok(Some(Ok(frame))) => {
+                let n = frame.data_ref().map_or(0, Bytes::len);
+                if n > left {
+                    return false;
+                }
+                left -= n;
+            }
+            Ok(Some(Err(_))) | Err(_) => return false,
+        }
+    }
 }
 
 /// What the request path ends in: an answer, or the error that becomes one.
@@ -85,11 +134,11 @@ type Served = Result<Response<Body>, GatewayError>;
 fn begin<'a>(
     app: &'a Arc<App>,
     snap: &'a Arc<Snapshot>,
-    req: Request<Incoming>,
+    parts: http::request::Parts,
+    body: &'a mut Incoming,
     record: &'a mut Record,
     standings: &'a mut Standings,
 ) -> Result<Pin<Box<impl Future<Output = Served> + 'a>>, GatewayError> {
-    let (parts, body) = req.into_parts();
     let endpoint = routes::route(&parts.method, parts.uri.path())?;
     record.endpoint = endpoint.label();
     let headers = detach_headers(&parts.headers);
@@ -129,7 +178,7 @@ async fn serve(
     snap: &Arc<Snapshot>,
     endpoint: Endpoint,
     headers: HeaderMap,
-    body: Incoming,
+    body: &mut Incoming,
     record: &mut Record,
     standings: &mut Standings,
 ) -> Result<Response<Body>, GatewayError> {
@@ -408,9 +457,9 @@ pub fn with_include_usage(bytes: &Bytes, api: &ApiRequest) -> Bytes {
 }
 
 async fn read_body(
-    mut body: Incoming,
+    body: &mut Incoming,
     headers: &HeaderMap,
-    config: &crate::config::Config,
+    config: &Config,
 ) -> Result<Bytes, GatewayError> {
     let max = config.server.max_body_bytes;
     let declared = headers

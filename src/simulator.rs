@@ -413,11 +413,7 @@ async fn answer_with(
                 .pointer("/stream_options/include_usage")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-        Ok(stream_response(
-            answer.events(include_usage),
-            faults,
-            stats,
-        ))
+        Ok(stream_response(answer.events(include_usage), faults, stats))
     } else {
         Ok(whole_response(answer.completion(!faults.no_usage), faults))
     }

@@ -5,6 +5,7 @@ mod support;
 
 mod binary;
 mod cache;
+mod connections;
 mod faults;
 mod fleet;
 mod hostile;
