@@ -6,7 +6,6 @@
 //! store time, so a hit in either mode is served from bytes without parsing.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Write;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -17,6 +16,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::error::GatewayError;
+use crate::json::Scan;
 use crate::sse::{self, Replay, Usage};
 
 pub type Key = [u8; 32];
@@ -25,74 +25,26 @@ pub type Key = [u8; 32];
 const DELIVERY_FIELDS: [&str; 2] = ["stream", "stream_options"];
 
 /// The cache key: SHA-256 over the scope (tenant name, or the shared pool),
-/// the endpoint label, and the canonical JSON of the body (object keys sorted
-/// at every depth, no whitespace, `stream`/`stream_options` dropped). The
-/// canonical form is streamed into the hasher; nothing is buffered.
-pub fn key(scope: Option<&str>, endpoint: &str, body: &Value) -> Key {
-    let mut h = HashWriter(Sha256::new());
+/// the endpoint label, and the canonical JSON of the body (see `json`:
+/// object keys sorted at every depth, no whitespace, one spelling per string
+/// and number, top-level `stream`/`stream_options` dropped). The canonical
+/// form is streamed into the hasher from the scan's arena.
+pub fn key(scope: Option<&str>, endpoint: &str, body: &Scan<'_>) -> Key {
+    let mut h = Sha256::new();
     match scope {
         // A tenant name is [a-z0-9_-]+, so it can never collide with the
         // shared pool's marker byte.
         Some(tenant) => {
-            h.0.update(b"t:");
-            h.0.update(tenant.as_bytes());
+            h.update(b"t:");
+            h.update(tenant.as_bytes());
         }
-        None => h.0.update(b"\x00shared"),
+        None => h.update(b"\x00shared"),
     }
-    h.0.update(b"\x00");
-    h.0.update(endpoint.as_bytes());
-    h.0.update(b"\x00");
-    write_canonical(&mut h, body, true);
-    h.0.finalize().into()
-}
-
-struct HashWriter(Sha256);
-
-impl Write for HashWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Writes canonical JSON. Written here rather than relying on serde_json's
-/// map order, which a feature flag elsewhere in the build could change.
-fn write_canonical(w: &mut HashWriter, v: &Value, top: bool) {
-    match v {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map
-                .keys()
-                .filter(|k| !(top && DELIVERY_FIELDS.contains(&k.as_str())))
-                .collect();
-            keys.sort_unstable();
-            w.0.update(b"{");
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    w.0.update(b",");
-                }
-                serde_json::to_writer(&mut *w, k).ok();
-                w.0.update(b":");
-                write_canonical(w, &map[k], false);
-            }
-            w.0.update(b"}");
-        }
-        Value::Array(items) => {
-            w.0.update(b"[");
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    w.0.update(b",");
-                }
-                write_canonical(w, item, false);
-            }
-            w.0.update(b"]");
-        }
-        scalar => {
-            serde_json::to_writer(&mut *w, scalar).ok();
-        }
-    }
+    h.update(b"\x00");
+    h.update(endpoint.as_bytes());
+    h.update(b"\x00");
+    body.write_canonical(&DELIVERY_FIELDS, &mut |b| h.update(b));
+    h.finalize().into()
 }
 
 /// One stored answer.
@@ -669,22 +621,32 @@ mod tests {
     use serde_json::json;
 
     fn k(v: Value) -> Key {
-        key(Some("t"), "chat", &v)
+        k_raw(&v.to_string())
+    }
+
+    fn k_raw(body: &str) -> Key {
+        key(
+            Some("t"),
+            "chat",
+            &crate::json::scan(body.as_bytes(), true).expect("json"),
+        )
     }
 
     #[test]
     fn key_ignores_order_whitespace_and_delivery() {
-        let a: Value = serde_json::from_str(
-            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0.5}"#,
-        )
-        .expect("json");
-        let b: Value = serde_json::from_str(
-            r#" { "temperature" : 0.5 , "messages" : [ { "content":"hi", "role":"user" } ], "model":"m", "stream": true, "stream_options": {"include_usage": true} } "#,
-        )
-        .expect("json");
-        assert_eq!(k(a.clone()), k(b));
+        let a = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0.5}"#;
+        let b = r#" { "temperature" : 5e-1 , "messages" : [ { "content":"h\u0069", "role":"user" } ], "model":"m", "stream": true, "stream_options": {"include_usage": true} } "#;
+        assert_eq!(k_raw(a), k_raw(b));
+        // Number spelling does not matter; the value does, to the last digit.
+        assert_eq!(k_raw(r#"{"n":1}"#), k_raw(r#"{"n":1.0}"#));
+        assert_eq!(k_raw(r#"{"n":1}"#), k_raw(r#"{"n":1e0}"#));
         assert_ne!(
-            k(a),
+            k_raw(r#"{"n":12345678901234567890123}"#),
+            k_raw(r#"{"n":12345678901234567890124}"#)
+        );
+        assert_ne!(k_raw(r#"{"n":1}"#), k_raw(r#"{"n":"1"}"#));
+        assert_ne!(
+            k_raw(a),
             k(
                 json!({"model": "m", "messages": [{"role": "user", "content": "hi!"}], "temperature": 0.5})
             )
@@ -696,7 +658,8 @@ mod tests {
 
     #[test]
     fn key_separates_scopes_and_endpoints() {
-        let body = json!({"model": "m", "messages": []});
+        let raw = json!({"model": "m", "messages": []}).to_string();
+        let body = crate::json::scan(raw.as_bytes(), true).expect("json");
         assert_ne!(key(Some("a"), "chat", &body), key(Some("b"), "chat", &body));
         assert_ne!(key(Some("a"), "chat", &body), key(None, "chat", &body));
         assert_ne!(
@@ -712,7 +675,9 @@ mod tests {
             let text = "x".repeat(4000);
             let body = json!({"id": i, "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]});
             let e = Entry::from_completion(Bytes::from(body.to_string())).expect("entry");
-            store.insert(key(None, "chat", &json!(i)), Arc::new(e));
+            let raw = json!({ "i": i }).to_string();
+            let body = crate::json::scan(raw.as_bytes(), true).expect("json");
+            store.insert(key(None, "chat", &body), Arc::new(e));
         }
         let (entries, bytes) = store.stats();
         assert!(bytes <= 64 * 1024, "{bytes}");

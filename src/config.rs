@@ -135,6 +135,10 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// A client that accepts no bytes of its response this long is dropped.
     pub send_timeout: Duration,
+    /// A client connection with no request in flight this long is closed.
+    pub keepalive_timeout: Duration,
+    /// Open client connections; past it, new ones wait in the backlog.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -304,6 +308,8 @@ struct RawServer {
     shutdown_grace_secs: u64,
     header_read_timeout_secs: u64,
     send_timeout_secs: u64,
+    keepalive_timeout_secs: u64,
+    max_connections: u64,
 }
 
 impl Default for RawServer {
@@ -315,6 +321,8 @@ impl Default for RawServer {
             shutdown_grace_secs: 30,
             header_read_timeout_secs: 10,
             send_timeout_secs: 60,
+            keepalive_timeout_secs: 75,
+            max_connections: 10_000,
         }
     }
 }
@@ -582,7 +590,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             "server.send_timeout_secs",
             raw.server.send_timeout_secs,
         ),
+        keepalive_timeout: positive(
+            &mut errs,
+            "server.keepalive_timeout_secs",
+            raw.server.keepalive_timeout_secs,
+        ),
+        max_connections: usize::try_from(raw.server.max_connections).unwrap_or(usize::MAX),
     };
+    if raw.server.max_connections == 0 {
+        errs.push("server.max_connections: must be greater than 0".into());
+    }
 
     let base_url = raw.upstream.base_url.trim_end_matches('/').to_string();
     match base_url.parse::<http::Uri>() {
@@ -848,6 +865,14 @@ impl fmt::Display for Config {
         writeln!(f, "listen        {} (admin {})", s.listen, s.admin_listen)?;
         writeln!(
             f,
+            "connections   max {}, idle close after {}s, header timeout {}s, shutdown grace {}s",
+            s.max_connections,
+            s.keepalive_timeout.as_secs(),
+            s.header_read_timeout.as_secs(),
+            s.shutdown_grace.as_secs(),
+        )?;
+        writeln!(
+            f,
             "upstream      {} (key from {}, retries {}, max_concurrent {})",
             u.base_url,
             if u.api_key_env.is_empty() {
@@ -958,6 +983,8 @@ mod tests {
         assert_eq!(c.server.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.server.max_body_bytes, 4_194_304);
         assert_eq!(c.server.send_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.keepalive_timeout, Duration::from_secs(75));
+        assert_eq!(c.server.max_connections, 10_000);
         assert_eq!(c.upstream.base_url, "https://api.deepseek.com");
         assert_eq!(c.upstream.balance_poll, Some(Duration::from_secs(300)));
         assert_eq!(c.tenants[0].limits.request_burst, 60);
@@ -1165,6 +1192,11 @@ mod tests {
                 "server.send_timeout_secs",
             ),
             ("[cache]\nttl = 3\n", "ttl"),
+            (
+                "[server]\nkeepalive_timeout_secs = 0\n",
+                "server.keepalive_timeout_secs",
+            ),
+            ("[server]\nmax_connections = 0\n", "server.max_connections"),
             ("[pricing.x]\ninput = 1.0\n", "input"),
         ];
         for (extra, key) in cases {

@@ -13,6 +13,9 @@ use crate::limit::{Denied, Limit, Refused};
 pub enum GatewayError {
     #[error("The request body is not a JSON object.")]
     InvalidJson,
+    /// A top-level key given twice (named, as the client wrote it).
+    #[error("The request body gives the key {0} more than once; two parsers may read different values from it.")]
+    DuplicateKey(Box<str>),
     #[error("{0}")]
     MissingField(&'static str),
     #[error("Incorrect API key provided.")]
@@ -39,12 +42,17 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("The upstream stream was interrupted before it completed.")]
     StreamInterrupted,
+    /// A fault of Sluice's own (a panic caught on the request path).
+    #[error("The gateway failed to handle this request.")]
+    Internal,
 }
 
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::InvalidJson | GatewayError::MissingField(_) => StatusCode::BAD_REQUEST,
+            GatewayError::InvalidJson
+            | GatewayError::DuplicateKey(_)
+            | GatewayError::MissingField(_) => StatusCode::BAD_REQUEST,
             GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             GatewayError::ModelNotAllowed => StatusCode::FORBIDDEN,
             GatewayError::NotFound => StatusCode::NOT_FOUND,
@@ -58,12 +66,14 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::SharedStateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::BudgetExceeded { .. } => StatusCode::PAYMENT_REQUIRED,
+            GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     pub fn error_type(&self) -> &'static str {
         match self {
             GatewayError::InvalidJson
+            | GatewayError::DuplicateKey(_)
             | GatewayError::MissingField(_)
             | GatewayError::NotFound
             | GatewayError::MethodNotAllowed
@@ -75,14 +85,14 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable
             | GatewayError::UpstreamTimeout
             | GatewayError::StreamInterrupted => "upstream_error",
-            GatewayError::SharedStateUnavailable => "api_error",
+            GatewayError::SharedStateUnavailable | GatewayError::Internal => "api_error",
             GatewayError::BudgetExceeded { .. } => "insufficient_quota",
         }
     }
 
     pub fn code(&self) -> &'static str {
         match self {
-            GatewayError::InvalidJson => "invalid_json",
+            GatewayError::InvalidJson | GatewayError::DuplicateKey(_) => "invalid_json",
             GatewayError::MissingField(_) => "missing_field",
             GatewayError::InvalidApiKey => "invalid_api_key",
             GatewayError::ModelNotAllowed => "model_not_allowed",
@@ -101,6 +111,7 @@ impl GatewayError {
             GatewayError::StreamInterrupted => "upstream_stream_interrupted",
             GatewayError::SharedStateUnavailable => "shared_state_unavailable",
             GatewayError::BudgetExceeded { .. } => "budget_exceeded",
+            GatewayError::Internal => "internal_error",
         }
     }
 
@@ -112,6 +123,7 @@ impl GatewayError {
                 | GatewayError::UpstreamTimeout
                 | GatewayError::StreamInterrupted
                 | GatewayError::SharedStateUnavailable
+                | GatewayError::Internal
         )
     }
 
@@ -277,6 +289,7 @@ mod tests {
                 "api_error",
                 "shared_state_unavailable",
             ),
+            (GatewayError::Internal, 500, "api_error", "internal_error"),
         ];
         for (e, status, ty, code) in cases {
             assert_eq!(e.status().as_u16(), status);

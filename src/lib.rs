@@ -30,6 +30,7 @@ pub mod cache_store;
 pub mod config;
 pub mod error;
 pub mod fleet_flight;
+pub mod json;
 pub mod limit;
 pub mod metrics;
 pub mod proxy;

@@ -299,8 +299,17 @@ async fn reload_on_sighup(handle: sluice::Handle, path: PathBuf) {
     while hup.recv().await.is_some() {
         match load(&path) {
             Ok((config, key)) => {
-                handle.reload(config, &key);
-                tracing::info!(path = %path.display(), "config reloaded");
+                let ignored = handle.reload(config, &key);
+                if ignored.is_empty() {
+                    tracing::info!(path = %path.display(), "config reloaded");
+                } else {
+                    // Never reported as applied: the warn line named them.
+                    tracing::info!(
+                        path = %path.display(),
+                        not_applied = %ignored.join(", "),
+                        "config reloaded"
+                    );
+                }
             }
             Err(e) => {
                 handle.reload_refused();

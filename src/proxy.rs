@@ -16,27 +16,32 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version,
+};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::Value;
 
 use crate::body::{Body, Record};
 use crate::cache::{self, End, Entry, Head, Join, Reader};
+use crate::config::Config;
 use crate::error::GatewayError;
 use crate::fleet_flight::Remote;
+use crate::json;
 use crate::limit::{Admission, Standings};
 use crate::relay::{Launch, LeadBody, LogBody, LogOpts, Meter, Plan, Sink, StreamOpts};
 use crate::request_id::X_REQUEST_ID;
 use crate::routes::{self, Endpoint};
-use crate::sse::{self, DONE_EVENT};
+use crate::sse::DONE_EVENT;
 use crate::state::{App, Snapshot, Tenant};
-use crate::text::{PromptText, TextKind};
+use crate::text::PromptText;
 use crate::upstream::{read_small, strip_hop_by_hop, Outbound};
 
 // Parsed once: a `&str` name is parsed and validated on every use.
@@ -50,14 +55,33 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     let mut record = Box::new(Record::new(Arc::clone(&app), request_id.clone(), start));
     let snap = app.snapshot.load_full();
     let mut standings = Standings::default();
-    let served = match begin(&app, &snap, req, &mut record, &mut standings) {
+    let http1 = req.version() < Version::HTTP_2;
+    let (parts, mut body) = req.into_parts();
+    let served = match begin(&app, &snap, parts, &mut body, &mut record, &mut standings) {
         Ok(serving) => serving.await,
         Err(e) => Err(e),
     };
     let mut resp = match served {
         Ok(resp) => resp,
-        Err(e) => refuse(&app, &mut record, e),
+        Err(e) => {
+            // A refusal may come before the body was read (401, 404, 413,
+            // 429, 503): the rest is read and discarded so the keep-alive
+            // connection stays usable, or, when that cannot be done in
+            // bounds, the answer says the connection closes. Never a
+            // connection closed under the client's next request.
+            let keep = http1 && {
+                let draining = Box::pin(discard_rest(&mut body, &e, &snap.config));
+                draining.await
+            };
+            let mut resp = refuse(&app, &mut record, e);
+            if http1 && !keep {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
+        }
     };
+    drop(body);
     record.status = resp.status().as_u16();
     let h = resp.headers_mut();
     h.insert(&X_REQUEST_ID, request_id);
@@ -69,6 +93,33 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     }
     resp.body_mut().set_record(record);
     Ok(resp)
+}
+
+/// Reads and discards what is left of a refused request's body, within
+/// `max_body_bytes` and `header_read_timeout`. `true` when the body is
+/// done and the connection can serve another request.
+async fn discard_rest(body: &mut Incoming, e: &GatewayError, config: &Config) -> bool {
+    if matches!(e, GatewayError::BodyTooLarge | GatewayError::BodyTimeout) {
+        return false;
+    }
+    if http_body::Body::is_end_stream(body) {
+        return true;
+    }
+    let deadline = tokio::time::Instant::now() + config.server.header_read_timeout;
+    let mut left = config.server.max_body_bytes;
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(None) => return true,
+            Ok(Some(Ok(frame))) => {
+                let n = frame.data_ref().map_or(0, Bytes::len);
+                if n > left {
+                    return false;
+                }
+                left -= n;
+            }
+            Ok(Some(Err(_))) | Err(_) => return false,
+        }
+    }
 }
 
 /// What the request path ends in: an answer, or the error that becomes one.
@@ -84,11 +135,11 @@ type Served = Result<Response<Body>, GatewayError>;
 fn begin<'a>(
     app: &'a Arc<App>,
     snap: &'a Arc<Snapshot>,
-    req: Request<Incoming>,
+    parts: http::request::Parts,
+    body: &'a mut Incoming,
     record: &'a mut Record,
     standings: &'a mut Standings,
 ) -> Result<Pin<Box<impl Future<Output = Served> + 'a>>, GatewayError> {
-    let (parts, body) = req.into_parts();
     let endpoint = routes::route(&parts.method, parts.uri.path())?;
     record.endpoint = endpoint.label();
     let headers = detach_headers(&parts.headers);
@@ -133,7 +184,7 @@ async fn serve(
     snap: &Arc<Snapshot>,
     endpoint: Endpoint,
     headers: HeaderMap,
-    body: Incoming,
+    body: &mut Incoming,
     record: &mut Record,
     standings: &mut Standings,
 ) -> Result<Response<Body>, GatewayError> {
@@ -156,10 +207,17 @@ async fn serve(
 
     // 4. Body.
     let bytes = read_body(body, &headers, &snap.config).await?;
-    // The cache mode needs no body; a request that bypasses the cache is
-    // validated without building a JSON tree.
+    // One pass over the body validates it and, unless the cache is
+    // bypassed, computes the cache key; nothing built from the body outlives
+    // it.
     let mode = CacheMode::of(snap, &tenant, &headers);
-    let api = ApiRequest::parse(&bytes, endpoint, mode != CacheMode::Bypass)?;
+    let scope = (mode != CacheMode::Bypass).then(|| snap.cache_scope(&tenant));
+    let api = if bytes.len() < SCAN_ON_RUNTIME_MAX {
+        ApiRequest::parse(&bytes, endpoint, scope)?
+    } else {
+        let parsing = Box::pin(parse_off_runtime(bytes.clone(), endpoint, scope));
+        parsing.await?
+    };
     record.model = Some(snap.models.label(&api.model));
     record.stream = api.stream;
     if !tenant.allows(&api.model) {
@@ -168,10 +226,7 @@ async fn serve(
 
     // 5. Cache.
     record.cache = mode.label();
-    let key = api
-        .value
-        .as_ref()
-        .map(|v| cache::key(snap.cache_scope(&tenant), endpoint.label(), v));
+    let key = api.key;
     let mut leader = None;
     if let (CacheMode::Lookup, Some(key)) = (mode, key) {
         if let Some(entry) = app.cache.get(&key).await {
@@ -273,174 +328,184 @@ impl CacheMode {
 }
 
 /// A validated API request. Every field but the few read here passes
-/// through untouched.
+/// through untouched; nothing built from the body is kept but these.
 pub struct ApiRequest {
-    /// The parsed body, when the cache needs it for the key.
-    pub value: Option<Value>,
+    /// The cache key, when the cache is used (computed while the body was
+    /// scanned, and the scan dropped at once).
+    pub key: Option<cache::Key>,
     pub model: String,
     pub stream: bool,
     pub include_usage: bool,
-    /// The client sent `stream_options` (so it cannot simply be spliced in).
-    pub has_stream_options: bool,
+    /// How a stream's body gets `stream_options.include_usage = true`.
+    splice: Splice,
     /// Characters of the messages' text (or the FIM prompt), for the usage
     /// estimate: counted here so nothing of the body is kept for it.
     pub prompt_chars: u64,
 }
 
-/// The fields Sluice reads, each kept raw so a wrong type is told apart from
-/// invalid JSON; every other field is skipped without being built.
-#[derive(serde::Deserialize)]
-struct Fields<'a> {
-    #[serde(borrow, default)]
-    model: Option<&'a serde_json::value::RawValue>,
-    #[serde(default)]
-    messages: Option<PromptText>,
-    #[serde(default)]
-    prompt: Option<PromptText>,
-    #[serde(borrow, default)]
-    stream: Option<&'a serde_json::value::RawValue>,
-    #[serde(borrow, default)]
-    stream_options: Option<&'a serde_json::value::RawValue>,
+/// Where the upstream body of a stream differs from the client's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Splice {
+    /// No `stream_options`: the whole member goes in after the opening brace
+    /// (at this offset).
+    Add(usize),
+    /// `stream_options` is `null` (or no object): its value is replaced.
+    Replace(Range<usize>),
+    /// An object without `include_usage`: the member goes in after its brace.
+    Insert { at: usize, empty: bool },
+    /// An object with `include_usage` (each occurrence, absolute spans):
+    /// each value becomes `true`.
+    Set(Vec<Range<usize>>),
 }
 
 impl ApiRequest {
-    /// Validates a body. `keep` also builds the JSON tree (for the cache key).
-    pub fn parse(bytes: &[u8], endpoint: Endpoint, keep: bool) -> Result<ApiRequest, GatewayError> {
-        // A derived struct would also accept a JSON array; the body must be
-        // an object.
-        if sse::trim_leading_ws(bytes).first() != Some(&b'{') {
-            return Err(GatewayError::InvalidJson);
-        }
-        // One parse either way: the tree when the cache needs it, else a
-        // borrowed view of just the fields read here.
-        let (seen, value) = if keep {
-            let value: Value =
-                serde_json::from_slice(bytes).map_err(|_| GatewayError::InvalidJson)?;
-            (Seen::of_tree(&value), Some(value))
-        } else {
-            let f: Fields<'_> =
-                serde_json::from_slice(bytes).map_err(|_| GatewayError::InvalidJson)?;
-            (Seen::of_fields(&f), None)
-        };
-        let model = seen.model.ok_or(GatewayError::MissingField(
-            "`model` is required and must be a string.",
-        ))?;
+    /// Validates a body in one pass without building a tree, refusing a
+    /// repeated top-level key whatever the cache mode. With `key_scope`
+    /// (`Some(scope)` when the cache is used), also computes the cache key.
+    pub fn parse(
+        bytes: &[u8],
+        endpoint: Endpoint,
+        key_scope: Option<Option<&str>>,
+    ) -> Result<ApiRequest, GatewayError> {
+        let scan = json::scan(bytes, key_scope.is_some()).map_err(|e| match e {
+            json::Invalid::Syntax => GatewayError::InvalidJson,
+            json::Invalid::DuplicateKey(k) => GatewayError::DuplicateKey(k.into()),
+        })?;
+        let starts = |name: &str, c: u8| scan.get(name).is_some_and(|r| r.first() == Some(&c));
+        let model = scan
+            .get("model")
+            .filter(|r| r.first() == Some(&b'"'))
+            .and_then(|r| serde_json::from_slice::<String>(r).ok())
+            .ok_or(GatewayError::MissingField(
+                "`model` is required and must be a string.",
+            ))?;
         match endpoint {
-            Endpoint::Fim if !seen.prompt_is_string => {
+            Endpoint::Fim if !starts("prompt", b'"') => {
                 return Err(GatewayError::MissingField(
                     "`prompt` is required and must be a string.",
                 ));
             }
-            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models if !seen.messages_is_array => {
+            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models
+                if !starts("messages", b'[') =>
+            {
                 return Err(GatewayError::MissingField(
                     "`messages` is required and must be an array.",
                 ));
             }
             Endpoint::Fim | Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models => {}
         }
-        Ok(ApiRequest {
-            value,
-            model,
-            stream: seen.stream,
-            include_usage: seen.stream && seen.include_usage,
-            has_stream_options: seen.has_stream_options,
-            prompt_chars: match endpoint {
-                Endpoint::Fim => seen.prompt_chars,
-                Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models => seen.messages_chars,
+        let stream = scan.get("stream") == Some(&b"true"[..]);
+        let (splice, include_usage) = match scan.span("stream_options") {
+            None => (Splice::Add(open_brace(bytes)), false),
+            Some(span) => match json::members(&bytes[span.clone()]) {
+                None => (Splice::Replace(span), false),
+                Some(members) => {
+                    let usage: Vec<Range<usize>> = members
+                        .iter()
+                        .filter(|(k, _)| k.as_slice() == b"\"include_usage\"")
+                        .map(|(_, v)| span.start + v.start..span.start + v.end)
+                        .collect();
+                    // The last occurrence is what most parsers keep.
+                    let wants = usage.last().is_some_and(|r| &bytes[r.clone()] == b"true");
+                    let splice = if usage.is_empty() {
+                        Splice::Insert {
+                            at: span.start + open_brace(&bytes[span]),
+                            empty: members.is_empty(),
+                        }
+                    } else {
+                        Splice::Set(usage)
+                    };
+                    (splice, wants)
+                }
             },
+        };
+        let key = key_scope.map(|scope| cache::key(scope, endpoint.label(), &scan));
+        // The prompt's characters, for the usage estimate, counted without
+        // building its strings.
+        let text = match endpoint {
+            Endpoint::Fim => scan.get("prompt"),
+            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models => scan.get("messages"),
+        };
+        let prompt_chars = text
+            .and_then(|raw| serde_json::from_slice::<PromptText>(raw).ok())
+            .map_or(0, |t| t.chars);
+        Ok(ApiRequest {
+            key,
+            model,
+            stream,
+            include_usage: stream && include_usage,
+            splice,
+            prompt_chars,
         })
     }
 }
 
-/// What validation needs to know of a body, however it was parsed.
-struct Seen {
-    model: Option<String>,
-    messages_is_array: bool,
-    prompt_is_string: bool,
-    stream: bool,
-    include_usage: bool,
-    has_stream_options: bool,
-    messages_chars: u64,
-    prompt_chars: u64,
+/// Bodies at least this large are scanned on the blocking pool: a few
+/// megabytes of JSON take milliseconds of CPU, which must not stall every
+/// other request on the same runtime worker.
+const SCAN_ON_RUNTIME_MAX: usize = 256 * 1024;
+
+async fn parse_off_runtime(
+    bytes: Bytes,
+    endpoint: Endpoint,
+    scope: Option<Option<&str>>,
+) -> Result<ApiRequest, GatewayError> {
+    let scope: Option<Option<Box<str>>> = scope.map(|s| s.map(Box::from));
+    tokio::task::spawn_blocking(move || {
+        ApiRequest::parse(&bytes, endpoint, scope.as_ref().map(|s| s.as_deref()))
+    })
+    .await
+    .unwrap_or(Err(GatewayError::Internal))
 }
 
-impl Seen {
-    fn of_tree(v: &Value) -> Seen {
-        let opts = v.get("stream_options");
-        let text = |field: &str| v.get(field).map(PromptText::of_value);
-        Seen {
-            model: v.get("model").and_then(Value::as_str).map(str::to_string),
-            messages_is_array: v.get("messages").is_some_and(Value::is_array),
-            prompt_is_string: v.get("prompt").is_some_and(Value::is_string),
-            stream: v.get("stream").and_then(Value::as_bool).unwrap_or(false),
-            include_usage: opts
-                .and_then(|o| o.get("include_usage"))
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            has_stream_options: opts.is_some_and(|o| !o.is_null()),
-            messages_chars: text("messages").map_or(0, |t| t.chars),
-            prompt_chars: text("prompt").map_or(0, |t| t.chars),
-        }
-    }
-
-    fn of_fields(f: &Fields<'_>) -> Seen {
-        Seen {
-            model: f
-                .model
-                .filter(|r| r.get().starts_with('"'))
-                .and_then(|r| serde_json::from_str::<String>(r.get()).ok()),
-            messages_is_array: f.messages.is_some_and(|t| t.kind == TextKind::Array),
-            prompt_is_string: f.prompt.is_some_and(|t| t.kind == TextKind::String),
-            stream: f.stream.is_some_and(|r| r.get() == "true"),
-            include_usage: f
-                .stream_options
-                .and_then(|r| serde_json::from_str::<Value>(r.get()).ok())
-                .and_then(|o| o.get("include_usage").and_then(Value::as_bool))
-                .unwrap_or(false),
-            has_stream_options: f.stream_options.is_some_and(|r| r.get() != "null"),
-            messages_chars: f.messages.map_or(0, |t| t.chars),
-            prompt_chars: f.prompt.map_or(0, |t| t.chars),
-        }
-    }
+/// The offset just past the first `{` (a validated object has one).
+fn open_brace(bytes: &[u8]) -> usize {
+    bytes.iter().position(|&b| b == b'{').map_or(0, |i| i + 1)
 }
 
 /// The body sent upstream for a stream: the client's bytes with
-/// `stream_options.include_usage = true`. When the client sent no
-/// `stream_options`, the field is spliced in after the opening brace so
-/// every other byte passes through as it came; otherwise that one member is
-/// rewritten and the body re-serialized.
+/// `stream_options.include_usage = true`, spliced in so every other byte
+/// (key order, number spelling, whitespace) passes through as it came.
 pub fn with_include_usage(bytes: &Bytes, api: &ApiRequest) -> Bytes {
-    const FIELD: &[u8] = br#""stream_options":{"include_usage":true},"#;
-    if !api.has_stream_options {
-        if let Some(open) = bytes.iter().position(|&b| b == b'{') {
-            let mut out = BytesMut::with_capacity(bytes.len() + FIELD.len());
-            out.extend_from_slice(&bytes[..=open]);
-            out.extend_from_slice(FIELD);
-            out.extend_from_slice(&bytes[open + 1..]);
-            return out.freeze();
+    const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    const OBJECT: &[u8] = br#"{"include_usage":true}"#;
+    const USAGE: &[u8] = br#""include_usage":true"#;
+    let splice = |at: Range<usize>, with: &[&[u8]]| {
+        let extra: usize = with.iter().map(|w| w.len()).sum();
+        let mut out = BytesMut::with_capacity(bytes.len() + extra);
+        out.extend_from_slice(&bytes[..at.start]);
+        for w in with {
+            out.extend_from_slice(w);
         }
-    }
-    let Ok(mut v) = serde_json::from_slice::<Value>(bytes) else {
-        return bytes.clone();
+        out.extend_from_slice(&bytes[at.end..]);
+        out.freeze()
     };
-    if let Some(obj) = v.as_object_mut() {
-        let opts = obj
-            .entry("stream_options")
-            .or_insert_with(|| Value::Object(Default::default()));
-        if !opts.is_object() {
-            *opts = Value::Object(Default::default());
-        }
-        if let Some(o) = opts.as_object_mut() {
-            o.insert("include_usage".into(), Value::Bool(true));
+    match &api.splice {
+        Splice::Add(at) => splice(*at..*at, &[MEMBER]),
+        Splice::Replace(span) => splice(span.clone(), &[OBJECT]),
+        Splice::Insert { at, empty: true } => splice(*at..*at, &[USAGE]),
+        Splice::Insert { at, empty: false } => splice(*at..*at, &[USAGE, b","]),
+        Splice::Set(values) => {
+            if values.iter().all(|r| &bytes[r.clone()] == b"true") {
+                return bytes.clone();
+            }
+            let mut out = BytesMut::with_capacity(bytes.len() + 4);
+            let mut at = 0;
+            for r in values {
+                out.extend_from_slice(&bytes[at..r.start]);
+                out.extend_from_slice(b"true");
+                at = r.end;
+            }
+            out.extend_from_slice(&bytes[at..]);
+            out.freeze()
         }
     }
-    Bytes::from(serde_json::to_vec(&v).unwrap_or_else(|_| bytes.to_vec()))
 }
 
 async fn read_body(
-    mut body: Incoming,
+    body: &mut Incoming,
     headers: &HeaderMap,
-    config: &crate::config::Config,
+    config: &Config,
 ) -> Result<Bytes, GatewayError> {
     let max = config.server.max_body_bytes;
     let declared = headers
@@ -466,6 +531,13 @@ async fn read_body(
                 if let Ok(data) = frame.into_data() {
                     if buf.len() + data.len() > max {
                         return Err(GatewayError::BodyTooLarge);
+                    }
+                    // Once the client has sent more than the first
+                    // allocation holds, the declared size is reserved in one
+                    // go: doubling would hold up to twice the body (and a
+                    // copy while it moves).
+                    if let (Some(n), true) = (declared, buf.len() + data.len() > buf.capacity()) {
+                        buf.reserve((n as usize).max(buf.len() + data.len()) - buf.len());
                     }
                     buf.extend_from_slice(&data);
                 }
@@ -497,19 +569,55 @@ pub fn detach_headers(h: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// Headers sent upstream: the client's, less hop-by-hop headers, its
-/// Authorization (replaced by the shared key) and Accept-Encoding (Sluice
-/// reads the answer, so it asks for it uncompressed). `Outbound` replaces
-/// Host and Content-Length.
+/// Headers sent upstream: the client's, less hop-by-hop headers and those
+/// of `not_forwarded`, with the shared key's Authorization. `Outbound`
+/// replaces Host and Content-Length.
 fn upstream_headers(mut h: HeaderMap, snap: &Snapshot, request_id: &HeaderValue) -> HeaderMap {
     strip_hop_by_hop(&mut h);
-    h.remove(header::AUTHORIZATION);
-    h.remove(header::ACCEPT_ENCODING);
+    remove_where(&mut h, not_forwarded);
     if let Some(auth) = &snap.upstream_auth {
         h.insert(header::AUTHORIZATION, auth.clone());
     }
     h.insert(&X_REQUEST_ID, request_id.clone());
     h
+}
+
+/// Client headers that never go upstream (SPEC §3 "Headers"), beside the
+/// hop-by-hop ones: the client's own Authorization (replaced by the shared
+/// key), Expect (Sluice has read the body already), Cookie, and headers
+/// that would speak for the shared account; Accept-Encoding too, since
+/// Sluice reads the answer and asks for it uncompressed.
+fn not_forwarded(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "authorization"
+            | "accept-encoding"
+            | "expect"
+            | "cookie"
+            | "openai-organization"
+            | "openai-project"
+            | "api-key"
+            | "x-api-key"
+    )
+}
+
+/// Upstream response headers that never reach a client, beside the
+/// hop-by-hop ones: cookies, the shared account's identity, and upstream's
+/// own `x-ratelimit-*` (the shared account's standing; Sluice writes the
+/// tenant's own afterwards, and only for limits the tenant has).
+fn not_returned(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    matches!(n, "set-cookie" | "openai-organization" | "openai-project")
+        || n.starts_with("x-ratelimit-")
+}
+
+/// Removes every header whose name `drop` picks. One pass decides; most
+/// maps need one removal at most.
+fn remove_where(h: &mut HeaderMap, drop: fn(&HeaderName) -> bool) {
+    let names: Vec<HeaderName> = h.keys().filter(|k| drop(k)).cloned().collect();
+    for name in names {
+        h.remove(name);
+    }
 }
 
 /// Where retrying an upstream error cannot help (402 Insufficient Balance,
@@ -602,6 +710,7 @@ async fn forward(
     let is_sse = api.stream && parts.status == StatusCode::OK;
     let mut resp_headers = parts.headers;
     strip_hop_by_hop(&mut resp_headers);
+    remove_where(&mut resp_headers, not_returned);
     resp_headers.remove(&X_REQUEST_ID);
     if is_sse {
         resp_headers.remove(header::CONTENT_LENGTH);
@@ -774,46 +883,87 @@ fn filter_models(body: &[u8], tenant: &Tenant) -> Option<Bytes> {
 mod tests {
     use super::*;
 
+    fn spliced(raw: &str) -> String {
+        let raw = Bytes::copy_from_slice(raw.as_bytes());
+        let api = ApiRequest::parse(&raw, Endpoint::Chat, None).expect("valid");
+        assert!(api.stream);
+        String::from_utf8(with_include_usage(&raw, &api).to_vec()).expect("utf8")
+    }
+
     #[test]
     fn include_usage_is_spliced_without_touching_other_bytes() {
-        let raw = Bytes::from_static(
-            b" {\"model\":\"m\", \"messages\": [], \"temperature\": 1.50, \"stream\":true}",
-        );
-        let api = ApiRequest::parse(&raw, Endpoint::Chat, false).expect("valid");
-        assert!(api.stream && !api.has_stream_options);
-        let out = with_include_usage(&raw, &api);
+        let m =
+            r#""model":"m", "messages": [], "temperature": 1.50, "seed": 12345678901234567890123"#;
+        // Absent: the member goes in after the opening brace.
         assert_eq!(
-            &out[..],
-            b" {\"stream_options\":{\"include_usage\":true},\"model\":\"m\", \"messages\": [], \"temperature\": 1.50, \"stream\":true}"
+            spliced(&format!(" {{{m}, \"stream\":true}}")),
+            format!(" {{\"stream_options\":{{\"include_usage\":true}},{m}, \"stream\":true}}")
         );
-        let raw = Bytes::from_static(
-            b"{\"model\":\"m\",\"messages\":[],\"stream\":true,\"stream_options\":{\"include_usage\":false}}",
+        // `null`: replaced, never a second key.
+        assert_eq!(
+            spliced(&format!("{{{m},\"stream_options\": null,\"stream\":true}}")),
+            format!("{{{m},\"stream_options\": {{\"include_usage\":true}},\"stream\":true}}")
         );
-        let api = ApiRequest::parse(&raw, Endpoint::Chat, false).expect("valid");
-        assert!(api.has_stream_options && !api.include_usage);
-        let out: Value = serde_json::from_slice(&with_include_usage(&raw, &api)).expect("json");
-        assert_eq!(out["stream_options"]["include_usage"], true);
+        // An object: include_usage set inside it, every other byte kept.
+        assert_eq!(
+            spliced(&format!(
+                "{{{m},\"stream\":true,\"stream_options\":{{\"x\":1.0, \"include_usage\" : false}}}}"
+            )),
+            format!("{{{m},\"stream\":true,\"stream_options\":{{\"x\":1.0, \"include_usage\" : true}}}}")
+        );
+        assert_eq!(
+            spliced(&format!(
+                "{{{m},\"stream\":true,\"stream_options\":{{ \"x\":2}}}}"
+            )),
+            format!(
+                "{{{m},\"stream\":true,\"stream_options\":{{\"include_usage\":true, \"x\":2}}}}"
+            )
+        );
+        assert_eq!(
+            spliced(&format!("{{{m},\"stream\":true,\"stream_options\":{{ }}}}")),
+            format!("{{{m},\"stream\":true,\"stream_options\":{{\"include_usage\":true }}}}")
+        );
+        let already =
+            format!("{{{m},\"stream\":true,\"stream_options\":{{\"include_usage\":true}}}}");
+        assert_eq!(spliced(&already), already);
+        // Each result parses to the client's object plus the one field.
+        for raw in [
+            format!("{{{m},\"stream\":true,\"stream_options\":[1]}}"),
+            format!(
+                "{{{m},\"stream\":true,\"stream_options\":{{\"a\":{{\"include_usage\":false}}}}}}"
+            ),
+        ] {
+            let out: Value = serde_json::from_str(&spliced(&raw)).expect("json");
+            assert_eq!(out["stream_options"]["include_usage"], true, "{raw}");
+        }
     }
 
     #[test]
     fn parse_validates_fields() {
-        // Both parse paths (tree for the cache, borrowed view otherwise)
-        // must judge every body alike.
+        // With and without the cache key, every body is judged alike.
         let bad = |body: &str, ep| {
-            let tree = ApiRequest::parse(body.as_bytes(), ep, true)
+            let keyed = ApiRequest::parse(body.as_bytes(), ep, Some(Some("t")))
                 .err()
                 .map(|e| e.code());
-            let view = ApiRequest::parse(body.as_bytes(), ep, false)
+            let plain = ApiRequest::parse(body.as_bytes(), ep, None)
                 .err()
                 .map(|e| e.code());
-            assert_eq!(tree, view, "{body}");
-            tree
+            assert_eq!(keyed, plain, "{body}");
+            keyed
         };
         assert_eq!(bad("nope", Endpoint::Chat), Some("invalid_json"));
         assert_eq!(bad("[1]", Endpoint::Chat), Some("invalid_json"));
         assert_eq!(
             bad(r#"{"model":"m","messages":[]}trailing"#, Endpoint::Chat),
             Some("invalid_json")
+        );
+        assert_eq!(
+            bad(r#"{"model":"m","messages":[],"x":1,"x":2}"#, Endpoint::Chat),
+            Some("invalid_json")
+        );
+        assert_eq!(
+            bad(r#"{"model":"m","messages":[],"t":1e400}"#, Endpoint::Chat),
+            None
         );
         assert_eq!(bad("{}", Endpoint::Chat), Some("missing_field"));
         assert_eq!(
@@ -836,11 +986,20 @@ mod tests {
         let ok = ApiRequest::parse(
             br#"{"model":"m\u0031","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#,
             Endpoint::Chat,
-            true,
+            Some(None),
         )
         .expect("valid");
-        assert!(ok.stream && ok.include_usage && ok.value.is_some());
+        assert!(ok.stream && ok.include_usage && ok.key.is_some());
         assert_eq!(ok.model, "m1", "escapes in the model name are decoded");
+        let dup = ApiRequest::parse(
+            br#"{"model":"a","model":"b","messages":[]}"#,
+            Endpoint::Chat,
+            None,
+        );
+        let Err(e) = dup else {
+            panic!("a repeated key is refused")
+        };
+        assert!(e.to_string().contains("\"model\""), "{e}");
     }
 
     #[test]

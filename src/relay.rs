@@ -406,9 +406,14 @@ impl Relay {
                 return;
             }
             EventData::Done => {
-                if let Mode::Sse { done, .. } = &mut self.mode {
+                let mut seen = None;
+                if let Mode::Sse { done, usage, .. } = &mut self.mode {
                     *done = true;
+                    seen = *usage;
                 }
+                // Charged before `[DONE]` reaches the client: a request it
+                // sends next sees the charge (SPEC §9).
+                self.charge(seen);
                 let at = self.publish(&ev, Mark::Done);
                 self.emit(ev, at);
                 return;

@@ -25,6 +25,7 @@
 //! | `x-sim-linger: 1` | the stream stays open after `data: [DONE]` |
 //! | `x-sim-error-event: N` | after N events, an error event and `data: [DONE]` end the stream |
 //! | `x-sim-close: 1` | the failing calls close the connection without answering |
+//! | `x-sim-account-headers: 1` | answers carry the shared account's headers (`set-cookie`, `openai-organization`, `openai-project`, `x-ratelimit-*`) and a harmless `x-upstream-note` |
 //!
 //! `GET /sim/stats` reports the number of completion calls and of
 //! connections accepted as JSON.
@@ -235,6 +236,7 @@ struct Faults {
     linger: bool,
     close: bool,
     error_event: Option<usize>,
+    account_headers: bool,
 }
 
 impl Faults {
@@ -266,6 +268,7 @@ impl Faults {
             linger: s("x-sim-linger").is_some(),
             close: s("x-sim-close").is_some(),
             error_event: n("x-sim-error-event").map(|e| e as usize),
+            account_headers: s("x-sim-account-headers").is_some(),
         }
     }
 }
@@ -338,7 +341,32 @@ async fn answer(
     *stats.last.lock().unwrap_or_else(|e| e.into_inner()) =
         Some((parts.headers.clone(), body.clone()));
     let faults = Faults::of(&parts.headers);
+    let mut r = answer_with(stats, endpoint, body, &faults).await?;
+    if faults.account_headers {
+        let h = r.headers_mut();
+        for (k, v) in [
+            ("set-cookie", "session=shared-account; Path=/"),
+            ("openai-organization", "org-shared"),
+            ("openai-project", "proj-shared"),
+            ("x-ratelimit-limit-requests", "10000"),
+            ("x-ratelimit-remaining-requests", "9999"),
+            ("x-ratelimit-limit-tokens", "5000000"),
+            ("x-ratelimit-remaining-tokens", "4999000"),
+            ("x-ratelimit-reset-tokens", "12ms"),
+            ("x-upstream-note", "kept"),
+        ] {
+            h.insert(k, HeaderValue::from_static(v));
+        }
+    }
+    Ok(r)
+}
 
+async fn answer_with(
+    stats: &Arc<SimStats>,
+    endpoint: &'static str,
+    body: Bytes,
+    faults: &Faults,
+) -> Result<Response<SimBody>, std::io::Error> {
     if !faults.latency.is_zero() {
         tokio::time::sleep(faults.latency).await;
     }
@@ -377,7 +405,7 @@ async fn answer(
         ));
     };
     let id = format!("sim-{}", stats.ids.fetch_add(1, Ordering::Relaxed));
-    let answer = Answer::new(endpoint, &request, &faults, id);
+    let answer = Answer::new(endpoint, &request, faults, id);
     let stream = request
         .get("stream")
         .and_then(Value::as_bool)
@@ -388,13 +416,9 @@ async fn answer(
                 .pointer("/stream_options/include_usage")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-        Ok(stream_response(
-            answer.events(include_usage),
-            &faults,
-            stats,
-        ))
+        Ok(stream_response(answer.events(include_usage), faults, stats))
     } else {
-        Ok(whole_response(answer.completion(!faults.no_usage), &faults))
+        Ok(whole_response(answer.completion(!faults.no_usage), faults))
     }
 }
 

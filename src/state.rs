@@ -275,38 +275,47 @@ impl App {
         })
     }
 
-    /// Swaps in a new config. Listen addresses, the cache's size and TTL and
-    /// the upstream connection settings are fixed at start; a change to them
-    /// is logged and ignored.
-    pub fn reload(&self, mut config: Config, key: &Secret) {
+    /// Swaps in a new config. What cannot change in a running process
+    /// (listen addresses, the cache's size and TTL, the upstream connect
+    /// timeout, concurrency cap and CA file, `[redis]`, the spend state
+    /// file) keeps its running value; a
+    /// change to it is logged at warn naming each key, and the keys are
+    /// returned so the caller never reports them applied. Everything else
+    /// applies to new connections and requests.
+    pub fn reload(&self, mut config: Config, key: &Secret) -> Vec<&'static str> {
         let current = self.snapshot.load();
         let old = &current.config;
-        if config.server.listen != old.server.listen
-            || config.server.admin_listen != old.server.admin_listen
-        {
-            tracing::warn!("listen addresses are not reloadable; keeping the running ones");
-            config.server.listen = old.server.listen;
-            config.server.admin_listen = old.server.admin_listen;
+        let mut ignored = Vec::new();
+        macro_rules! fixed {
+            ($name:literal, $($field:tt).+) => {
+                if config.$($field).+ != old.$($field).+ {
+                    ignored.push($name);
+                    config.$($field).+ = old.$($field).+.clone();
+                }
+            };
         }
-        if config.cache.max_bytes != old.cache.max_bytes || config.cache.ttl != old.cache.ttl {
-            tracing::warn!("cache.max_bytes and cache.ttl_secs take effect at restart");
-        }
-        if config.upstream.connect_timeout != old.upstream.connect_timeout
-            || config.upstream.max_concurrent != old.upstream.max_concurrent
-        {
-            tracing::warn!(
-                "upstream.connect_timeout_secs and upstream.max_concurrent take effect at restart"
-            );
-        }
+        fixed!("server.listen", server.listen);
+        fixed!("server.admin_listen", server.admin_listen);
+        fixed!("cache.max_bytes", cache.max_bytes);
+        fixed!("cache.ttl_secs", cache.ttl);
+        fixed!("upstream.connect_timeout_secs", upstream.connect_timeout);
+        fixed!("upstream.max_concurrent", upstream.max_concurrent);
+        fixed!("upstream.ca_file", upstream.ca_file);
+        // The spend state file is opened once, at start.
+        fixed!("budgets.state_path", budgets.state_path);
         if config.redis != old.redis {
-            tracing::warn!(
-                keys = %redis_changes(old.redis.as_ref(), config.redis.as_ref()).join(", "),
-                "[redis] is fixed at start; the change is ignored until a restart"
-            );
+            ignored.extend(redis_changes(old.redis.as_ref(), config.redis.as_ref()));
             config.redis = old.redis.clone();
+        }
+        if !ignored.is_empty() {
+            tracing::warn!(
+                keys = %ignored.join(", "),
+                "these settings cannot change in a running process; the change is ignored until a restart"
+            );
         }
         let next = Snapshot::build(config, key, Some(&current), &self.limiter, &self.metrics);
         self.snapshot.store(Arc::new(next));
+        ignored
     }
 }
 

@@ -533,12 +533,14 @@ fn retry_after(h: &HeaderMap) -> Option<Duration> {
     Some(Duration::from_secs_f64(secs.min(max)))
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded either way.
-static HOP_BY_HOP: [HeaderName; 8] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1, and the non-standard
+/// Proxy-Connection that old clients send), never forwarded either way.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
@@ -608,6 +610,7 @@ mod tests {
             ("x-secret", "1"),
             ("te", "trailers"),
             ("proxy-authorization", "x"),
+            ("proxy-connection", "keep-alive"),
             ("content-type", "application/json"),
         ] {
             h.insert(k, v.parse().expect("v"));

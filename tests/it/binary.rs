@@ -247,6 +247,23 @@ async fn runs_logs_json_reloads_on_sighup_and_stops_on_sigterm() {
         .expect("reload logged");
     assert_eq!(call(&url, BETA, &chat("beta"), &[]).await.status, 401);
 
+    // A key a running process cannot change is named at warn, and the
+    // reload does not report it applied.
+    cfg.write(&format!("{without_beta}\n[cache]\nmax_bytes = 1000\n"));
+    signal(&pid, "-HUP");
+    let warned = next(
+        &mut rx,
+        "these settings cannot change in a running process; the change is ignored until a restart",
+    )
+    .await
+    .expect("warn line");
+    assert_eq!(warned["level"], "WARN");
+    assert_eq!(warned["keys"], "cache.max_bytes");
+    let reloaded = next(&mut rx, "config reloaded")
+        .await
+        .expect("reload logged");
+    assert_eq!(reloaded["not_applied"], "cache.max_bytes");
+
     signal(&pid, "-TERM");
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await

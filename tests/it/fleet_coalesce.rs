@@ -251,7 +251,12 @@ async fn a_leader_that_stops_reading_does_not_slow_a_follower_elsewhere() {
         return;
     };
     let gws = fleet(2, &redis.url()).await;
-    let big = [("x-sim-answer-bytes", "3000000"), ("x-sim-chunks", "300")];
+    // About 1.5 s of upstream pacing, so the follower joins mid-flight.
+    let big = [
+        ("x-sim-answer-bytes", "3000000"),
+        ("x-sim-chunks", "300"),
+        ("x-sim-chunk-delay-ms", "5"),
+    ];
     // The leader's client takes the head and then never reads again.
     let stalled = call_open(
         &gws[0].url("/v1/chat/completions"),

@@ -627,6 +627,11 @@ impl Replica {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The process id (for /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
     /// SIGKILL: the replica dies without releasing anything.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
