@@ -9,9 +9,12 @@
 
 #![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
 
-use std::io::{BufRead, BufReader};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,6 +28,64 @@ use tokio::net::TcpStream;
 
 const KEY: &str = "sk-sluice-bench-0123456789abcdefghijklmnopqrstuvwxyz";
 const BODY: &str = r#"{"model":"deepseek-chat","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Write one sentence about rivers."}]}"#;
+
+/// Where `BODY` is made distinct: a tag and a number go after this.
+const BODY_SPLIT: &str = "rivers.";
+
+/// The request bodies a row sends.
+#[derive(Clone)]
+enum Bodies {
+    /// `BODY`, every time.
+    Fixed,
+    /// `BODY` with ` #<tag><n>` in its user message, `n` counting up from a
+    /// shared counter until `end` (exclusive): every request distinct, and
+    /// the same sequence reproducible (so one replica can fill Redis with
+    /// the answers another then reads).
+    Distinct {
+        tag: &'static str,
+        next: Arc<AtomicU64>,
+        end: Arc<AtomicU64>,
+    },
+}
+
+impl Bodies {
+    fn distinct(tag: &'static str, start: u64, end: u64) -> Bodies {
+        Bodies::Distinct {
+            tag,
+            next: Arc::new(AtomicU64::new(start)),
+            end: Arc::new(AtomicU64::new(end)),
+        }
+    }
+    /// The next body; `None` once a distinct sequence is used up.
+    fn next(&self) -> Option<Bytes> {
+        match self {
+            Bodies::Fixed => Some(Bytes::from_static(BODY.as_bytes())),
+            Bodies::Distinct { tag, next, end } => {
+                let end = end.load(Ordering::Relaxed);
+                let n = next
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        (n < end).then_some(n + 1)
+                    })
+                    .ok()?;
+                Some(Bytes::from(distinct_body(tag, n)))
+            }
+        }
+    }
+    /// Lets a distinct sequence run on from `from` (if it has not passed it)
+    /// for `count` more bodies.
+    fn window(&self, from: u64, count: u64) {
+        if let Bodies::Distinct { next, end, .. } = self {
+            let at = next.load(Ordering::Relaxed).max(from);
+            next.store(at, Ordering::Relaxed);
+            end.store(at + count, Ordering::Relaxed);
+        }
+    }
+}
+
+fn distinct_body(tag: &str, n: u64) -> String {
+    let (head, tail) = BODY.split_at(BODY.find(BODY_SPLIT).expect("split") + BODY_SPLIT.len());
+    format!("{head} #{tag}{n}{tail}")
+}
 
 struct Proc {
     child: Child,
@@ -178,7 +239,7 @@ fn start_sluice(
     limits: bool,
     redis: Option<u16>,
     tmp: &std::path::Path,
-) -> (Proc, SocketAddr) {
+) -> Sluice {
     let redis_section = redis.map_or(String::new(), |port| {
         format!("[redis]\nurl = \"redis://127.0.0.1:{port}/0\"\n")
     });
@@ -224,10 +285,43 @@ key_sha256 = ["{}"]
     let v: serde_json::Value = serde_json::from_str(&line).expect("json log");
     drain(err);
     drain(out);
-    (
-        p,
-        v["listen"].as_str().expect("listen").parse().expect("addr"),
-    )
+    let addr = |k: &str| -> SocketAddr { v[k].as_str().expect(k).parse().expect("addr") };
+    Sluice {
+        addr: addr("listen"),
+        admin: addr("admin"),
+        proc_: p,
+    }
+}
+
+struct Sluice {
+    proc_: Proc,
+    addr: SocketAddr,
+    admin: SocketAddr,
+}
+
+/// The Redis counters of a Sluice's `/metrics` (round trips by op and
+/// result, shared-cache lookups, local fallbacks), by series.
+fn sluice_redis_metrics(admin: SocketAddr) -> BTreeMap<String, f64> {
+    let mut text = String::new();
+    if let Ok(mut s) = std::net::TcpStream::connect(admin) {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nhost: {admin}\r\nconnection: close\r\n\r\n"
+        );
+        let _ = s.read_to_string(&mut text);
+    }
+    text.lines()
+        .filter(|l| {
+            l.starts_with("sluice_redis_operations_total")
+                || l.starts_with("sluice_cache_shared_lookups_total")
+                || l.starts_with("sluice_limits_local_fallback_total")
+        })
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
 }
 
 fn free_port() -> Result<u16, String> {
@@ -312,12 +406,12 @@ impl Redis {
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()
     }
-    /// EVALSHA + EVAL so far: calls, failed calls (NOSCRIPT on a script's
-    /// first use), and Redis's own time in them (µs); and all commands
-    /// but INFO, those the scripts run included.
-    fn command_calls(&self) -> [u64; 4] {
+    /// Every command but INFO so far (those scripts run included): calls,
+    /// failed calls (e.g. NOSCRIPT on a script's first use) and Redis's own
+    /// time in them (µs), by command.
+    fn commands(&self) -> BTreeMap<String, [u64; 3]> {
         let info = self.info("commandstats");
-        let mut out = [0; 4];
+        let mut out = BTreeMap::new();
         for line in info.lines() {
             let Some((name, rest)) = line.trim().split_once(':') else {
                 continue;
@@ -325,20 +419,19 @@ impl Redis {
             let Some(cmd) = name.strip_prefix("cmdstat_") else {
                 continue;
             };
+            if cmd == "info" {
+                continue;
+            }
             let field = |k: &str| -> u64 {
                 rest.split(',')
                     .find_map(|kv| kv.strip_prefix(k))
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0)
             };
-            if cmd == "evalsha" || cmd == "eval" {
-                out[0] += field("calls=");
-                out[1] += field("failed_calls=");
-                out[2] += field("usec=");
-            }
-            if cmd != "info" {
-                out[3] += field("calls=");
-            }
+            out.insert(
+                cmd.to_string(),
+                [field("calls="), field("failed_calls="), field("usec=")],
+            );
         }
         out
     }
@@ -350,6 +443,124 @@ impl Redis {
             .find_map(|l| l.trim().strip_prefix("total_reads_processed:"))
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
+    }
+}
+
+/// What Redis and one Sluice had counted at one moment.
+struct Snap {
+    cmds: BTreeMap<String, [u64; 3]>,
+    reads: u64,
+    sluice: BTreeMap<String, f64>,
+}
+
+impl Redis {
+    fn snap(&self, admin: SocketAddr) -> Snap {
+        Snap {
+            cmds: self.commands(),
+            reads: self.reads(),
+            sluice: sluice_redis_metrics(admin),
+        }
+    }
+}
+
+/// A Redis row's counts over its own phases only (the rows take turns, so
+/// each row's Redis traffic is told apart by when it happened).
+#[derive(Default)]
+struct RedisTally {
+    cmds: BTreeMap<String, [u64; 3]>,
+    reads: u64,
+    sluice: BTreeMap<String, f64>,
+    /// Requests in the counted phases: closed loop, fixed rate, warm-ups.
+    requests: u64,
+    /// Of these, the closed-loop ones, over which Redis's CPU is taken.
+    closed_requests: u64,
+    /// Redis's utime + stime over the closed-loop phases, µs.
+    cpu_us: u64,
+}
+
+impl RedisTally {
+    fn add(&mut self, a: &Snap, b: &Snap, requests: u64) {
+        for (k, v1) in &b.cmds {
+            let v0 = a.cmds.get(k).copied().unwrap_or_default();
+            let t = self.cmds.entry(k.clone()).or_default();
+            for i in 0..3 {
+                t[i] += v1[i] - v0[i];
+            }
+        }
+        self.reads += b.reads - a.reads;
+        for (k, v1) in &b.sluice {
+            *self.sluice.entry(k.clone()).or_default() += v1 - a.sluice.get(k).unwrap_or(&0.0);
+        }
+        self.requests += requests;
+    }
+    /// Calls of these commands a request.
+    fn per_req(&self, cmds: &[&str]) -> f64 {
+        let n: u64 = cmds
+            .iter()
+            .filter_map(|c| self.cmds.get(*c))
+            .map(|v| v[0])
+            .sum();
+        n as f64 / self.requests.max(1) as f64
+    }
+    /// Sluice's own count of its Redis round trips with `needle` in the
+    /// series (e.g. `op="cache_get"`), a request.
+    fn trips(&self, needle: &str) -> f64 {
+        let n: f64 = self
+            .sluice
+            .iter()
+            .filter(|(k, _)| k.starts_with("sluice_redis_operations_total") && k.contains(needle))
+            .map(|(_, v)| v)
+            .sum();
+        n / self.requests.max(1) as f64
+    }
+    fn report(&self, name: &str) {
+        let reqs = self.requests.max(1) as f64;
+        let cmds: Vec<String> = self
+            .cmds
+            .iter()
+            .filter(|(_, v)| v[0] > 0)
+            .map(|(k, v)| {
+                let failed = if v[1] > 0 {
+                    format!(" ({} failed)", v[1])
+                } else {
+                    String::new()
+                };
+                format!("{k} {:.3}{failed}", v[0] as f64 / reqs)
+            })
+            .collect();
+        let all: u64 = self.cmds.values().map(|v| v[0]).sum();
+        let usec: u64 = self.cmds.values().map(|v| v[2]).sum();
+        let trips: Vec<String> = ["limits", "cache_get", "cache_put", "coalesce"]
+            .iter()
+            .map(|op| (op, self.trips(&format!("op=\"{op}\""))))
+            .filter(|(_, v)| *v > 0.0)
+            .map(|(op, v)| format!("{op} {v:.3}"))
+            .collect();
+        let bad = self.trips("result=\"error\"") + self.trips("result=\"timeout\"");
+        let other: Vec<String> = self
+            .sluice
+            .iter()
+            .filter(|(k, v)| !k.starts_with("sluice_redis_operations_total") && **v != 0.0)
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        println!(
+            "{name}: over {} requests ({} closed-loop): Redis CPU {:.1} µs/req (closed loop), \
+             {:.1} µs/req inside commands; commands a request: {}; all commands {:.3}/req; \
+             Redis socket reads {:.3}/req; Sluice's round trips a request: {} = {:.3} \
+             (ending in an error or timeout: {:.4} a request){}{}",
+            self.requests,
+            self.closed_requests,
+            self.cpu_us as f64 / self.closed_requests.max(1) as f64,
+            usec as f64 / reqs,
+            cmds.join(", "),
+            all as f64 / reqs,
+            self.reads as f64 / reqs,
+            trips.join(" + "),
+            self.trips("op="),
+            bad,
+            if other.is_empty() { "" } else { "; " },
+            other.join(", "),
+        );
     }
 }
 
@@ -413,16 +624,13 @@ http {{
     Err("nginx did not start".into())
 }
 
-fn request(addr: SocketAddr, extra: &[(&str, &str)]) -> Request<Full<Bytes>> {
+fn request(addr: SocketAddr, body: Bytes) -> Request<Full<Bytes>> {
     // hyper's connection-level client does not add Host; nginx insists on it.
-    let mut b = Request::post(format!("http://{addr}/v1/chat/completions"))
+    Request::post(format!("http://{addr}/v1/chat/completions"))
         .header("host", addr.to_string())
         .header("authorization", format!("Bearer {KEY}"))
-        .header("content-type", "application/json");
-    for (k, v) in extra {
-        b = b.header(*k, *v);
-    }
-    b.body(Full::new(Bytes::from_static(BODY.as_bytes())))
+        .header("content-type", "application/json")
+        .body(Full::new(body))
         .expect("request")
 }
 
@@ -448,19 +656,40 @@ async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Fu
     send
 }
 
-/// Closed loop: `conns` connections each sending back to back for `dur`.
-async fn throughput(addr: SocketAddr, conns: usize, dur: Duration) -> u64 {
-    let deadline = Instant::now() + dur;
+/// One closed-loop phase: requests answered, of them `x-sluice-cache: hit`,
+/// and the time from the start to the last answer.
+#[derive(Default, Clone, Copy)]
+struct Pass {
+    done: u64,
+    hits: u64,
+    elapsed: Duration,
+}
+
+fn is_hit<B>(resp: &http::Response<B>) -> bool {
+    resp.headers()
+        .get("x-sluice-cache")
+        .is_some_and(|v| v.as_bytes() == b"hit")
+}
+
+/// Closed loop: `conns` connections each sending back to back for `dur`,
+/// or until `bodies` is used up.
+async fn throughput(addr: SocketAddr, conns: usize, dur: Duration, bodies: &Bodies) -> Pass {
+    let start = Instant::now();
+    let deadline = start + dur;
     let mut tasks = Vec::new();
     for _ in 0..conns {
+        let bodies = bodies.clone();
         tasks.push(tokio::spawn(async move {
-            let mut done = 0u64;
+            let mut pass = Pass::default();
             let mut send = connect(addr).await;
             while Instant::now() < deadline {
+                let Some(body) = bodies.next() else {
+                    break;
+                };
                 if send.ready().await.is_err() {
                     send = connect(addr).await;
                 }
-                let resp = match send.send_request(request(addr, &[])).await {
+                let resp = match send.send_request(request(addr, body)).await {
                     Ok(r) => r,
                     Err(_) => {
                         send = connect(addr).await;
@@ -468,15 +697,20 @@ async fn throughput(addr: SocketAddr, conns: usize, dur: Duration) -> u64 {
                     }
                 };
                 assert!(resp.status().is_success(), "status {}", resp.status());
+                pass.hits += u64::from(is_hit(&resp));
                 resp.into_body().collect().await.expect("body");
-                done += 1;
+                pass.done += 1;
             }
-            done
+            pass.elapsed = start.elapsed();
+            pass
         }));
     }
-    let mut total = 0;
+    let mut total = Pass::default();
     for t in tasks {
-        total += t.await.expect("task");
+        let p = t.await.expect("task");
+        total.done += p.done;
+        total.hits += p.hits;
+        total.elapsed = total.elapsed.max(p.elapsed);
     }
     total
 }
@@ -495,13 +729,19 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// is handed to the client: tokio's timer has millisecond granularity, so
 /// counting from the scheduled time would add up to 1 ms of timer jitter to
 /// every target alike and drown the differences being measured.
-async fn fixed_rate(addr: SocketAddr, rate: u64, dur: Duration) -> (Duration, Duration) {
+async fn fixed_rate(
+    addr: SocketAddr,
+    rate: u64,
+    dur: Duration,
+    bodies: &Bodies,
+) -> (Duration, Duration) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(256)
         .build_http();
     // Warm the pool.
     for _ in 0..FIXED_RATE_WARM {
-        let r = client.request(request(addr, &[])).await.expect("warm");
+        let body = bodies.next().expect("a body for the warm-up");
+        let r = client.request(request(addr, body)).await.expect("warm");
         r.into_body().collect().await.expect("body");
     }
     let n = rate * dur.as_secs();
@@ -510,11 +750,12 @@ async fn fixed_rate(addr: SocketAddr, rate: u64, dur: Duration) -> (Duration, Du
     let mut tasks = Vec::with_capacity(n as usize);
     for i in 0..n {
         let at = start + interval * i as u32;
+        let body = bodies.next().expect("a body for each request");
         tokio::time::sleep_until(at.into()).await;
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             let t0 = Instant::now();
-            let r = client.request(request(addr, &[])).await.expect("response");
+            let r = client.request(request(addr, body)).await.expect("response");
             r.into_body().collect().await.expect("body");
             t0.elapsed()
         }));
@@ -675,153 +916,308 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let mut rows: Vec<(String, Option<&Proc>, SocketAddr)> = Vec::new();
-    let (miss, miss_addr) = start_sluice("sluice-miss", &sim_url, false, false, None, &tmp);
-    let (limited, limited_addr) =
-        start_sluice("sluice-miss-limits", &sim_url, false, true, None, &tmp);
-    let (hit, hit_addr) = start_sluice("sluice-hit", &sim_url, true, false, None, &tmp);
+    const REPS: usize = 3;
+    const RATE: u64 = 500;
+    let miss = start_sluice("sluice-miss", &sim_url, false, false, None, &tmp);
+    let miss_addr = miss.addr;
+    let limited = start_sluice("sluice-miss-limits", &sim_url, false, true, None, &tmp);
+    let hit = start_sluice("sluice-hit", &sim_url, true, false, None, &tmp);
+    let cached = start_sluice("sluice-miss-cache", &sim_url, true, false, None, &tmp);
     let nginx = start_nginx(sim_addr, &tmp);
     let redis = start_redis(&tmp);
-    let shared = redis.as_ref().ok().map(|r| {
+    let redis_port = redis.as_ref().ok().map(|r| r.port);
+    let start_redis_row = |name: &'static str, cache: bool, limits: bool| {
+        redis_port.map(|port| start_sluice(name, &sim_url, cache, limits, Some(port), &tmp))
+    };
+    let shared = start_redis_row("sluice-miss-redis", false, true);
+    let cached_redis = start_redis_row("sluice-miss-redis-cache", true, false);
+    let hit_local = start_redis_row("sluice-hit-redis-local", true, false);
+    // Hits from Redis: one replica (the filler) stores distinct answers
+    // `#r0`, `#r1`, … in Redis; a replica started after it (its memory
+    // empty) reads each of them once, each pass a window of its own, so
+    // every request misses its memory and is answered by one Redis GET.
+    let remote_pass: u64 = std::env::var("SLUICE_BENCH_REMOTE_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 8_000 } else { 25_000 });
+    let fixed_n = RATE * dur.as_secs() + FIXED_RATE_WARM;
+    let fill_n = remote_pass * REPS as u64 + fixed_n;
+    let remote_bodies = Bodies::distinct("r", 0, 0);
+    let hit_remote = redis_port.map(|port| {
+        let filler = start_sluice("sluice-filler", &sim_url, true, false, Some(port), &tmp);
+        let t0 = Instant::now();
+        let pass = rt.block_on(throughput(
+            filler.addr,
+            64,
+            Duration::from_secs(3600),
+            &Bodies::distinct("r", 0, fill_n),
+        ));
+        // Stores reach Redis from tasks: wait for the last ones.
+        let stored = |m: &BTreeMap<String, f64>| -> f64 {
+            m.iter()
+                .filter(|(k, _)| k.contains("op=\"cache_put\""))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let mut puts = 0.0;
+        for _ in 0..50 {
+            puts = stored(&sluice_redis_metrics(filler.admin));
+            if puts >= fill_n as f64 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        println!(
+            "filled Redis through one replica: {} distinct answers in {:.1} s, {puts} stores sent",
+            pass.done,
+            t0.elapsed().as_secs_f64()
+        );
+        drop(filler);
         start_sluice(
-            "sluice-miss-redis",
+            "sluice-hit-redis-remote",
             &sim_url,
-            false,
             true,
-            Some(r.port),
+            false,
+            Some(port),
             &tmp,
         )
     });
-    rows.push(("direct".into(), None, sim_addr));
+
+    struct Row<'a> {
+        name: &'static str,
+        proc_: Option<&'a Proc>,
+        addr: SocketAddr,
+        /// Admin address, for the Redis rows' round-trip counts.
+        admin: Option<SocketAddr>,
+        bodies: Bodies,
+        /// Bodies a closed-loop pass may use (the remote-hit row).
+        window: Option<u64>,
+    }
+    fn row<'a>(name: &'static str, s: &'a Sluice, bodies: Bodies) -> Row<'a> {
+        Row {
+            name,
+            proc_: Some(&s.proc_),
+            addr: s.addr,
+            admin: Some(s.admin),
+            bodies,
+            window: None,
+        }
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    rows.push(Row {
+        name: "direct",
+        proc_: None,
+        addr: sim_addr,
+        admin: None,
+        bodies: Bodies::Fixed,
+        window: None,
+    });
     match &nginx {
-        Ok((p, addr)) => rows.push(("nginx".into(), Some(p), *addr)),
+        Ok((p, addr)) => rows.push(Row {
+            name: "nginx",
+            proc_: Some(p),
+            addr: *addr,
+            admin: None,
+            bodies: Bodies::Fixed,
+            window: None,
+        }),
         Err(reason) => println!("nginx row skipped: {reason}"),
     }
-    rows.push(("sluice-miss".into(), Some(&miss), miss_addr));
-    rows.push(("sluice-miss-limits".into(), Some(&limited), limited_addr));
-    match &shared {
-        Some((p, addr)) => rows.push(("sluice-miss-redis".into(), Some(p), *addr)),
-        None => println!(
-            "sluice-miss-redis row skipped: {}",
-            redis.as_ref().err().map_or("", String::as_str)
+    rows.push(row("sluice-miss", &miss, Bodies::Fixed));
+    rows.push(row("sluice-miss-limits", &limited, Bodies::Fixed));
+    rows.push(row(
+        "sluice-miss-cache",
+        &cached,
+        Bodies::distinct("c", 0, u64::MAX),
+    ));
+    let redis_rows = [
+        (&shared, "sluice-miss-redis", Bodies::Fixed),
+        (
+            &cached_redis,
+            "sluice-miss-redis-cache",
+            Bodies::distinct("m", 0, u64::MAX),
         ),
+    ];
+    for (s, name, bodies) in redis_rows {
+        match s {
+            Some(s) => rows.push(row(name, s, bodies)),
+            None => println!(
+                "{name} row skipped: {}",
+                redis.as_ref().err().map_or("", String::as_str)
+            ),
+        }
     }
-    rows.push(("sluice-hit".into(), Some(&hit), hit_addr));
-    // Warm the hit path's one entry.
-    rt.block_on(async {
-        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-        let r = client.request(request(hit_addr, &[])).await.expect("warm");
-        r.into_body().collect().await.expect("body");
-    });
+    rows.push(row("sluice-hit", &hit, Bodies::Fixed));
+    for (s, name) in [
+        (&hit_local, "sluice-hit-redis-local"),
+        (&hit_remote, "sluice-hit-redis-remote"),
+    ] {
+        if let Some(s) = s {
+            let mut r = row(name, s, Bodies::Fixed);
+            if name == "sluice-hit-redis-remote" {
+                r.bodies = remote_bodies.clone();
+                r.window = Some(remote_pass);
+            }
+            rows.push(r);
+        }
+    }
+    // Warm the hit rows' one entry.
+    for addr in [Some(hit.addr), hit_local.as_ref().map(|s| s.addr)]
+        .into_iter()
+        .flatten()
+    {
+        rt.block_on(async {
+            let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+            let r = client
+                .request(request(addr, Bytes::from_static(BODY.as_bytes())))
+                .await
+                .expect("warm");
+            r.into_body().collect().await.expect("body");
+        });
+    }
 
     println!("\n| target | req/s @64 conns | CPU µs/req (proxy) | core 0 / core 1 busy | p50 ms @500 rps | p99 ms @500 rps | peak RSS MiB |");
     println!("|---|---|---|---|---|---|---|");
-    // Redis's own counters, from before the first request of the Redis row
-    // to after its last settlement.
-    let redis_ok = redis.as_ref().ok().filter(|_| shared.is_some());
-    let redis_before = redis_ok.map(|r| (r.command_calls(), r.reads()));
-    let mut redis_cpu_us = 0u64;
-    // Requests the Redis row served: closed loop, fixed rate, warm-ups.
-    let mut redis_row_requests = 0u64;
-    // Of these, the closed-loop ones (over which Redis's CPU is taken).
-    let mut redis_closed_requests = 0u64;
+    let redis_ok = redis.as_ref().ok();
+    let is_redis_row = |r: &Row| r.name.contains("redis");
+    // Redis's counters and CPU, per Redis row, over that row's phases only.
+    let mut tallies: Vec<RedisTally> = rows.iter().map(|_| RedisTally::default()).collect();
+    // Redis's counters after a Redis row's phase: its last stores and
+    // publications land from tasks, so they are given a moment.
+    let settle = || std::thread::sleep(Duration::from_millis(100));
     // Throughput in `REPS` passes over the targets, round robin, so drift on
-    // a shared machine hits every target alike; requests, CPU time and busy
-    // fractions are summed over the passes.
-    const REPS: usize = 3;
-    const RATE: u64 = 500;
-    let mut sums: Vec<(u64, u64, Vec<f64>)> = rows.iter().map(|_| (0, 0, Vec::new())).collect();
+    // a shared machine hits every target alike; requests, time, CPU time and
+    // busy fractions are summed over the passes.
+    #[derive(Default)]
+    struct Sum {
+        pass: Pass,
+        cpu_us: u64,
+        busy: Vec<f64>,
+    }
+    let mut sums: Vec<Sum> = rows.iter().map(|_| Sum::default()).collect();
     for _ in 0..REPS {
-        for ((name, proc_, addr), sum) in rows.iter().zip(&mut sums) {
-            let redis_here = redis_ok.filter(|_| name == "sluice-miss-redis");
-            let cpu0 = proc_.map(Proc::cpu_us).unwrap_or(0);
-            let rcpu0 = redis_here.map(|r| r.proc_.cpu_us()).unwrap_or(0);
-            let (done, busy) = core_busy(|| rt.block_on(throughput(*addr, 64, dur)));
-            sum.0 += done;
-            sum.1 += proc_.map(Proc::cpu_us).unwrap_or(0) - cpu0;
-            if let Some(r) = redis_here {
-                redis_cpu_us += r.proc_.cpu_us() - rcpu0;
-                redis_row_requests += done;
-                redis_closed_requests += done;
+        for ((row, sum), tally) in rows.iter().zip(&mut sums).zip(&mut tallies) {
+            if let Some(w) = row.window {
+                row.bodies.window(0, w);
             }
-            sum.2.resize(busy.len(), 0.0);
-            for (s, b) in sum.2.iter_mut().zip(&busy) {
+            let redis_here = redis_ok.filter(|_| is_redis_row(row));
+            let snap0 = redis_here.map(|r| r.snap(row.admin.expect("admin")));
+            let cpu0 = row.proc_.map(Proc::cpu_us).unwrap_or(0);
+            let rcpu0 = redis_here.map(|r| r.proc_.cpu_us()).unwrap_or(0);
+            let (pass, busy) =
+                core_busy(|| rt.block_on(throughput(row.addr, 64, dur, &row.bodies)));
+            if let (Some(r), Some(snap0)) = (redis_here, snap0) {
+                settle();
+                tally.cpu_us += r.proc_.cpu_us() - rcpu0;
+                tally.closed_requests += pass.done;
+                tally.add(&snap0, &r.snap(row.admin.expect("admin")), pass.done);
+            }
+            sum.cpu_us += row.proc_.map(Proc::cpu_us).unwrap_or(0) - cpu0;
+            sum.pass.done += pass.done;
+            sum.pass.hits += pass.hits;
+            sum.pass.elapsed += pass.elapsed;
+            sum.busy.resize(busy.len(), 0.0);
+            for (s, b) in sum.busy.iter_mut().zip(&busy) {
                 *s += b / REPS as f64;
             }
         }
     }
+    struct Res {
+        name: &'static str,
+        rps: f64,
+        cpu: Option<f64>,
+        p50: Duration,
+        p99: Duration,
+    }
     let mut results = Vec::new();
-    for ((name, proc_, addr), (done, cpu_us, busy)) in rows.iter().zip(&sums) {
-        let cpu = proc_.map(|_| *cpu_us as f64 / *done as f64);
-        let rps = *done as f64 / (dur.as_secs_f64() * REPS as f64);
-        let (p50, p99) = rt.block_on(fixed_rate(*addr, RATE, dur));
-        if name == "sluice-miss-redis" {
-            redis_row_requests += RATE * dur.as_secs() + FIXED_RATE_WARM;
+    for ((row, sum), tally) in rows.iter().zip(&sums).zip(&mut tallies) {
+        let cpu = row.proc_.map(|_| sum.cpu_us as f64 / sum.pass.done as f64);
+        let rps = sum.pass.done as f64 / sum.pass.elapsed.as_secs_f64();
+        if row.window.is_some() {
+            // The fixed-rate phase reads filled answers not read yet.
+            row.bodies.window(remote_pass * REPS as u64, fixed_n);
         }
-        let rss = proc_.map(|p| p.rss_kib().0 as f64 / 1024.0);
+        let redis_here = redis_ok.filter(|_| is_redis_row(row));
+        let snap0 = redis_here.map(|r| r.snap(row.admin.expect("admin")));
+        let (p50, p99) = rt.block_on(fixed_rate(row.addr, RATE, dur, &row.bodies));
+        if let (Some(r), Some(snap0)) = (redis_here, snap0) {
+            settle();
+            tally.add(&snap0, &r.snap(row.admin.expect("admin")), fixed_n);
+        }
+        let rss = row.proc_.map(|p| p.rss_kib().0 as f64 / 1024.0);
         println!(
-            "| {name} | {rps:.0} | {} | {:.0}% / {:.0}% | {} | {} | {} |",
+            "| {} | {rps:.0} | {} | {:.0}% / {:.0}% | {} | {} | {} |",
+            row.name,
             cpu.map_or("-".into(), |c| format!("{c:.1}")),
-            busy.first().unwrap_or(&0.0) * 100.0,
-            busy.get(1).unwrap_or(&0.0) * 100.0,
+            sum.busy.first().unwrap_or(&0.0) * 100.0,
+            sum.busy.get(1).unwrap_or(&0.0) * 100.0,
             ms(p50),
             ms(p99),
             rss.map_or("-".into(), |r| format!("{r:.1}"))
         );
-        results.push((name.clone(), rps, cpu, p50, p99));
+        results.push(Res {
+            name: row.name,
+            rps,
+            cpu,
+            p50,
+            p99,
+        });
     }
-    let base = |n: &str| results.iter().find(|r| r.0 == n).cloned();
+    println!();
+    for (row, sum) in rows.iter().zip(&sums) {
+        if row.name.contains("cache") || row.name.contains("hit") {
+            println!(
+                "{}: {} of {} closed-loop answers were x-sluice-cache: hit ({:.2}%)",
+                row.name,
+                sum.pass.hits,
+                sum.pass.done,
+                sum.pass.hits as f64 * 100.0 / sum.pass.done.max(1) as f64
+            );
+        }
+    }
+    let base = |n: &str| results.iter().find(|r| r.name == n);
+    let cpu_of = |r: &Res| r.cpu.unwrap_or(f64::NAN);
+    let met = |ok: bool| if ok { "met" } else { "NOT met" };
+    let tally = |n: &str| {
+        rows.iter()
+            .position(|r| r.name == n)
+            .and_then(|i| tallies.get(i))
+            .filter(|_| redis_ok.is_some())
+    };
     if let (Some(direct), Some(miss)) = (base("direct"), base("sluice-miss")) {
         println!(
             "\nsluice-miss: {:.2}× direct req/s; added p50 {} ms, added p99 {} ms",
-            miss.1 / direct.1,
-            ms(miss.3.saturating_sub(direct.3)),
-            ms(miss.4.saturating_sub(direct.4))
+            miss.rps / direct.rps,
+            ms(miss.p50.saturating_sub(direct.p50)),
+            ms(miss.p99.saturating_sub(direct.p99))
         );
         if let Some(ng) = base("nginx") {
             println!(
                 "nginx: added p50 {} ms, p99 {} ms; sluice-miss/nginx: req/s {:.2}×, CPU/req {:.2}×",
-                ms(ng.3.saturating_sub(direct.3)),
-                ms(ng.4.saturating_sub(direct.4)),
-                miss.1 / ng.1,
-                miss.2.unwrap_or(0.0) / ng.2.unwrap_or(f64::NAN)
+                ms(ng.p50.saturating_sub(direct.p50)),
+                ms(ng.p99.saturating_sub(direct.p99)),
+                miss.rps / ng.rps,
+                cpu_of(miss) / cpu_of(ng)
             );
         }
         if let Some(hit) = base("sluice-hit") {
-            println!("sluice-hit: {:.2}× direct req/s", hit.1 / direct.1);
+            println!("sluice-hit: {:.2}× direct req/s", hit.rps / direct.rps);
         }
         if let Some(lim) = base("sluice-miss-limits") {
             println!(
                 "sluice-miss-limits: added p50 {} ms; vs sluice-miss: req/s {:.2}×, CPU/req {:.2}×",
-                ms(lim.3.saturating_sub(direct.3)),
-                lim.1 / miss.1,
-                lim.2.unwrap_or(0.0) / miss.2.unwrap_or(f64::NAN)
+                ms(lim.p50.saturating_sub(direct.p50)),
+                lim.rps / miss.rps,
+                cpu_of(lim) / cpu_of(miss)
             );
-            if let (Some(red), Some(r), Some((c0, n0))) =
-                (base("sluice-miss-redis"), redis_ok, redis_before)
-            {
-                // Let the last settlements land.
-                std::thread::sleep(Duration::from_millis(200));
-                let (c1, n1) = (r.command_calls(), r.reads());
-                let d = |i: usize| c1[i] - c0[i];
-                let reqs = redis_row_requests.max(1) as f64;
-                let cpu_ratio = red.2.unwrap_or(0.0) / lim.2.unwrap_or(f64::NAN);
-                let rps_ratio = red.1 / lim.1;
-                let evals = d(0) as f64 / reqs;
-                let p50_more = red.3.as_secs_f64() * 1000.0 - lim.3.as_secs_f64() * 1000.0;
-                let met = |ok: bool| if ok { "met" } else { "NOT met" };
+            if let (Some(red), Some(t)) = (base("sluice-miss-redis"), tally("sluice-miss-redis")) {
+                let cpu_ratio = cpu_of(red) / cpu_of(lim);
+                let rps_ratio = red.rps / lim.rps;
+                let evals = t.per_req(&["evalsha", "eval"]);
+                let p50_more = red.p50.as_secs_f64() * 1000.0 - lim.p50.as_secs_f64() * 1000.0;
                 println!(
-                    "sluice-miss-redis: added p50 {} ms; Redis CPU {:.1} µs/req; \
-                     EVALSHA+EVAL {evals:.3}/req ({} calls, {} failed, {:.1} µs/req inside Redis), \
-                     all commands incl. those run by scripts {:.2}/req, \
-                     Redis reads (round trips, batched) {:.3}/req; over {redis_row_requests} requests",
-                    ms(red.3.saturating_sub(direct.3)),
-                    redis_cpu_us as f64 / redis_closed_requests.max(1) as f64,
-                    d(0),
-                    d(1),
-                    d(2) as f64 / reqs,
-                    d(3) as f64 / reqs,
-                    (n1 - n0) as f64 / reqs,
+                    "sluice-miss-redis: added p50 {} ms",
+                    ms(red.p50.saturating_sub(direct.p50))
                 );
                 println!(
                     "  vs sluice-miss-limits: CPU/req {cpu_ratio:.2}× (≤ 1.3×: {}); \
@@ -833,6 +1229,51 @@ fn main() {
                     met(evals <= 2.0),
                 );
             }
+        }
+        if let Some(mrc) = base("sluice-miss-redis-cache") {
+            let ratio = cpu_of(mrc) / cpu_of(miss);
+            print!(
+                "sluice-miss-redis-cache: added p50 {} ms; vs sluice-miss: CPU/req {ratio:.2}× \
+                 (≤ 1.3×: {}), req/s {:.2}×, p50 {:+.3} ms",
+                ms(mrc.p50.saturating_sub(direct.p50)),
+                met(ratio <= 1.3),
+                mrc.rps / miss.rps,
+                (mrc.p50.as_secs_f64() - miss.p50.as_secs_f64()) * 1000.0
+            );
+            if let Some(mc) = base("sluice-miss-cache") {
+                print!(
+                    "; vs sluice-miss-cache (same, no Redis): CPU/req {:.2}×, req/s {:.2}×",
+                    cpu_of(mrc) / cpu_of(mc),
+                    mrc.rps / mc.rps
+                );
+            }
+            println!();
+        }
+    }
+    if let Some(hit) = base("sluice-hit") {
+        if let Some(local) = base("sluice-hit-redis-local") {
+            let ratio = local.rps / hit.rps;
+            println!(
+                "sluice-hit-redis-local vs sluice-hit: req/s {ratio:.2}× (≥ 0.95×: {}), CPU/req {:.2}×",
+                met(ratio >= 0.95),
+                cpu_of(local) / cpu_of(hit)
+            );
+        }
+        if let Some(remote) = base("sluice-hit-redis-remote") {
+            println!(
+                "sluice-hit-redis-remote: {:.0} req/s, {:.1} µs/req (Sluice); vs sluice-hit: \
+                 req/s {:.2}×, CPU/req {:.2}×",
+                remote.rps,
+                cpu_of(remote),
+                remote.rps / hit.rps,
+                cpu_of(remote) / cpu_of(hit)
+            );
+        }
+    }
+    println!();
+    for row in rows.iter().filter(|r| is_redis_row(r)) {
+        if let Some(t) = tally(row.name) {
+            t.report(row.name);
         }
     }
 
@@ -857,15 +1298,20 @@ fn main() {
     }
 
     if idle_n > 0 {
-        let (opened, rss) = rt.block_on(idle_streams(miss_addr, &miss, idle_n));
+        let (opened, rss) = rt.block_on(idle_streams(miss_addr, &miss.proc_, idle_n));
         println!(
             "\nidle streams held open through sluice: {opened} of {idle_n}, RSS {:.1} MiB",
             rss as f64 / 1024.0
         );
     }
-    for p in [&miss, &limited, &hit]
+    for p in [&miss, &limited, &hit, &cached]
         .into_iter()
-        .chain(shared.as_ref().map(|s| &s.0))
+        .chain(
+            [&shared, &cached_redis, &hit_local, &hit_remote]
+                .into_iter()
+                .flatten(),
+        )
+        .map(|s| &s.proc_)
     {
         let (hwm, _) = p.rss_kib();
         println!("{} peak RSS: {:.1} MiB", p.name, hwm as f64 / 1024.0);

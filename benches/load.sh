@@ -3,8 +3,12 @@
 # 10 000 idle streams. Needs `taskset` (util-linux); nginx is optional
 # (`apt-get install nginx-light`), its row is skipped with the reason if absent;
 # so is redis-server (`apt-get install redis-server`, with redis-cli) for the
-# sluice-miss-redis row: the bench starts its own on a free loopback port.
+# Redis rows (sluice-miss-redis, sluice-miss-redis-cache, sluice-hit-redis-*):
+# the bench starts its own on a free loopback port.
 # SLUICE_BENCH_IDLE_STREAMS=0 skips the 10 000 idle streams.
+# SLUICE_BENCH_REMOTE_KEYS=N: distinct answers the sluice-hit-redis-remote row
+# reads a pass (default 8 000 quick, 25 000 full; Redis is filled with three
+# passes' worth plus the fixed-rate phase's before the run).
 # Usage: benches/load.sh [quick]
 set -euo pipefail
 cd "$(dirname "$0")/.."
