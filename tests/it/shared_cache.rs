@@ -32,6 +32,20 @@ fn url(gw: &TestGateway) -> String {
     gw.url("/v1/chat/completions")
 }
 
+/// Waits until Redis holds `n` cache entries (written from a task after
+/// the answer).
+async fn stored(redis: &RedisServer, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let keys = redis.cli(&["--scan", "--pattern", "sluice:cache:*"]);
+        if keys.lines().filter(|l| !l.trim().is_empty()).count() >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never stored in Redis");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Waits until `gw` answers `body` from the cache (the write to Redis is
 /// made after the answer, from a task).
 async fn hit_on(gw: &TestGateway, body: &serde_json::Value) -> Resp {
@@ -61,6 +75,7 @@ async fn an_answer_stored_on_one_replica_is_a_hit_on_another_in_both_modes() {
     // JSON stored, JSON and stream hits elsewhere.
     let first = call(&url(&gws[0]), ALPHA, &chat("shared one"), &[]).await;
     assert_eq!(first.header("x-sluice-cache"), "miss");
+    stored(&redis, 1).await;
     let hit = hit_on(&gws[1], &chat("shared one")).await;
     assert_eq!(
         hit.json()["choices"][0]["message"],
@@ -79,6 +94,7 @@ async fn an_answer_stored_on_one_replica_is_a_hit_on_another_in_both_modes() {
     // Stream stored, JSON hit elsewhere.
     let s = call(&url(&gws[1]), ALPHA, &chat_stream("shared two"), &[]).await;
     assert_eq!(s.header("x-sluice-cache"), "miss");
+    stored(&redis, 2).await;
     let hit = hit_on(&gws[0], &chat("shared two")).await;
     assert_eq!(
         hit.json()["choices"][0]["message"]["content"].as_str(),
