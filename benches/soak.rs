@@ -371,7 +371,11 @@ async fn one(s: &Shared, kind: Kind, req: Request<Full<Bytes>>, abandon_after: O
             .unwrap_or_default();
         return s.error(format!("{}: status {status} {code}", kind.label()));
     }
-    let stream = matches!(kind, Kind::HitStream | Kind::Stream | Kind::Abandon);
+    // Coalesced requests mix modes, so the answer's type says which it is.
+    let stream = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let mut body = resp.into_body();
     let mut seen = Vec::new();
     let mut frames = 0;

@@ -29,8 +29,9 @@ if [ "$profile" = dev ]; then
   export CARGO_PROFILE_DEV_DEBUG=0
   flags+=(--dev)
 fi
-# The lock file is part of the pin: fail rather than resolve anew.
-cargo metadata --locked --format-version 1 >/dev/null
+# Cargo.lock pins libfuzzer-sys (and so libFuzzer) and the rest; not
+# --locked, so that a dependency added to Sluice does not break this step
+# before someone refreshes fuzz/Cargo.lock: cargo keeps every pinned version.
 cargo fuzz build "${flags[@]}"
 
 dict() {
