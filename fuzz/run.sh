@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every fuzz target (or the ones named) for a while on its stored seed
 # corpus, with cargo-fuzz (libFuzzer) on the stable toolchain. What new
-# inputs a run finds go to fuzz/work/<target>/ (not committed); a crash is
+# inputs a run finds go to fuzz/found/<target>/ (not committed); a crash is
 # written to fuzz/artifacts/ and fails the script.
 #
 #   fuzz/run.sh [SECONDS] [TARGET...]      default: 15 s each, every target
@@ -45,20 +45,20 @@ dict() {
 mkdir -p artifacts
 run() {
   local t="$1"
-  mkdir -p "work/$t"
+  mkdir -p "found/$t"
   # The first corpus directory is where libFuzzer writes what it finds;
   # the stored seeds are only read.
   local rc=0
-  cargo fuzz run "${flags[@]}" "$t" "work/$t" "corpus/$t" -- \
+  cargo fuzz run "${flags[@]}" "$t" "found/$t" "corpus/$t" -- \
     -max_total_time="$secs" -dict="$(dict "$t")" -print_final_stats=1 \
-    -artifact_prefix="artifacts/$t-" >"work/$t.log" 2>&1 || rc=$?
+    -artifact_prefix="artifacts/$t-" >"found/$t.log" 2>&1 || rc=$?
   local execs
-  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "work/$t.log" | grep -o '[0-9]*$' || echo '?')
+  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "found/$t.log" | grep -o '[0-9]*$' || echo '?')
   if [ "$rc" = 0 ]; then
     echo "fuzz $t: ${secs} s, $execs runs, no crash"
   else
     echo "fuzz $t: FAILED (exit $rc); the log:"
-    tail -n 60 "work/$t.log"
+    tail -n 60 "found/$t.log"
   fi
   return "$rc"
 }
