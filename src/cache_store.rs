@@ -90,10 +90,6 @@ impl CacheStore {
         &self.local
     }
 
-    pub fn is_shared(&self) -> bool {
-        self.shared.is_some()
-    }
-
     /// Memory first, then Redis.
     pub async fn get(&self, key: &Key) -> Option<Arc<Entry>> {
         if let Some(e) = self.local.get(key) {

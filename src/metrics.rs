@@ -348,8 +348,9 @@ fn with_cell<T>(cell: Option<&OnceLock<T>>, make: impl FnOnce() -> T, f: impl Fn
 }
 
 impl UsageHandles {
-    /// Records upstream usage: tokens by type, and cost from `price`.
-    pub fn record(&self, usage: &Usage, price: Option<&crate::config::Pricing>) {
+    /// Records upstream usage: tokens by type, and its cost (USD) when the
+    /// model has a price.
+    pub fn record(&self, usage: &Usage, cost: Option<f64>) {
         let by_kind = [
             usage.prompt,
             usage.completion,
@@ -360,8 +361,8 @@ impl UsageHandles {
         for (counter, n) in self.tokens.iter().zip(by_kind) {
             counter.inc_by(n);
         }
-        if let Some(p) = price {
-            self.cost.inc_by(usage.cost_usd(p));
+        if let Some(usd) = cost {
+            self.cost.inc_by(usd);
         }
     }
 }
@@ -484,7 +485,8 @@ mod tests {
             prompt_cache_miss: 20,
             reasoning: 0,
         };
-        m.usage_handles("t", "deepseek-chat").record(&u, Some(&p));
+        m.usage_handles("t", "deepseek-chat")
+            .record(&u, Some(u.cost_usd(&p)));
         let cost = m.cost.with_label_values(&["t", "deepseek-chat"]).get();
         assert!((cost - (10.0 + 40.0 + 40.0) / 1e6).abs() < 1e-12);
         assert_eq!(

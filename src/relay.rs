@@ -637,15 +637,15 @@ impl Relay {
                 true,
             ),
         };
-        let m = &self.meter;
-        let snapshot = m.app.snapshot.load();
-        let price = snapshot.price(&m.model);
+        let snapshot = self.meter.app.snapshot.load();
+        // Priced once: the same cost is charged to the budget and counted.
+        let cost = snapshot.price(&self.meter.model).map(|p| u.cost_usd(p));
         if let Some(lease) = self.meter.lease.take() {
-            lease.settle(u.billable(), price.map_or(0.0, |p| u.cost_usd(p)));
+            lease.settle(u.billable(), cost.unwrap_or(0.0));
         }
         let m = &self.meter;
         let handles = m.tenant.usage(&m.model, &m.app.metrics);
-        handles.record(&u, price);
+        handles.record(&u, cost);
         if estimated {
             handles.estimated.inc();
         }

@@ -405,11 +405,6 @@ impl Limiter {
         self.fleet.is_some() || self.budgets.has_file()
     }
 
-    /// Whether limits are shared by the fleet.
-    pub fn is_shared(&self) -> bool {
-        self.fleet.is_some()
-    }
-
     /// The limiter state of one tenant. A reload calls this only for a
     /// tenant whose limits changed (or is new); the others keep theirs.
     pub fn tenant(
