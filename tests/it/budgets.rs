@@ -308,3 +308,32 @@ async fn a_fleet_shares_one_budget_and_keeps_spend_made_while_redis_was_away() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn start_up_says_when_spend_is_not_kept_or_redis_is_away() {
+    if !redis_available("start_up_says_when_spend_is_not_kept") {
+        return;
+    }
+    let sim = sluice::simulator::Simulator::start(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("sim");
+    let warned = |r: &mut Replica, prefix: &str| {
+        r.logs().iter().any(|l| {
+            l["level"] == "WARN" && l["message"].as_str().unwrap_or("").starts_with(prefix)
+        })
+    };
+    // A budget with neither Redis nor a state file: a restart resets spend.
+    let mut memory = Replica::start(&config_text(&sim.base_url(), &budgeted(1.0, "day"))).await;
+    assert!(warned(&mut memory, "tenants have budgets but neither"));
+    // An unreachable Redis: start-up succeeds, and says so.
+    let away = format!(
+        "{}[redis]\nurl = \"{}\"\n",
+        budgeted(1.0, "day"),
+        RedisServer::url_of_port(free_port())
+    );
+    let mut shared = Replica::start(&config_text(&sim.base_url(), &away)).await;
+    assert!(warned(&mut shared, "Redis unavailable"));
+    assert!(!warned(&mut shared, "tenants have budgets but neither"));
+    let r = call(&shared.url("/v1/chat/completions"), TEAM, &chat("x"), &[]).await;
+    assert_eq!(r.status, 200, "served with local limits");
+}

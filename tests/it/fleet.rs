@@ -518,6 +518,14 @@ async fn deny_answers_503_while_redis_is_away() {
     // A tenant without limits needs no shared decision.
     let r = call(&gw.url("/v1/chat/completions"), ALPHA, &chat("x"), &[]).await;
     assert_eq!(r.status, 200);
+    // A shared dependency never takes the replica out of its load balancer.
+    let ready = send(
+        http::Request::get(format!("http://{}/readyz", gw.admin))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(ready.status, 200, "/readyz does not depend on Redis");
 }
 
 #[tokio::test]
