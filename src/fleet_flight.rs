@@ -119,6 +119,19 @@ impl Publisher {
                 add_end(&mut pipe, &n, end);
             }
             pipe.cmd("PEXPIRE").arg(&n.log).arg(LOG_TTL_MS).ignore();
+            if end.is_some() {
+                // The end and the claim's release in one transaction: a
+                // request that saw the end never finds the call still
+                // claimed (and follows a finished flight).
+                pipe.atomic();
+                pipe.cmd("EVAL")
+                    .arg(HOLD)
+                    .arg(1)
+                    .arg(&n.lead)
+                    .arg(&owner)
+                    .arg(0)
+                    .ignore();
+            }
             let sent: Result<(), _> = fleet.redis.pipe(Op::Coalesce, &pipe).await;
             if sent.is_err() || end.is_some() {
                 // A log nobody elsewhere followed is dropped at once (the
