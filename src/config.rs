@@ -437,8 +437,16 @@ impl Config {
     /// that `env` returns (a function, so tests never touch the process env).
     /// Relative paths in it are relative to the file's directory.
     pub fn load(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::NotFound {
+                // The image ships no config: say where one goes.
+                " (no config there: mount yours at that path, or point --config or \
+                 SLUICE_CONFIG at it; `sluice new-key` makes tenant keys)"
+            } else {
+                ""
+            };
+            ConfigError(vec![format!("{}: {e}{hint}", path.display())])
+        })?;
         let mut config = Self::parse(&text, env)?;
         let dir = path.parent().unwrap_or(Path::new(""));
         for p in [

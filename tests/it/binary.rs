@@ -136,6 +136,20 @@ fn start_up_fails_without_the_upstream_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("key_sha256"));
 }
 
+#[test]
+fn start_up_without_a_config_says_where_to_mount_one() {
+    // The container image holds no config: started bare, it must exit 1 and
+    // say where the config goes.
+    let out = sluice()
+        .env("SLUICE_CONFIG", "/nonexistent/sluice/sluice.toml")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/sluice/sluice.toml"), "{err}");
+    assert!(err.contains("mount yours at that path"), "{err}");
+}
+
 fn signal(pid: &str, sig: &str) {
     assert!(Command::new("kill")
         .args([sig, pid])
