@@ -189,6 +189,10 @@ pub enum End {
         body: Bytes,
     },
     Error(GatewayError),
+    /// The leader on another replica was lost before the end (the replica
+    /// died, or Redis went away): a stream that relayed events ends with the
+    /// error event; a client that was sent nothing asks again.
+    Lost,
 }
 
 /// What the leader's upstream answered with.

@@ -12,11 +12,13 @@
 //!
 //! If the leading replica dies, its claim lapses within `CLAIM_TTL`: a
 //! follower that has not received any event yet claims the call and goes
-//! upstream itself (`miss`); one that already relayed events ends them with
-//! the SSE error event. A Redis that is unavailable leaves every replica
-//! with its own flights. Every key expires: the claim after `CLAIM_TTL`
-//! unless renewed, the log a minute after its last write, and the log is
-//! bounded like a local flight's (`FLIGHT_LOG_MAX`).
+//! upstream itself (`miss`). Past that, the local flight ends as
+//! `End::Lost`: a stream that relayed events ends with the SSE error event,
+//! and a client sent nothing yet asks again (`proxy::coalesce`). A Redis
+//! that is unavailable leaves every replica with its own flights. Every key
+//! expires: the claim after `CLAIM_TTL` unless renewed, the log a minute
+//! after its last write, and the log is bounded like a local flight's
+//! (`FLIGHT_LOG_MAX`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -210,6 +212,9 @@ fn add_end(pipe: &mut redis::Pipeline, n: &Names, end: &End) {
         End::Error(e) => {
             cmd.arg("x").arg(e.code());
         }
+        End::Lost => {
+            cmd.arg("o").arg("");
+        }
     }
 }
 
@@ -382,7 +387,7 @@ impl FleetFlights {
                 Step::Unavailable if reader.events == 0 => return Remote::Alone(leader),
                 Step::LeaderGone | Step::Unavailable => {
                     let reader = leader.flight.attach_leader(0);
-                    leader.end(End::Error(GatewayError::StreamInterrupted));
+                    leader.end(End::Lost);
                     return Remote::Following(reader);
                 }
             }
@@ -393,9 +398,7 @@ impl FleetFlights {
                 match reader.step(&leader).await {
                     Step::More => {}
                     Step::Ended(end) => return leader.end(end),
-                    Step::LeaderGone | Step::Unavailable => {
-                        return leader.end(End::Error(GatewayError::StreamInterrupted))
-                    }
+                    Step::LeaderGone | Step::Unavailable => return leader.end(End::Lost),
                 }
             }
         });
@@ -496,6 +499,12 @@ impl Reader {
                 }
             };
             if let Some(h) = field("h") {
+                if self.head {
+                    // A second head: the leader died and another replica
+                    // took the call over in a fresh log. Its answer is not
+                    // the continuation of what was relayed.
+                    return Step::LeaderGone;
+                }
                 self.head = true;
                 leader
                     .flight

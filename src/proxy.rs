@@ -30,12 +30,12 @@ use hyper::body::Incoming;
 use serde_json::Value;
 
 use crate::body::{Body, Record};
-use crate::cache::{self, End, Entry, Head, Join, Reader};
+use crate::cache::{self, End, Entry, Head, Join, Leader, Reader};
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::fleet_flight::Remote;
 use crate::json;
-use crate::limit::{Admission, Standings};
+use crate::limit::{Admission, Standings, UpstreamCheck};
 use crate::relay::{Launch, LeadBody, LogBody, LogOpts, Meter, Plan, Sink, StreamOpts};
 use crate::request_id::X_REQUEST_ID;
 use crate::routes::{self, Endpoint};
@@ -224,64 +224,34 @@ async fn serve(
         return Err(GatewayError::ModelNotAllowed);
     }
 
-    // 5. Cache.
+    // 5. Cache, and 6. budget and token bucket: only what goes upstream is
+    // refused for spend or tokens (hits and coalesced answers are served).
     record.cache = mode.label();
     let key = api.key;
+    let mut check = Some(check);
     let mut leader = None;
     if let (CacheMode::Lookup, Some(key)) = (mode, key) {
-        if let Some(entry) = app.cache.get(&key).await {
-            record.cache = "hit";
-            record.saved = entry.usage;
-            let mut resp = entry_response(&entry, api.stream, api.include_usage);
-            resp.headers_mut()
-                .insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
-            return Ok(resp);
-        }
-        if let Some(reader) = app.flights.follow(&key) {
-            record.cache = "coalesced";
-            let following = Box::pin(follow(app, reader, &api, record));
-            return following.await;
-        }
-    }
-
-    // 6. Budget and token bucket: only what goes upstream is refused for
-    // spend or tokens.
-    check.check(&tenant.limits, standings)?;
-    if let (CacheMode::Lookup, Some(key)) = (mode, key) {
-        match app.flights.join(key) {
-            Join::Lead(l) => match &app.fleet_flights {
-                None => leader = Some(l),
-                // Another replica may be calling upstream for this already.
-                Some(fleet) => match fleet.claim(&key).await {
-                    Ok(Some(publisher)) => {
-                        // Mirrored for the fleet from the local flight.
-                        if let Some(reader) = app.flights.follow(&key) {
-                            publisher.start(reader);
-                        }
-                        leader = Some(l);
-                    }
-                    Err(_) => leader = Some(l),
-                    Ok(None) => {
-                        let deadline = record.start + snap.config.upstream.first_byte_timeout;
-                        let idle = snap.config.upstream.idle_timeout;
-                        let remote = Box::pin(fleet.follow(&key, l, deadline, idle));
-                        match remote.await {
-                            Remote::Following(reader) => {
-                                record.cache = "coalesced";
-                                let following = Box::pin(follow(app, reader, &api, record));
-                                return following.await;
-                            }
-                            Remote::TakeOver(l) | Remote::Alone(l) => leader = Some(l),
-                        }
-                    }
-                },
-            },
-            Join::Follow(reader) => {
-                record.cache = "coalesced";
-                let following = Box::pin(follow(app, reader, &api, record));
-                return following.await;
+        let mut lost = 0;
+        loop {
+            let attempt = Box::pin(coalesce(
+                app, snap, &key, &api, &tenant, record, &mut check, standings,
+            ));
+            match attempt.await? {
+                Coalesced::Answer(resp) => return Ok(resp),
+                Coalesced::Lead(l) => {
+                    leader = Some(l);
+                    break;
+                }
+                // The leader on another replica was lost before this client
+                // was sent anything: ask again (a hit, another flight, or
+                // this replica's own call), a bounded number of times.
+                Coalesced::Lost if lost < LOST_RETRIES => lost += 1,
+                Coalesced::Lost => return Err(GatewayError::StreamInterrupted),
             }
         }
+    }
+    if let Some(check) = check.take() {
+        check.check(&tenant.limits, standings)?;
     }
 
     // 7. Upstream.
@@ -290,6 +260,85 @@ async fn serve(
         app, snap, endpoint, headers, bytes, api, tenant, record, sink,
     )
     .await
+}
+
+/// How many times a request whose fleet leader was lost asks again.
+const LOST_RETRIES: u32 = 2;
+
+/// What one look at the cache and the flights came to.
+enum Coalesced {
+    /// A hit, or a followed call's answer.
+    Answer(Response<Body>),
+    /// This request leads the call (upstream next).
+    Lead(Leader),
+    /// It followed a call whose leader on another replica was lost before
+    /// anything was sent to the client.
+    Lost,
+}
+
+/// Step 5 for a cacheable request: a hit, a flight to follow (on this
+/// replica or, with `[redis] coalesce`, another), or the lead of a new one.
+/// The budget and token check (`check`) is made, once, only before this
+/// request may go upstream.
+#[allow(clippy::too_many_arguments)]
+async fn coalesce(
+    app: &Arc<App>,
+    snap: &Snapshot,
+    key: &cache::Key,
+    api: &ApiRequest,
+    tenant: &Tenant,
+    record: &mut Record,
+    check: &mut Option<UpstreamCheck>,
+    standings: &mut Standings,
+) -> Result<Coalesced, GatewayError> {
+    record.cache = CacheMode::Lookup.label();
+    if let Some(entry) = app.cache.get(key).await {
+        record.cache = "hit";
+        record.saved = entry.usage;
+        let mut resp = entry_response(&entry, api.stream, api.include_usage);
+        resp.headers_mut()
+            .insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
+        return Ok(Coalesced::Answer(resp));
+    }
+    if let Some(reader) = app.flights.follow(key) {
+        record.cache = "coalesced";
+        return follow(app, reader, api, record).await;
+    }
+    if let Some(check) = check.take() {
+        check.check(&tenant.limits, standings)?;
+    }
+    let l = match app.flights.join(*key) {
+        Join::Follow(reader) => {
+            record.cache = "coalesced";
+            return follow(app, reader, api, record).await;
+        }
+        Join::Lead(l) => l,
+    };
+    let Some(fleet) = &app.fleet_flights else {
+        return Ok(Coalesced::Lead(l));
+    };
+    // Another replica may be calling upstream for this already.
+    match fleet.claim(key).await {
+        Ok(Some(publisher)) => {
+            // Mirrored for the fleet from the local flight.
+            if let Some(reader) = app.flights.follow(key) {
+                publisher.start(reader);
+            }
+            Ok(Coalesced::Lead(l))
+        }
+        Err(_) => Ok(Coalesced::Lead(l)),
+        Ok(None) => {
+            let deadline = Instant::now() + snap.config.upstream.first_byte_timeout;
+            let idle = snap.config.upstream.idle_timeout;
+            match fleet.follow(key, l, deadline, idle).await {
+                Remote::Following(reader) => {
+                    record.cache = "coalesced";
+                    follow(app, reader, api, record).await
+                }
+                Remote::TakeOver(l) | Remote::Alone(l) => Ok(Coalesced::Lead(l)),
+            }
+        }
+    }
 }
 
 /// How this request uses the cache (SPEC §5).
@@ -755,7 +804,7 @@ async fn follow(
     mut reader: Reader,
     api: &ApiRequest,
     record: &mut Record,
-) -> Result<Response<Body>, GatewayError> {
+) -> Result<Coalesced, GatewayError> {
     let mut head_seen = false;
     loop {
         let (head, end) = reader.changed(head_seen).await;
@@ -766,10 +815,17 @@ async fn follow(
                 Some(t) => t.usage(model, &app.metrics).saved.clone(),
                 None => app.metrics.tokens_saved.with_label_values(&[tenant, model]),
             };
-            return Ok(stream_follower(saved, reader, api.include_usage));
+            return Ok(Coalesced::Answer(stream_follower(
+                saved,
+                reader,
+                api.include_usage,
+            )));
         }
         if let Some(end) = end {
-            return end_response(end, api, record);
+            if matches!(end, End::Lost) {
+                return Ok(Coalesced::Lost);
+            }
+            return end_response(end, api, record).map(Coalesced::Answer);
         }
         head_seen = head.is_some();
     }
@@ -799,6 +855,7 @@ fn end_response(
             Ok(resp)
         }
         End::Error(e) => Err(e),
+        End::Lost => Err(GatewayError::StreamInterrupted),
     }
 }
 

@@ -973,7 +973,7 @@ impl LogBody {
                         || match end {
                             End::Done(_) => true,
                             End::Response { .. } => self.opts.raw,
-                            End::Error(_) => false,
+                            End::Error(_) | End::Lost => false,
                         };
                     if clean {
                         self.ended = true;

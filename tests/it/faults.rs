@@ -7,25 +7,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
 
-fn assert_stream_error_end(r: &Resp) {
-    let events = r.events();
-    let last = events.last().expect("some event");
-    let v: serde_json::Value =
-        serde_json::from_str(last).unwrap_or_else(|_| panic!("last event is JSON: {events:?}"));
-    assert_eq!(
-        v["error"]["code"], "upstream_stream_interrupted",
-        "{events:?}"
-    );
-    assert_eq!(v["error"]["type"], "upstream_error");
-    assert!(v["error"]["param"].is_null());
-    assert!(v["error"]["message"].is_string());
-    assert!(
-        !events.iter().any(|e| e == "[DONE]"),
-        "no [DONE] after a break: {events:?}"
-    );
-    assert!(r.aborted, "the transfer is aborted after the error event");
-}
-
 #[tokio::test]
 async fn retries_get_through_a_flaky_upstream() {
     let gw = TestGateway::start("").await;

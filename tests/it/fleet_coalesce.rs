@@ -228,6 +228,91 @@ async fn a_killed_leader_is_taken_over_by_a_follower() {
 }
 
 #[tokio::test]
+async fn a_leader_killed_mid_stream_leaves_no_follower_with_a_silent_truncation() {
+    let Some(redis) = RedisServer::start("a_leader_killed_mid_stream") else {
+        return;
+    };
+    let sim = simulator().await;
+    let text = config_text(
+        &sim.base_url(),
+        &format!("[redis]\nurl = \"{}\"\n", redis.url()),
+    );
+    let mut a = Replica::start(&text).await;
+    let b = Replica::start(&text).await;
+    let c = Replica::start(&text).await;
+    // About 4 s of events: the kill lands mid-stream.
+    let paced = [("x-sim-chunks", "40"), ("x-sim-chunk-delay-ms", "100")];
+    let mut lead = call_open(
+        &a.url("/v1/chat/completions"),
+        ALPHA,
+        &chat_stream("midway"),
+        &paced,
+    )
+    .await;
+    next_chunk(lead.body_mut())
+        .await
+        .expect("the leader streams");
+    // A streaming follower on B has relayed events when A dies.
+    let (parts, mut body) = call_open(
+        &b.url("/v1/chat/completions"),
+        ALPHA,
+        &chat_stream("midway"),
+        &[],
+    )
+    .await
+    .into_parts();
+    assert_eq!(parts.headers["x-sluice-cache"], "coalesced");
+    let first = next_chunk(&mut body).await.expect("an event relayed");
+    // A non-streaming follower on C waits for the end.
+    let url_c = c.url("/v1/chat/completions");
+    let waiting = tokio::spawn(async move { call(&url_c, ALPHA, &chat("midway"), &[]).await });
+    // Both followers have registered with the flight.
+    loop {
+        let n = redis.cli(&["--scan", "--pattern", "sluice:{f:*}:n"]);
+        let joined = n
+            .lines()
+            .next()
+            .map(|k| redis.cli(&["GET", k.trim()]))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(0);
+        if joined >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.kill().await;
+    drop(lead);
+    let killed = Instant::now();
+    let streamed = tokio::time::timeout(
+        Duration::from_secs(20),
+        read_rest(parts, body, first.to_vec()),
+    )
+    .await
+    .expect("the streaming follower does not hang");
+    // It had relayed events: the error event, never a clean end.
+    assert_stream_error_end(&streamed);
+    let whole = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the non-streaming follower does not hang")
+        .expect("task");
+    // It had been sent nothing: a whole answer, from its own call.
+    assert_eq!(whole.status, 200, "{}", whole.text());
+    let answer = whole.json();
+    assert_eq!(answer["object"], "chat.completion");
+    assert!(!answer["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or("")
+        .is_empty());
+    assert_eq!(
+        whole.header("x-sluice-cache"),
+        "miss",
+        "it called upstream itself"
+    );
+    assert!(killed.elapsed() < Duration::from_secs(10));
+    assert_eq!(sim.calls(), 2, "the dead leader's call, and one more");
+}
+
+#[tokio::test]
 async fn without_redis_each_replica_still_coalesces_its_own() {
     if !redis_available("without_redis_each_replica_still_coalesces_its_own") {
         return;

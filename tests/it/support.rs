@@ -273,9 +273,13 @@ fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<B
 /// Sends a request and reads the whole answer (up to a break, if the
 /// response is aborted: see `Resp::aborted`).
 pub async fn send(req: Request<Full<Bytes>>) -> Resp {
-    let resp = client().request(req).await.expect("request");
-    let (parts, mut body) = resp.into_parts();
-    let mut buf = Vec::new();
+    let (parts, body) = client().request(req).await.expect("request").into_parts();
+    read_rest(parts, body, Vec::new()).await
+}
+
+/// Reads the rest of a live answer after `buf` (what was read of it
+/// already), up to its end or its break.
+pub async fn read_rest(parts: http::response::Parts, mut body: Incoming, mut buf: Vec<u8>) -> Resp {
     let mut aborted = false;
     while let Some(frame) = body.frame().await {
         match frame {
@@ -296,6 +300,27 @@ pub async fn send(req: Request<Full<Bytes>>) -> Resp {
         body: Bytes::from(buf),
         aborted,
     }
+}
+
+/// A stream that broke after sending events ends with SPEC §3's error
+/// event, no `[DONE]`, and an aborted transfer.
+pub fn assert_stream_error_end(r: &Resp) {
+    let events = r.events();
+    let last = events.last().expect("some event");
+    let v: serde_json::Value =
+        serde_json::from_str(last).unwrap_or_else(|_| panic!("last event is JSON: {events:?}"));
+    assert_eq!(
+        v["error"]["code"], "upstream_stream_interrupted",
+        "{events:?}"
+    );
+    assert_eq!(v["error"]["type"], "upstream_error");
+    assert!(v["error"]["param"].is_null());
+    assert!(v["error"]["message"].is_string());
+    assert!(
+        !events.iter().any(|e| e == "[DONE]"),
+        "no [DONE] after a break: {events:?}"
+    );
+    assert!(r.aborted, "the transfer is aborted after the error event");
 }
 
 /// Sends a request; the answer's head and live body, or the error (for a
