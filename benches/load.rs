@@ -1061,6 +1061,11 @@ fn main() {
             rows.push(r);
         }
     }
+    // SLUICE_BENCH_ROWS=a,b: only these rows (and direct, the baseline).
+    if let Ok(only) = std::env::var("SLUICE_BENCH_ROWS") {
+        let only: Vec<&str> = only.split(',').map(str::trim).collect();
+        rows.retain(|r| r.name == "direct" || only.contains(&r.name));
+    }
     // Warm the hit rows' one entry.
     for addr in [Some(hit.addr), hit_local.as_ref().map(|s| s.addr)]
         .into_iter()

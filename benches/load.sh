@@ -6,6 +6,8 @@
 # Redis rows (sluice-miss-redis, sluice-miss-redis-cache, sluice-hit-redis-*):
 # the bench starts its own on a free loopback port.
 # SLUICE_BENCH_IDLE_STREAMS=0 skips the 10 000 idle streams.
+# SLUICE_BENCH_ROWS=sluice-miss,sluice-miss-cache runs only those rows of the
+# main table (and direct); for profiling one path, not for the figures.
 # SLUICE_BENCH_REMOTE_KEYS=N: distinct answers the sluice-hit-redis-remote row
 # reads a pass (default 8 000 quick, 25 000 full; Redis is filled with three
 # passes' worth plus the fixed-rate phase's before the run).
