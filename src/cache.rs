@@ -2,11 +2,14 @@
 //! and canonical JSON), the store (moka, weighed by bytes, TTL), and the
 //! in-flight map that coalesces identical requests onto one upstream call.
 //!
-//! An entry holds the completion bytes and its SSE replay, both built once at
-//! store time, so a hit in either mode is served from bytes without parsing.
+//! An entry holds the completion bytes, checked and its usage read at store
+//! time without building a tree, and its SSE replay, built the first time a
+//! streaming client hits it: a miss pays nothing for a replay it may never
+//! need, and every hit after the first in either mode is served from bytes
+//! without parsing.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -52,8 +55,9 @@ pub fn key(scope: Option<&str>, endpoint: &str, body: &Scan<'_>) -> Key {
 pub struct Entry {
     /// The completion as the non-streaming endpoint answers it.
     pub completion: Bytes,
-    /// The same completion as SSE chunks (without `[DONE]`).
-    pub replay: Replay,
+    /// The same completion as SSE chunks (without `[DONE]`), built at the
+    /// first streaming hit: see [`Entry::replay`].
+    replay: OnceLock<Replay>,
     /// `None` when upstream's answer carried no usage.
     pub usage: Option<Usage>,
     pub stored_at: Instant,
@@ -61,37 +65,42 @@ pub struct Entry {
 
 impl Entry {
     /// Builds an entry from a complete 200 body; `None` if it is not a
-    /// completion (invalid JSON, no choices): such answers are never stored.
+    /// completion (invalid JSON, no choices, a chat choice without a
+    /// message): such answers are never stored.
     pub fn from_completion(body: Bytes) -> Option<Entry> {
         let trimmed = sse::trim_leading_ws(&body);
         let offset = body.len() - trimmed.len();
-        let value: Value = serde_json::from_slice(trimmed).ok()?;
-        Self::from_value(body.slice(offset..), &value)
-    }
-
-    /// Builds an entry from an assembled stream.
-    pub fn from_assembled(value: &Value) -> Option<Entry> {
-        Self::from_value(Bytes::from(serde_json::to_vec(value).ok()?), value)
-    }
-
-    fn from_value(completion: Bytes, value: &Value) -> Option<Entry> {
-        value.get("choices")?.as_array()?;
-        let usage = value.get("usage").and_then(Usage::from_value);
+        let usage = sse::completion_facts(trimmed)?;
         Some(Entry {
-            replay: sse::replay(value)?,
-            completion,
+            completion: body.slice(offset..),
+            replay: OnceLock::new(),
             usage,
             stored_at: Instant::now(),
         })
     }
 
-    /// What the entry weighs against `cache.max_bytes`.
+    /// Builds an entry from an assembled stream.
+    pub fn from_assembled(value: &Value) -> Option<Entry> {
+        Self::from_completion(Bytes::from(serde_json::to_vec(value).ok()?))
+    }
+
+    /// The completion as SSE chunks, built from the completion the first
+    /// time it is asked for (its shape was checked at store time, so it
+    /// builds).
+    pub fn replay(&self) -> &Replay {
+        self.replay.get_or_init(|| {
+            serde_json::from_slice::<Value>(&self.completion)
+                .ok()
+                .and_then(|v| sse::replay(&v))
+                .unwrap_or_default()
+        })
+    }
+
+    /// What the entry weighs against `cache.max_bytes`: fixed at store
+    /// time, so it counts the replay before it is built (about the
+    /// completion's size again, plus an envelope a chunk).
     pub fn weight(&self) -> u32 {
-        let bytes = self.completion.len()
-            + self.replay.chunks.len()
-            + self.replay.usage_chunk.as_ref().map_or(0, Bytes::len)
-            + std::mem::size_of::<Entry>()
-            + 64;
+        let bytes = 2 * self.completion.len() + 768 + std::mem::size_of::<Entry>() + 64;
         u32::try_from(bytes).unwrap_or(u32::MAX)
     }
 

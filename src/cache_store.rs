@@ -196,7 +196,8 @@ mod tests {
         assert_eq!(back.completion, completion);
         assert_eq!(back.usage, entry.usage);
         assert_eq!(
-            back.replay.chunks, entry.replay.chunks,
+            back.replay().chunks,
+            entry.replay().chunks,
             "replay rebuilt alike"
         );
         assert!(back.age() < Duration::from_secs(2));

@@ -781,9 +781,10 @@ async fn forward(
 /// A stored answer, in the mode the client asked for.
 pub fn entry_response(entry: &Entry, stream: bool, include_usage: bool) -> Response<Body> {
     let (body, content_type) = if stream {
-        let mut frames = vec![entry.replay.chunks.clone()];
+        let replay = entry.replay();
+        let mut frames = vec![replay.chunks.clone()];
         if include_usage {
-            frames.extend(entry.replay.usage_chunk.clone());
+            frames.extend(replay.usage_chunk.clone());
         }
         frames.push(Bytes::from_static(DONE_EVENT));
         (Body::frames(frames), "text/event-stream")

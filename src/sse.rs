@@ -595,7 +595,7 @@ impl Assembler {
 
 /// A completion replayed as SSE: the chunks without usage, and the usage
 /// chunk on its own so it can be sent only to clients that asked for it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Replay {
     pub chunks: Bytes,
     pub usage_chunk: Option<Bytes>,
@@ -603,6 +603,59 @@ pub struct Replay {
 
 /// `data: [DONE]`, the end of every successful stream.
 pub const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
+
+/// What storing a non-streaming answer needs to know of it, read without
+/// building a tree (the miss path stores every cacheable answer, most of
+/// them never replayed): that [`replay`] can turn it into chunks (an object
+/// with a `choices` array, each chat choice with a `message` object), and
+/// its usage (`None` when it has none). `None`: not a completion.
+pub fn completion_facts(body: &[u8]) -> Option<Option<Usage>> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    use serde_json::value::RawValue;
+    use std::borrow::Cow;
+
+    /// Any JSON object, skipped; anything else is refused.
+    struct AnyObject;
+    impl<'de> Deserialize<'de> for AnyObject {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Skip;
+            impl<'de> Visitor<'de> for Skip {
+                type Value = AnyObject;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<AnyObject, A::Error> {
+                    while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    Ok(AnyObject)
+                }
+            }
+            d.deserialize_map(Skip)
+        }
+    }
+    #[derive(Deserialize)]
+    struct Choice {
+        #[serde(default)]
+        message: Option<AnyObject>,
+    }
+    #[derive(Deserialize)]
+    struct Facts<'a> {
+        #[serde(default, borrow)]
+        object: Option<Cow<'a, str>>,
+        choices: Vec<Choice>,
+        #[serde(default, borrow)]
+        usage: Option<&'a RawValue>,
+    }
+    let facts: Facts = serde_json::from_slice(trim_leading_ws(body)).ok()?;
+    let chat = facts.object.as_deref() != Some("text_completion");
+    if chat && facts.choices.iter().any(|c| c.message.is_none()) {
+        return None;
+    }
+    let usage = facts
+        .usage
+        .and_then(|raw| serde_json::from_str::<RawUsage>(raw.get()).ok())
+        .map(Usage::from_raw);
+    Some(usage)
+}
 
 /// Turns a stored completion into the chunks that reassemble to it.
 pub fn replay(completion: &Value) -> Option<Replay> {
@@ -717,6 +770,50 @@ pub fn replay(completion: &Value) -> Option<Replay> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn completion_facts_accept_what_replay_can_build_and_nothing_else() {
+        let chat = br#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi \"q\""},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,"prompt_cache_hit_tokens":1,"prompt_cache_miss_tokens":2}}"#;
+        let usage = completion_facts(chat)
+            .expect("a completion")
+            .expect("usage");
+        assert_eq!((usage.prompt, usage.completion, usage.total), (3, 2, 5));
+        assert_eq!(usage.prompt_cache_hit, 1);
+        let v: Value = serde_json::from_slice(chat).expect("json");
+        assert!(replay(&v).is_some());
+        // Leading blank lines, as DeepSeek may send them.
+        assert!(completion_facts(&[b"\n\n ", &chat[..]].concat()).is_some());
+        // No usage, a null one, one that is no object: stored without usage.
+        for usage in ["", r#","usage":null"#, r#","usage":"n/a""#] {
+            let body = format!(r#"{{"choices":[{{"message":{{"content":"a"}}}}]{usage}}}"#);
+            assert_eq!(completion_facts(body.as_bytes()), Some(None), "{body}");
+        }
+        // A text completion needs no message.
+        let text = br#"{"object":"text_completion","choices":[{"text":"fn","index":0}]}"#;
+        assert!(completion_facts(text).is_some());
+        // Not completions: each would fail to replay, and is not stored.
+        for bad in [
+            &br#"{"choices":[{"text":"no message in a chat answer"}]}"#[..],
+            br#"{"choices":[{"message":"not an object"}]}"#,
+            br#"{"choices":[{"message":[]}]}"#,
+            br#"{"choices":{}}"#,
+            br#"{"object":"chat.completion"}"#,
+            br#"[1,2]"#,
+            br#"{"choices":[] "#,
+        ] {
+            assert_eq!(
+                completion_facts(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+            if let Ok(v) = serde_json::from_slice::<Value>(bad) {
+                if v.get("choices").is_some_and(Value::is_array) {
+                    assert!(replay(&v).is_none());
+                }
+            }
+        }
+    }
 
     fn frame_all(chunks: &[&[u8]]) -> Vec<Vec<u8>> {
         let mut f = Framer::default();
