@@ -8,6 +8,10 @@
 //! - A store goes to memory at once and to Redis from a task, so it never
 //!   delays a response; an entry larger than `cache_max_entry_bytes` (as
 //!   encoded) stays in memory only.
+//! - With `[redis] coalesce` on too, a miss's lookup and store are made by
+//!   the fleet's flights instead, in the same round trips as the call's
+//!   claim and release (`fleet_flight`): this module then only reads and
+//!   fills memory (`get_local`, `adopt`, `put` with `shared: false`).
 //! - A replica keeps its copy of an entry it read from or wrote to Redis at
 //!   most 60 s, so a `no-cache` refresh elsewhere reaches it within a
 //!   minute.
@@ -101,15 +105,36 @@ impl CacheStore {
             .query(Op::CacheGet, redis::cmd("GET").arg(shared.key(key)))
             .await
             .ok()?;
-        let Some(bytes) = bytes else {
-            shared.not_found.inc();
+        match bytes {
+            Some(bytes) => self.adopt(key, &bytes),
+            None => {
+                self.shared_missed();
+                None
+            }
+        }
+    }
+
+    /// Memory only.
+    pub fn get_local(&self, key: &Key) -> Option<Arc<Entry>> {
+        self.local.get(key)
+    }
+
+    /// Whether Redis is a tier of this cache.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// An entry Redis had for `key` (its portable form, read by whoever
+    /// asked): decoded and kept in memory too; `None`, counted as a miss,
+    /// for what does not decode.
+    pub fn adopt(&self, key: &Key, bytes: &[u8]) -> Option<Arc<Entry>> {
+        let Some(entry) = decode(bytes) else {
+            self.shared_missed();
             return None;
         };
-        let Some(entry) = decode(&bytes) else {
-            shared.not_found.inc();
-            return None;
-        };
-        shared.found.inc();
+        if let Some(shared) = &self.shared {
+            shared.found.inc();
+        }
         let entry = Arc::new(entry);
         let left = self.local.ttl().saturating_sub(entry.age());
         self.local
@@ -117,24 +142,45 @@ impl CacheStore {
         Some(entry)
     }
 
-    /// Memory at once; Redis from a task, never delaying the caller.
-    pub fn put(&self, key: Key, entry: Arc<Entry>) {
-        let Some(shared) = &self.shared else {
+    /// Counts a lookup Redis answered with nothing.
+    pub fn shared_missed(&self) {
+        if let Some(shared) = &self.shared {
+            shared.not_found.inc();
+        }
+    }
+
+    /// How an entry is written to Redis by someone else (the fleet's
+    /// flights, with the release of their claim): `None` without a shared
+    /// tier.
+    pub fn shared_put(&self) -> Option<SharedPut> {
+        self.shared.as_ref().map(|s| SharedPut {
+            ttl_ms: self.local.ttl().as_millis() as u64,
+            max_entry_bytes: s.max_entry_bytes,
+        })
+    }
+
+    /// Memory at once; Redis from a task, never delaying the caller, unless
+    /// `shared` is false (someone else writes it there: see `shared_put`).
+    pub fn put(&self, key: Key, entry: Arc<Entry>, shared: bool) {
+        let Some(tier) = &self.shared else {
             self.local.insert(key, entry);
             return;
         };
         let encoded = encode(&entry);
-        if encoded.len() as u64 > shared.max_entry_bytes {
+        if encoded.len() as u64 > tier.max_entry_bytes {
             self.local.insert(key, entry);
             return;
         }
         self.local
             .insert_for(key, entry, SHARED_COPY_TTL.min(self.local.ttl()));
-        let Ok(permit) = Arc::clone(&shared.writes).try_acquire_owned() else {
+        if !shared {
+            return;
+        }
+        let Ok(permit) = Arc::clone(&tier.writes).try_acquire_owned() else {
             return;
         };
-        let redis = Arc::clone(&shared.redis);
-        let name = shared.key(&key);
+        let redis = Arc::clone(&tier.redis);
+        let name = tier.key(&key);
         let ttl_ms = self.local.ttl().as_millis() as u64;
         tokio::spawn(async move {
             let mut cmd = redis::cmd("SET");
@@ -145,11 +191,33 @@ impl CacheStore {
     }
 }
 
-impl Shared {
-    /// `prefix:cache:<hex of the key>`. The key already holds the scope.
-    fn key(&self, key: &Key) -> String {
-        format!("{}:cache:{}", self.redis.key_prefix(), hex::encode(key))
+/// How the fleet's flights write an entry to Redis for the cache.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedPut {
+    pub ttl_ms: u64,
+    pub max_entry_bytes: u64,
+}
+
+impl SharedPut {
+    /// The entry's portable form, if it is small enough to share.
+    pub fn encode(&self, entry: &Entry) -> Option<Bytes> {
+        let encoded = encode(entry);
+        (encoded.len() as u64 <= self.max_entry_bytes).then_some(encoded)
     }
+}
+
+impl Shared {
+    fn key(&self, key: &Key) -> String {
+        redis_key(self.redis.key_prefix(), key, "cache")
+    }
+}
+
+/// The Redis key of `part` (`cache`, or a flight's `lead`, `log`, `n`) for
+/// a cache key: `prefix:{<hex of the key>}:part`. The key already holds the
+/// scope; the hash tag keeps an answer and its flight in one cluster slot,
+/// so one script can look up the answer and claim the call.
+pub fn redis_key(prefix: &str, key: &Key, part: &str) -> String {
+    format!("{prefix}:{{{}}}:{part}", hex::encode(key))
 }
 
 fn unix_ms(t: SystemTime) -> u64 {

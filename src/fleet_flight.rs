@@ -1,9 +1,16 @@
 //! Coalescing across replicas (SPEC §8 "Coalescing"), on top of each
 //! replica's own flights (`cache::Flights`).
 //!
-//! A replica that leads a cacheable miss also claims the call in Redis
-//! (`…:lead`, a key that lapses unless renewed) and mirrors its local
-//! flight into a Redis stream (`…:log`): the head, each event, the end.
+//! A replica that leads a cacheable miss looks it up in the shared cache
+//! and, if it is not there, claims the call in Redis (`…:lead`, a key that
+//! lapses unless renewed), in one script (`LOOKUP`). It mirrors its local
+//! flight into a Redis stream (`…:log`): a stream's head and events as they
+//! arrive; a non-streaming answer that ends quickly only by its end. The
+//! end, the release of the claim and the answer's store into the shared
+//! cache are one more script (`FINISH`), which writes the log only if a
+//! follower registered (`…:n`). An uncontested miss is so two round trips.
+//! An answer and its flight share a hash tag (`prefix:{<key>}:…`), so both
+//! scripts work on a Redis Cluster.
 //! An identical request on another replica that finds the call claimed
 //! leads a local flight of its own that is fed from that stream instead of
 //! upstream, so its replica's other identical requests follow it locally as
@@ -29,7 +36,7 @@ use redis::streams::StreamReadReply;
 use redis::Script;
 
 use crate::cache::{End, Head, Key, Leader, Mark, Next, Reader as LogReader, FLIGHT_LOG_MAX};
-use crate::cache_store;
+use crate::cache_store::{self, SharedPut};
 use crate::error::GatewayError;
 use crate::shared::{Op, Redis, Unavailable};
 
@@ -39,26 +46,69 @@ const CLAIM_TTL: Duration = Duration::from_secs(3);
 const RENEW_EVERY: Duration = Duration::from_secs(1);
 /// How long a follower's read blocks before it checks the leader is alive.
 const BLOCK: Duration = Duration::from_millis(500);
+/// A non-streaming answer that ends within this is published with its end
+/// alone.
+const QUICK: Duration = Duration::from_millis(200);
 /// How long a log outlives its last write.
 const LOG_TTL_MS: u64 = 60_000;
 
-/// Claims a call: the claim, and a fresh log (an old flight's log for the
-/// same key must not answer this one). KEYS: lead, log. ARGV: owner, ttl_ms,
-/// fresh ("1": delete the log).
-const CLAIM: &str = r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if ARGV[3] == '1' then redis.call('DEL', KEYS[2]) end
-  return 1
+/// Looks a miss up and claims its call, in one round trip: the shared
+/// cache's answer if it has one (ARGV[1] = "1"), else the claim if nobody
+/// holds it, with a fresh log (an old flight's log for the same key must
+/// not answer this one). KEYS: cache, lead, log. ARGV: read the cache
+/// ("1"/"0"), owner, ttl_ms. Returns {1, answer}, {2} (claimed) or {3}
+/// (another replica leads).
+const LOOKUP: &str = r#"
+if ARGV[1] == '1' then
+  local v = redis.call('GET', KEYS[1])
+  if v then return {1, v} end
 end
-return 0
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
+  redis.call('DEL', KEYS[3])
+  return {2}
+end
+return {3}
 "#;
 
-/// Renews (ARGV[2] > 0) or releases (ARGV[2] = 0) a claim, if still ours.
-/// KEYS: lead. ARGV: owner, ttl_ms.
-const HOLD: &str = r#"
+/// Renews a claim, if still ours: 1. Releases it and returns 0 when the
+/// leader's own client is gone (ARGV[3] = "1") and no replica follows; 0
+/// too when the claim is no longer ours. KEYS: lead, n. ARGV: owner,
+/// ttl_ms, lone.
+const KEEP: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if tonumber(ARGV[2]) > 0 then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return redis.call('DEL', KEYS[1])
+if ARGV[3] == '1' and tonumber(redis.call('GET', KEYS[2]) or '0') == 0 then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// Ends a flight in one round trip: the end into the log if a replica
+/// follows it (else the log goes, the answer being in the cache if it is
+/// worth keeping), the answer into the shared cache (ARGV[3] > 0 and a
+/// done end: ARGV[5] is the answer), and the claim released if still ours
+/// — all at once, so a request that finds the call unclaimed finds the
+/// answer stored. KEYS: lead, log, n, cache. ARGV: owner, log_ttl_ms,
+/// cache_ttl_ms, then the end's fields and values.
+const FINISH: &str = r#"
+if tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+else
+  redis.call('DEL', KEYS[2])
+end
+if tonumber(ARGV[3]) > 0 and ARGV[4] == 'd' then
+  redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[3])
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"#;
+
+/// Releases a claim, if still ours. KEYS: lead. ARGV: owner.
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 "#;
 
 /// A claimed call, to be mirrored into the fleet's log.
@@ -70,20 +120,33 @@ pub struct Publisher {
 
 impl Publisher {
     /// Mirrors the local flight (through `reader`) into the log until it
-    /// ends, renewing the claim meanwhile. The reader keeps the call going
-    /// for followers elsewhere; once the leader's own client has left and
-    /// no replica follows, it lets go, so the call is cancelled as a lone
+    /// ends, renewing the claim meanwhile; `store`: the answer goes into
+    /// the shared cache with the end. The reader keeps the call going for
+    /// followers elsewhere; once the leader's own client has left and no
+    /// replica follows, it lets go, so the call is cancelled as a lone
     /// client's would be.
-    pub fn start(self, reader: LogReader) {
-        tokio::spawn(self.run(reader));
+    ///
+    /// A stream's head and events are published as they arrive, so a
+    /// follower elsewhere relays them live. Any other answer (a
+    /// non-streaming one, an error) is only of use whole: one that ends
+    /// within `QUICK` is written with its end alone, in one round trip with
+    /// the release and the cache's store; a slower one is published as it
+    /// comes, like a stream.
+    pub fn start(self, reader: LogReader, store: Option<SharedPut>) {
+        tokio::spawn(self.run(reader, store));
     }
 
-    async fn run(self, mut reader: LogReader) {
+    /// Gives the claim up unused (the request that won it was refused).
+    pub async fn abandon(self) {
+        self.fleet.release(&self.n, &self.owner).await;
+    }
+
+    async fn run(self, mut reader: LogReader, store: Option<SharedPut>) {
         let Publisher { fleet, n, owner } = self;
         let mut renew = tokio::time::interval(RENEW_EVERY);
         renew.tick().await;
         // The head first (or the end, for an answer that never began).
-        let (head, mut end) = loop {
+        let (head, end) = loop {
             tokio::select! {
                 got = reader.changed(false) => break got,
                 _ = renew.tick() => {
@@ -93,14 +156,42 @@ impl Publisher {
                 }
             }
         };
-        let mut pipe = redis::pipe();
-        if let Some(head) = head {
-            pipe.cmd("XADD")
-                .arg(&n.log)
-                .arg("*")
-                .arg("h")
-                .arg(head_code(head));
+        let Some(head) = head else {
+            // An answer that never began: its end is all there is.
+            if let Some(end) = end {
+                fleet.finish(&n, &owner, &end, store).await;
+            }
+            return;
+        };
+        if head == Head::Other {
+            // Of use only whole: a quick answer is published with its end
+            // alone (one round trip with the release and the store). A
+            // slow one is published as it comes, so a follower elsewhere
+            // sees it alive.
+            let whole = async {
+                let mut end = end;
+                loop {
+                    if let Some(end) = end {
+                        return end;
+                    }
+                    end = reader.changed(true).await.1;
+                }
+            };
+            if let Ok(end) = tokio::time::timeout(QUICK, whole).await {
+                fleet.finish(&n, &owner, &end, store).await;
+                return;
+            }
         }
+        // The log from its start, its end included (even if the flight has
+        // ended already: its events go out before the end).
+        let mut end = None;
+        let mut pipe = redis::pipe();
+        pipe.cmd("XADD")
+            .arg(&n.log)
+            .arg("*")
+            .arg("h")
+            .arg(head_code(head))
+            .ignore();
         let mut bytes = 0usize;
         loop {
             // Everything the log has now, without waiting.
@@ -117,37 +208,19 @@ impl Publisher {
                     None => break,
                 }
             }
+            let sent: Result<(), _> = if pipe.cmd_iter().next().is_some() {
+                pipe.cmd("PEXPIRE").arg(&n.log).arg(LOG_TTL_MS).ignore();
+                fleet.redis.pipe(Op::Coalesce, &pipe).await
+            } else {
+                Ok(())
+            };
             if let Some(end) = &end {
-                add_end(&mut pipe, &n, end);
+                fleet.finish(&n, &owner, end, store).await;
+                return;
             }
-            pipe.cmd("PEXPIRE").arg(&n.log).arg(LOG_TTL_MS).ignore();
-            if end.is_some() {
-                // The end and the claim's release in one transaction: a
-                // request that saw the end never finds the call still
-                // claimed (and follows a finished flight).
-                pipe.atomic();
-                pipe.cmd("EVAL")
-                    .arg(HOLD)
-                    .arg(1)
-                    .arg(&n.lead)
-                    .arg(&owner)
-                    .arg(0)
-                    .ignore();
-            }
-            let sent: Result<(), _> = fleet.redis.pipe(Op::Coalesce, &pipe).await;
-            if sent.is_err() || end.is_some() {
-                // A log nobody elsewhere followed is dropped at once (the
-                // answer is in the cache if it is worth keeping), so a
-                // replica's misses cost Redis no memory beyond the cache.
-                if end.is_some() && fleet.followers(&n).await == 0 {
-                    let _: Result<(), _> = fleet
-                        .redis
-                        .query(Op::Coalesce, redis::cmd("DEL").arg(&n.log))
-                        .await;
-                }
-                // Released, so a follower elsewhere is not left waiting
-                // for a claim to lapse (or takes over at once if this
-                // replica could not publish).
+            if sent.is_err() {
+                // Released, so a follower elsewhere is not left waiting for
+                // a claim to lapse: it takes over at once.
                 fleet.release(&n, &owner).await;
                 return;
             }
@@ -183,7 +256,8 @@ fn add(pipe: &mut redis::Pipeline, n: &Names, next: Next, bytes: &mut usize) -> 
                 .arg("e")
                 .arg(ev.as_ref())
                 .arg("m")
-                .arg(mark_code(mark));
+                .arg(mark_code(mark))
+                .ignore();
             None
         }
         Next::End(end) => Some(end),
@@ -191,18 +265,19 @@ fn add(pipe: &mut redis::Pipeline, n: &Names, next: Next, bytes: &mut usize) -> 
     }
 }
 
-fn add_end(pipe: &mut redis::Pipeline, n: &Names, end: &End) {
-    let cmd = pipe.cmd("XADD").arg(&n.log).arg("*");
+/// An end's fields in the log, after FINISH's first three arguments; a
+/// done end's answer is the first value (the cache's store reuses it).
+fn end_fields(inv: &mut redis::ScriptInvocation, end: &End, answer: Option<&Bytes>) {
     match end {
-        End::Done(entry) => {
-            cmd.arg("d").arg(cache_store::encode(entry).as_ref());
+        End::Done(_) => {
+            inv.arg("d").arg(answer.map_or(&b""[..], |a| a.as_ref()));
         }
         End::Response {
             status,
             content_type,
             body,
         } => {
-            cmd.arg("r")
+            inv.arg("r")
                 .arg(status.as_str())
                 .arg("c")
                 .arg(content_type.as_ref().map_or(&b""[..], |c| c.as_bytes()))
@@ -210,10 +285,10 @@ fn add_end(pipe: &mut redis::Pipeline, n: &Names, end: &End) {
                 .arg(body.as_ref());
         }
         End::Error(e) => {
-            cmd.arg("x").arg(e.code());
+            inv.arg("x").arg(e.code());
         }
         End::Lost => {
-            cmd.arg("o").arg("");
+            inv.arg("o").arg("");
         }
     }
 }
@@ -221,8 +296,22 @@ fn add_end(pipe: &mut redis::Pipeline, n: &Names, end: &End) {
 /// Flights shared by the fleet.
 pub struct FleetFlights {
     redis: Arc<Redis>,
-    claim: Script,
-    hold: Script,
+    /// Whether a lookup reads the shared cache (`[redis] cache` on).
+    read_cache: bool,
+    lookup: Script,
+    keep: Script,
+    finish: Script,
+    release: Script,
+}
+
+/// What the fleet said of a cacheable miss.
+pub enum Lookup {
+    /// The shared cache had the answer (its portable form).
+    Cached(Vec<u8>),
+    /// This replica leads the call for the fleet.
+    Lead(Publisher),
+    /// Another replica leads it.
+    Claimed,
 }
 
 /// What a request that found the call claimed elsewhere does.
@@ -237,6 +326,7 @@ pub enum Remote {
 }
 
 struct Names {
+    cache: String,
     lead: String,
     log: String,
     /// How many followers on other replicas joined.
@@ -244,21 +334,24 @@ struct Names {
 }
 
 impl FleetFlights {
-    pub fn new(redis: Arc<Redis>) -> FleetFlights {
+    pub fn new(redis: Arc<Redis>, read_cache: bool) -> FleetFlights {
         FleetFlights {
             redis,
-            claim: Script::new(CLAIM),
-            hold: Script::new(HOLD),
+            read_cache,
+            lookup: Script::new(LOOKUP),
+            keep: Script::new(KEEP),
+            finish: Script::new(FINISH),
+            release: Script::new(RELEASE),
         }
     }
 
     fn names(&self, key: &Key) -> Names {
-        // The hash tag keeps a flight's keys in one cluster slot.
-        let tag = format!("{}:{{f:{}}}", self.redis.key_prefix(), hex::encode(key));
+        let name = |part| cache_store::redis_key(self.redis.key_prefix(), key, part);
         Names {
-            lead: format!("{tag}:lead"),
-            log: format!("{tag}:log"),
-            followers: format!("{tag}:n"),
+            cache: name("cache"),
+            lead: name("lead"),
+            log: name("log"),
+            followers: name("n"),
         }
     }
 
@@ -266,61 +359,104 @@ impl FleetFlights {
         format!("{}:{:x}", self.redis.replica(), rand::random::<u64>())
     }
 
-    async fn try_claim(&self, n: &Names, owner: &str, fresh: bool) -> Result<bool, Unavailable> {
-        let mut inv = self.claim.prepare_invoke();
-        inv.key(&n.lead)
+    async fn look_up(&self, n: &Names, owner: &str) -> Result<LookedUp, Unavailable> {
+        let mut inv = self.lookup.prepare_invoke();
+        inv.key(&n.cache)
+            .key(&n.lead)
             .key(&n.log)
+            .arg(if self.read_cache { "1" } else { "0" })
             .arg(owner)
-            .arg(CLAIM_TTL.as_millis() as u64)
-            .arg(if fresh { "1" } else { "0" });
-        self.redis
-            .invoke::<i64>(Op::Coalesce, &inv)
-            .await
-            .map(|won| won == 1)
+            .arg(CLAIM_TTL.as_millis() as u64);
+        let op = if self.read_cache {
+            Op::CacheGet
+        } else {
+            Op::Coalesce
+        };
+        let mut reply: Vec<redis::Value> = self.redis.invoke(op, &inv).await?;
+        Ok(match (reply.first(), reply.len()) {
+            (Some(redis::Value::Int(1)), 2) => match reply.pop() {
+                Some(redis::Value::BulkString(answer)) => LookedUp::Cached(answer),
+                _ => LookedUp::Taken,
+            },
+            (Some(redis::Value::Int(2)), _) => LookedUp::Claimed,
+            _ => LookedUp::Taken,
+        })
     }
 
-    /// Leads the call for the fleet if nobody does: `Ok(Some(publisher))`,
-    /// to be started with a reader of the local flight; `Ok(None)`: another
-    /// replica leads it.
-    pub async fn claim(self: &Arc<Self>, key: &Key) -> Result<Option<Publisher>, Unavailable> {
+    /// Looks a cacheable miss up in the shared cache (with `[redis] cache`)
+    /// and, if it is not there, claims its call for this replica unless
+    /// another one leads it: one round trip.
+    pub async fn lookup(self: &Arc<Self>, key: &Key) -> Result<Lookup, Unavailable> {
         let n = self.names(key);
         let owner = self.owner();
-        let won = self.try_claim(&n, &owner, true).await?;
-        Ok(won.then(|| Publisher {
-            fleet: Arc::clone(self),
-            n,
-            owner,
-        }))
+        Ok(match self.look_up(&n, &owner).await? {
+            LookedUp::Cached(answer) => Lookup::Cached(answer),
+            LookedUp::Claimed => Lookup::Lead(Publisher {
+                fleet: Arc::clone(self),
+                n,
+                owner,
+            }),
+            LookedUp::Taken => Lookup::Claimed,
+        })
+    }
+
+    /// Whether the shared cache is read by `lookup`.
+    pub fn reads_cache(&self) -> bool {
+        self.read_cache
     }
 
     /// Renews the claim while someone reads: the leader's own client, or a
-    /// follower on another replica. False once nobody does: the claim is
-    /// released and the publisher lets go of the flight.
-    /// Followers on other replicas so far (1 when Redis does not say: the
-    /// safe answer).
-    async fn followers(&self, n: &Names) -> i64 {
+    /// follower on another replica. False once nobody does (the claim is
+    /// released) or the claim is no longer ours: the publisher lets go of
+    /// the flight.
+    async fn keep(&self, n: &Names, owner: &str, reader: &LogReader) -> bool {
+        let lone = reader.flight().readers() <= 1;
+        let mut inv = self.keep.prepare_invoke();
+        inv.key(&n.lead)
+            .key(&n.followers)
+            .arg(owner)
+            .arg(CLAIM_TTL.as_millis() as u64)
+            .arg(if lone { "1" } else { "0" });
+        // Redis unavailable: keep going, as a lone replica would.
         self.redis
-            .query::<Option<i64>>(Op::Coalesce, redis::cmd("GET").arg(&n.followers))
+            .invoke::<i64>(Op::Coalesce, &inv)
             .await
-            .map_or(1, |v| v.unwrap_or(0))
+            .map_or(true, |kept| kept == 1)
     }
 
-    async fn keep(&self, n: &Names, owner: &str, reader: &LogReader) -> bool {
-        if reader.flight().readers() <= 1 && self.followers(n).await == 0 {
-            self.release(n, owner).await;
-            return false;
-        }
-        let mut inv = self.hold.prepare_invoke();
+    /// The end of a led flight: FINISH.
+    async fn finish(&self, n: &Names, owner: &str, end: &End, store: Option<SharedPut>) {
+        let answer = match end {
+            End::Done(entry) => Some(cache_store::encode(entry)),
+            _ => None,
+        };
+        let cache_ttl = match (store, &answer) {
+            (Some(put), Some(a)) if a.len() as u64 <= put.max_entry_bytes => put.ttl_ms,
+            _ => 0,
+        };
+        let mut inv = self.finish.prepare_invoke();
         inv.key(&n.lead)
+            .key(&n.log)
+            .key(&n.followers)
+            .key(&n.cache)
             .arg(owner)
-            .arg(CLAIM_TTL.as_millis() as u64);
-        let _: Result<i64, _> = self.redis.invoke(Op::Coalesce, &inv).await;
-        true
+            .arg(LOG_TTL_MS)
+            .arg(cache_ttl);
+        end_fields(&mut inv, end, answer.as_ref());
+        let op = if cache_ttl > 0 {
+            Op::CachePut
+        } else {
+            Op::Coalesce
+        };
+        if self.redis.invoke::<i64>(op, &inv).await.is_err() {
+            // Not finished: at least not left claimed.
+            self.release(n, owner).await;
+        }
     }
 
     async fn release(&self, n: &Names, owner: &str) {
-        let mut inv = self.hold.prepare_invoke();
-        inv.key(&n.lead).arg(owner).arg(0);
+        let mut inv = self.release.prepare_invoke();
+        inv.key(&n.lead).arg(owner);
         let _: Result<i64, _> = self.redis.invoke(Op::Coalesce, &inv).await;
     }
 
@@ -368,18 +504,27 @@ impl FleetFlights {
                 }
                 Step::LeaderGone if reader.events == 0 => {
                     let owner = self.owner();
-                    match self.try_claim(&reader.n, &owner, false).await {
-                        Ok(true) => {
+                    match self.look_up(&reader.n, &owner).await {
+                        Ok(LookedUp::Claimed) => {
                             Publisher {
                                 fleet: Arc::clone(self),
                                 n: reader.n,
                                 owner,
                             }
-                            .start(leader.flight.attach_leader(0));
+                            .start(leader.flight.attach_leader(0), None);
                             return Remote::TakeOver(leader);
                         }
+                        // The leader finished as this one looked: its answer.
+                        Ok(LookedUp::Cached(answer)) => {
+                            let reader = leader.flight.attach_leader(0);
+                            leader.end(match cache_store::decode(&answer) {
+                                Some(e) => End::Done(Arc::new(e)),
+                                None => End::Lost,
+                            });
+                            return Remote::Following(reader);
+                        }
                         // Someone else took it over: follow them.
-                        Ok(false) => {}
+                        Ok(LookedUp::Taken) => {}
                         Err(_) => return Remote::Alone(leader),
                     }
                 }
@@ -404,6 +549,13 @@ impl FleetFlights {
         });
         Remote::Following(local)
     }
+}
+
+/// What LOOKUP answered.
+enum LookedUp {
+    Cached(Vec<u8>),
+    Claimed,
+    Taken,
 }
 
 fn head_code(head: Head) -> &'static [u8] {

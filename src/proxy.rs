@@ -33,7 +33,7 @@ use crate::body::{Body, Record};
 use crate::cache::{self, End, Entry, Head, Join, Leader, Reader};
 use crate::config::Config;
 use crate::error::GatewayError;
-use crate::fleet_flight::Remote;
+use crate::fleet_flight::{Lookup, Remote};
 use crate::json;
 use crate::limit::{Admission, Standings, UpstreamCheck};
 use crate::relay::{Launch, LeadBody, LogBody, LogOpts, Meter, Plan, Sink, StreamOpts};
@@ -230,6 +230,7 @@ async fn serve(
     let key = api.key;
     let mut check = Some(check);
     let mut leader = None;
+    let mut shared_put = true;
     if let (CacheMode::Lookup, Some(key)) = (mode, key) {
         let mut lost = 0;
         loop {
@@ -238,8 +239,12 @@ async fn serve(
             ));
             match attempt.await? {
                 Coalesced::Answer(resp) => return Ok(resp),
-                Coalesced::Lead(l) => {
+                Coalesced::Lead {
+                    leader: l,
+                    shared_put: p,
+                } => {
                     leader = Some(l);
+                    shared_put = p;
                     break;
                 }
                 // The leader on another replica was lost before this client
@@ -255,7 +260,11 @@ async fn serve(
     }
 
     // 7. Upstream.
-    let sink = Sink { store: key, leader };
+    let sink = Sink {
+        store: key,
+        leader,
+        shared_put,
+    };
     forward(
         app, snap, endpoint, headers, bytes, api, tenant, record, sink,
     )
@@ -269,8 +278,10 @@ const LOST_RETRIES: u32 = 2;
 enum Coalesced {
     /// A hit, or a followed call's answer.
     Answer(Response<Body>),
-    /// This request leads the call (upstream next).
-    Lead(Leader),
+    /// This request leads the call (upstream next); `shared_put`: its
+    /// answer is for the relay to write to Redis (false: the fleet's
+    /// publisher writes it with the release of the claim).
+    Lead { leader: Leader, shared_put: bool },
     /// It followed a call whose leader on another replica was lost before
     /// anything was sent to the client.
     Lost,
@@ -278,8 +289,10 @@ enum Coalesced {
 
 /// Step 5 for a cacheable request: a hit, a flight to follow (on this
 /// replica or, with `[redis] coalesce`, another), or the lead of a new one.
-/// The budget and token check (`check`) is made, once, only before this
-/// request may go upstream.
+/// With the fleet's flights, the shared cache's lookup and the call's claim
+/// are one round trip, made once this replica leads the local flight. The
+/// budget and token check (`check`) is made, once, only before this request
+/// may go upstream.
 #[allow(clippy::too_many_arguments)]
 async fn coalesce(
     app: &Arc<App>,
@@ -292,53 +305,115 @@ async fn coalesce(
     standings: &mut Standings,
 ) -> Result<Coalesced, GatewayError> {
     record.cache = CacheMode::Lookup.label();
-    if let Some(entry) = app.cache.get(key).await {
-        record.cache = "hit";
-        record.saved = entry.usage;
-        let mut resp = entry_response(&entry, api.stream, api.include_usage);
-        resp.headers_mut()
-            .insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
-        return Ok(Coalesced::Answer(resp));
+    let fleet = app.fleet_flights.as_ref();
+    let cached = match fleet {
+        Some(f) if f.reads_cache() => app.cache.get_local(key),
+        _ => app.cache.get(key).await,
+    };
+    if let Some(entry) = cached {
+        return Ok(Coalesced::Answer(hit(entry, api, record)));
     }
     if let Some(reader) = app.flights.follow(key) {
         record.cache = "coalesced";
         return follow(app, reader, api, record).await;
     }
-    if let Some(check) = check.take() {
-        check.check(&tenant.limits, standings)?;
-    }
-    let l = match app.flights.join(*key) {
+    let leader = match app.flights.join(*key) {
         Join::Follow(reader) => {
             record.cache = "coalesced";
             return follow(app, reader, api, record).await;
         }
         Join::Lead(l) => l,
     };
-    let Some(fleet) = &app.fleet_flights else {
-        return Ok(Coalesced::Lead(l));
-    };
-    // Another replica may be calling upstream for this already.
-    match fleet.claim(key).await {
-        Ok(Some(publisher)) => {
-            // Mirrored for the fleet from the local flight.
-            if let Some(reader) = app.flights.follow(key) {
-                publisher.start(reader);
+    // Refused before upstream: identical requests that joined meanwhile ask
+    // again (one of them may be allowed).
+    let mut may_lead = |leader: Leader| match check.take() {
+        Some(c) => match c.check(&tenant.limits, standings) {
+            Ok(()) => Ok(leader),
+            Err(refused) => {
+                leader.end(End::Lost);
+                Err(GatewayError::from(refused))
             }
-            Ok(Coalesced::Lead(l))
+        },
+        None => Ok(leader),
+    };
+    let Some(fleet) = fleet else {
+        let leader = may_lead(leader)?;
+        return Ok(Coalesced::Lead {
+            leader,
+            shared_put: true,
+        });
+    };
+    match fleet.lookup(key).await {
+        Err(_) => {
+            let leader = may_lead(leader)?;
+            Ok(Coalesced::Lead {
+                leader,
+                shared_put: true,
+            })
         }
-        Err(_) => Ok(Coalesced::Lead(l)),
-        Ok(None) => {
+        Ok(Lookup::Cached(answer)) => match app.cache.adopt(key, &answer) {
+            Some(entry) => {
+                leader.end(End::Done(Arc::clone(&entry)));
+                Ok(Coalesced::Answer(hit(entry, api, record)))
+            }
+            None => {
+                let leader = may_lead(leader)?;
+                Ok(Coalesced::Lead {
+                    leader,
+                    shared_put: true,
+                })
+            }
+        },
+        Ok(Lookup::Lead(publisher)) => {
+            if fleet.reads_cache() {
+                app.cache.shared_missed();
+            }
+            let leader = match may_lead(leader) {
+                Ok(l) => l,
+                Err(e) => {
+                    publisher.abandon().await;
+                    return Err(e);
+                }
+            };
+            // Mirrored for the fleet from the local flight; the answer
+            // goes into the shared cache with the end.
+            let store = app.cache.shared_put();
+            if let Some(reader) = app.flights.follow(key) {
+                publisher.start(reader, store);
+            }
+            Ok(Coalesced::Lead {
+                leader,
+                shared_put: store.is_none(),
+            })
+        }
+        Ok(Lookup::Claimed) => {
+            if fleet.reads_cache() {
+                app.cache.shared_missed();
+            }
             let deadline = Instant::now() + snap.config.upstream.first_byte_timeout;
             let idle = snap.config.upstream.idle_timeout;
-            match fleet.follow(key, l, deadline, idle).await {
+            match fleet.follow(key, leader, deadline, idle).await {
                 Remote::Following(reader) => {
                     record.cache = "coalesced";
                     follow(app, reader, api, record).await
                 }
-                Remote::TakeOver(l) | Remote::Alone(l) => Ok(Coalesced::Lead(l)),
+                Remote::TakeOver(leader) | Remote::Alone(leader) => Ok(Coalesced::Lead {
+                    leader: may_lead(leader)?,
+                    shared_put: true,
+                }),
             }
         }
     }
+}
+
+/// A hit's response.
+fn hit(entry: Arc<Entry>, api: &ApiRequest, record: &mut Record) -> Response<Body> {
+    record.cache = "hit";
+    record.saved = entry.usage;
+    let mut resp = entry_response(&entry, api.stream, api.include_usage);
+    resp.headers_mut()
+        .insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
+    resp
 }
 
 /// How this request uses the cache (SPEC §5).

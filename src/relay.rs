@@ -70,6 +70,9 @@ pub struct Sink {
     pub store: Option<Key>,
     /// Publish to coalesced followers.
     pub leader: Option<Leader>,
+    /// Write the stored answer to Redis too (false: the fleet's publisher
+    /// of this call writes it, with the release of its claim).
+    pub shared_put: bool,
 }
 
 enum Mode {
@@ -572,7 +575,10 @@ impl Relay {
         raw: Option<(StatusCode, Option<HeaderValue>, Bytes)>,
     ) {
         if let (Some(key), Some(entry)) = (self.sink.store, &entry) {
-            self.meter.app.cache.put(key, Arc::clone(entry));
+            self.meter
+                .app
+                .cache
+                .put(key, Arc::clone(entry), self.sink.shared_put);
         }
         if let Some(leader) = self.sink.leader.take() {
             match (entry, raw) {

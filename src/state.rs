@@ -254,7 +254,7 @@ impl App {
             .as_ref()
             .zip(config.redis.as_ref())
             .filter(|(_, c)| c.coalesce)
-            .map(|(r, _)| Arc::new(FleetFlights::new(Arc::clone(r))));
+            .map(|(r, _)| Arc::new(FleetFlights::new(Arc::clone(r), cache.is_shared())));
         if config.tenants.iter().any(|t| t.budget.is_some()) && !limiter.spend_is_kept() {
             tracing::warn!(
                 "tenants have budgets but neither [redis] nor budgets.state_path keeps their spend: a restart resets it"

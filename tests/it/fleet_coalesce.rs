@@ -203,7 +203,7 @@ async fn a_killed_leader_is_taken_over_by_a_follower() {
     let follower = tokio::spawn(async move { call(&url_b, ALPHA, &chat("orphan"), &slow).await });
     // The follower is waiting on A's call; A dies without a word.
     while redis
-        .cli(&["--scan", "--pattern", "sluice:{f:*}:lead"])
+        .cli(&["--scan", "--pattern", "sluice:{*}:lead"])
         .trim()
         .is_empty()
     {
@@ -268,7 +268,7 @@ async fn a_leader_killed_mid_stream_leaves_no_follower_with_a_silent_truncation(
     let waiting = tokio::spawn(async move { call(&url_c, ALPHA, &chat("midway"), &[]).await });
     // Both followers have registered with the flight.
     loop {
-        let n = redis.cli(&["--scan", "--pattern", "sluice:{f:*}:n"]);
+        let n = redis.cli(&["--scan", "--pattern", "sluice:{*}:n"]);
         let joined = n
             .lines()
             .next()

@@ -37,7 +37,7 @@ fn url(gw: &TestGateway) -> String {
 async fn stored(redis: &RedisServer, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let keys = redis.cli(&["--scan", "--pattern", "sluice:cache:*"]);
+        let keys = redis.cli(&["--scan", "--pattern", "sluice:{*}:cache"]);
         if keys.lines().filter(|l| !l.trim().is_empty()).count() >= n {
             return;
         }
@@ -209,7 +209,7 @@ async fn no_store_errors_and_large_answers_stay_off_redis() {
         let r = call(&url(b), ALPHA, &chat(body), &[]).await;
         assert_eq!(r.header("x-sluice-cache"), "miss", "{body} was not shared");
     }
-    let keys = redis.cli(&["--scan", "--pattern", "sluice:cache:*"]);
+    let keys = redis.cli(&["--scan", "--pattern", "sluice:{*}:cache"]);
     assert!(!keys.trim().is_empty());
     for key in keys.lines() {
         let ttl: i64 = redis.cli(&["PTTL", key]).trim().parse().expect("ttl");
@@ -314,4 +314,78 @@ async fn redis_memory_stays_proportional_to_the_cached_bytes() {
         grown < cached * 2,
         "Redis grew {grown} bytes for {cached} bytes of answers"
     );
+}
+
+#[tokio::test]
+async fn a_miss_costs_two_round_trips_and_a_memory_hit_none() {
+    let Some(redis) = RedisServer::start("a_miss_costs_two_round_trips") else {
+        return;
+    };
+    let gws = fleet(1, &redis.url(), "").await;
+    let gw = &gws[0];
+    let base = cache_ops(gw).await;
+    for (i, what) in ["trips one", "trips two", "trips three"].iter().enumerate() {
+        let r = call(&url(gw), ALPHA, &chat(what), &[]).await;
+        assert_eq!(r.header("x-sluice-cache"), "miss");
+        // The lookup with the claim before upstream, the end with the
+        // release and the store after (from a task): two, no more.
+        let want = base + 2.0 * (i + 1) as f64;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cache_ops(gw).await < want {
+            assert!(Instant::now() < deadline, "the end never went to Redis");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A memory hit on the answer asks Redis nothing.
+        assert_eq!(
+            call(&url(gw), ALPHA, &chat(what), &[])
+                .await
+                .header("x-sluice-cache"),
+            "hit"
+        );
+    }
+    // Nothing more arrived after the last miss's two and its hit.
+    let r = call(&url(gw), ALPHA, &chat("trips four"), &[]).await;
+    assert_eq!(r.header("x-sluice-cache"), "miss");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cache_ops(gw).await < base + 8.0 {
+        assert!(Instant::now() < deadline, "the end never went to Redis");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        cache_ops(gw).await,
+        base + 8.0,
+        "two a miss, none a memory hit"
+    );
+    assert_eq!(
+        redis_ops(gw, "cache_get").await,
+        4.0,
+        "one lookup (and claim) a miss"
+    );
+    assert_eq!(
+        redis_ops(gw, "cache_put").await,
+        4.0,
+        "one store (and release) a miss"
+    );
+    // Each answer is in Redis for the fleet, and no claim or log is left.
+    stored(&redis, 4).await;
+    assert!(redis
+        .cli(&["--scan", "--pattern", "sluice:{*}:lead"])
+        .trim()
+        .is_empty());
+    assert!(redis
+        .cli(&["--scan", "--pattern", "sluice:{*}:log"])
+        .trim()
+        .is_empty());
+}
+
+async fn redis_ops(gw: &TestGateway, op: &str) -> f64 {
+    gw.metric("sluice_redis_operations_total", &[("op", op)])
+        .await
+}
+
+/// Round trips of the cache and the flights so far.
+async fn cache_ops(gw: &TestGateway) -> f64 {
+    redis_ops(gw, "cache_get").await
+        + redis_ops(gw, "cache_put").await
+        + redis_ops(gw, "coalesce").await
 }
