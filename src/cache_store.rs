@@ -217,7 +217,16 @@ impl Shared {
 /// scope; the hash tag keeps an answer and its flight in one cluster slot,
 /// so one script can look up the answer and claim the call.
 pub fn redis_key(prefix: &str, key: &Key, part: &str) -> String {
-    format!("{prefix}:{{{}}}:{part}", hex::encode(key))
+    let mut hex = [0u8; 64];
+    let mut out = String::with_capacity(prefix.len() + 68 + part.len());
+    out.push_str(prefix);
+    out.push_str(":{");
+    if hex::encode_to_slice(key, &mut hex).is_ok() {
+        out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+    }
+    out.push_str("}:");
+    out.push_str(part);
+    out
 }
 
 fn unix_ms(t: SystemTime) -> u64 {

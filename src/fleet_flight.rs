@@ -143,45 +143,50 @@ impl Publisher {
 
     async fn run(self, mut reader: LogReader, store: Option<SharedPut>) {
         let Publisher { fleet, n, owner } = self;
-        let mut renew = tokio::time::interval(RENEW_EVERY);
-        renew.tick().await;
-        // The head first (or the end, for an answer that never began).
-        let (head, end) = loop {
-            tokio::select! {
-                got = reader.changed(false) => break got,
-                _ = renew.tick() => {
-                    if !fleet.keep(&n, &owner, &reader).await {
-                        return;
-                    }
-                }
+        // The first `QUICK`: the head and, for an answer that is not a
+        // stream (of use to followers only whole), its end. A quick one is
+        // published with its end alone: one round trip with the release and
+        // the store, and no timer beyond this one.
+        let first = tokio::time::timeout(QUICK, async {
+            let (mut head, mut end) = reader.changed(false).await;
+            while head != Some(Head::Stream) && end.is_none() {
+                (head, end) = reader.changed(true).await;
             }
-        };
-        let Some(head) = head else {
-            // An answer that never began: its end is all there is.
-            if let Some(end) = end {
-                fleet.finish(&n, &owner, &end, store).await;
-            }
-            return;
-        };
-        if head == Head::Other {
-            // Of use only whole: a quick answer is published with its end
-            // alone (one round trip with the release and the store). A
-            // slow one is published as it comes, so a follower elsewhere
-            // sees it alive.
-            let whole = async {
-                let mut end = end;
-                loop {
-                    if let Some(end) = end {
-                        return end;
-                    }
-                    end = reader.changed(true).await.1;
-                }
-            };
-            if let Ok(end) = tokio::time::timeout(QUICK, whole).await {
-                fleet.finish(&n, &owner, &end, store).await;
+            (head, end)
+        });
+        let first = first.await;
+        if let Ok((head, Some(end))) = &first {
+            if *head != Some(Head::Stream) {
+                fleet.finish(&n, &owner, end, store).await;
                 return;
             }
         }
+        let start = tokio::time::Instant::now();
+        let mut renew = tokio::time::interval_at(start + RENEW_EVERY, RENEW_EVERY);
+        let head = match first {
+            Ok((head, _)) => head,
+            // A slow answer: published as it comes, so a follower elsewhere
+            // sees it alive; the claim renewed meanwhile.
+            Err(_) => {
+                let (head, end) = loop {
+                    tokio::select! {
+                        got = reader.changed(false) => break got,
+                        _ = renew.tick() => {
+                            if !fleet.keep(&n, &owner, &reader).await {
+                                return;
+                            }
+                        }
+                    }
+                };
+                if let (None, Some(end)) = (head, &end) {
+                    // An answer that never began: its end is all there is.
+                    fleet.finish(&n, &owner, end, store).await;
+                    return;
+                }
+                head
+            }
+        };
+        let Some(head) = head else { return };
         // The log from its start, its end included (even if the flight has
         // ended already: its events go out before the end).
         let mut end = None;
@@ -346,7 +351,14 @@ impl FleetFlights {
     }
 
     fn names(&self, key: &Key) -> Names {
-        let name = |part| cache_store::redis_key(self.redis.key_prefix(), key, part);
+        // Four names from one formatted base (on every miss).
+        let base = cache_store::redis_key(self.redis.key_prefix(), key, "");
+        let name = |part: &str| {
+            let mut s = String::with_capacity(base.len() + part.len());
+            s.push_str(&base);
+            s.push_str(part);
+            s
+        };
         Names {
             cache: name("cache"),
             lead: name("lead"),
