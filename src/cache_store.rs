@@ -166,16 +166,16 @@ impl CacheStore {
             self.local.insert(key, entry);
             return;
         };
-        let encoded = encode(&entry);
-        if encoded.len() as u64 > tier.max_entry_bytes {
+        if encoded_len(&entry) as u64 > tier.max_entry_bytes {
             self.local.insert(key, entry);
             return;
         }
+        let encoded = shared.then(|| encode(&entry));
         self.local
             .insert_for(key, entry, SHARED_COPY_TTL.min(self.local.ttl()));
-        if !shared {
+        let Some(encoded) = encoded else {
             return;
-        }
+        };
         let Ok(permit) = Arc::clone(&tier.writes).try_acquire_owned() else {
             return;
         };
@@ -196,14 +196,6 @@ impl CacheStore {
 pub struct SharedPut {
     pub ttl_ms: u64,
     pub max_entry_bytes: u64,
-}
-
-impl SharedPut {
-    /// The entry's portable form, if it is small enough to share.
-    pub fn encode(&self, entry: &Entry) -> Option<Bytes> {
-        let encoded = encode(entry);
-        (encoded.len() as u64 <= self.max_entry_bytes).then_some(encoded)
-    }
 }
 
 impl Shared {
@@ -234,10 +226,15 @@ fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The length of an entry's portable form.
+fn encoded_len(entry: &Entry) -> usize {
+    MAGIC.len() + 8 + entry.completion.len()
+}
+
 /// The portable form of an entry.
 pub fn encode(entry: &Entry) -> Bytes {
     let stored = unix_ms(SystemTime::now()).saturating_sub(entry.age().as_millis() as u64);
-    let mut out = BytesMut::with_capacity(12 + entry.completion.len());
+    let mut out = BytesMut::with_capacity(encoded_len(entry));
     out.put_slice(MAGIC);
     out.put_u64(stored);
     out.put_slice(&entry.completion);

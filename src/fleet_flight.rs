@@ -10,7 +10,9 @@
 //! cache are one more script (`FINISH`), which writes the log only if a
 //! follower registered (`…:n`). An uncontested miss is so two round trips.
 //! An answer and its flight share a hash tag (`prefix:{<key>}:…`), so both
-//! scripts work on a Redis Cluster.
+//! scripts work on a Redis Cluster; each leader writes a log of its own
+//! (`…:log:<leader>`), so a follower never reads a later leader's entries
+//! as the rest of the one it followed.
 //! An identical request on another replica that finds the call claimed
 //! leads a local flight of its own that is fed from that stream instead of
 //! upstream, so its replica's other identical requests follow it locally as
@@ -54,20 +56,20 @@ const LOG_TTL_MS: u64 = 60_000;
 
 /// Looks a miss up and claims its call, in one round trip: the shared
 /// cache's answer if it has one (ARGV[1] = "1"), else the claim if nobody
-/// holds it, with a fresh log (an old flight's log for the same key must
-/// not answer this one). KEYS: cache, lead, log. ARGV: read the cache
-/// ("1"/"0"), owner, ttl_ms. Returns {1, answer}, {2} (claimed) or {3}
-/// (another replica leads).
+/// holds it, else who holds it. Each leader has a log of its own (named
+/// after it), so a follower never mistakes another leader's entries for
+/// the continuation of its own. KEYS: cache, lead. ARGV: read the cache
+/// ("1"/"0"), owner, ttl_ms. Returns {1, answer}, {2} (claimed) or {3,
+/// owner} (another replica leads).
 const LOOKUP: &str = r#"
 if ARGV[1] == '1' then
   local v = redis.call('GET', KEYS[1])
   if v then return {1, v} end
 end
-if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
-  redis.call('DEL', KEYS[3])
-  return {2}
-end
-return {3}
+local o = redis.call('GET', KEYS[2])
+if o then return {3, o} end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return {2}
 "#;
 
 /// Renews a claim, if still ours: 1. Releases it and returns 0 when the
@@ -161,13 +163,29 @@ impl Publisher {
                 return;
             }
         }
+        // The rest in a future of its own, allocated only for a stream or
+        // a slow answer: a quick one's task stays small.
+        let known = first.ok().and_then(|(head, _)| head);
+        Box::pin(Self::publish(fleet, n, owner, reader, store, known)).await;
+    }
+
+    /// Publishes a stream, or a slow answer, as it comes: `known`, its head
+    /// if already seen.
+    async fn publish(
+        fleet: Arc<FleetFlights>,
+        n: Names,
+        owner: String,
+        mut reader: LogReader,
+        store: Option<SharedPut>,
+        known: Option<Head>,
+    ) {
         let start = tokio::time::Instant::now();
         let mut renew = tokio::time::interval_at(start + RENEW_EVERY, RENEW_EVERY);
-        let head = match first {
-            Ok((head, _)) => head,
+        let head = match known {
+            Some(head) => Some(head),
             // A slow answer: published as it comes, so a follower elsewhere
             // sees it alive; the claim renewed meanwhile.
-            Err(_) => {
+            None => {
                 let (head, end) = loop {
                     tokio::select! {
                         got = reader.changed(false) => break got,
@@ -315,8 +333,8 @@ pub enum Lookup {
     Cached(Vec<u8>),
     /// This replica leads the call for the fleet.
     Lead(Publisher),
-    /// Another replica leads it.
-    Claimed,
+    /// Another replica leads it (this owner, if Redis said).
+    Claimed(Option<String>),
 }
 
 /// What a request that found the call claimed elsewhere does.
@@ -330,6 +348,8 @@ pub enum Remote {
     Alone(Leader),
 }
 
+/// A flight's names: the answer's and the claim's, shared by every leader
+/// of the key; the log's and the followers' count, the leader's own.
 struct Names {
     cache: String,
     lead: String,
@@ -350,20 +370,22 @@ impl FleetFlights {
         }
     }
 
-    fn names(&self, key: &Key) -> Names {
+    /// The names of `key`'s answer and claim, and of `owner`'s flight.
+    fn names(&self, key: &Key, owner: &str) -> Names {
         // Four names from one formatted base (on every miss).
         let base = cache_store::redis_key(self.redis.key_prefix(), key, "");
-        let name = |part: &str| {
-            let mut s = String::with_capacity(base.len() + part.len());
+        let name = |part: &str, of: &str| {
+            let mut s = String::with_capacity(base.len() + part.len() + of.len());
             s.push_str(&base);
             s.push_str(part);
+            s.push_str(of);
             s
         };
         Names {
-            cache: name("cache"),
-            lead: name("lead"),
-            log: name("log"),
-            followers: name("n"),
+            cache: name("cache", ""),
+            lead: name("lead", ""),
+            log: name("log:", owner),
+            followers: name("n:", owner),
         }
     }
 
@@ -371,11 +393,11 @@ impl FleetFlights {
         format!("{}:{:x}", self.redis.replica(), rand::random::<u64>())
     }
 
-    async fn look_up(&self, n: &Names, owner: &str) -> Result<LookedUp, Unavailable> {
+    async fn look_up(&self, key: &Key, owner: &str) -> Result<LookedUp, Unavailable> {
+        let n = self.names(key, owner);
         let mut inv = self.lookup.prepare_invoke();
         inv.key(&n.cache)
             .key(&n.lead)
-            .key(&n.log)
             .arg(if self.read_cache { "1" } else { "0" })
             .arg(owner)
             .arg(CLAIM_TTL.as_millis() as u64);
@@ -385,13 +407,18 @@ impl FleetFlights {
             Op::Coalesce
         };
         let mut reply: Vec<redis::Value> = self.redis.invoke(op, &inv).await?;
-        Ok(match (reply.first(), reply.len()) {
-            (Some(redis::Value::Int(1)), 2) => match reply.pop() {
-                Some(redis::Value::BulkString(answer)) => LookedUp::Cached(answer),
-                _ => LookedUp::Taken,
-            },
-            (Some(redis::Value::Int(2)), _) => LookedUp::Claimed,
-            _ => LookedUp::Taken,
+        let code = match reply.first() {
+            Some(redis::Value::Int(c)) => *c,
+            _ => 0,
+        };
+        let last = match reply.pop() {
+            Some(redis::Value::BulkString(b)) => Some(b),
+            _ => None,
+        };
+        Ok(match (code, last) {
+            (1, Some(answer)) => LookedUp::Cached(answer),
+            (2, _) => LookedUp::Claimed(n),
+            (_, holder) => LookedUp::Taken(holder.and_then(|o| String::from_utf8(o).ok())),
         })
     }
 
@@ -399,16 +426,15 @@ impl FleetFlights {
     /// and, if it is not there, claims its call for this replica unless
     /// another one leads it: one round trip.
     pub async fn lookup(self: &Arc<Self>, key: &Key) -> Result<Lookup, Unavailable> {
-        let n = self.names(key);
         let owner = self.owner();
-        Ok(match self.look_up(&n, &owner).await? {
+        Ok(match self.look_up(key, &owner).await? {
             LookedUp::Cached(answer) => Lookup::Cached(answer),
-            LookedUp::Claimed => Lookup::Lead(Publisher {
+            LookedUp::Claimed(n) => Lookup::Lead(Publisher {
                 fleet: Arc::clone(self),
                 n,
                 owner,
             }),
-            LookedUp::Taken => Lookup::Claimed,
+            LookedUp::Taken(leader) => Lookup::Claimed(leader),
         })
     }
 
@@ -478,35 +504,38 @@ impl FleetFlights {
     pub async fn follow(
         self: &Arc<Self>,
         key: &Key,
+        owner: Option<String>,
         leader: Leader,
         first_byte: Instant,
         idle: Duration,
     ) -> Remote {
-        let n = self.names(key);
         let Ok(conn) = self.redis.dedicated().await else {
             return Remote::Alone(leader);
         };
-        let mut join = redis::pipe();
-        join.cmd("INCR").arg(&n.followers).ignore();
-        join.cmd("PEXPIRE")
-            .arg(&n.followers)
-            .arg(LOG_TTL_MS)
-            .ignore();
-        let _: Result<(), _> = self.redis.pipe(Op::Coalesce, &join).await;
         let mut reader = Reader {
             fleet: Arc::clone(self),
             conn,
-            n,
-            last: "0-0".to_string(),
+            n: self.names(key, ""),
+            owner: String::new(),
+            last: String::new(),
             head: false,
             events: 0,
             last_data: Instant::now(),
             first_byte,
             idle,
         };
+        // No owner: gone as it was asked for (the takeover below).
+        if let Some(owner) = owner {
+            reader.join(self.names(key, &owner), owner).await;
+        }
         // Until the head: inline, so a takeover can still go upstream.
         loop {
-            match reader.step(&leader).await {
+            let step = if reader.owner.is_empty() {
+                Step::LeaderGone
+            } else {
+                reader.step(&leader).await
+            };
+            match step {
                 Step::More if reader.head => break,
                 Step::More => {}
                 Step::Ended(end) => {
@@ -516,11 +545,11 @@ impl FleetFlights {
                 }
                 Step::LeaderGone if reader.events == 0 => {
                     let owner = self.owner();
-                    match self.look_up(&reader.n, &owner).await {
-                        Ok(LookedUp::Claimed) => {
+                    match self.look_up(key, &owner).await {
+                        Ok(LookedUp::Claimed(n)) => {
                             Publisher {
                                 fleet: Arc::clone(self),
-                                n: reader.n,
+                                n,
                                 owner,
                             }
                             .start(leader.flight.attach_leader(0), None);
@@ -535,8 +564,11 @@ impl FleetFlights {
                             });
                             return Remote::Following(reader);
                         }
-                        // Someone else took it over: follow them.
-                        Ok(LookedUp::Taken) => {}
+                        // Someone else took it over: follow them, in their log.
+                        Ok(LookedUp::Taken(Some(other))) => {
+                            reader.join(self.names(key, &other), other).await;
+                        }
+                        Ok(LookedUp::Taken(None)) => {}
                         Err(_) => return Remote::Alone(leader),
                     }
                 }
@@ -566,8 +598,8 @@ impl FleetFlights {
 /// What LOOKUP answered.
 enum LookedUp {
     Cached(Vec<u8>),
-    Claimed,
-    Taken,
+    Claimed(Names),
+    Taken(Option<String>),
 }
 
 fn head_code(head: Head) -> &'static [u8] {
@@ -597,6 +629,8 @@ struct Reader {
     fleet: Arc<FleetFlights>,
     conn: crate::shared::Dedicated,
     n: Names,
+    /// The leader followed ("": none yet).
+    owner: String,
     last: String,
     head: bool,
     events: usize,
@@ -606,6 +640,21 @@ struct Reader {
 }
 
 impl Reader {
+    /// Registers with `owner`'s flight (so its end is written to its log
+    /// for this follower) and reads its log from the start.
+    async fn join(&mut self, n: Names, owner: String) {
+        let mut join = redis::pipe();
+        join.cmd("INCR").arg(&n.followers).ignore();
+        join.cmd("PEXPIRE")
+            .arg(&n.followers)
+            .arg(LOG_TTL_MS)
+            .ignore();
+        let _: Result<(), _> = self.fleet.redis.pipe(Op::Coalesce, &join).await;
+        self.n = n;
+        self.owner = owner;
+        self.last = "0-0".to_string();
+    }
+
     /// Reads what the log has (blocking up to `BLOCK`) into the flight.
     async fn step(&mut self, leader: &Leader) -> Step {
         let now = Instant::now();
@@ -645,11 +694,16 @@ impl Reader {
             .collect::<Vec<_>>();
         if entries.is_empty() {
             // Nothing for a while: is the leader still there?
-            let mut exists = redis::cmd("EXISTS");
-            exists.arg(&self.n.lead);
-            return match self.fleet.redis.query::<i64>(Op::Coalesce, &exists).await {
-                Ok(0) => Step::LeaderGone,
-                Ok(_) => Step::More,
+            let mut holder = redis::cmd("GET");
+            holder.arg(&self.n.lead);
+            return match self
+                .fleet
+                .redis
+                .query::<Option<String>>(Op::Coalesce, &holder)
+                .await
+            {
+                Ok(Some(o)) if o == self.owner => Step::More,
+                Ok(_) => Step::LeaderGone,
                 Err(_) => Step::Unavailable,
             };
         }

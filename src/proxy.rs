@@ -386,13 +386,13 @@ async fn coalesce(
                 shared_put: store.is_none(),
             })
         }
-        Ok(Lookup::Claimed) => {
+        Ok(Lookup::Claimed(owner)) => {
             if fleet.reads_cache() {
                 app.cache.shared_missed();
             }
             let deadline = Instant::now() + snap.config.upstream.first_byte_timeout;
             let idle = snap.config.upstream.idle_timeout;
-            match fleet.follow(key, leader, deadline, idle).await {
+            match fleet.follow(key, owner, leader, deadline, idle).await {
                 Remote::Following(reader) => {
                     record.cache = "coalesced";
                     follow(app, reader, api, record).await

@@ -219,10 +219,19 @@ async fn concurrency_and_tokens_hold_for_the_fleet() {
         sim.max_in_flight()
     );
     assert!(ok >= 2 && refused >= 1, "{ok} answered, {refused} refused");
-    // Slots come back: one request at a time always passes.
+    // Slots come back (released by each replica's settlement task, just
+    // after the answers): one request at a time then always passes.
     for r in &fleet {
-        let a = call(&r.url("/v1/chat/completions"), FLEET, &chat("after"), &[]).await;
-        assert_eq!(a.status, 200, "{}", a.text());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let a = call(&r.url("/v1/chat/completions"), FLEET, &chat("after"), &[]).await;
+            if a.status == 200 {
+                break;
+            }
+            assert_eq!(a.error_code(), "concurrency_limit_exceeded", "{}", a.text());
+            assert!(Instant::now() < deadline, "a slot never came back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     // A token deficit made on one replica refuses on the others.

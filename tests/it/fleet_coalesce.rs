@@ -268,7 +268,7 @@ async fn a_leader_killed_mid_stream_leaves_no_follower_with_a_silent_truncation(
     let waiting = tokio::spawn(async move { call(&url_c, ALPHA, &chat("midway"), &[]).await });
     // Both followers have registered with the flight.
     loop {
-        let n = redis.cli(&["--scan", "--pattern", "sluice:{*}:n"]);
+        let n = redis.cli(&["--scan", "--pattern", "sluice:{*}:n:*"]);
         let joined = n
             .lines()
             .next()

@@ -373,7 +373,7 @@ async fn a_miss_costs_two_round_trips_and_a_memory_hit_none() {
         .trim()
         .is_empty());
     assert!(redis
-        .cli(&["--scan", "--pattern", "sluice:{*}:log"])
+        .cli(&["--scan", "--pattern", "sluice:{*}:log:*"])
         .trim()
         .is_empty());
 }
