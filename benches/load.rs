@@ -240,6 +240,19 @@ fn start_sluice(
     redis: Option<u16>,
     tmp: &std::path::Path,
 ) -> Sluice {
+    start_sluice_bin(env!("CARGO_BIN_EXE_sluice"), name, upstream, cache, limits, redis, tmp)
+}
+
+/// `start_sluice` with another build of Sluice (`SLUICE_BENCH_ALT_BIN`).
+fn start_sluice_bin(
+    bin: &str,
+    name: &'static str,
+    upstream: &str,
+    cache: bool,
+    limits: bool,
+    redis: Option<u16>,
+    tmp: &std::path::Path,
+) -> Sluice {
     let redis_section = redis.map_or(String::new(), |port| {
         format!("[redis]\nurl = \"redis://127.0.0.1:{port}/0\"\n")
     });
@@ -270,11 +283,7 @@ key_sha256 = ["{}"]
     let (p, mut err, out) = spawn(
         name,
         "0",
-        &[
-            env!("CARGO_BIN_EXE_sluice"),
-            "--config",
-            path.to_str().expect("path"),
-        ],
+        &[bin, "--config", path.to_str().expect("path")],
         &[
             ("SLUICE_LOG_FORMAT", "json"),
             ("RUST_LOG", "warn,sluice=info,sluice::access=off"),
@@ -838,6 +847,88 @@ async fn streams(targets: &[SocketAddr], rounds: usize) -> Vec<StreamTimes> {
     times
 }
 
+/// One stream request (`body`, paced by the simulator) read to its end:
+/// its `x-sluice-cache` and when each data event arrived.
+async fn timed_events(
+    client: &StreamClient,
+    addr: SocketAddr,
+    body: String,
+) -> (String, Vec<Instant>) {
+    let req = Request::post(format!("http://{addr}/v1/chat/completions"))
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json")
+        .header("x-sim-latency-ms", "100")
+        .header("x-sim-chunks", "20")
+        .header("x-sim-chunk-delay-ms", "10")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    let resp = client.request(req).await.expect("response");
+    let cache = resp
+        .headers()
+        .get("x-sluice-cache")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let mut body: Incoming = resp.into_body();
+    let mut at = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("frame");
+        if let Some(d) = frame.data_ref() {
+            let now = Instant::now();
+            let events = d.windows(5).filter(|w| w == b"data:").count();
+            at.extend(std::iter::repeat_n(now, events));
+        }
+    }
+    (cache, at)
+}
+
+/// A stream led on one replica and followed on another (both with Redis
+/// cache and coalescing): `rounds` distinct streams, the second client
+/// starting 30 ms after the first (while upstream's 100 ms first-byte
+/// latency runs). For each event, how much later the follower (the one
+/// answered `coalesced`) received it than the leader's client: the first
+/// event's delays and every event's. Rounds where neither followed (the
+/// second came too late) are counted apart.
+async fn fleet_follow(
+    a: SocketAddr,
+    b: SocketAddr,
+    rounds: usize,
+) -> (Vec<Duration>, Vec<Duration>, usize) {
+    let client: StreamClient = Client::builder(TokioExecutor::new()).build_http();
+    let (mut first, mut all, mut alone) = (Vec::new(), Vec::new(), 0);
+    for i in 0..rounds {
+        let body = BODY
+            .replacen('{', r#"{"stream":true,"#, 1)
+            .replace("rivers.", &format!("rivers. #follow{i}-{}", std::process::id()));
+        let lead = tokio::spawn({
+            let (client, body) = (client.clone(), body.clone());
+            async move { timed_events(&client, a, body).await }
+        });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let other = timed_events(&client, b, body).await;
+        let lead = lead.await.expect("task");
+        let (leader, follower) = match (lead.0.as_str(), other.0.as_str()) {
+            (_, "coalesced") => (lead.1, other.1),
+            ("coalesced", _) => (other.1, lead.1),
+            _ => {
+                alone += 1;
+                continue;
+            }
+        };
+        assert_eq!(leader.len(), follower.len(), "the same events");
+        for (j, (l, f)) in leader.iter().zip(&follower).enumerate() {
+            let d = f.saturating_duration_since(*l);
+            if j == 0 {
+                first.push(d);
+            }
+            all.push(d);
+        }
+    }
+    first.sort();
+    all.sort();
+    (first, all, alone)
+}
+
 /// Holds `n` idle streams open through Sluice and reports its RSS.
 async fn idle_streams(addr: SocketAddr, proxy: &Proc, n: usize) -> (usize, u64) {
     let mut held = Vec::with_capacity(n);
@@ -921,6 +1012,11 @@ fn main() {
     let miss = start_sluice("sluice-miss", &sim_url, false, false, None, &tmp);
     let miss_addr = miss.addr;
     let limited = start_sluice("sluice-miss-limits", &sim_url, false, true, None, &tmp);
+    // SLUICE_BENCH_ALT_BIN=path: the miss row again with another build, for
+    // a side-by-side of one change (benches/README.md says which).
+    let alt = std::env::var("SLUICE_BENCH_ALT_BIN")
+        .ok()
+        .map(|bin| start_sluice_bin(&bin, "sluice-miss-alt", &sim_url, false, false, None, &tmp));
     let hit = start_sluice("sluice-hit", &sim_url, true, false, None, &tmp);
     let cached = start_sluice("sluice-miss-cache", &sim_url, true, false, None, &tmp);
     let nginx = start_nginx(sim_addr, &tmp);
@@ -1024,6 +1120,9 @@ fn main() {
         Err(reason) => println!("nginx row skipped: {reason}"),
     }
     rows.push(row("sluice-miss", &miss, Bodies::Fixed));
+    if let Some(alt) = &alt {
+        rows.push(row("sluice-miss-alt", alt, Bodies::Fixed));
+    }
     rows.push(row("sluice-miss-limits", &limited, Bodies::Fixed));
     rows.push(row(
         "sluice-miss-cache",
@@ -1208,6 +1307,15 @@ fn main() {
         if let Some(hit) = base("sluice-hit") {
             println!("sluice-hit: {:.2}× direct req/s", hit.rps / direct.rps);
         }
+        if let Some(alt) = base("sluice-miss-alt") {
+            println!(
+                "sluice-miss-alt vs sluice-miss: req/s {:.2}×, CPU/req {:.3}×, p50 {} vs {} ms",
+                alt.rps / miss.rps,
+                cpu_of(alt) / cpu_of(miss),
+                ms(alt.p50),
+                ms(miss.p50)
+            );
+        }
         if let Some(lim) = base("sluice-miss-limits") {
             println!(
                 "sluice-miss-limits: added p50 {} ms; vs sluice-miss: req/s {:.2}×, CPU/req {:.2}×",
@@ -1300,6 +1408,25 @@ fn main() {
             ms(percentile(&t.lone, 0.5)),
             ms(percentile(&t.lone, 0.99))
         );
+    }
+
+    if let (Some(a), Some(b)) = (&cached_redis, &hit_local) {
+        let rounds = if quick { 40 } else { 200 };
+        let (first, all, alone) = rt.block_on(fleet_follow(a.addr, b.addr, rounds));
+        if first.is_empty() {
+            println!("\nfleet follower: no round coalesced across replicas ({alone} alone)");
+        } else {
+            println!(
+                "\nfleet follower (stream led on one replica, followed on another through Redis; \
+                 {} rounds, {alone} not coalesced): first event +{} ms p50, +{} ms p99 after the leader's client; \
+                 every event +{} ms p50, +{} ms p99",
+                first.len(),
+                ms(percentile(&first, 0.5)),
+                ms(percentile(&first, 0.99)),
+                ms(percentile(&all, 0.5)),
+                ms(percentile(&all, 0.99)),
+            );
+        }
     }
 
     if idle_n > 0 {
