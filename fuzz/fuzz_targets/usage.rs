@@ -6,7 +6,8 @@
 //! is its top-level member, and that member is a well-formed usage object
 //! (no repeated field, numbers where numbers go), the fast path reads what a
 //! full parse reads;
-//! an entry's replay reassembles to the completion it was built from.
+//! an entry's replay builds (the body was checked without a tree when it
+//! was stored) and carries the usage the entry was stored with.
 
 #![no_main]
 
@@ -65,7 +66,12 @@ fuzz_target!(|data: &[u8]| {
 
     if let Some(entry) = Entry::from_completion(Bytes::copy_from_slice(data)) {
         assert!(entry.weight() as usize >= entry.completion.len());
-        let usage = entry.replay.usage_chunk.as_deref().map(|c| {
+        // What is stored was checked without a tree; its replay, built at
+        // the first streaming hit, must build (never the empty fallback).
+        let tree: Value =
+            serde_json::from_slice(&entry.completion).expect("a stored answer is JSON");
+        assert!(sse::replay(&tree).is_some(), "a stored answer replays");
+        let usage = entry.replay().usage_chunk.as_deref().map(|c| {
             let sse::EventData::Data(d) = sse::event_data(c) else {
                 panic!("the usage chunk is a data event");
             };
