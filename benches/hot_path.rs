@@ -146,7 +146,7 @@ fn cache_hit(c: &mut Criterion) {
         c.bench_function(&format!("cache_hit/{name}"), |b| {
             b.iter(|| {
                 let entry = store.get(black_box(&key)).expect("hit");
-                let resp = sluice::proxy::entry_response(&entry, stream, true);
+                let resp = sluice::proxy::entry_response(&entry, stream, true).expect("replays");
                 // Drain the body as hyper would.
                 rt.block_on(resp.into_body().collect())
                     .map(|c| c.to_bytes())

@@ -240,7 +240,15 @@ fn start_sluice(
     redis: Option<u16>,
     tmp: &std::path::Path,
 ) -> Sluice {
-    start_sluice_bin(env!("CARGO_BIN_EXE_sluice"), name, upstream, cache, limits, redis, tmp)
+    start_sluice_bin(
+        env!("CARGO_BIN_EXE_sluice"),
+        name,
+        upstream,
+        cache,
+        limits,
+        redis,
+        tmp,
+    )
 }
 
 /// `start_sluice` with another build of Sluice (`SLUICE_BENCH_ALT_BIN`).
@@ -897,9 +905,10 @@ async fn fleet_follow(
     let client: StreamClient = Client::builder(TokioExecutor::new()).build_http();
     let (mut first, mut all, mut alone) = (Vec::new(), Vec::new(), 0);
     for i in 0..rounds {
-        let body = BODY
-            .replacen('{', r#"{"stream":true,"#, 1)
-            .replace("rivers.", &format!("rivers. #follow{i}-{}", std::process::id()));
+        let body = BODY.replacen('{', r#"{"stream":true,"#, 1).replace(
+            "rivers.",
+            &format!("rivers. #follow{i}-{}", std::process::id()),
+        );
         let lead = tokio::spawn({
             let (client, body) = (client.clone(), body.clone());
             async move { timed_events(&client, a, body).await }

@@ -57,7 +57,7 @@ pub struct Entry {
     pub completion: Bytes,
     /// The same completion as SSE chunks (without `[DONE]`), built at the
     /// first streaming hit: see [`Entry::replay`].
-    replay: OnceLock<Replay>,
+    replay: OnceLock<Option<Replay>>,
     /// `None` when upstream's answer carried no usage.
     pub usage: Option<Usage>,
     pub stored_at: Instant,
@@ -85,15 +85,18 @@ impl Entry {
     }
 
     /// The completion as SSE chunks, built from the completion the first
-    /// time it is asked for (its shape was checked at store time, so it
-    /// builds).
-    pub fn replay(&self) -> &Replay {
-        self.replay.get_or_init(|| {
-            serde_json::from_slice::<Value>(&self.completion)
-                .ok()
-                .and_then(|v| sse::replay(&v))
-                .unwrap_or_default()
-        })
+    /// time it is asked for. Its shape was checked at store time, but that
+    /// check skips what it does not need (a number out of range, a broken
+    /// escape in a string upstream sent): `None` for such an answer, which
+    /// then serves non-streaming clients only.
+    pub fn replay(&self) -> Option<&Replay> {
+        self.replay
+            .get_or_init(|| {
+                serde_json::from_slice::<Value>(&self.completion)
+                    .ok()
+                    .and_then(|v| sse::replay(&v))
+            })
+            .as_ref()
     }
 
     /// What the entry weighs against `cache.max_bytes`: fixed at store
@@ -631,6 +634,24 @@ impl Drop for Leader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_whose_tree_does_not_parse_has_no_replay_never_an_empty_one() {
+        let ok = Entry::from_completion(Bytes::from_static(
+            br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#,
+        ))
+        .expect("stored");
+        assert!(ok.replay().is_some_and(|r| !r.chunks.is_empty()));
+        // Stored (the check skips what it does not need), but no replay:
+        // served to non-streaming clients only.
+        for body in [
+            &br#"{"choices":[{"message":{"content":"a"}}],"created":1e400}"#[..],
+            br#"{"choices":[{"message":{"content":"\ud83d"}}]}"#,
+        ] {
+            let e = Entry::from_completion(Bytes::from_static(body)).expect("stored");
+            assert!(e.replay().is_none(), "{}", String::from_utf8_lossy(body));
+        }
+    }
     use serde_json::json;
 
     fn k(v: Value) -> Key {

@@ -270,8 +270,8 @@ mod tests {
         assert_eq!(back.completion, completion);
         assert_eq!(back.usage, entry.usage);
         assert_eq!(
-            back.replay().chunks,
-            entry.replay().chunks,
+            back.replay().expect("replays").chunks,
+            entry.replay().expect("replays").chunks,
             "replay rebuilt alike"
         );
         assert!(back.age() < Duration::from_secs(2));

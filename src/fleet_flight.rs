@@ -59,15 +59,24 @@ const LOG_TTL_MS: u64 = 60_000;
 /// holds it, else who holds it. Each leader has a log of its own (named
 /// after it), so a follower never mistakes another leader's entries for
 /// the continuation of its own. KEYS: cache, lead. ARGV: read the cache
-/// ("1"/"0"), owner, ttl_ms. Returns {1, answer}, {2} (claimed) or {3,
-/// owner} (another replica leads).
+/// ("1"/"0"), owner, ttl_ms, the followers' count's name but the owner (in
+/// the same hash tag), its ttl_ms. Returns {1, answer}, {2} (claimed) or
+/// {3, owner} (another replica leads; this request counted as its
+/// follower).
 const LOOKUP: &str = r#"
 if ARGV[1] == '1' then
   local v = redis.call('GET', KEYS[1])
   if v then return {1, v} end
 end
 local o = redis.call('GET', KEYS[2])
-if o then return {3, o} end
+if o then
+  -- Registered with that leader's flight here, so its end (written only
+  -- for registered followers) cannot be missed by a follower still joining.
+  local n = ARGV[4] .. o
+  redis.call('INCR', n)
+  redis.call('PEXPIRE', n, ARGV[5])
+  return {3, o}
+end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return {2}
 "#;
@@ -190,7 +199,7 @@ impl Publisher {
                     tokio::select! {
                         got = reader.changed(false) => break got,
                         _ = renew.tick() => {
-                            if !fleet.keep(&n, &owner, &reader).await {
+                            if !fleet.keep(&n, &owner, &reader, false).await {
                                 return;
                             }
                         }
@@ -253,7 +262,7 @@ impl Publisher {
                 tokio::select! {
                     next = std::future::poll_fn(|cx| reader.poll_next(cx)) => break next,
                     _ = renew.tick() => {
-                        if !fleet.keep(&n, &owner, &reader).await {
+                        if !fleet.keep(&n, &owner, &reader, true).await {
                             return;
                         }
                     }
@@ -400,7 +409,9 @@ impl FleetFlights {
             .key(&n.lead)
             .arg(if self.read_cache { "1" } else { "0" })
             .arg(owner)
-            .arg(CLAIM_TTL.as_millis() as u64);
+            .arg(CLAIM_TTL.as_millis() as u64)
+            .arg(n.followers.strip_suffix(owner).unwrap_or(&n.followers))
+            .arg(LOG_TTL_MS);
         let op = if self.read_cache {
             Op::CacheGet
         } else {
@@ -447,8 +458,10 @@ impl FleetFlights {
     /// follower on another replica. False once nobody does (the claim is
     /// released) or the claim is no longer ours: the publisher lets go of
     /// the flight.
-    async fn keep(&self, n: &Names, owner: &str, reader: &LogReader) -> bool {
-        let lone = reader.flight().readers() <= 1;
+    async fn keep(&self, n: &Names, owner: &str, reader: &LogReader, head: bool) -> bool {
+        // Before upstream's head the leader's own client is not a reader of
+        // the flight yet: never lone then.
+        let lone = head && reader.flight().readers() <= 1;
         let mut inv = self.keep.prepare_invoke();
         inv.key(&n.lead)
             .key(&n.followers)
@@ -517,6 +530,7 @@ impl FleetFlights {
             conn,
             n: self.names(key, ""),
             owner: String::new(),
+            released: false,
             last: String::new(),
             head: false,
             events: 0,
@@ -531,7 +545,11 @@ impl FleetFlights {
         // Until the head: inline, so a takeover can still go upstream.
         loop {
             let step = if reader.owner.is_empty() {
-                Step::LeaderGone
+                if Instant::now() >= reader.first_byte {
+                    Step::Ended(End::Error(GatewayError::UpstreamTimeout))
+                } else {
+                    Step::LeaderGone
+                }
             } else {
                 reader.step(&leader).await
             };
@@ -631,6 +649,9 @@ struct Reader {
     n: Names,
     /// The leader followed ("": none yet).
     owner: String,
+    /// The claim was seen released (one more read before the leader is
+    /// taken for gone).
+    released: bool,
     last: String,
     head: bool,
     events: usize,
@@ -652,6 +673,7 @@ impl Reader {
         let _: Result<(), _> = self.fleet.redis.pipe(Op::Coalesce, &join).await;
         self.n = n;
         self.owner = owner;
+        self.released = false;
         self.last = "0-0".to_string();
     }
 
@@ -670,7 +692,12 @@ impl Reader {
                 GatewayError::StreamInterrupted
             }));
         }
-        let block = BLOCK.min(deadline - now);
+        // Once the claim was seen released, one last look, not a wait.
+        let block = if self.released {
+            Duration::from_millis(1)
+        } else {
+            BLOCK.min(deadline - now)
+        };
         let mut cmd = redis::cmd("XREAD");
         cmd.arg("COUNT")
             .arg(512)
@@ -703,6 +730,12 @@ impl Reader {
                 .await
             {
                 Ok(Some(o)) if o == self.owner => Step::More,
+                // Released: its end, if any, was written with the release
+                // (FINISH), so one more read finds it.
+                Ok(_) if !self.released => {
+                    self.released = true;
+                    Step::More
+                }
                 Ok(_) => Step::LeaderGone,
                 Err(_) => Step::Unavailable,
             };
@@ -758,7 +791,8 @@ impl Reader {
             } else if let Some(code) = field("x") {
                 return Step::Ended(End::Error(error_of(&code)));
             } else if field("o").is_some() {
-                return Step::Ended(End::Error(GatewayError::StreamInterrupted));
+                // Its leader lost its own (or was refused): ask again.
+                return Step::Ended(End::Lost);
             }
         }
         Step::More

@@ -251,7 +251,9 @@ async fn serve(
                 // was sent anything: ask again (a hit, another flight, or
                 // this replica's own call), a bounded number of times.
                 Coalesced::Lost if lost < LOST_RETRIES => lost += 1,
-                Coalesced::Lost => return Err(GatewayError::StreamInterrupted),
+                // Still lost: this request calls upstream on its own,
+                // uncoalesced (after the check below, if not made yet).
+                Coalesced::Lost => break,
             }
         }
     }
@@ -310,8 +312,8 @@ async fn coalesce(
         Some(f) if f.reads_cache() => app.cache.get_local(key),
         _ => app.cache.get(key).await,
     };
-    if let Some(entry) = cached {
-        return Ok(Coalesced::Answer(hit(entry, api, record)));
+    if let Some(resp) = cached.and_then(|e| hit(&e, api, record)) {
+        return Ok(Coalesced::Answer(resp));
     }
     if let Some(reader) = app.flights.follow(key) {
         record.cache = "coalesced";
@@ -329,15 +331,16 @@ async fn coalesce(
     let mut may_lead = |leader: Leader| match check.take() {
         Some(c) => match c.check(&tenant.limits, standings) {
             Ok(()) => Ok(leader),
-            Err(refused) => {
-                leader.end(End::Lost);
-                Err(GatewayError::from(refused))
-            }
+            Err(refused) => Err((leader, GatewayError::from(refused))),
         },
         None => Ok(leader),
     };
+    let refused = |(leader, e): (Leader, GatewayError)| {
+        leader.end(End::Lost);
+        e
+    };
     let Some(fleet) = fleet else {
-        let leader = may_lead(leader)?;
+        let leader = may_lead(leader).map_err(refused)?;
         return Ok(Coalesced::Lead {
             leader,
             shared_put: true,
@@ -345,19 +348,20 @@ async fn coalesce(
     };
     match fleet.lookup(key).await {
         Err(_) => {
-            let leader = may_lead(leader)?;
+            let leader = may_lead(leader).map_err(refused)?;
             Ok(Coalesced::Lead {
                 leader,
                 shared_put: true,
             })
         }
         Ok(Lookup::Cached(answer)) => match app.cache.adopt(key, &answer) {
-            Some(entry) => {
+            Some(entry) if !api.stream || entry.replay().is_some() => {
                 leader.end(End::Done(Arc::clone(&entry)));
-                Ok(Coalesced::Answer(hit(entry, api, record)))
+                let resp = hit(&entry, api, record).ok_or(GatewayError::StreamInterrupted)?;
+                Ok(Coalesced::Answer(resp))
             }
-            None => {
-                let leader = may_lead(leader)?;
+            _ => {
+                let leader = may_lead(leader).map_err(refused)?;
                 Ok(Coalesced::Lead {
                     leader,
                     shared_put: true,
@@ -370,9 +374,10 @@ async fn coalesce(
             }
             let leader = match may_lead(leader) {
                 Ok(l) => l,
-                Err(e) => {
+                Err(refusal) => {
+                    // The claim first, so those who ask again find it free.
                     publisher.abandon().await;
-                    return Err(e);
+                    return Err(refused(refusal));
                 }
             };
             // Mirrored for the fleet from the local flight; the answer
@@ -398,7 +403,7 @@ async fn coalesce(
                     follow(app, reader, api, record).await
                 }
                 Remote::TakeOver(leader) | Remote::Alone(leader) => Ok(Coalesced::Lead {
-                    leader: may_lead(leader)?,
+                    leader: may_lead(leader).map_err(refused)?,
                     shared_put: true,
                 }),
             }
@@ -406,14 +411,15 @@ async fn coalesce(
     }
 }
 
-/// A hit's response.
-fn hit(entry: Arc<Entry>, api: &ApiRequest, record: &mut Record) -> Response<Body> {
+/// A hit's response; `None` (a miss) for a stream of an answer that has
+/// no replay.
+fn hit(entry: &Entry, api: &ApiRequest, record: &mut Record) -> Option<Response<Body>> {
+    let mut resp = entry_response(entry, api.stream, api.include_usage)?;
     record.cache = "hit";
     record.saved = entry.usage;
-    let mut resp = entry_response(&entry, api.stream, api.include_usage);
     resp.headers_mut()
         .insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
-    resp
+    Some(resp)
 }
 
 /// How this request uses the cache (SPEC §5).
@@ -854,9 +860,11 @@ async fn forward(
 }
 
 /// A stored answer, in the mode the client asked for.
-pub fn entry_response(entry: &Entry, stream: bool, include_usage: bool) -> Response<Body> {
+/// `None`: a stream asked for an answer that has no replay (see
+/// `Entry::replay`).
+pub fn entry_response(entry: &Entry, stream: bool, include_usage: bool) -> Option<Response<Body>> {
     let (body, content_type) = if stream {
-        let replay = entry.replay();
+        let replay = entry.replay()?;
         let mut frames = vec![replay.chunks.clone()];
         if include_usage {
             frames.extend(replay.usage_chunk.clone());
@@ -869,7 +877,7 @@ pub fn entry_response(entry: &Entry, stream: bool, include_usage: bool) -> Respo
     let mut resp = Response::new(body);
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp
+    Some(resp)
 }
 
 /// Serves a coalesced follower from the leader's flight: a streaming
@@ -915,7 +923,8 @@ fn end_response(
     match end {
         End::Done(entry) => {
             record.saved = entry.usage;
-            Ok(entry_response(&entry, api.stream, api.include_usage))
+            entry_response(&entry, api.stream, api.include_usage)
+                .ok_or(GatewayError::StreamInterrupted)
         }
         End::Response {
             status,

@@ -650,10 +650,14 @@ pub fn completion_facts(body: &[u8]) -> Option<Option<Usage>> {
     if chat && facts.choices.iter().any(|c| c.message.is_none()) {
         return None;
     }
-    let usage = facts
-        .usage
-        .and_then(|raw| serde_json::from_str::<RawUsage>(raw.get()).ok())
-        .map(Usage::from_raw);
+    // Read as a tree only if the typed read refuses it (a repeated field),
+    // so the usage is what `Usage::from_value` reads from the whole answer.
+    let usage = facts.usage.and_then(|raw| {
+        serde_json::from_str::<RawUsage>(raw.get())
+            .ok()
+            .map(Usage::from_raw)
+            .or_else(|| Usage::from_value(&serde_json::from_str(raw.get()).ok()?))
+    });
     Some(usage)
 }
 
@@ -788,6 +792,14 @@ mod tests {
             let body = format!(r#"{{"choices":[{{"message":{{"content":"a"}}}}]{usage}}}"#);
             assert_eq!(completion_facts(body.as_bytes()), Some(None), "{body}");
         }
+        // A repeated usage field: read as the whole answer's tree reads it.
+        let repeated = br#"{"choices":[{"message":{}}],"usage":{"prompt_tokens":2,"total_tokens":9,"total_tokens":9}}"#;
+        let v: Value = serde_json::from_slice(repeated).expect("json");
+        assert_eq!(
+            completion_facts(repeated).expect("a completion"),
+            Usage::from_value(&v["usage"])
+        );
+        assert!(Usage::from_value(&v["usage"]).is_some());
         // A text completion needs no message.
         let text = br#"{"object":"text_completion","choices":[{"text":"fn","index":0}]}"#;
         assert!(completion_facts(text).is_some());
