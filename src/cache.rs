@@ -556,6 +556,7 @@ impl Flights {
             key,
             flight,
             ended: false,
+            lost_if_dropped: false,
         })
     }
 
@@ -581,9 +582,18 @@ pub struct Leader {
     key: Key,
     pub flight: Arc<Flight>,
     ended: bool,
+    /// Dropped unended, the flight ends as lost (its followers ask again)
+    /// rather than interrupted: for a flight fed from another replica, whose
+    /// first request may go away while it waits.
+    lost_if_dropped: bool,
 }
 
 impl Leader {
+    /// See `lost_if_dropped`.
+    pub fn set_lost_if_dropped(&mut self, lost: bool) {
+        self.lost_if_dropped = lost;
+    }
+
     pub fn key(&self) -> &Key {
         &self.key
     }
@@ -625,8 +635,11 @@ impl Drop for Leader {
     fn drop(&mut self) {
         if !self.ended {
             self.flights.remove(&self.key, &self.flight);
-            self.flight
-                .finish(End::Error(GatewayError::StreamInterrupted));
+            self.flight.finish(if self.lost_if_dropped {
+                End::Lost
+            } else {
+                End::Error(GatewayError::StreamInterrupted)
+            });
         }
     }
 }

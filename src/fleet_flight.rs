@@ -522,6 +522,33 @@ impl FleetFlights {
         first_byte: Instant,
         idle: Duration,
     ) -> Remote {
+        // If this request goes away while it waits here (its client left),
+        // the replica's other followers of this flight ask again; once it
+        // leads upstream itself, a drop is an interruption again.
+        let mut leader = leader;
+        leader.set_lost_if_dropped(true);
+        match self.feed(key, owner, leader, first_byte, idle).await {
+            Remote::TakeOver(mut l) => {
+                l.set_lost_if_dropped(false);
+                Remote::TakeOver(l)
+            }
+            Remote::Alone(mut l) => {
+                l.set_lost_if_dropped(false);
+                Remote::Alone(l)
+            }
+            following => following,
+        }
+    }
+
+    /// `follow`, the flight fed from the log.
+    async fn feed(
+        self: &Arc<Self>,
+        key: &Key,
+        owner: Option<String>,
+        leader: Leader,
+        first_byte: Instant,
+        idle: Duration,
+    ) -> Remote {
         let Ok(conn) = self.redis.dedicated().await else {
             return Remote::Alone(leader);
         };

@@ -313,6 +313,50 @@ async fn a_leader_killed_mid_stream_leaves_no_follower_with_a_silent_truncation(
 }
 
 #[tokio::test]
+async fn a_follower_whose_client_leaves_does_not_fail_the_others_on_its_replica() {
+    let Some(redis) = RedisServer::start("a_follower_whose_client_leaves") else {
+        return;
+    };
+    let gws = fleet(2, &redis.url()).await;
+    let slow = [("x-sim-latency-ms", "1500")];
+    let lead = tokio::spawn({
+        let u = gws[0].url("/v1/chat/completions");
+        async move { call(&u, ALPHA, &chat("left behind"), &slow).await }
+    });
+    wait_calls(&gws[0].sim, 1).await;
+    // On the other replica: the first request follows the leader through
+    // Redis, the second joins it locally.
+    let first = tokio::spawn({
+        let u = gws[1].url("/v1/chat/completions");
+        async move { call(&u, ALPHA, &chat("left behind"), &[]).await }
+    });
+    gws[1]
+        .wait_metric("sluice_inflight_requests", &[("tenant", "alpha")], 1.0)
+        .await;
+    let second = tokio::spawn({
+        let u = gws[1].url("/v1/chat/completions");
+        async move { call(&u, ALPHA, &chat("left behind"), &[]).await }
+    });
+    gws[1]
+        .wait_metric("sluice_inflight_requests", &[("tenant", "alpha")], 2.0)
+        .await;
+    // The first one's client leaves.
+    first.abort();
+    let r = tokio::time::timeout(Duration::from_secs(20), second)
+        .await
+        .expect("no hang")
+        .expect("task");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-sluice-cache"), "coalesced");
+    assert_eq!(lead.await.expect("lead").status, 200);
+    assert_eq!(
+        gws[0].sim.calls() + gws[1].sim.calls(),
+        1,
+        "one upstream call"
+    );
+}
+
+#[tokio::test]
 async fn without_redis_each_replica_still_coalesces_its_own() {
     if !redis_available("without_redis_each_replica_still_coalesces_its_own") {
         return;
