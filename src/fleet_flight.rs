@@ -567,7 +567,7 @@ impl FleetFlights {
         };
         // No owner: gone as it was asked for (the takeover below).
         if let Some(owner) = owner {
-            reader.join(self.names(key, &owner), owner).await;
+            reader.join(self.names(key, &owner), owner);
         }
         // Until the head: inline, so a takeover can still go upstream.
         loop {
@@ -611,7 +611,7 @@ impl FleetFlights {
                         }
                         // Someone else took it over: follow them, in their log.
                         Ok(LookedUp::Taken(Some(other))) => {
-                            reader.join(self.names(key, &other), other).await;
+                            reader.join(self.names(key, &other), other);
                         }
                         Ok(LookedUp::Taken(None)) => {}
                         Err(_) => return Remote::Alone(leader),
@@ -688,16 +688,9 @@ struct Reader {
 }
 
 impl Reader {
-    /// Registers with `owner`'s flight (so its end is written to its log
-    /// for this follower) and reads its log from the start.
-    async fn join(&mut self, n: Names, owner: String) {
-        let mut join = redis::pipe();
-        join.cmd("INCR").arg(&n.followers).ignore();
-        join.cmd("PEXPIRE")
-            .arg(&n.followers)
-            .arg(LOG_TTL_MS)
-            .ignore();
-        let _: Result<(), _> = self.fleet.redis.pipe(Op::Coalesce, &join).await;
+    /// Reads `owner`'s log from the start. (The `LOOKUP` that named the
+    /// owner registered this follower with it.)
+    fn join(&mut self, n: Names, owner: String) {
         self.n = n;
         self.owner = owner;
         self.released = false;

@@ -326,59 +326,36 @@ async fn coalesce(
         }
         Join::Lead(l) => l,
     };
-    // Refused before upstream: identical requests that joined meanwhile ask
-    // again (one of them may be allowed).
-    let mut may_lead = |leader: Leader| match check.take() {
-        Some(c) => match c.check(&tenant.limits, standings) {
-            Ok(()) => Ok(leader),
-            Err(refused) => Err((leader, GatewayError::from(refused))),
-        },
-        None => Ok(leader),
-    };
-    let refused = |(leader, e): (Leader, GatewayError)| {
-        leader.end(End::Lost);
-        e
-    };
+    let mut lead = |leader| may_lead(leader, check, tenant, standings);
     let Some(fleet) = fleet else {
-        let leader = may_lead(leader).map_err(refused)?;
-        return Ok(Coalesced::Lead {
-            leader,
-            shared_put: true,
-        });
+        return lead(leader).map(Coalesced::lead_here);
     };
     match fleet.lookup(key).await {
-        Err(_) => {
-            let leader = may_lead(leader).map_err(refused)?;
-            Ok(Coalesced::Lead {
-                leader,
-                shared_put: true,
-            })
-        }
+        Err(_) => lead(leader).map(Coalesced::lead_here),
         Ok(Lookup::Cached(answer)) => match app.cache.adopt(key, &answer) {
             Some(entry) if !api.stream || entry.replay().is_some() => {
                 leader.end(End::Done(Arc::clone(&entry)));
                 let resp = hit(&entry, api, record).ok_or(GatewayError::StreamInterrupted)?;
                 Ok(Coalesced::Answer(resp))
             }
-            _ => {
-                let leader = may_lead(leader).map_err(refused)?;
-                Ok(Coalesced::Lead {
-                    leader,
-                    shared_put: true,
-                })
-            }
+            _ => lead(leader).map(Coalesced::lead_here),
         },
         Ok(Lookup::Lead(publisher)) => {
             if fleet.reads_cache() {
                 app.cache.shared_missed();
             }
-            let leader = match may_lead(leader) {
-                Ok(l) => l,
-                Err(refusal) => {
-                    // The claim first, so those who ask again find it free.
-                    publisher.abandon().await;
-                    return Err(refused(refusal));
-                }
+            let leader = match check.take() {
+                Some(c) => match c.check(&tenant.limits, standings) {
+                    Ok(()) => leader,
+                    Err(refused) => {
+                        // The claim first, so those who ask again find it
+                        // free.
+                        publisher.abandon().await;
+                        leader.end(End::Lost);
+                        return Err(refused.into());
+                    }
+                },
+                None => leader,
             };
             // Mirrored for the fleet from the local flight; the answer
             // goes into the shared cache with the end.
@@ -402,11 +379,38 @@ async fn coalesce(
                     record.cache = "coalesced";
                     follow(app, reader, api, record).await
                 }
-                Remote::TakeOver(leader) | Remote::Alone(leader) => Ok(Coalesced::Lead {
-                    leader: may_lead(leader).map_err(refused)?,
-                    shared_put: true,
-                }),
+                Remote::TakeOver(leader) | Remote::Alone(leader) => {
+                    lead(leader).map(Coalesced::lead_here)
+                }
             }
+        }
+    }
+}
+
+/// Makes the budget and token check (once: `check` is then spent) before
+/// `leader` may go upstream. Refused, its flight ends as lost, so identical
+/// requests that joined meanwhile ask again (one of them may be allowed).
+fn may_lead(
+    leader: Leader,
+    check: &mut Option<UpstreamCheck>,
+    tenant: &Tenant,
+    standings: &mut Standings,
+) -> Result<Leader, GatewayError> {
+    match check.take().map(|c| c.check(&tenant.limits, standings)) {
+        Some(Err(refused)) => {
+            leader.end(End::Lost);
+            Err(refused.into())
+        }
+        Some(Ok(())) | None => Ok(leader),
+    }
+}
+
+impl Coalesced {
+    /// Leads the call, the relay writing the answer to Redis itself.
+    fn lead_here(leader: Leader) -> Coalesced {
+        Coalesced::Lead {
+            leader,
+            shared_put: true,
         }
     }
 }

@@ -30,6 +30,24 @@ async fn fleet(n: usize, redis_url: &str) -> Vec<TestGateway> {
     out
 }
 
+/// `N` gateway processes (to be killed) in front of one simulator, sharing
+/// `redis`.
+async fn processes<const N: usize>(redis: &RedisServer) -> (Simulator, [Replica; N]) {
+    let sim = simulator().await;
+    let text = config_text(
+        &sim.base_url(),
+        &format!("[redis]\nurl = \"{}\"\n", redis.url()),
+    );
+    let mut out = Vec::with_capacity(N);
+    for _ in 0..N {
+        out.push(Replica::start(&text).await);
+    }
+    let Ok(all) = <[Replica; N]>::try_from(out) else {
+        unreachable!("N started");
+    };
+    (sim, all)
+}
+
 async fn wait_calls(sim: &Simulator, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while sim.calls() < n {
@@ -176,13 +194,7 @@ async fn a_killed_leader_is_taken_over_by_a_follower() {
     let Some(redis) = RedisServer::start("a_killed_leader_is_taken_over") else {
         return;
     };
-    let sim = simulator().await;
-    let text = config_text(
-        &sim.base_url(),
-        &format!("[redis]\nurl = \"{}\"\n", redis.url()),
-    );
-    let mut a = Replica::start(&text).await;
-    let mut b = Replica::start(&text).await;
+    let (sim, [mut a, mut b]) = processes(&redis).await;
     let slow = [("x-sim-latency-ms", "1500")];
     let url_a = a.url("/v1/chat/completions");
     let lead = tokio::spawn(async move {
@@ -232,14 +244,7 @@ async fn a_leader_killed_mid_stream_leaves_no_follower_with_a_silent_truncation(
     let Some(redis) = RedisServer::start("a_leader_killed_mid_stream") else {
         return;
     };
-    let sim = simulator().await;
-    let text = config_text(
-        &sim.base_url(),
-        &format!("[redis]\nurl = \"{}\"\n", redis.url()),
-    );
-    let mut a = Replica::start(&text).await;
-    let b = Replica::start(&text).await;
-    let c = Replica::start(&text).await;
+    let (sim, [mut a, b, c]) = processes(&redis).await;
     // About 4 s of events: the kill lands mid-stream.
     let paced = [("x-sim-chunks", "40"), ("x-sim-chunk-delay-ms", "100")];
     let mut lead = call_open(

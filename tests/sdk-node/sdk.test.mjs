@@ -66,6 +66,22 @@ function recordingFetch() {
   return { calls, fetch: fetchFn };
 }
 
+// The calls a recording fetch saw were one 429 then a 200, and the retry
+// waited what the 429's `retry-after-ms` said (measured).
+function assertRetriedAsAsked(t, rec) {
+  assert.deepEqual(
+    rec.calls.map((x) => x.status),
+    [429, 200],
+    'refused once, then through on the first retry',
+  );
+  const asked = Number(rec.calls[0].headers.get('retry-after-ms'));
+  const waited = rec.calls[1].started - rec.calls[0].answered;
+  t.diagnostic(`retry-after-ms ${asked}, waited ${waited.toFixed(1)} ms`);
+  assert.ok(asked > 0, 'the 429 said how long to wait');
+  assert.ok(waited >= asked - 5, `waited ${waited.toFixed(0)} ms, asked ${asked} ms`);
+  assert.ok(waited < asked + 2000, `waited ${waited.toFixed(0)} ms, asked ${asked} ms`);
+}
+
 function cacheOf(headers) {
   return typeof headers.get === 'function' ? headers.get('x-sluice-cache') : headers['x-sluice-cache'];
 }
@@ -370,17 +386,7 @@ describe('openai', () => {
     const { data, response } = await c.chat.completions.create(body, { headers: NO_STORE }).withResponse();
     assert.equal(data.choices[0].message.content, ANSWER);
     assert.equal(response.status, 200);
-    assert.deepEqual(
-      rec.calls.map((x) => x.status),
-      [429, 200],
-      'refused once, then through on the first retry',
-    );
-    const asked = Number(rec.calls[0].headers.get('retry-after-ms'));
-    const waited = rec.calls[1].started - rec.calls[0].answered;
-    t.diagnostic(`retry-after-ms ${asked}, waited ${waited.toFixed(1)} ms`);
-    assert.ok(asked > 0, 'the 429 said how long to wait');
-    assert.ok(waited >= asked - 5, `waited ${waited.toFixed(0)} ms, asked ${asked} ms`);
-    assert.ok(waited < asked + 2000, `waited ${waited.toFixed(0)} ms, asked ${asked} ms`);
+    assertRetriedAsAsked(t, rec);
   });
 
   test('a stream broken mid-way throws while iterating', async () => {
@@ -646,17 +652,7 @@ describe('ai sdk (@ai-sdk/deepseek)', () => {
     rec.calls.length = 0;
     const r = await generateText({ model: m, prompt, maxRetries: 2, headers: NO_STORE });
     assert.equal(r.text, ANSWER);
-    assert.deepEqual(
-      rec.calls.map((x) => x.status),
-      [429, 200],
-      'refused once, then through on the first retry',
-    );
-    const asked = Number(rec.calls[0].headers.get('retry-after-ms'));
-    const waited = rec.calls[1].started - rec.calls[0].answered;
-    t.diagnostic(`retry-after-ms ${asked}, waited ${waited.toFixed(1)} ms`);
-    assert.ok(asked > 0, 'the 429 said how long to wait');
-    assert.ok(waited >= asked - 5, `waited ${waited.toFixed(0)} ms, asked ${asked} ms`);
-    assert.ok(waited < asked + 2000, `waited ${waited.toFixed(0)} ms, asked ${asked} ms`);
+    assertRetriedAsAsked(t, rec);
   });
 
   test('a stream broken mid-way: await streamText(...).text rejects', async () => {
