@@ -9,7 +9,7 @@
 // a partial answer.
 //
 // One simulated upstream and one gateway serve the whole file (stack.mjs).
-// Runs with `node --test` on Node 18 and later.
+// Runs with `node --test` on Node 22 and later (what the pinned majors need).
 
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
@@ -497,7 +497,6 @@ describe('ai sdk (@ai-sdk/deepseek)', () => {
     assert.equal(v.deepseek.promptCacheHitTokens + v.deepseek.promptCacheMissTokens, u.inputTokens);
     assert.equal(u.inputTokenDetails.cacheReadTokens, v.deepseek.promptCacheHitTokens);
     assert.equal(u.inputTokenDetails.noCacheTokens, v.deepseek.promptCacheMissTokens);
-    assert.equal(u.cachedInputTokens, v.deepseek.promptCacheHitTokens);
     assert.equal(u.raw.prompt_cache_hit_tokens, v.deepseek.promptCacheHitTokens);
     assert.equal(u.raw.prompt_cache_miss_tokens, v.deepseek.promptCacheMissTokens);
   }

@@ -2,7 +2,7 @@
 // suite: one simulator, one gateway with a temporary config.
 //
 // The binary is $SLUICE_BIN, or target/debug/sluice of this checkout.
-// Runs on Node 18 and later.
+// Runs on Node 22 and later.
 
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
