@@ -24,8 +24,10 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::Semaphore;
+
+use redis::RedisWrite;
 
 use crate::cache::{Entry, Key, Store};
 use crate::config::RedisConfig;
@@ -170,21 +172,26 @@ impl CacheStore {
             self.local.insert(key, entry);
             return;
         }
-        let encoded = shared.then(|| encode(&entry));
+        // The command is built here, so the entry's age is taken now.
+        let cmd = shared.then(|| {
+            let name = tier.key(&key);
+            let ttl_ms = self.local.ttl().as_millis() as u64;
+            let mut cmd = redis::Cmd::with_capacity(5, name.len() + encoded_len(&entry) + 32);
+            cmd.arg("SET").arg(name);
+            encode_into(&entry, &mut cmd.writer_for_next_arg());
+            cmd.arg("PX").arg(ttl_ms);
+            cmd
+        });
         self.local
             .insert_for(key, entry, SHARED_COPY_TTL.min(self.local.ttl()));
-        let Some(encoded) = encoded else {
+        let Some(cmd) = cmd else {
             return;
         };
         let Ok(permit) = Arc::clone(&tier.writes).try_acquire_owned() else {
             return;
         };
         let redis = Arc::clone(&tier.redis);
-        let name = tier.key(&key);
-        let ttl_ms = self.local.ttl().as_millis() as u64;
         tokio::spawn(async move {
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(name).arg(encoded.as_ref()).arg("PX").arg(ttl_ms);
             let _: Result<(), _> = redis.query(Op::CachePut, &cmd).await;
             drop(permit);
         });
@@ -227,18 +234,27 @@ fn unix_ms(t: SystemTime) -> u64 {
 }
 
 /// The length of an entry's portable form.
-fn encoded_len(entry: &Entry) -> usize {
+pub fn encoded_len(entry: &Entry) -> usize {
     MAGIC.len() + 8 + entry.completion.len()
 }
 
-/// The portable form of an entry.
-pub fn encode(entry: &Entry) -> Bytes {
+/// Writes the portable form of an entry (into a command's argument, so
+/// the completion is copied once).
+pub fn encode_into(entry: &Entry, out: &mut impl std::io::Write) {
     let stored = unix_ms(SystemTime::now()).saturating_sub(entry.age().as_millis() as u64);
-    let mut out = BytesMut::with_capacity(encoded_len(entry));
-    out.put_slice(MAGIC);
-    out.put_u64(stored);
-    out.put_slice(&entry.completion);
-    out.freeze()
+    // Writes into memory (a `Vec` or a command's buffer) do not fail.
+    let _ = out
+        .write_all(MAGIC)
+        .and_then(|()| out.write_all(&stored.to_be_bytes()))
+        .and_then(|()| out.write_all(&entry.completion));
+}
+
+/// The portable form of an entry, on its own.
+#[cfg(test)]
+fn encode(entry: &Entry) -> Vec<u8> {
+    let mut out = Vec::with_capacity(encoded_len(entry));
+    encode_into(entry, &mut out);
+    out
 }
 
 /// An entry from its portable form; `None` for anything else (another

@@ -35,12 +35,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use redis::streams::StreamReadReply;
-use redis::Script;
+use redis::RedisWrite;
 
 use crate::cache::{End, Head, Key, Leader, Mark, Next, Reader as LogReader, FLIGHT_LOG_MAX};
 use crate::cache_store::{self, SharedPut};
 use crate::error::GatewayError;
-use crate::shared::{Op, Redis, Unavailable};
+use crate::shared::{Lua, Op, Redis, Unavailable};
 
 /// A claim not renewed for this long is the leader's death.
 const CLAIM_TTL: Duration = Duration::from_secs(3);
@@ -299,10 +299,11 @@ fn add(pipe: &mut redis::Pipeline, n: &Names, next: Next, bytes: &mut usize) -> 
 
 /// An end's fields in the log, after FINISH's first three arguments; a
 /// done end's answer is the first value (the cache's store reuses it).
-fn end_fields(inv: &mut redis::ScriptInvocation, end: &End, answer: Option<&Bytes>) {
+fn end_fields(inv: &mut redis::Cmd, end: &End) {
     match end {
-        End::Done(_) => {
-            inv.arg("d").arg(answer.map_or(&b""[..], |a| a.as_ref()));
+        End::Done(entry) => {
+            inv.arg("d");
+            cache_store::encode_into(entry, &mut inv.writer_for_next_arg());
         }
         End::Response {
             status,
@@ -330,10 +331,10 @@ pub struct FleetFlights {
     redis: Arc<Redis>,
     /// Whether a lookup reads the shared cache (`[redis] cache` on).
     read_cache: bool,
-    lookup: Script,
-    keep: Script,
-    finish: Script,
-    release: Script,
+    lookup: Lua,
+    keep: Lua,
+    finish: Lua,
+    release: Lua,
 }
 
 /// What the fleet said of a cacheable miss.
@@ -372,10 +373,10 @@ impl FleetFlights {
         FleetFlights {
             redis,
             read_cache,
-            lookup: Script::new(LOOKUP),
-            keep: Script::new(KEEP),
-            finish: Script::new(FINISH),
-            release: Script::new(RELEASE),
+            lookup: Lua::new(LOOKUP),
+            keep: Lua::new(KEEP),
+            finish: Lua::new(FINISH),
+            release: Lua::new(RELEASE),
         }
     }
 
@@ -404,10 +405,10 @@ impl FleetFlights {
 
     async fn look_up(&self, key: &Key, owner: &str) -> Result<LookedUp, Unavailable> {
         let n = self.names(key, owner);
-        let mut inv = self.lookup.prepare_invoke();
-        inv.key(&n.cache)
-            .key(&n.lead)
-            .arg(if self.read_cache { "1" } else { "0" })
+        let mut inv = self
+            .lookup
+            .call(&[&n.cache, &n.lead], owner.len() + n.followers.len());
+        inv.arg(if self.read_cache { "1" } else { "0" })
             .arg(owner)
             .arg(CLAIM_TTL.as_millis() as u64)
             .arg(n.followers.strip_suffix(owner).unwrap_or(&n.followers))
@@ -417,7 +418,7 @@ impl FleetFlights {
         } else {
             Op::Coalesce
         };
-        let mut reply: Vec<redis::Value> = self.redis.invoke(op, &inv).await?;
+        let mut reply: Vec<redis::Value> = self.redis.invoke(op, &self.lookup, &inv).await?;
         let code = match reply.first() {
             Some(redis::Value::Int(c)) => *c,
             _ => 0,
@@ -462,53 +463,53 @@ impl FleetFlights {
         // Before upstream's head the leader's own client is not a reader of
         // the flight yet: never lone then.
         let lone = head && reader.flight().readers() <= 1;
-        let mut inv = self.keep.prepare_invoke();
-        inv.key(&n.lead)
-            .key(&n.followers)
-            .arg(owner)
+        let mut inv = self.keep.call(&[&n.lead, &n.followers], owner.len());
+        inv.arg(owner)
             .arg(CLAIM_TTL.as_millis() as u64)
             .arg(if lone { "1" } else { "0" });
         // Redis unavailable: keep going, as a lone replica would.
         self.redis
-            .invoke::<i64>(Op::Coalesce, &inv)
+            .invoke::<i64>(Op::Coalesce, &self.keep, &inv)
             .await
             .map_or(true, |kept| kept == 1)
     }
 
     /// The end of a led flight: FINISH.
     async fn finish(&self, n: &Names, owner: &str, end: &End, store: Option<SharedPut>) {
-        let answer = match end {
-            End::Done(entry) => Some(cache_store::encode(entry)),
+        let answer_len = match end {
+            End::Done(entry) => Some(cache_store::encoded_len(entry)),
             _ => None,
         };
-        let cache_ttl = match (store, &answer) {
-            (Some(put), Some(a)) if a.len() as u64 <= put.max_entry_bytes => put.ttl_ms,
+        let cache_ttl = match (store, answer_len) {
+            (Some(put), Some(len)) if len as u64 <= put.max_entry_bytes => put.ttl_ms,
             _ => 0,
         };
-        let mut inv = self.finish.prepare_invoke();
-        inv.key(&n.lead)
-            .key(&n.log)
-            .key(&n.followers)
-            .key(&n.cache)
-            .arg(owner)
-            .arg(LOG_TTL_MS)
-            .arg(cache_ttl);
-        end_fields(&mut inv, end, answer.as_ref());
+        let mut inv = self.finish.call(
+            &[&n.lead, &n.log, &n.followers, &n.cache],
+            owner.len() + answer_len.unwrap_or(0) + 64,
+        );
+        inv.arg(owner).arg(LOG_TTL_MS).arg(cache_ttl);
+        end_fields(&mut inv, end);
         let op = if cache_ttl > 0 {
             Op::CachePut
         } else {
             Op::Coalesce
         };
-        if self.redis.invoke::<i64>(op, &inv).await.is_err() {
+        if self
+            .redis
+            .invoke::<i64>(op, &self.finish, &inv)
+            .await
+            .is_err()
+        {
             // Not finished: at least not left claimed.
             self.release(n, owner).await;
         }
     }
 
     async fn release(&self, n: &Names, owner: &str) {
-        let mut inv = self.release.prepare_invoke();
-        inv.key(&n.lead).arg(owner);
-        let _: Result<i64, _> = self.redis.invoke(Op::Coalesce, &inv).await;
+        let mut inv = self.release.call(&[&n.lead], owner.len());
+        inv.arg(owner);
+        let _: Result<i64, _> = self.redis.invoke(Op::Coalesce, &self.release, &inv).await;
     }
 
     /// Follows the call another replica leads, feeding `leader`'s local

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, ScriptInvocation, Value};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Value};
 use tokio::sync::Notify;
 
 use crate::config::RedisConfig;
@@ -164,6 +164,39 @@ impl RedisMetrics {
     }
 }
 
+/// A Lua script, run by its SHA1 (`EVALSHA`) and loaded again when the
+/// server has forgotten it (a restart, `SCRIPT FLUSH`): what
+/// `redis::Script` does, but a call is a plain `Cmd` whose arguments go
+/// straight into its one buffer. A `redis::ScriptInvocation` keeps every
+/// argument in a `Vec` of its own and copies them all into a `Cmd` again
+/// at each call, which on the miss path (an answer of kilobytes among the
+/// arguments) was a measurable share of a request's allocations.
+pub struct Lua {
+    code: String,
+    sha: String,
+}
+
+impl Lua {
+    pub fn new(code: impl Into<String>) -> Lua {
+        let code = code.into();
+        let sha = redis::Script::new(&code).get_hash().to_owned();
+        Lua { code, sha }
+    }
+
+    /// A call on `keys`: `EVALSHA <sha> <n> <keys…>`, the script's
+    /// arguments to follow (`Cmd::arg`); `room`, about how many bytes they
+    /// take, so the buffer is allocated once.
+    pub fn call(&self, keys: &[&str], room: usize) -> Cmd {
+        let key_bytes: usize = keys.iter().map(|k| k.len()).sum();
+        let mut cmd = Cmd::with_capacity(3 + keys.len() + 8, 64 + key_bytes + room);
+        cmd.arg("EVALSHA").arg(self.sha.as_str()).arg(keys.len());
+        for key in keys {
+            cmd.arg(*key);
+        }
+        cmd
+    }
+}
+
 /// A connection of one task's own (see `Redis::dedicated`).
 pub struct Dedicated(Conn);
 
@@ -259,15 +292,29 @@ impl Redis {
         format!("{}:{{{tenant}}}:{suffix}", self.cfg.key_prefix)
     }
 
-    /// Runs a script (loaded again transparently if the server forgot it)
-    /// within `timeout_ms`. While Redis is down this returns at once.
+    /// Runs a call of `script` (loaded again transparently if the server
+    /// forgot it) within `timeout_ms`. While Redis is down this returns at
+    /// once.
     pub async fn invoke<T: FromRedisValue>(
         &self,
         op: Op,
-        script: &ScriptInvocation<'_>,
+        script: &Lua,
+        call: &Cmd,
     ) -> Result<T, Unavailable> {
         self.run(op, |mut conn| async move {
-            script.invoke_async(&mut conn).await
+            match call.query_async(&mut conn).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    redis::cmd("SCRIPT")
+                        .arg("LOAD")
+                        .arg(script.code.as_str())
+                        .query_async::<String>(&mut conn)
+                        .await?;
+                    call.query_async(&mut conn).await
+                }
+                result => result,
+            }
         })
         .await
     }

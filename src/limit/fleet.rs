@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use redis::Script;
 use tokio::sync::mpsc;
 
 use super::{
@@ -34,7 +33,7 @@ use super::{
     Standings, TenantLimits, UpstreamCheck,
 };
 use crate::config::{LimitSpec, OnError};
-use crate::shared::{Op, Redis, Unavailable};
+use crate::shared::{Lua, Op, Redis, Unavailable};
 
 /// How long a replica's concurrency count outlives its last report.
 const LEASE_TTL: Duration = Duration::from_secs(15);
@@ -171,8 +170,8 @@ return 1
 "#;
 
 struct Scripts {
-    admit: Script,
-    settle: Script,
+    admit: Lua,
+    settle: Lua,
 }
 
 /// What a settlement says of this replica's in-flight count.
@@ -268,8 +267,8 @@ pub struct Fleet {
 impl Fleet {
     pub fn start(redis: Arc<Redis>, on_error: OnError) -> Fleet {
         let scripts = Arc::new(Scripts {
-            admit: Script::new(&format!("{PRELUDE}{ADMIT}")),
-            settle: Script::new(&format!("{PRELUDE}{SETTLE}")),
+            admit: Lua::new(format!("{PRELUDE}{ADMIT}")),
+            settle: Lua::new(format!("{PRELUDE}{SETTLE}")),
         });
         let (queue, rx) = mpsc::channel(QUEUE);
         let tracked = Arc::new(Mutex::new(Vec::new()));
@@ -339,13 +338,17 @@ impl Fleet {
             let (span, _, now) = b.now();
             (b, keys.spend_key(&span.key), span, now)
         });
-        let mut inv = self.scripts.admit.prepare_invoke();
-        inv.key(&keys.req)
-            .key(&keys.tok)
-            .key(&keys.conc)
-            .key(&keys.live)
-            .key(budget.as_ref().map_or(&keys.tok, |b| &b.1))
-            .arg(spec.requests_per_minute)
+        let mut inv = self.scripts.admit.call(
+            &[
+                &keys.req,
+                &keys.tok,
+                &keys.conc,
+                &keys.live,
+                budget.as_ref().map_or(&keys.tok, |b| &b.1),
+            ],
+            96,
+        );
+        inv.arg(spec.requests_per_minute)
             .arg(spec.request_burst)
             .arg(spec.tokens_per_minute)
             .arg(spec.max_concurrent)
@@ -353,8 +356,10 @@ impl Fleet {
             .arg(count.version)
             .arg(LEASE_TTL.as_millis() as u64)
             .arg(if budget.is_some() { "1" } else { "0" });
-        let reply: Result<(i64, i64, i64, i64, String, String), _> =
-            self.redis.invoke(Op::Limits, &inv).await;
+        let reply: Result<(i64, i64, i64, i64, String, String), _> = self
+            .redis
+            .invoke(Op::Limits, &self.scripts.admit, &inv)
+            .await;
         let (verdict, wait_us, remaining, reset_us, tokens, spent) = match reply {
             Ok(r) => r,
             Err(e) => {
@@ -451,7 +456,6 @@ async fn settler(
             let scripts = &scripts;
             async move {
                 let Some(keys) = &s.tenant.keys else { return };
-                let mut inv = scripts.settle.prepare_invoke();
                 let (what, c) = match s.count {
                     CountChange::None => (
                         "",
@@ -468,11 +472,16 @@ async fn settler(
                     .spend
                     .as_ref()
                     .map_or((0.0, 0), |c| (c.usd, (c.end + SPEND_KEPT_AFTER) * 1000));
-                inv.key(&keys.tok)
-                    .key(&keys.conc)
-                    .key(&keys.live)
-                    .key(spend_key.as_ref().unwrap_or(&keys.tok))
-                    .arg(s.tenant.spec.tokens_per_minute)
+                let mut inv = scripts.settle.call(
+                    &[
+                        &keys.tok,
+                        &keys.conc,
+                        &keys.live,
+                        spend_key.as_ref().unwrap_or(&keys.tok),
+                    ],
+                    128,
+                );
+                inv.arg(s.tenant.spec.tokens_per_minute)
                     .arg(s.tokens)
                     .arg(redis.replica())
                     .arg(what)
@@ -481,7 +490,8 @@ async fn settler(
                     .arg(LEASE_TTL.as_millis() as u64)
                     .arg(format!("{usd:.9}"))
                     .arg(expire_ms);
-                let sent: Result<i64, Unavailable> = redis.invoke(Op::Limits, &inv).await;
+                let sent: Result<i64, Unavailable> =
+                    redis.invoke(Op::Limits, &scripts.settle, &inv).await;
                 if sent.is_err() {
                     // Added when Redis is back, never lost.
                     if let (Some(c), Some(b)) = (&s.spend, &s.tenant.budget) {
