@@ -109,8 +109,66 @@ async fn streams_are_charged_from_their_usage() {
     assert_eq!(r.status, 200);
     let left = usd(&r, "x-sluice-budget-remaining-usd");
     assert!((left - (0.002 - COST)).abs() < 1e-6, "{left}");
-    // A month's reset reads in hours.
-    assert!(r.header("x-sluice-budget-reset").contains('h'));
+    // A month's reset is the time left until the next month begins (UTC),
+    // in hours past 24.
+    let reset = r.header("x-sluice-budget-reset");
+    let left = secs_to_next_month_utc();
+    let read = duration_secs(&reset);
+    assert!(read.abs_diff(left) <= 2, "{reset}: {read} s, {left} s left");
+    assert_eq!(reset.contains('h'), left >= 3600, "{reset}");
+}
+
+/// Seconds from now until the first of next month, 00:00 UTC.
+fn secs_to_next_month_utc() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    // The civil date of a day count (Howard Hinnant's `civil_from_days`),
+    // then the day count of the next month's first day (`days_from_civil`).
+    let days = (now / 86_400) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (y, m) = if month == 12 {
+        (year + 1, 1)
+    } else {
+        (year, month + 1)
+    };
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let next = (era * 146_097 + doe - 719_468) as u64 * 86_400;
+    next - now
+}
+
+/// `743h59m0s` (SPEC §3's durations) in seconds.
+fn duration_secs(d: &str) -> u64 {
+    let mut total = 0;
+    let mut n = String::new();
+    for c in d.chars() {
+        if c.is_ascii_digit() || c == '.' {
+            n.push(c);
+            continue;
+        }
+        let v: f64 = n.parse().unwrap_or_else(|_| panic!("duration {d}"));
+        n.clear();
+        total += match c {
+            'h' => v * 3600.0,
+            'm' => v * 60.0,
+            's' => v,
+            _ => panic!("duration {d}"),
+        } as u64;
+    }
+    total
 }
 
 // ---- the state file, across restarts of the real binary --------------------
