@@ -852,11 +852,16 @@ async fn forward(
     mark_no_retry(parts.status, &mut resp_headers);
     let content_type = resp_headers.get(header::CONTENT_TYPE).cloned();
     let relay = plan.relay(incoming, parts.status, content_type, sent.slot);
-    let body = if relay.leads() {
+    let mut body = if relay.leads() {
         Body::lead(LeadBody::start(relay))
     } else {
         Body::relay(relay)
     };
+    if !is_sse {
+        // Whole answers leave with their head in one write; a stream's head
+        // goes at once (its client may be waiting on it).
+        body.prime().await;
+    }
     let mut resp = Response::new(body);
     *resp.status_mut() = parts.status;
     *resp.headers_mut() = resp_headers;
