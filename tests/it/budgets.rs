@@ -113,7 +113,7 @@ async fn streams_are_charged_from_their_usage() {
     // in hours past 24.
     let reset = r.header("x-sluice-budget-reset");
     let left = secs_to_next_month_utc();
-    let read = duration_secs(&reset);
+    let read = duration_secs(reset);
     assert!(read.abs_diff(left) <= 2, "{reset}: {read} s, {left} s left");
     assert_eq!(reset.contains('h'), left >= 3600, "{reset}");
 }
