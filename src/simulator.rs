@@ -13,6 +13,7 @@
 //! | `x-sim-fail-first: N` + `x-sim-key: K` | only the first N calls with key K fail (status from `x-sim-status`, default 503) |
 //! | `x-sim-retry-after: S` | `retry-after` on error answers |
 //! | `x-sim-latency-ms: N` | wait before the response headers |
+//! | `x-sim-body-delay-ms: N` | non-stream: the body follows the headers after N ms |
 //! | `x-sim-chunk-delay-ms: N` | wait between stream events |
 //! | `x-sim-chunks: N` | content chunks (default 5) |
 //! | `x-sim-answer-bytes: N` | content of about N bytes |
@@ -224,6 +225,7 @@ struct Faults {
     fail_first: Option<(String, u32)>,
     retry_after: Option<String>,
     latency: Duration,
+    body_delay: Duration,
     chunk_delay: Duration,
     chunks: usize,
     answer_bytes: Option<usize>,
@@ -253,6 +255,7 @@ impl Faults {
                 .map(|count| (s("x-sim-key").unwrap_or_default(), count as u32)),
             retry_after: s("x-sim-retry-after"),
             latency: Duration::from_millis(n("x-sim-latency-ms").unwrap_or(0)),
+            body_delay: Duration::from_millis(n("x-sim-body-delay-ms").unwrap_or(0)),
             chunk_delay: Duration::from_millis(n("x-sim-chunk-delay-ms").unwrap_or(0)),
             chunks: n("x-sim-chunks").map_or(5, |c| c.clamp(1, 100_000) as usize),
             answer_bytes: n("x-sim-answer-bytes").map(|b| b.min(64 << 20) as usize),
@@ -430,7 +433,7 @@ fn whole_response(completion: Value, faults: &Faults) -> Response<SimBody> {
         serde_json::to_writer(&mut body, &completion).ok();
     }
     let body = Bytes::from(body);
-    if faults.hang.is_none() && faults.die_after.is_none() {
+    if faults.hang.is_none() && faults.die_after.is_none() && faults.body_delay.is_zero() {
         return respond(
             StatusCode::OK,
             "application/json",
@@ -440,11 +443,16 @@ fn whole_response(completion: Value, faults: &Faults) -> Response<SimBody> {
     let (tx, rx) = mpsc::channel(4);
     let die_after = faults.die_after;
     let hang = faults.hang.is_some();
+    let body_delay = faults.body_delay;
     tokio::spawn(async move {
         if hang {
             std::future::pending::<()>().await;
         }
-        let cut = die_after.unwrap_or(body.len()).min(body.len());
+        tokio::time::sleep(body_delay).await;
+        let Some(cut) = die_after.map(|n| n.min(body.len())) else {
+            let _ = tx.send(Ok(body)).await;
+            return;
+        };
         let _ = tx.send(Ok(body.slice(..cut))).await;
         // Let the partial body reach the wire before the connection dies.
         tokio::time::sleep(Duration::from_millis(20)).await;

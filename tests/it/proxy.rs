@@ -29,6 +29,45 @@ async fn non_stream_answer_passes_through() {
 }
 
 #[tokio::test]
+async fn a_whole_answer_leaves_with_its_head() {
+    // Upstream sends its headers at once and the body 300 ms later: the
+    // client gets the head only with the body (one write), not before it.
+    let gw = TestGateway::start("").await;
+    let url = gw.url("/v1/chat/completions");
+    let t = std::time::Instant::now();
+    let resp = call_open(
+        &url,
+        ALPHA,
+        &chat("late body"),
+        &[("x-sim-body-delay-ms", "300")],
+    )
+    .await;
+    let head_after = t.elapsed();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        head_after >= std::time::Duration::from_millis(300),
+        "the head came {head_after:?} after the request, before the body"
+    );
+    let (parts, body) = resp.into_parts();
+    let r = read_rest(parts, body, Vec::new()).await;
+    assert_eq!(r.json()["object"], "chat.completion");
+    // A stream's head is not held back for its first event: here, one
+    // that never comes.
+    let head = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        call_open(
+            &url,
+            ALPHA,
+            &chat_stream("no events"),
+            &[("x-sim-hang", "body")],
+        ),
+    )
+    .await
+    .expect("a stream's head arrives before its events");
+    assert_eq!(head.status(), 200);
+}
+
+#[tokio::test]
 async fn stream_events_arrive_and_usage_chunk_is_hidden_unless_asked() {
     let gw = TestGateway::start("").await;
     let r = call(
