@@ -9,9 +9,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use sluice::{state, Config, Gateway, Secret};
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "sluice",
