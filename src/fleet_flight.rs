@@ -371,12 +371,12 @@ struct Names {
 impl FleetFlights {
     pub fn new(redis: Arc<Redis>, read_cache: bool) -> FleetFlights {
         FleetFlights {
+            lookup: redis.lua(LOOKUP),
+            keep: redis.lua(KEEP),
+            finish: redis.lua(FINISH),
+            release: redis.lua(RELEASE),
             redis,
             read_cache,
-            lookup: Lua::new(LOOKUP),
-            keep: Lua::new(KEEP),
-            finish: Lua::new(FINISH),
-            release: Lua::new(RELEASE),
         }
     }
 

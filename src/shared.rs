@@ -177,7 +177,7 @@ pub struct Lua {
 }
 
 impl Lua {
-    pub fn new(code: impl Into<String>) -> Lua {
+    fn new(code: impl Into<String>) -> Lua {
         let code = code.into();
         let sha = redis::Script::new(&code).get_hash().to_owned();
         Lua { code, sha }
@@ -252,6 +252,9 @@ pub struct Redis {
     replica: String,
     /// Round trips over `timeout_ms` in a row; a few mark Redis down.
     slow: AtomicU32,
+    /// The code of every script made with `lua`, loaded on each new
+    /// connection. Touched when a script is made and on connecting only.
+    scripts: std::sync::Mutex<Vec<Arc<str>>>,
 }
 
 /// Timeouts in a row that mark Redis down. One slow round trip (a busy
@@ -271,6 +274,7 @@ impl Redis {
             metrics: RedisMetrics::register(metrics.registry()),
             replica: format!("{:016x}", rand::random::<u64>()),
             slow: AtomicU32::new(0),
+            scripts: std::sync::Mutex::new(Vec::new()),
         });
         redis.probe().await;
         tokio::spawn(prober(Arc::downgrade(&redis), Arc::clone(&redis.wake)));
@@ -306,11 +310,7 @@ impl Redis {
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
-                    redis::cmd("SCRIPT")
-                        .arg("LOAD")
-                        .arg(script.code.as_str())
-                        .query_async::<String>(&mut conn)
-                        .await?;
+                    load(&mut conn, &script.code).await?;
                     call.query_async(&mut conn).await
                 }
                 result => result,
@@ -389,6 +389,37 @@ impl Redis {
         }
     }
 
+    /// A script to call with `invoke`. It is loaded into Redis now (if
+    /// connected) and on every new connection; a server that forgot it
+    /// anyway (`SCRIPT FLUSH`) gets it again at the next call.
+    pub fn lua(&self, code: impl Into<String>) -> Lua {
+        let lua = Lua::new(code);
+        let code: Arc<str> = Arc::from(lua.code.as_str());
+        {
+            let mut scripts = self.scripts.lock().unwrap_or_else(|e| e.into_inner());
+            if scripts.iter().any(|c| **c == *code) {
+                return lua;
+            }
+            scripts.push(Arc::clone(&code));
+        }
+        if let (Ok(rt), Some(conn)) = (tokio::runtime::Handle::try_current(), self.conn.load_full())
+        {
+            let wait = self.cfg.timeout.max(Duration::from_millis(250));
+            rt.spawn(async move {
+                let mut conn = Conn::clone(&conn);
+                let _ = tokio::time::timeout(wait, load(&mut conn, &code)).await;
+            });
+        }
+        lua
+    }
+
+    fn script_codes(&self) -> Vec<Arc<str>> {
+        self.scripts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The prefix of every key Sluice writes.
     pub fn key_prefix(&self) -> &str {
         &self.cfg.key_prefix
@@ -452,7 +483,12 @@ impl Redis {
         })
         .await;
         match attempt {
-            Ok(Ok(conn)) => {
+            Ok(Ok(mut conn)) => {
+                // Scripts loaded before any request runs one, so a start or
+                // a restarted (empty) Redis costs no `NOSCRIPT` round trips.
+                for code in self.script_codes() {
+                    let _ = tokio::time::timeout(wait, load(&mut conn, &code)).await;
+                }
                 self.conn.store(Some(Arc::new(conn)));
                 self.slow.store(0, Ordering::Relaxed);
                 self.mark_up();
@@ -481,6 +517,15 @@ impl Redis {
             ))
         }
     }
+}
+
+/// `SCRIPT LOAD` (on a cluster, routed to every primary).
+async fn load(conn: &mut Conn, code: &str) -> redis::RedisResult<String> {
+    redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(code)
+        .query_async(conn)
+        .await
 }
 
 /// Keeps the health fresh: every second while up, every 500 ms (or at

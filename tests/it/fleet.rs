@@ -444,6 +444,20 @@ async fn redis_down_at_start_then_up() {
     );
 }
 
+/// `EVALSHA` calls the server refused or failed (`NOSCRIPT` among them),
+/// from `INFO commandstats`.
+fn refused_evalsha(redis: &RedisServer) -> u64 {
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    let Some(line) = stats.lines().find(|l| l.starts_with("cmdstat_evalsha:")) else {
+        return 0;
+    };
+    line.split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| k.ends_with("rejected_calls") || k.ends_with("failed_calls"))
+        .map(|(_, v)| v.trim().parse::<u64>().expect("a count"))
+        .sum()
+}
+
 #[tokio::test]
 async fn redis_killed_restarted_empty_flushed_and_paused() {
     let Some(mut redis) = RedisServer::start("redis_killed_restarted_empty_flushed_and_paused")
@@ -484,11 +498,20 @@ async fn redis_killed_restarted_empty_flushed_and_paused() {
     );
     ok_fast(&gw, "restarted empty").await;
     assert_eq!(fallback().await, 2.0, "shared again, scripts loaded again");
+    assert_eq!(
+        refused_evalsha(&redis),
+        0,
+        "the scripts were loaded on reconnecting, before any call"
+    );
 
     // A server that forgot its scripts loads them again, no outage.
     assert!(redis.cli(&["SCRIPT", "FLUSH"]).contains("OK"));
     ok_fast(&gw, "flushed").await;
     assert_eq!(fallback().await, 2.0, "NOSCRIPT is not an outage");
+    assert!(
+        refused_evalsha(&redis) >= 1,
+        "a call met NOSCRIPT, and went on"
+    );
 
     // Slow past timeout_ms: the request decides locally instead of waiting.
     assert!(redis
