@@ -171,16 +171,19 @@ impl RedisMetrics {
 /// argument in a `Vec` of its own and copies them all into a `Cmd` again
 /// at each call: on the miss path, an answer of kilobytes (`FINISH`'s
 /// argument) was copied twice more than it needs to be.
+#[derive(Clone)]
 pub struct Lua {
-    code: String,
-    sha: String,
+    code: Arc<str>,
+    sha: Arc<str>,
 }
 
 impl Lua {
-    fn new(code: impl Into<String>) -> Lua {
-        let code = code.into();
-        let sha = redis::Script::new(&code).get_hash().to_owned();
-        Lua { code, sha }
+    fn new(code: &str) -> Lua {
+        let sha = redis::Script::new(code).get_hash().into();
+        Lua {
+            code: code.into(),
+            sha,
+        }
     }
 
     /// A call on `keys`: `EVALSHA <sha> <n> <keys…>`, the script's
@@ -189,7 +192,7 @@ impl Lua {
     pub fn call(&self, keys: &[&str], room: usize) -> Cmd {
         let key_bytes: usize = keys.iter().map(|k| k.len()).sum();
         let mut cmd = Cmd::with_capacity(3 + keys.len() + 8, 64 + key_bytes + room);
-        cmd.arg("EVALSHA").arg(self.sha.as_str()).arg(keys.len());
+        cmd.arg("EVALSHA").arg(&*self.sha).arg(keys.len());
         for key in keys {
             cmd.arg(*key);
         }
@@ -252,9 +255,9 @@ pub struct Redis {
     replica: String,
     /// Round trips over `timeout_ms` in a row; a few mark Redis down.
     slow: AtomicU32,
-    /// The code of every script made with `lua`, loaded on each new
-    /// connection. Touched when a script is made and on connecting only.
-    scripts: std::sync::Mutex<Vec<Arc<str>>>,
+    /// Every script made with `lua`, loaded on each new connection.
+    /// Touched when a script is made and on connecting only.
+    scripts: std::sync::Mutex<Vec<Lua>>,
 }
 
 /// Timeouts in a row that mark Redis down. One slow round trip (a busy
@@ -392,19 +395,19 @@ impl Redis {
     /// A script to call with `invoke`. It is loaded into Redis now (if
     /// connected) and on every new connection; a server that forgot it
     /// anyway (`SCRIPT FLUSH`) gets it again at the next call.
-    pub fn lua(&self, code: impl Into<String>) -> Lua {
+    pub fn lua(&self, code: &str) -> Lua {
         let lua = Lua::new(code);
-        let code: Arc<str> = Arc::from(lua.code.as_str());
         {
             let mut scripts = self.scripts.lock().unwrap_or_else(|e| e.into_inner());
-            if scripts.iter().any(|c| **c == *code) {
+            if scripts.iter().any(|s| s.sha == lua.sha) {
                 return lua;
             }
-            scripts.push(Arc::clone(&code));
+            scripts.push(lua.clone());
         }
         if let (Ok(rt), Some(conn)) = (tokio::runtime::Handle::try_current(), self.conn.load_full())
         {
             let wait = self.cfg.timeout.max(Duration::from_millis(250));
+            let code = Arc::clone(&lua.code);
             rt.spawn(async move {
                 let mut conn = Conn::clone(&conn);
                 let _ = tokio::time::timeout(wait, load(&mut conn, &code)).await;
@@ -413,7 +416,7 @@ impl Redis {
         lua
     }
 
-    fn script_codes(&self) -> Vec<Arc<str>> {
+    fn scripts(&self) -> Vec<Lua> {
         self.scripts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -486,8 +489,8 @@ impl Redis {
             Ok(Ok(mut conn)) => {
                 // Scripts loaded before any request runs one, so a start or
                 // a restarted (empty) Redis costs no `NOSCRIPT` round trips.
-                for code in self.script_codes() {
-                    let _ = tokio::time::timeout(wait, load(&mut conn, &code)).await;
+                for script in self.scripts() {
+                    let _ = tokio::time::timeout(wait, load(&mut conn, &script.code)).await;
                 }
                 self.conn.store(Some(Arc::new(conn)));
                 self.slow.store(0, Ordering::Relaxed);

@@ -267,8 +267,8 @@ pub struct Fleet {
 impl Fleet {
     pub fn start(redis: Arc<Redis>, on_error: OnError) -> Fleet {
         let scripts = Arc::new(Scripts {
-            admit: redis.lua(format!("{PRELUDE}{ADMIT}")),
-            settle: redis.lua(format!("{PRELUDE}{SETTLE}")),
+            admit: redis.lua(&format!("{PRELUDE}{ADMIT}")),
+            settle: redis.lua(&format!("{PRELUDE}{SETTLE}")),
         });
         let (queue, rx) = mpsc::channel(QUEUE);
         let tracked = Arc::new(Mutex::new(Vec::new()));
