@@ -39,45 +39,28 @@ enum Kind {
 }
 
 impl Body {
-    pub fn full(b: impl Into<Bytes>) -> Body {
+    fn of(kind: Kind) -> Body {
         Body {
-            kind: Kind::Full(Some(b.into())),
+            kind,
             record: None,
             failing: None,
             held: None,
         }
+    }
+    pub fn full(b: impl Into<Bytes>) -> Body {
+        Body::of(Kind::Full(Some(b.into())))
     }
     pub fn frames(frames: impl IntoIterator<Item = Bytes>) -> Body {
-        Body {
-            kind: Kind::Frames(frames.into_iter().collect()),
-            record: None,
-            failing: None,
-            held: None,
-        }
+        Body::of(Kind::Frames(frames.into_iter().collect()))
     }
     pub fn relay(r: Relay) -> Body {
-        Body {
-            kind: Kind::Relay(Box::new(r)),
-            record: None,
-            failing: None,
-            held: None,
-        }
+        Body::of(Kind::Relay(Box::new(r)))
     }
     pub fn lead(l: LeadBody) -> Body {
-        Body {
-            kind: Kind::Lead(l),
-            record: None,
-            failing: None,
-            held: None,
-        }
+        Body::of(Kind::Lead(l))
     }
     pub fn log(l: LogBody) -> Body {
-        Body {
-            kind: Kind::Log(l),
-            record: None,
-            failing: None,
-            held: None,
-        }
+        Body::of(Kind::Log(l))
     }
     pub fn set_record(&mut self, record: Box<Record>) {
         self.record = Some(record);
