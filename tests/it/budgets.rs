@@ -118,35 +118,21 @@ async fn streams_are_charged_from_their_usage() {
     assert_eq!(reset.contains('h'), left >= 3600, "{reset}");
 }
 
-/// Seconds from now until the first of next month, 00:00 UTC.
+/// Seconds from now until the first of next month, 00:00 UTC, as GNU
+/// `date` reckons it (an oracle apart from Sluice's own calendar code).
 fn secs_to_next_month_utc() -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs();
-    // The civil date of a day count (Howard Hinnant's `civil_from_days`),
-    // then the day count of the next month's first day (`days_from_civil`).
-    let days = (now / 86_400) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let (y, m) = if month == 12 {
-        (year + 1, 1)
-    } else {
-        (year, month + 1)
-    };
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = if m > 2 { m - 3 } else { m + 9 };
-    let doy = (153 * mp + 2) / 5;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let next = (era * 146_097 + doe - 719_468) as u64 * 86_400;
+    let out = std::process::Command::new("sh")
+        .args([
+            "-c",
+            r#"echo "$(date -u -d "$(date -u +%Y-%m-01) +1 month" +%s) $(date -u +%s)""#,
+        ])
+        .output()
+        .expect("date");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut secs = text
+        .split_whitespace()
+        .map(|n| n.parse::<u64>().expect("seconds"));
+    let (next, now) = (secs.next().expect("next"), secs.next().expect("now"));
     next - now
 }
 
