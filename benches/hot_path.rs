@@ -9,13 +9,13 @@ use http::{HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use sluice::api::json;
+use sluice::api::sse::{event_data, Assembler, EventData, Framer, Shape};
+use sluice::app::Snapshot;
 use sluice::cache::{self, Entry, Store};
 use sluice::config::{Config, LimitSpec, Secret};
-use sluice::json;
 use sluice::limit::{Limiter, Standings};
 use sluice::metrics::Metrics;
-use sluice::sse::{event_data, Assembler, EventData, Framer, Shape};
-use sluice::state::Snapshot;
 
 fn body_of(size: usize) -> Value {
     let text = "lorem ipsum dolor sit amet ".repeat(size / 27 + 1);
@@ -70,7 +70,7 @@ fn config_with(tenants: usize) -> Config {
 
 fn auth(c: &mut Criterion) {
     let mut g = c.benchmark_group("auth_lookup");
-    let metrics = Metrics::new();
+    let metrics = std::sync::Arc::new(Metrics::new());
     for tenants in [1usize, 1000] {
         let snap = Snapshot::build(
             config_with(tenants),
@@ -146,7 +146,8 @@ fn cache_hit(c: &mut Criterion) {
         c.bench_function(&format!("cache_hit/{name}"), |b| {
             b.iter(|| {
                 let entry = store.get(black_box(&key)).expect("hit");
-                let resp = sluice::proxy::entry_response(&entry, stream, true).expect("replays");
+                let resp =
+                    sluice::response::hit::entry_response(&entry, stream, true).expect("replays");
                 // Drain the body as hyper would.
                 rt.block_on(resp.into_body().collect())
                     .map(|c| c.to_bytes())
@@ -183,7 +184,7 @@ fn sse(c: &mut Criterion) {
                 framer
                     .push(r.clone(), |ev| {
                         if let EventData::Data(d) = event_data(&ev) {
-                            let info = sluice::sse::inspect(&d).expect("json");
+                            let info = sluice::api::sse::inspect(&d).expect("json");
                             if info.usage.is_some() {
                                 usage = info.usage;
                             }

@@ -1,49 +1,48 @@
 //! Sluice: a gateway that lets many teams share one LLM API key.
 //!
-//! Services point their OpenAI/DeepSeek SDK's `base_url` at Sluice. Each
-//! request goes through, in order (see `proxy` for the why of the order):
+//! Services point their OpenAI/DeepSeek SDK's `base_url` at Sluice. The
+//! crate is layered; a module uses only modules of the layers below it
+//! (ARCHITECTURE.md has the rules). Lowest first:
 //!
-//! - [`routes`]: path and method to an endpoint;
-//! - [`state`]: the tenant table; auth hashes the presented key and finds
-//!   the `Tenant` (code past auth never sees a raw key);
-//! - [`limit`]: request bucket, concurrency cap, token bucket, in memory or
-//!   shared by the fleet through Redis ([`shared`] is the connection);
-//! - [`cache`]: exact-match store and the in-flight map that coalesces
-//!   identical requests; [`cache_store`] puts Redis behind the store;
-//! - [`upstream`]: the pooled client, timeouts and retries — the only
-//!   outbound code;
-//! - [`relay`]: the response body that streams the answer back while
-//!   reading usage, filling the cache and feeding followers, using [`sse`];
-//! - [`body`]: the response body type and the per-request `Record` that
-//!   writes metrics ([`metrics`]) and the access log when the body is done;
-//! - [`error`]: Sluice's own errors in the OpenAI shape;
-//! - [`request_id`]: the `x-request-id` of every response.
+//! - [`config`]: the validated configuration and `check-config`'s summary;
+//!   [`api`]: the wire formats (the strict JSON body scan, SSE framing,
+//!   usage and its estimate, assembling and replaying answers);
+//! - [`metrics`]: one Prometheus registry per gateway, plain numbers in;
+//!   [`shared`]: the Redis connection, its health circuit and its scripts;
+//!   [`http`]: routes, request ids, header hygiene and Sluice's own errors;
+//! - [`limit`]: request, token and concurrency limits and spend budgets, in
+//!   memory or shared through Redis; [`cache`]: the exact-match cache (key,
+//!   entry, in-memory store, and the tiered store with Redis behind it);
+//!   [`upstream`]: the upstream pool, the outbound client, retries, TLS and
+//!   the balance poller — the only outbound code;
+//! - [`flight`]: coalescing identical requests in flight, on this replica
+//!   and across replicas; [`tenant`]: tenants and auth;
+//! - [`app`]: the composition root (`App`, the reloadable `Snapshot`);
+//!   [`response`]: the response body, the relay that streams an answer back
+//!   while metering, caching and feeding followers, and the `Record` that
+//!   writes metrics and the access log;
+//! - [`request`]: the request path, as phases over one request context;
+//! - [`server`]: `Gateway`: listeners, the connection driver, the service
+//!   stack, the admin listener.
 //!
-//! [`server::Gateway`] binds the listeners and runs them, each client
-//! connection under [`send_timeout`]; the binary, `sluice
-//! demo`, the tests and the benchmarks all start it. [`simulator`] is the
-//! simulated DeepSeek upstream they share.
+//! [`server::Gateway`] is what the binary, `sluice demo`, the tests and the
+//! benchmarks all start; [`simulator`] is the simulated DeepSeek upstream
+//! they share.
 
-pub mod body;
+pub mod api;
+pub mod app;
 pub mod cache;
-pub mod cache_store;
 pub mod config;
-pub mod error;
-pub mod fleet_flight;
-pub mod json;
+pub mod flight;
+pub mod http;
 pub mod limit;
 pub mod metrics;
-pub mod proxy;
-pub mod relay;
-pub mod request_id;
-pub mod routes;
-pub mod send_timeout;
+pub mod request;
+pub mod response;
 pub mod server;
 pub mod shared;
 pub mod simulator;
-pub mod sse;
-pub mod state;
-pub mod text;
+pub mod tenant;
 pub mod upstream;
 
 pub use config::{Config, ConfigError, Secret};

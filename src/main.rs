@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sluice::{state, Config, Gateway, Secret};
+use sluice::{tenant, Config, Gateway, Secret};
 
 #[derive(Parser)]
 #[command(
@@ -139,10 +139,10 @@ fn out(text: &str) {
 }
 
 fn new_key() -> ExitCode {
-    let key = state::new_key();
+    let key = tenant::new_key();
     out(&format!(
         "key:        {key}\nkey_sha256: {}\n",
-        hex::encode(state::key_sha256(key.as_bytes()))
+        hex::encode(tenant::key_sha256(key.as_bytes()))
     ));
     ExitCode::SUCCESS
 }
@@ -165,7 +165,7 @@ fn hash_key(key: Option<String>) -> ExitCode {
     }
     out(&format!(
         "{}\n",
-        hex::encode(state::key_sha256(key.as_bytes()))
+        hex::encode(tenant::key_sha256(key.as_bytes()))
     ));
     ExitCode::SUCCESS
 }
@@ -341,7 +341,7 @@ async fn demo() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let key = state::new_key();
+    let key = tenant::new_key();
     let text = format!(
         r#"
 [server]
@@ -367,7 +367,7 @@ input_cache_miss = 0.28
 output = 0.42
 "#,
         sim.base_url(),
-        hex::encode(state::key_sha256(key.as_bytes()))
+        hex::encode(tenant::key_sha256(key.as_bytes()))
     );
     // The env overrides apply; the upstream stays the simulator.
     let config = match Config::parse(&text, |name| {

@@ -12,7 +12,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::sse::Usage;
+use crate::api::{CacheState, Endpoint};
 
 /// Latency buckets for LLM traffic: from a cache hit (sub-millisecond) to a
 /// long reasoning stream (minutes).
@@ -254,18 +254,18 @@ impl Metrics {
         duration: Option<f64>,
         ttft: Option<f64>,
     ) {
-        let e = ENDPOINTS.iter().position(|x| *x == l.endpoint);
-        let c = CACHE_STATES.iter().position(|x| *x == l.cache);
+        let e = l.endpoint.map(Endpoint::index);
+        let c = l.cache.map_or(0, |c| c.index() + 1);
+        let (endpoint, cache) = (endpoint_label(l.endpoint), cache_label(l.cache));
         let ok = cached
             .zip(e)
-            .zip(c)
             .filter(|_| l.status == "200")
-            .map(|((h, e), c)| &h.ok[e][c]);
+            .map(|(h, e)| &h.ok[e][c]);
         with_cell(
             ok,
             || {
                 self.requests
-                    .with_label_values(&[l.tenant, l.model, l.endpoint, l.status, l.cache])
+                    .with_label_values(&[l.tenant, l.model, endpoint, l.status, cache])
             },
             IntCounter::inc,
         );
@@ -277,15 +277,15 @@ impl Metrics {
                     .map(|(h, e)| &h.duration[e][usize::from(l.stream)]),
                 || {
                     self.request_duration
-                        .with_label_values(&[l.tenant, l.model, l.endpoint, stream])
+                        .with_label_values(&[l.tenant, l.model, endpoint, stream])
                 },
                 |h| h.observe(secs),
             );
         }
         if let Some(secs) = ttft {
             with_cell(
-                cached.zip(c).map(|(h, c)| &h.ttft[c]),
-                || self.ttft.with_label_values(&[l.tenant, l.model, l.cache]),
+                cached.map(|h| &h.ttft[c]),
+                || self.ttft.with_label_values(&[l.tenant, l.model, cache]),
                 |h| h.observe(secs),
             );
         }
@@ -313,29 +313,51 @@ pub struct UsageHandles {
     pub requests: RequestHandles,
 }
 
-/// The endpoint and cache labels whose request metrics are cached; anything
-/// else takes the label lookup.
-const ENDPOINTS: [&str; 4] = ["chat", "chat_prefix", "fim", "models"];
-const CACHE_STATES: [&str; 6] = ["none", "miss", "hit", "coalesced", "refresh", "bypass"];
+/// The endpoints and cache states (and none) whose request metrics each
+/// tenant keeps handles for.
+const ENDPOINTS: usize = Endpoint::ALL.len();
+const CACHE_STATES: usize = CacheState::ALL.len() + 1;
+
+/// The `cache` label of a request: its state, or `none`.
+fn cache_label(cache: Option<CacheState>) -> &'static str {
+    cache.map_or("none", CacheState::label)
+}
+
+/// The `endpoint` label of a request: its endpoint, or `other`.
+fn endpoint_label(endpoint: Option<Endpoint>) -> &'static str {
+    endpoint.map_or(OTHER, Endpoint::label)
+}
 
 /// A (tenant, model)'s request metrics by endpoint, cache state and stream,
 /// each made on first use: `requests_total` of 200s, the duration and TTFT
 /// histograms.
 #[derive(Clone, Default)]
 pub struct RequestHandles {
-    ok: [[OnceLock<IntCounter>; CACHE_STATES.len()]; ENDPOINTS.len()],
-    duration: [[OnceLock<Histogram>; 2]; ENDPOINTS.len()],
-    ttft: [OnceLock<Histogram>; CACHE_STATES.len()],
+    ok: [[OnceLock<IntCounter>; CACHE_STATES]; ENDPOINTS],
+    duration: [[OnceLock<Histogram>; 2]; ENDPOINTS],
+    ttft: [OnceLock<Histogram>; CACHE_STATES],
 }
 
 /// The labels of one finished request.
 pub struct RequestLabels<'a> {
     pub tenant: &'a str,
     pub model: &'a str,
-    pub endpoint: &'a str,
+    /// `None`: not routed (`other`).
+    pub endpoint: Option<Endpoint>,
     pub status: &'a str,
-    pub cache: &'a str,
+    /// `None`: the request never reached the cache step (`none`).
+    pub cache: Option<CacheState>,
     pub stream: bool,
+}
+
+/// A request's tokens by type, as metered.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tokens {
+    pub prompt: u64,
+    pub completion: u64,
+    pub prompt_cache_hit: u64,
+    pub prompt_cache_miss: u64,
+    pub reasoning: u64,
 }
 
 /// Applies `f` to the handle in `cell` (made by `make` on first use), or,
@@ -350,7 +372,7 @@ fn with_cell<T>(cell: Option<&OnceLock<T>>, make: impl FnOnce() -> T, f: impl Fn
 impl UsageHandles {
     /// Records upstream usage: tokens by type, and its cost (USD) when the
     /// model has a price.
-    pub fn record(&self, usage: &Usage, cost: Option<f64>) {
+    pub fn record(&self, usage: &Tokens, cost: Option<f64>) {
         let by_kind = [
             usage.prompt,
             usage.completion,
@@ -412,7 +434,7 @@ mod tests {
         let labels = |status, cache| RequestLabels {
             tenant: "team",
             model: "deepseek-chat",
-            endpoint: "chat",
+            endpoint: Some(Endpoint::Chat),
             status,
             cache,
             stream: true,
@@ -422,18 +444,23 @@ mod tests {
         for _ in 0..2 {
             m.observe_request(
                 Some(&handles.requests),
-                &labels("200", "miss"),
+                &labels("200", Some(CacheState::Miss)),
                 Some(0.5),
                 Some(0.1),
             );
         }
         m.observe_request(
             Some(&handles.requests),
-            &labels("429", "none"),
+            &labels("429", None),
             Some(0.0),
             None,
         );
-        m.observe_request(None, &labels("200", "miss"), Some(0.5), Some(0.1));
+        m.observe_request(
+            None,
+            &labels("200", Some(CacheState::Miss)),
+            Some(0.5),
+            Some(0.1),
+        );
         let text = String::from_utf8(m.render()).expect("utf-8");
         let has = |needle: &str| text.lines().any(|l| l == needle);
         assert!(
@@ -470,25 +497,18 @@ mod tests {
     }
 
     #[test]
-    fn cost_follows_pricing() {
+    fn tokens_are_counted_by_type() {
         let m = Metrics::new();
-        let p = crate::config::Pricing {
-            input_cache_hit: 1.0,
-            input_cache_miss: 2.0,
-            output: 4.0,
-        };
-        let u = Usage {
+        let t = Tokens {
             prompt: 30,
             completion: 10,
-            total: 40,
             prompt_cache_hit: 10,
             prompt_cache_miss: 20,
             reasoning: 0,
         };
-        m.usage_handles("t", "deepseek-chat")
-            .record(&u, Some(u.cost_usd(&p)));
+        m.usage_handles("t", "deepseek-chat").record(&t, Some(0.25));
         let cost = m.cost.with_label_values(&["t", "deepseek-chat"]).get();
-        assert!((cost - (10.0 + 40.0 + 40.0) / 1e6).abs() < 1e-12);
+        assert!((cost - 0.25).abs() < 1e-12);
         assert_eq!(
             m.tokens
                 .with_label_values(&["t", "deepseek-chat", "prompt_cache_miss"])

@@ -1,7 +1,7 @@
 //! Property tests of the pure parts of the request and response paths,
 //! through the crate's public API only: the SSE framer (`sse::Framer`), the
 //! cache key (`cache::key`) and the include-usage splice
-//! (`proxy::with_include_usage`). Each property runs on a few hundred
+//! (`request::validate::with_include_usage`). Each property runs on a few hundred
 //! generated inputs; a failure prints the shrunk input that broke it.
 //!
 
@@ -11,10 +11,10 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 use serde_json::{Map, Number, Value};
+use sluice::api::sse::{self, Framer};
+use sluice::api::Endpoint;
 use sluice::cache::{self, Key};
-use sluice::proxy::{with_include_usage, ApiRequest};
-use sluice::routes::Endpoint;
-use sluice::sse::{self, Framer};
+use sluice::request::validate::{with_include_usage, ApiRequest, Keyed};
 
 // ---------------------------------------------------------------------------
 // Generators and renderers shared by the properties.
@@ -299,7 +299,7 @@ proptest! {
 /// The one place these properties call `cache::key`: over the body's
 /// strict scan, as the request path computes it.
 fn key_of(scope: Option<&str>, endpoint: &str, bytes: &[u8]) -> Key {
-    let scan = sluice::json::scan(bytes, true).expect("a JSON object");
+    let scan = sluice::api::json::scan(bytes, true).expect("a JSON object");
     cache::key(scope, endpoint, &scan)
 }
 
@@ -695,8 +695,16 @@ fn splice_checked(text: &str) -> Result<Bytes, TestCaseError> {
     // Validation with and without building the tree (cache on and off)
     // must splice alike.
     for keep in [false, true] {
-        let api = ApiRequest::parse(&bytes, Endpoint::Chat, keep.then_some(Some("t")))
-            .expect("a valid request");
+        let api = ApiRequest::parse(
+            &bytes,
+            Endpoint::Chat,
+            if keep {
+                Keyed::In(Some("t"))
+            } else {
+                Keyed::No
+            },
+        )
+        .expect("a valid request");
         prop_assert!(api.stream);
         outs.push(with_include_usage(&bytes, &api));
     }
@@ -707,7 +715,7 @@ fn splice_checked(text: &str) -> Result<Bytes, TestCaseError> {
     let unique: BTreeSet<&String> = keys.iter().collect();
     prop_assert_eq!(unique.len(), keys.len(), "a repeated key in {}", sent);
     prop_assert_eq!(parse(&out), expected(&client), "{} became {}", text, sent);
-    let again = ApiRequest::parse(&out, Endpoint::Chat, None).expect("still valid");
+    let again = ApiRequest::parse(&out, Endpoint::Chat, Keyed::No).expect("still valid");
     prop_assert!(again.include_usage, "{}", sent);
     Ok(out)
 }

@@ -12,8 +12,8 @@
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use sluice::proxy::{with_include_usage, ApiRequest};
-use sluice::routes::Endpoint;
+use sluice::request::validate::{with_include_usage, ApiRequest, Keyed};
+use sluice::api::Endpoint;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&pick, body)) = data.split_first() else {
@@ -24,8 +24,8 @@ fuzz_target!(|data: &[u8]| {
         1 => Endpoint::ChatPrefix,
         _ => Endpoint::Fim,
     };
-    let light = ApiRequest::parse(body, endpoint, None);
-    let keyed = ApiRequest::parse(body, endpoint, Some(Some("t")));
+    let light = ApiRequest::parse(body, endpoint, Keyed::No);
+    let keyed = ApiRequest::parse(body, endpoint, Keyed::In(Some("t")));
     // The cache mode never changes what is accepted (SPEC §3 Bodies).
     assert_eq!(light.is_ok(), keyed.is_ok());
     let (Ok(light), Ok(keyed)) = (light, keyed) else {
@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
         let compact = serde_json::to_vec(&value).expect("serializes");
         let pretty = serde_json::to_vec_pretty(&value).expect("serializes");
         let k = |b: &[u8]| {
-            ApiRequest::parse(b, endpoint, Some(Some("t")))
+            ApiRequest::parse(b, endpoint, Keyed::In(Some("t")))
                 .ok()
                 .and_then(|a| a.key)
         };
@@ -55,6 +55,6 @@ fuzz_target!(|data: &[u8]| {
     }
     let bytes = Bytes::copy_from_slice(body);
     let out = with_include_usage(&bytes, &light);
-    let again = ApiRequest::parse(&out, endpoint, None).expect("still a valid body");
+    let again = ApiRequest::parse(&out, endpoint, Keyed::No).expect("still a valid body");
     assert!(again.stream && again.include_usage);
 });

@@ -13,7 +13,7 @@
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use sluice::sse::{self, Assembler, EventData, Framer, Shape};
+use sluice::api::sse::{self, Assembler, EventData, Framer, Shape};
 
 type Framed = (Vec<Bytes>, Vec<u8>, bool);
 

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use sluice::cache::Entry;
-use sluice::sse::{self, Usage};
+use sluice::api::sse::{self, Usage};
 
 /// DeepSeek's and OpenAI's usage fields, with the types they have: a body
 /// that parses into this (serde refuses repeated fields) has a usage that

@@ -26,33 +26,13 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use prometheus::IntCounter;
 
 use crate::config::{BudgetSpec, LimitSpec, OnError, RedisConfig};
+use crate::http::error::GatewayError;
+pub use crate::http::error::Limit;
 use crate::metrics::Metrics;
 use crate::shared::Redis;
 use budget::{Budgets, Spend};
 
 pub use local::{token_standing, token_verdict, RequestBucket, TokenBucket};
-
-/// Which tenant limit refused a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
-    Requests,
-    Tokens,
-    Concurrency,
-    /// The tenant's spend budget for the period (SPEC §9).
-    Budget,
-}
-
-impl Limit {
-    /// The `limit` label of `sluice_rate_limited_total`.
-    pub fn label(self) -> &'static str {
-        match self {
-            Limit::Requests => "requests",
-            Limit::Tokens => "tokens",
-            Limit::Concurrency => "concurrency",
-            Limit::Budget => "budget",
-        }
-    }
-}
 
 /// What a limit says about a tenant right now, for the `x-ratelimit-*` headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -635,6 +615,29 @@ async fn tick(
         }
         if let Err(e) = budgets.persist() {
             tracing::error!(error = %e, "cannot write the budget state file");
+        }
+    }
+}
+
+impl From<Denied> for GatewayError {
+    fn from(d: Denied) -> GatewayError {
+        match d {
+            Denied::Limit(r) => r.into(),
+            Denied::Unavailable => GatewayError::SharedStateUnavailable,
+        }
+    }
+}
+
+impl From<Refused> for GatewayError {
+    fn from(r: Refused) -> GatewayError {
+        match r.limit {
+            Limit::Budget => GatewayError::BudgetExceeded {
+                retry_after: r.wait,
+            },
+            Limit::Requests | Limit::Tokens | Limit::Concurrency => GatewayError::RateLimited {
+                limit: r.limit,
+                retry_after: r.wait,
+            },
         }
     }
 }

@@ -25,12 +25,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tower_http::catch_panic::{CatchPanic, ResponseForPanic};
 
-use crate::body::Body;
+mod send_timeout;
+
+use crate::app::App;
 use crate::config::{Config, Secret};
-use crate::error::GatewayError;
-use crate::send_timeout::SendTimeout;
-use crate::state::App;
-use crate::upstream::{read_small, Outbound};
+use crate::http::error::GatewayError;
+use crate::response::body::Body;
+use crate::upstream::balance;
+use send_timeout::SendTimeout;
 
 /// A bound gateway, not yet serving.
 pub struct Gateway {
@@ -455,7 +457,7 @@ impl tower_service::Service<Request<Incoming>> for Proxy {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let busy = Busy::begin(&self.activity);
-        let handling = crate::proxy::handle(Arc::clone(&self.app), req);
+        let handling = crate::request::handle(Arc::clone(&self.app), req);
         Box::pin(async move {
             let resp = handling.await?;
             Ok(resp.map(|body| Tracked { body, _busy: busy }))
@@ -590,8 +592,9 @@ fn admin(app: &App, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, In
     Ok(resp)
 }
 
-/// Polls upstream's `GET /user/balance` for `sluice_upstream_balance`, so
-/// ops see the shared account running dry before everyone gets 402.
+/// Polls each upstream's balance for `sluice_upstream_balance` while
+/// `balance_poll_secs` is set (read again after each poll, so a reload
+/// applies).
 async fn poll_balance(app: Arc<App>) {
     loop {
         let snap = app.snapshot.load_full();
@@ -599,65 +602,14 @@ async fn poll_balance(app: Arc<App>) {
             tokio::time::sleep(Duration::from_secs(60)).await;
             continue;
         };
-        if let Err(e) = fetch_balance(&app, &snap).await {
-            tracing::debug!(error = %e, "balance poll failed");
+        if let Some(peer) = snap.upstreams.choose() {
+            let cfg = &snap.config.upstream;
+            if let Err(e) = balance::fetch(&app.upstream, peer, cfg, &app.metrics).await {
+                tracing::debug!(error = %e, "balance poll failed");
+            }
         }
         tokio::time::sleep(every).await;
     }
-}
-
-async fn fetch_balance(app: &App, snap: &crate::state::Snapshot) -> Result<(), String> {
-    let cfg = &snap.config.upstream;
-    let target = snap
-        .upstream_target("/user/balance")
-        .ok_or("no upstream URI")?;
-    let mut headers = http::HeaderMap::new();
-    if let Some(auth) = &snap.upstream_auth {
-        headers.insert(header::AUTHORIZATION, auth.clone());
-    }
-    let outbound = Outbound::new(Method::GET, target, headers, Bytes::new());
-    let within = cfg.connect_timeout + Duration::from_secs(10);
-    let sent = app
-        .upstream
-        .send(
-            cfg,
-            &app.metrics,
-            std::time::Instant::now() + within,
-            &outbound,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    if sent.response.status() != StatusCode::OK {
-        return Err(format!("status {}", sent.response.status()));
-    }
-    let body = read_small(sent.response.into_body(), 1 << 20, within)
-        .await
-        .map_err(|e| e.to_string())?;
-    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-    for info in v
-        .get("balance_infos")
-        .and_then(|b| b.as_array())
-        .into_iter()
-        .flatten()
-    {
-        let currency = info.get("currency").and_then(|c| c.as_str()).unwrap_or("");
-        // Bounded label: a currency code is three letters.
-        if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_alphabetic()) {
-            continue;
-        }
-        let total = match info.get("total_balance") {
-            Some(serde_json::Value::String(s)) => s.parse::<f64>().ok(),
-            Some(n) => n.as_f64(),
-            None => None,
-        };
-        if let Some(total) = total {
-            app.metrics
-                .balance
-                .with_label_values(&[currency])
-                .set(total);
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

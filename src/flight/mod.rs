@@ -1,185 +1,21 @@
-//! The exact-match cache (SPEC §5): the key (SHA-256 over scope, endpoint
-//! and canonical JSON), the store (moka, weighed by bytes, TTL), and the
-//! in-flight map that coalesces identical requests onto one upstream call.
-//!
-//! An entry holds the completion bytes, checked and its usage read at store
-//! time without building a tree, and its SSE replay, built the first time a
-//! streaming client hits it: a miss pays nothing for a replay it may never
-//! need, and every hit after the first in either mode is served from bytes
-//! without parsing.
+//! Local flights: the in-flight map that coalesces identical cacheable
+//! requests of this replica onto one upstream call, and each flight's
+//! bounded event log that its readers (the leader's client and every
+//! follower) read at their own pace. Uses the cache's `Key` and `Entry`;
+//! knows nothing of Redis (see `fleet` for flights across replicas).
 
+use std::any::Any;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
-use serde_json::Value;
-use sha2::{Digest, Sha256};
 
-use crate::error::GatewayError;
-use crate::json::Scan;
-use crate::sse::{self, Replay, Usage};
+use crate::cache::{Entry, Key};
+use crate::http::error::GatewayError;
 
-pub type Key = [u8; 32];
-
-/// Top-level fields that do not change the answer, only how it is delivered.
-const DELIVERY_FIELDS: [&str; 2] = ["stream", "stream_options"];
-
-/// The cache key: SHA-256 over the scope (tenant name, or the shared pool),
-/// the endpoint label, and the canonical JSON of the body (see `json`:
-/// object keys sorted at every depth, no whitespace, one spelling per string
-/// and number, top-level `stream`/`stream_options` dropped). The canonical
-/// form is streamed into the hasher from the scan's arena.
-pub fn key(scope: Option<&str>, endpoint: &str, body: &Scan<'_>) -> Key {
-    let mut h = Sha256::new();
-    match scope {
-        // A tenant name is [a-z0-9_-]+, so it can never collide with the
-        // shared pool's marker byte.
-        Some(tenant) => {
-            h.update(b"t:");
-            h.update(tenant.as_bytes());
-        }
-        None => h.update(b"\x00shared"),
-    }
-    h.update(b"\x00");
-    h.update(endpoint.as_bytes());
-    h.update(b"\x00");
-    body.write_canonical(&DELIVERY_FIELDS, &mut |b| h.update(b));
-    h.finalize().into()
-}
-
-/// One stored answer.
-#[derive(Debug)]
-pub struct Entry {
-    /// The completion as the non-streaming endpoint answers it.
-    pub completion: Bytes,
-    /// The same completion as SSE chunks (without `[DONE]`), built at the
-    /// first streaming hit: see [`Entry::replay`].
-    replay: OnceLock<Option<Replay>>,
-    /// `None` when upstream's answer carried no usage.
-    pub usage: Option<Usage>,
-    pub stored_at: Instant,
-}
-
-impl Entry {
-    /// Builds an entry from a complete 200 body; `None` if it is not a
-    /// completion (invalid JSON, no choices, a chat choice without a
-    /// message): such answers are never stored.
-    pub fn from_completion(body: Bytes) -> Option<Entry> {
-        let trimmed = sse::trim_leading_ws(&body);
-        let offset = body.len() - trimmed.len();
-        let usage = sse::completion_facts(trimmed)?;
-        Some(Entry {
-            completion: body.slice(offset..),
-            replay: OnceLock::new(),
-            usage,
-            stored_at: Instant::now(),
-        })
-    }
-
-    /// Builds an entry from an assembled stream.
-    pub fn from_assembled(value: &Value) -> Option<Entry> {
-        Self::from_completion(Bytes::from(serde_json::to_vec(value).ok()?))
-    }
-
-    /// The completion as SSE chunks, built from the completion the first
-    /// time it is asked for. Its shape was checked at store time, but that
-    /// check skips what it does not need (a number out of range, a broken
-    /// escape in a string upstream sent): `None` for such an answer, which
-    /// then serves non-streaming clients only.
-    pub fn replay(&self) -> Option<&Replay> {
-        self.replay
-            .get_or_init(|| {
-                serde_json::from_slice::<Value>(&self.completion)
-                    .ok()
-                    .and_then(|v| sse::replay(&v))
-            })
-            .as_ref()
-    }
-
-    /// What the entry weighs against `cache.max_bytes`: fixed at store
-    /// time, so it counts the replay before it is built (about the
-    /// completion's size again, plus an envelope a chunk).
-    pub fn weight(&self) -> u32 {
-        let bytes = 2 * self.completion.len() + 768 + std::mem::size_of::<Entry>() + 64;
-        u32::try_from(bytes).unwrap_or(u32::MAX)
-    }
-
-    pub fn age(&self) -> Duration {
-        self.stored_at.elapsed()
-    }
-}
-
-/// The in-memory store: moka, weighed by bytes, each entry expiring after
-/// its own time to live (the TTL, or less for a copy of a shared entry).
-pub struct Store {
-    cache: moka::sync::Cache<Key, Stored>,
-    ttl: Duration,
-}
-
-#[derive(Clone)]
-struct Stored {
-    entry: Arc<Entry>,
-    ttl: Duration,
-}
-
-struct PerEntry;
-
-impl moka::Expiry<Key, Stored> for PerEntry {
-    fn expire_after_create(
-        &self,
-        _: &Key,
-        value: &Stored,
-        _: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(value.ttl)
-    }
-}
-
-impl Store {
-    pub fn new(max_bytes: u64, ttl: Duration) -> Self {
-        Self {
-            cache: moka::sync::Cache::builder()
-                .max_capacity(max_bytes)
-                .weigher(|_, s: &Stored| s.entry.weight())
-                .expire_after(PerEntry)
-                .build(),
-            ttl,
-        }
-    }
-
-    pub fn get(&self, key: &Key) -> Option<Arc<Entry>> {
-        self.cache.get(key).map(|s| s.entry)
-    }
-
-    /// Stores an entry for the whole TTL.
-    pub fn insert(&self, key: Key, entry: Arc<Entry>) {
-        self.insert_for(key, entry, self.ttl);
-    }
-
-    /// Stores an entry for at most `ttl` (never longer than the TTL).
-    pub fn insert_for(&self, key: Key, entry: Arc<Entry>, ttl: Duration) {
-        // An entry bigger than the whole cache would only evict everything.
-        if u64::from(entry.weight()) <= self.cache.policy().max_capacity().unwrap_or(u64::MAX) {
-            let ttl = ttl.min(self.ttl);
-            if !ttl.is_zero() {
-                self.cache.insert(key, Stored { entry, ttl });
-            }
-        }
-    }
-
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
-    /// (entries, bytes), after applying pending evictions.
-    pub fn stats(&self) -> (u64, u64) {
-        self.cache.run_pending_tasks();
-        (self.cache.entry_count(), self.cache.weighted_size())
-    }
-}
+pub mod fleet;
 
 // ---- coalescing ---------------------------------------------------------
 
@@ -227,11 +63,23 @@ pub enum Mark {
     Done,
 }
 
-/// Moves a leader's upstream reading off its client's connection (into a
-/// task of its own), so that no reader's pace holds back another's. Called
-/// when the first follower attaches; implemented by the relay.
-pub trait Detach: Send + Sync {
-    fn detach(&self);
+/// An opaque handle to the relay of a flight's leader while its client's
+/// connection reads it in place. The flight only keeps it and hands it to
+/// the first reader that attaches (`Reader::take_handoff`); the response
+/// layer, which made it, then moves the relay into a task of its own, so
+/// that no reader's pace holds back another's. Nothing here calls it.
+#[derive(Clone)]
+pub struct RelayHandle(Weak<dyn Any + Send + Sync>);
+
+impl RelayHandle {
+    pub fn new<T: Any + Send + Sync>(relay: Weak<T>) -> RelayHandle {
+        RelayHandle(relay)
+    }
+
+    /// The relay, if it is still there and of this type.
+    pub fn get<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        self.0.upgrade()?.downcast::<T>().ok()
+    }
 }
 
 #[derive(Default)]
@@ -253,7 +101,7 @@ struct FlightState {
     wakers: HashMap<u64, Waker>,
     /// The task driving the upstream call, waiting for readers to leave.
     driver: Option<Waker>,
-    detach: Option<Weak<dyn Detach>>,
+    relay: Option<RelayHandle>,
 }
 
 impl std::fmt::Debug for FlightState {
@@ -342,7 +190,7 @@ impl Flight {
             if s.end.is_none() {
                 s.end = Some(end);
             }
-            s.detach.take()
+            s.relay.take()
         });
         drop(hook);
     }
@@ -352,41 +200,39 @@ impl Flight {
         self.with(|s| s.readers)
     }
 
-    /// Registers the hook that moves the upstream reading into a task.
-    /// Returns true if readers are attached already (the caller detaches at
-    /// once); otherwise the first follower to attach calls it.
-    pub fn set_detach(&self, hook: Weak<dyn Detach>) -> bool {
+    /// Keeps the handle of the leader's relay for the first follower.
+    /// Returns false if readers are attached already (the caller moves the
+    /// relay at once).
+    pub fn keep_relay(&self, relay: RelayHandle) -> bool {
         self.with(|s| {
             if s.readers > 0 || s.end.is_some() {
-                true
-            } else {
-                s.detach = Some(hook);
                 false
+            } else {
+                s.relay = Some(relay);
+                true
             }
         })
     }
 
-    /// Attaches a reader at entry `pos`, handing back the detach hook if it
-    /// is the first (to be called outside any lock).
-    fn attach(self: &Arc<Self>, pos: usize) -> (Reader, Option<Weak<dyn Detach>>) {
-        let (id, hook) = self.with(|s| {
+    /// Attaches a reader at entry `pos`; the first one takes the leader's
+    /// relay handle along.
+    fn attach(self: &Arc<Self>, pos: usize) -> Reader {
+        let (id, handoff) = self.with(|s| {
             s.readers += 1;
             s.next_reader += 1;
-            (s.next_reader, s.detach.take())
+            (s.next_reader, s.relay.take())
         });
-        (
-            Reader {
-                flight: Arc::clone(self),
-                id,
-                pos,
-            },
-            hook,
-        )
+        Reader {
+            flight: Arc::clone(self),
+            id,
+            pos,
+            handoff,
+        }
     }
 
     /// A reader for the leader's own client, resuming at `pos`.
     pub fn attach_leader(self: &Arc<Self>, pos: usize) -> Reader {
-        self.attach(pos).0
+        self.attach(pos)
     }
 
     /// For the task driving the call: ready once no reader is attached.
@@ -421,9 +267,17 @@ pub struct Reader {
     flight: Arc<Flight>,
     id: u64,
     pos: usize,
+    /// The leader's relay, for the first reader to move into a task.
+    handoff: Option<RelayHandle>,
 }
 
 impl Reader {
+    /// The leader's relay handle, if this reader was the first to attach
+    /// while the relay ran in place (see `RelayHandle`).
+    pub fn take_handoff(&mut self) -> Option<RelayHandle> {
+        self.handoff.take()
+    }
+
     pub fn flight(&self) -> &Arc<Flight> {
         &self.flight
     }
@@ -530,24 +384,17 @@ impl Flights {
 
     /// Attaches to an identical request in flight, if there is one.
     pub fn follow(&self, key: &Key) -> Option<Reader> {
-        let (reader, hook) = {
-            // Attached under the map's lock, so a flight is never given up
-            // (`Leader::abandon`) between being found and being read.
-            let shard = self.shard(key);
-            shard.get(key)?.attach(0)
-        };
-        detach(hook);
-        Some(reader)
+        // Attached under the map's lock, so a flight is never given up
+        // (`Leader::abandon`) between being found and being read.
+        let shard = self.shard(key);
+        Some(shard.get(key)?.attach(0))
     }
 
     /// Becomes the leader for `key`, unless someone else just did.
     pub fn join(self: &Arc<Self>, key: Key) -> Join {
         let mut shard = self.shard(&key);
         if let Some(f) = shard.get(&key) {
-            let (reader, hook) = f.attach(0);
-            drop(shard);
-            detach(hook);
-            return Join::Follow(reader);
+            return Join::Follow(f.attach(0));
         }
         let flight = Arc::new(Flight::default());
         shard.insert(key, Arc::clone(&flight));
@@ -565,12 +412,6 @@ impl Flights {
         if shard.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
             shard.remove(key);
         }
-    }
-}
-
-fn detach(hook: Option<Weak<dyn Detach>>) {
-    if let Some(d) = hook.and_then(|h| h.upgrade()) {
-        d.detach();
     }
 }
 
@@ -647,97 +488,6 @@ impl Drop for Leader {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_answer_whose_tree_does_not_parse_has_no_replay_never_an_empty_one() {
-        let ok = Entry::from_completion(Bytes::from_static(
-            br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#,
-        ))
-        .expect("stored");
-        assert!(ok.replay().is_some_and(|r| !r.chunks.is_empty()));
-        // Stored (the check skips what it does not need), but no replay:
-        // served to non-streaming clients only.
-        for body in [
-            &br#"{"choices":[{"message":{"content":"a"}}],"created":1e400}"#[..],
-            br#"{"choices":[{"message":{"content":"\ud83d"}}]}"#,
-        ] {
-            let e = Entry::from_completion(Bytes::from_static(body)).expect("stored");
-            assert!(e.replay().is_none(), "{}", String::from_utf8_lossy(body));
-        }
-    }
-    use serde_json::json;
-
-    fn k(v: Value) -> Key {
-        k_raw(&v.to_string())
-    }
-
-    fn k_raw(body: &str) -> Key {
-        key(
-            Some("t"),
-            "chat",
-            &crate::json::scan(body.as_bytes(), true).expect("json"),
-        )
-    }
-
-    #[test]
-    fn key_ignores_order_whitespace_and_delivery() {
-        let a = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0.5}"#;
-        let b = r#" { "temperature" : 5e-1 , "messages" : [ { "content":"h\u0069", "role":"user" } ], "model":"m", "stream": true, "stream_options": {"include_usage": true} } "#;
-        assert_eq!(k_raw(a), k_raw(b));
-        // Number spelling does not matter; the value does, to the last digit.
-        assert_eq!(k_raw(r#"{"n":1}"#), k_raw(r#"{"n":1.0}"#));
-        assert_eq!(k_raw(r#"{"n":1}"#), k_raw(r#"{"n":1e0}"#));
-        assert_ne!(
-            k_raw(r#"{"n":12345678901234567890123}"#),
-            k_raw(r#"{"n":12345678901234567890124}"#)
-        );
-        assert_ne!(k_raw(r#"{"n":1}"#), k_raw(r#"{"n":"1"}"#));
-        assert_ne!(
-            k_raw(a),
-            k(
-                json!({"model": "m", "messages": [{"role": "user", "content": "hi!"}], "temperature": 0.5})
-            )
-        );
-        // Array order matters; nested `stream` is content, not delivery.
-        assert_ne!(k(json!({"a": [1, 2]})), k(json!({"a": [2, 1]})));
-        assert_ne!(k(json!({"a": {"stream": true}})), k(json!({"a": {}})));
-    }
-
-    #[test]
-    fn key_separates_scopes_and_endpoints() {
-        let raw = json!({"model": "m", "messages": []}).to_string();
-        let body = crate::json::scan(raw.as_bytes(), true).expect("json");
-        assert_ne!(key(Some("a"), "chat", &body), key(Some("b"), "chat", &body));
-        assert_ne!(key(Some("a"), "chat", &body), key(None, "chat", &body));
-        assert_ne!(
-            key(Some("a"), "chat", &body),
-            key(Some("a"), "chat_prefix", &body)
-        );
-    }
-
-    #[test]
-    fn store_holds_max_bytes() {
-        let store = Store::new(64 * 1024, Duration::from_secs(60));
-        for i in 0..200u32 {
-            let text = "x".repeat(4000);
-            let body = json!({"id": i, "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]});
-            let e = Entry::from_completion(Bytes::from(body.to_string())).expect("entry");
-            let raw = json!({ "i": i }).to_string();
-            let body = crate::json::scan(raw.as_bytes(), true).expect("json");
-            store.insert(key(None, "chat", &body), Arc::new(e));
-        }
-        let (entries, bytes) = store.stats();
-        assert!(bytes <= 64 * 1024, "{bytes}");
-        assert!(entries > 0 && entries < 200);
-    }
-
-    #[test]
-    fn only_completions_become_entries() {
-        assert!(Entry::from_completion(Bytes::from_static(b"not json")).is_none());
-        assert!(Entry::from_completion(Bytes::from_static(b"{\"error\":{}}")).is_none());
-        let e = Entry::from_completion(Bytes::from_static(b"\n\n{\"choices\":[]}")).expect("entry");
-        assert_eq!(&e.completion[..], b"{\"choices\":[]}");
-    }
 
     #[tokio::test]
     async fn flight_lifecycle() {

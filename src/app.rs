@@ -3,71 +3,26 @@
 //! so every request reads it without a lock, plus what lives for the whole
 //! process (metrics, cache, in-flight map, upstream client, shutdown state).
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::{HeaderMap, HeaderValue};
-use prometheus::IntGauge;
-use sha2::{Digest, Sha256};
+use http::HeaderMap;
 use tokio::sync::watch;
 
-use crate::cache::{Flights, Store};
-use crate::cache_store::CacheStore;
+use crate::cache::tiered::CacheStore;
+use crate::cache::Store;
 use crate::config::{CacheScope, Config, Pricing, RedisConfig, Secret};
-use crate::fleet_flight::FleetFlights;
+use crate::flight::fleet::FleetFlights;
+use crate::flight::Flights;
 use crate::limit::budget::{Budgets, SystemClock};
-use crate::limit::{Limiter, TenantLimits};
-use crate::metrics::{Metrics, ModelLabels, UsageHandles};
-use crate::routes::Endpoint;
+use crate::limit::Limiter;
+use crate::metrics::{Metrics, ModelLabels};
 use crate::shared::Redis;
-use crate::upstream::{Target, Upstream};
-
-/// A fresh tenant key: `sk-sluice-` and 40 random alphanumerics.
-pub fn new_key() -> String {
-    use rand::distr::{Alphanumeric, SampleString};
-    format!(
-        "sk-sluice-{}",
-        Alphanumeric.sample_string(&mut rand::rng(), 40)
-    )
-}
-
-/// The SHA-256 a tenant key is stored in config and looked up by.
-pub fn key_sha256(key: &[u8]) -> [u8; 32] {
-    Sha256::digest(key).into()
-}
-
-/// A configured tenant, as the request path sees it after auth. Code past
-/// auth sees this, never the key that was presented.
-pub struct Tenant {
-    pub name: Arc<str>,
-    /// Empty = any model.
-    pub models: Vec<String>,
-    pub cache: bool,
-    pub limits: Arc<TenantLimits>,
-    pub inflight: IntGauge,
-    /// Usage metric handles per model label, resolved on first use.
-    usage: HashMap<Arc<str>, OnceLock<UsageHandles>>,
-}
-
-impl Tenant {
-    pub fn allows(&self, model: &str) -> bool {
-        self.models.is_empty() || self.models.iter().any(|m| m == model)
-    }
-
-    /// The usage handles for a model label (one `ModelLabels` returned):
-    /// borrowed, so metering clones no counter handles.
-    pub fn usage(&self, model: &str, metrics: &Metrics) -> Cow<'_, UsageHandles> {
-        match self.usage.get(model) {
-            Some(cell) => {
-                Cow::Borrowed(cell.get_or_init(|| metrics.usage_handles(&self.name, model)))
-            }
-            None => Cow::Owned(metrics.usage_handles(&self.name, model)),
-        }
-    }
-}
+use crate::tenant::{key_sha256, presented_key, Tenant};
+use crate::upstream::pool::Pool;
+use crate::upstream::Upstream;
 
 /// Everything a reload replaces, swapped in atomically.
 pub struct Snapshot {
@@ -75,10 +30,8 @@ pub struct Snapshot {
     by_key: HashMap<[u8; 32], Arc<Tenant>>,
     pub by_name: HashMap<String, Arc<Tenant>>,
     pub models: ModelLabels,
-    /// `Bearer <upstream key>`, built once; `None` for a keyless upstream.
-    pub upstream_auth: Option<HeaderValue>,
-    /// Upstream targets per endpoint, built once per config.
-    targets: HashMap<&'static str, Target>,
+    /// The upstreams requests go to.
+    pub upstreams: Pool,
 }
 
 impl Snapshot {
@@ -89,7 +42,7 @@ impl Snapshot {
         key: &Secret,
         previous: Option<&Snapshot>,
         limiter: &Limiter,
-        metrics: &Metrics,
+        metrics: &Arc<Metrics>,
     ) -> Snapshot {
         let models = ModelLabels::new(config.known_models());
         let mut by_key = HashMap::new();
@@ -100,73 +53,26 @@ impl Snapshot {
                 .filter(|old| old.limits.spec == t.limits && old.limits.budget_spec() == t.budget)
                 .map(|old| Arc::clone(&old.limits))
                 .unwrap_or_else(|| limiter.tenant(&t.name, t.limits, t.budget, metrics));
-            let tenant = Arc::new(Tenant {
-                name: Arc::from(t.name.as_str()),
-                models: t.models.clone(),
-                cache: t.cache,
-                limits,
-                inflight: metrics.inflight.with_label_values(&[&t.name]),
-                usage: models
-                    .all()
-                    .map(|m| (Arc::clone(m), OnceLock::new()))
-                    .collect(),
-            });
+            let tenant = Arc::new(Tenant::new(t, limits, &models, metrics));
             for hash in &t.key_sha256 {
                 by_key.insert(*hash, Arc::clone(&tenant));
             }
             by_name.insert(t.name.clone(), tenant);
         }
-        let upstream_auth = (!key.is_empty())
-            .then(|| HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok())
-            .flatten()
-            .map(|mut v| {
-                v.set_sensitive(true);
-                v
-            });
-        let targets = [
-            Endpoint::Chat,
-            Endpoint::ChatPrefix,
-            Endpoint::Fim,
-            Endpoint::Models,
-        ]
-        .into_iter()
-        .map(|e| e.upstream_path())
-        .chain(["/user/balance"])
-        .filter_map(|path| {
-            Some((
-                path,
-                Target::parse(&format!("{}{path}", config.upstream.base_url))?,
-            ))
-        })
-        .collect();
+        let upstreams = Pool::new(&config, key);
         Snapshot {
-            targets,
+            upstreams,
             models,
             config,
             by_key,
             by_name,
-            upstream_auth,
         }
     }
 
     /// `Authorization: Bearer <key>` → the tenant whose key hashes to it.
     pub fn authenticate(&self, headers: &HeaderMap) -> Option<Arc<Tenant>> {
-        let value = headers.get(http::header::AUTHORIZATION)?.as_bytes();
-        let (scheme, key) = value.split_at(value.iter().position(|&b| b == b' ')?);
-        if !scheme.eq_ignore_ascii_case(b"bearer") {
-            return None;
-        }
-        let key = key.trim_ascii();
-        if key.is_empty() {
-            return None;
-        }
+        let key = presented_key(headers)?;
         self.by_key.get(&key_sha256(key)).cloned()
-    }
-
-    /// The upstream target for a path (`Endpoint::upstream_path` or
-    /// `/user/balance`).
-    pub fn upstream_target(&self, path: &str) -> Option<&Target> {
-        self.targets.get(path)
     }
 
     /// The price of a model: its own, else `[pricing.default]`.
@@ -219,19 +125,19 @@ impl Lifecycle {
 
 pub struct App {
     pub snapshot: ArcSwap<Snapshot>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// Tenant limits: in memory, or shared through Redis (SPEC §8).
     pub limiter: Limiter,
     /// The connection to Redis, when `[redis]` is set.
     pub redis: Option<Arc<Redis>>,
     /// The cache: memory, in front of Redis when it is shared.
-    pub cache: CacheStore,
+    pub cache: Arc<CacheStore>,
     /// Coalescing across replicas, when `[redis] coalesce` is on.
     pub fleet_flights: Option<Arc<FleetFlights>>,
     pub flights: Arc<Flights>,
     pub upstream: Upstream,
     pub lifecycle: Lifecycle,
-    pub request_ids: crate::request_id::RequestIds,
+    pub request_ids: crate::http::request_id::RequestIds,
 }
 
 impl App {
@@ -239,7 +145,7 @@ impl App {
     /// that does not answer is logged and retried in the background, never
     /// a start-up failure).
     pub async fn new(config: Config, key: &Secret) -> Result<App, std::io::Error> {
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
         let upstream = Upstream::new(&config.upstream)?;
         let store = Store::new(config.cache.max_bytes, config.cache.ttl);
         let redis = match &config.redis {
@@ -249,12 +155,16 @@ impl App {
         let budgets = Budgets::open(config.budgets.state_path.as_deref(), Arc::new(SystemClock))
             .map_err(std::io::Error::other)?;
         let limiter = Limiter::new(redis.as_ref().zip(config.redis.as_ref()), budgets);
-        let cache = CacheStore::new(store, redis.as_ref().zip(config.redis.as_ref()), &metrics);
+        let cache = Arc::new(CacheStore::new(
+            store,
+            redis.as_ref().zip(config.redis.as_ref()),
+            metrics.registry(),
+        ));
         let fleet_flights = redis
             .as_ref()
             .zip(config.redis.as_ref())
             .filter(|(_, c)| c.coalesce)
-            .map(|(r, _)| Arc::new(FleetFlights::new(Arc::clone(r), cache.is_shared())));
+            .map(|(r, _)| Arc::new(FleetFlights::new(Arc::clone(r), Arc::clone(&cache))));
         if config.tenants.iter().any(|t| t.budget.is_some()) && !limiter.spend_is_kept() {
             tracing::warn!(
                 "tenants have budgets but neither [redis] nor budgets.state_path keeps their spend: a restart resets it"
@@ -271,7 +181,7 @@ impl App {
             flights: Arc::new(Flights::default()),
             upstream,
             lifecycle: Lifecycle::default(),
-            request_ids: crate::request_id::RequestIds::default(),
+            request_ids: crate::http::request_id::RequestIds::default(),
         })
     }
 

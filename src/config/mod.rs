@@ -1133,7 +1133,7 @@ mod tests {
         // No shipped file grants access with a publicly known key: every
         // tenant key in the example is a placeholder that is refused, with
         // the command that makes a real one.
-        let text = include_str!("../config/sluice.toml");
+        let text = include_str!("../../config/sluice.toml");
         let err = Config::parse(text, no_env).expect_err("placeholders are refused");
         for problem in &err.0 {
             assert!(

@@ -37,9 +37,12 @@ use http::{HeaderValue, StatusCode};
 use redis::streams::StreamReadReply;
 use redis::RedisWrite;
 
-use crate::cache::{End, Head, Key, Leader, Mark, Next, Reader as LogReader, FLIGHT_LOG_MAX};
-use crate::cache_store::{self, SharedPut};
-use crate::error::GatewayError;
+use crate::cache::tiered::Fill;
+use crate::cache::tiered::{self, CacheStore, SharedFill};
+use crate::cache::Entry;
+use crate::cache::Key;
+use crate::flight::{End, Head, Leader, Mark, Next, Reader as LogReader, FLIGHT_LOG_MAX};
+use crate::http::error::GatewayError;
 use crate::shared::{Lua, Op, Redis, Unavailable};
 
 /// A claim not renewed for this long is the leader's death.
@@ -143,8 +146,14 @@ impl Publisher {
     /// within `QUICK` is written with its end alone, in one round trip with
     /// the release and the cache's store; a slower one is published as it
     /// comes, like a stream.
-    pub fn start(self, reader: LogReader, store: Option<SharedPut>) {
-        tokio::spawn(self.run(reader, store));
+    pub fn start(self, reader: LogReader, fill: &mut Fill) {
+        tokio::spawn(self.run(reader, fill.hand_over()));
+    }
+
+    /// Mirrors a flight taken over from a lost leader; its answer reaches
+    /// the shared cache through the relay of the request that took over.
+    fn run_for_takeover(self, reader: LogReader) {
+        tokio::spawn(self.run(reader, None));
     }
 
     /// Gives the claim up unused (the request that won it was refused).
@@ -152,7 +161,7 @@ impl Publisher {
         self.fleet.release(&self.n, &self.owner).await;
     }
 
-    async fn run(self, mut reader: LogReader, store: Option<SharedPut>) {
+    async fn run(self, mut reader: LogReader, store: Option<SharedFill>) {
         let Publisher { fleet, n, owner } = self;
         // The first `QUICK`: the head and, for an answer that is not a
         // stream (of use to followers only whole), its end. A quick one is
@@ -185,7 +194,7 @@ impl Publisher {
         n: Names,
         owner: String,
         mut reader: LogReader,
-        store: Option<SharedPut>,
+        store: Option<SharedFill>,
         known: Option<Head>,
     ) {
         let start = tokio::time::Instant::now();
@@ -303,7 +312,7 @@ fn end_fields(inv: &mut redis::Cmd, end: &End) {
     match end {
         End::Done(entry) => {
             inv.arg("d");
-            cache_store::encode_into(entry, &mut inv.writer_for_next_arg());
+            tiered::encode_into(entry, &mut inv.writer_for_next_arg());
         }
         End::Response {
             status,
@@ -329,6 +338,8 @@ fn end_fields(inv: &mut redis::Cmd, end: &End) {
 /// Flights shared by the fleet.
 pub struct FleetFlights {
     redis: Arc<Redis>,
+    /// The cache whose shared tier a lookup reads (when it has one).
+    cache: Arc<CacheStore>,
     /// Whether a lookup reads the shared cache (`[redis] cache` on).
     read_cache: bool,
     lookup: Lua,
@@ -339,8 +350,11 @@ pub struct FleetFlights {
 
 /// What the fleet said of a cacheable miss.
 pub enum Lookup {
-    /// The shared cache had the answer (its portable form).
-    Cached(Vec<u8>),
+    /// The shared cache had the answer (now in memory too).
+    Cached(Arc<Entry>),
+    /// The shared cache had something that is not an answer: this replica
+    /// goes upstream without claiming the call.
+    Unclaimed,
     /// This replica leads the call for the fleet.
     Lead(Publisher),
     /// Another replica leads it (this owner, if Redis said).
@@ -369,21 +383,22 @@ struct Names {
 }
 
 impl FleetFlights {
-    pub fn new(redis: Arc<Redis>, read_cache: bool) -> FleetFlights {
+    pub fn new(redis: Arc<Redis>, cache: Arc<CacheStore>) -> FleetFlights {
         FleetFlights {
+            read_cache: cache.read_by_fleet(),
+            cache,
             lookup: redis.lua(LOOKUP),
             keep: redis.lua(KEEP),
             finish: redis.lua(FINISH),
             release: redis.lua(RELEASE),
             redis,
-            read_cache,
         }
     }
 
     /// The names of `key`'s answer and claim, and of `owner`'s flight.
     fn names(&self, key: &Key, owner: &str) -> Names {
         // Four names from one formatted base (on every miss).
-        let base = cache_store::redis_key(self.redis.key_prefix(), key, "");
+        let base = tiered::redis_key(self.redis.key_prefix(), key, "");
         let name = |part: &str, of: &str| {
             let mut s = String::with_capacity(base.len() + part.len() + of.len());
             s.push_str(&base);
@@ -439,8 +454,15 @@ impl FleetFlights {
     /// another one leads it: one round trip.
     pub async fn lookup(self: &Arc<Self>, key: &Key) -> Result<Lookup, Unavailable> {
         let owner = self.owner();
-        Ok(match self.look_up(key, &owner).await? {
-            LookedUp::Cached(answer) => Lookup::Cached(answer),
+        let looked = self.look_up(key, &owner).await?;
+        if self.read_cache && !matches!(looked, LookedUp::Cached(_)) {
+            self.cache.shared_missed();
+        }
+        Ok(match looked {
+            LookedUp::Cached(answer) => match self.cache.adopt(key, &answer) {
+                Some(entry) => Lookup::Cached(entry),
+                None => Lookup::Unclaimed,
+            },
             LookedUp::Claimed(n) => Lookup::Lead(Publisher {
                 fleet: Arc::clone(self),
                 n,
@@ -448,11 +470,6 @@ impl FleetFlights {
             }),
             LookedUp::Taken(leader) => Lookup::Claimed(leader),
         })
-    }
-
-    /// Whether the shared cache is read by `lookup`.
-    pub fn reads_cache(&self) -> bool {
-        self.read_cache
     }
 
     /// Renews the claim while someone reads: the leader's own client, or a
@@ -475,13 +492,16 @@ impl FleetFlights {
     }
 
     /// The end of a led flight: FINISH.
-    async fn finish(&self, n: &Names, owner: &str, end: &End, store: Option<SharedPut>) {
+    async fn finish(&self, n: &Names, owner: &str, end: &End, store: Option<SharedFill>) {
         let answer_len = match end {
-            End::Done(entry) => Some(cache_store::encoded_len(entry)),
+            End::Done(entry) => Some(tiered::encoded_len(entry)),
             _ => None,
         };
-        let cache_ttl = match (store, answer_len) {
-            (Some(put), Some(len)) if len as u64 <= put.max_entry_bytes => put.ttl_ms,
+        // Whether and for how long the answer goes into the shared cache is
+        // the cache's decision (`SharedFill`); it rides this script so a
+        // request that finds the call released finds the answer stored.
+        let cache_ttl = match (store, end) {
+            (Some(fill), End::Done(entry)) => fill.ttl_ms(entry).unwrap_or(0),
             _ => 0,
         };
         let mut inv = self.finish.call(
@@ -598,13 +618,13 @@ impl FleetFlights {
                                 n,
                                 owner,
                             }
-                            .start(leader.flight.attach_leader(0), None);
+                            .run_for_takeover(leader.flight.attach_leader(0));
                             return Remote::TakeOver(leader);
                         }
                         // The leader finished as this one looked: its answer.
                         Ok(LookedUp::Cached(answer)) => {
                             let reader = leader.flight.attach_leader(0);
-                            leader.end(match cache_store::decode(&answer) {
+                            leader.end(match tiered::decode(&answer) {
                                 Some(e) => End::Done(Arc::new(e)),
                                 None => End::Lost,
                             });
@@ -791,7 +811,7 @@ impl Reader {
                 };
                 leader.flight.push_event(Bytes::from(ev), mark);
             } else if let Some(d) = field("d") {
-                return Step::Ended(match cache_store::decode(&d) {
+                return Step::Ended(match tiered::decode(&d) {
                     Some(e) => End::Done(Arc::new(e)),
                     None => End::Error(GatewayError::StreamInterrupted),
                 });

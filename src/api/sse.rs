@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::text::Chars;
+use crate::api::text::Chars;
 
 /// Splits a byte stream into SSE events. Each event is returned with its
 /// terminating blank line, exactly as received, so forwarding it is a
@@ -197,15 +197,6 @@ impl Usage {
     }
 
     /// What a tenant's token bucket is charged: prompt + completion.
-    /// Cost in USD (SPEC §6): prompt cache hits and misses and completion
-    /// tokens at their prices per million.
-    pub fn cost_usd(&self, p: &crate::config::Pricing) -> f64 {
-        (self.prompt_cache_hit as f64 * p.input_cache_hit
-            + self.prompt_cache_miss as f64 * p.input_cache_miss
-            + self.completion as f64 * p.output)
-            / 1e6
-    }
-
     pub fn billable(&self) -> u64 {
         self.prompt.saturating_add(self.completion)
     }

@@ -29,36 +29,33 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, StatusCode};
 use http_body::Body as _;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::Sleep;
 
-use crate::cache::{Detach, End, Entry, Head, Key, Leader, Mark, Next, Reader, FLIGHT_LOG_MAX};
-use crate::error::{stream_error_event, GatewayError};
+use crate::api::sse::{self, Assembler, EventData, Framer, Shape, Usage};
+use crate::cache::tiered::Fill;
+use crate::cache::Entry;
+use crate::config::Pricing;
+use crate::flight::{End, Head, Leader, Mark, Reader, RelayHandle, FLIGHT_LOG_MAX};
+use crate::http::error::{stream_error_event, GatewayError};
 use crate::limit::Lease;
-use crate::sse::{self, Assembler, EventData, Framer, Shape, Usage};
-use crate::state::{App, Tenant};
+use crate::metrics::Tokens;
+use crate::response::log::{LogBody, LogOpts};
+use crate::response::record::{Outcome, RelaySummary};
+use crate::response::BoxError;
+use crate::tenant::Tenant;
 use crate::upstream::{Sent, UpstreamBody};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// What the relay tells the record when it is done.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct RelaySummary {
-    pub usage: Option<Usage>,
-    pub estimated: bool,
-    pub first_event_at: Option<Instant>,
-    /// How the body ended: "ok", "interrupted", "client_gone", "handed_off".
-    pub outcome: &'static str,
-}
-
-/// Who pays for the tokens of this upstream call.
+/// Who pays for the tokens of this upstream call, and at what price.
 pub struct Meter {
     /// Settled with the answer's tokens once they are known; dropped (no
     /// tokens) when the answer is an error.
     pub lease: Option<Lease>,
-    pub app: Arc<App>,
     pub tenant: Arc<Tenant>,
+    /// The model's label (bounded), for the usage metrics.
     pub model: Arc<str>,
+    /// The model's price, when it has one.
+    pub price: Option<Pricing>,
     /// Characters of the request's messages or prompt, for the estimate.
     pub prompt_chars: u64,
 }
@@ -66,13 +63,10 @@ pub struct Meter {
 /// Where a complete answer goes besides the client.
 #[derive(Default)]
 pub struct Sink {
-    /// Store the answer under this key once complete.
-    pub store: Option<Key>,
+    /// The cache's fill for this answer: it is stored once complete.
+    pub fill: Option<Fill>,
     /// Publish to coalesced followers.
     pub leader: Option<Leader>,
-    /// Write the stored answer to Redis too (false: the fleet's publisher
-    /// of this call writes it, with the release of its claim).
-    pub shared_put: bool,
 }
 
 enum Mode {
@@ -115,6 +109,9 @@ pub struct Relay {
     /// that arrives whole never registers either.
     timer: Option<Pin<Box<Sleep>>>,
     idle: Duration,
+    /// The shutdown grace's watch, until the first wait turns it into
+    /// `grace`.
+    grace_watch: Option<watch::Receiver<bool>>,
     grace: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// What the client gets next, each with the number of the flight's log
     /// entry a reader resumes at if it has not been sent yet.
@@ -151,55 +148,58 @@ pub struct Plan {
     /// Deadline for the first data event (the first-byte timeout).
     pub first_event_deadline: Instant,
     pub idle: Duration,
+    /// Flips to true when the shutdown grace is over: the answer ends.
+    pub grace: watch::Receiver<bool>,
     pub meter: Meter,
     pub sink: Sink,
 }
 
-impl Plan {
-    /// The relay of the response that arrived for this plan.
-    pub fn relay(
-        mut self,
-        upstream: UpstreamBody,
-        status: StatusCode,
-        content_type: Option<HeaderValue>,
-        slot: Option<OwnedSemaphorePermit>,
-    ) -> Relay {
-        if status != StatusCode::OK {
-            self.sink.store = None;
-        }
-        let stream = self.stream.filter(|_| status == StatusCode::OK);
-        Relay::new(
-            upstream,
-            status,
-            content_type,
-            stream,
-            self.first_event_deadline,
-            self.idle,
-            self.meter,
-            self.sink,
-            slot,
-        )
+/// The parts of an upstream answer the relay reads.
+pub struct Answer {
+    pub body: UpstreamBody,
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    /// The upstream concurrency slot the call holds until it is done.
+    pub slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Answer {
+    /// An upstream call's answer, its headers left to the caller.
+    pub fn of(sent: Sent) -> (http::response::Parts, Answer) {
+        let (parts, body) = sent.response.into_parts();
+        let answer = Answer {
+            body,
+            status: parts.status,
+            content_type: parts.headers.get(http::header::CONTENT_TYPE).cloned(),
+            slot: sent.slot,
+        };
+        (parts, answer)
     }
 }
 
-impl Relay {
-    /// `stream`: `Some` for a 200 answer to a streaming request.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "each argument is a distinct part of the answer; a struct would only rename them"
-    )]
-    fn new(
-        upstream: UpstreamBody,
-        status: StatusCode,
-        content_type: Option<HeaderValue>,
-        stream: Option<StreamOpts>,
-        first_event_deadline: Instant,
-        idle: Duration,
-        meter: Meter,
-        sink: Sink,
-        slot: Option<OwnedSemaphorePermit>,
-    ) -> Relay {
-        let assembling = sink.store.is_some() || sink.leader.is_some();
+impl Plan {
+    /// The relay of the answer that arrived for this plan.
+    pub fn relay(self, answer: Answer) -> Relay {
+        let Plan {
+            stream,
+            first_event_deadline,
+            idle,
+            grace,
+            meter,
+            mut sink,
+        } = self;
+        let Answer {
+            body: upstream,
+            status,
+            content_type,
+            slot,
+        } = answer;
+        if status != StatusCode::OK {
+            sink.fill = None;
+        }
+        // `Some` for a 200 answer to a streaming request.
+        let stream = stream.filter(|_| status == StatusCode::OK);
+        let assembling = sink.fill.is_some() || sink.leader.is_some();
         // Copied out of the upstream connection's read buffer, like the body.
         let content_type =
             content_type.map(|ct| HeaderValue::from_bytes(ct.as_bytes()).unwrap_or(ct));
@@ -243,6 +243,7 @@ impl Relay {
             deadline,
             timer: None,
             idle,
+            grace_watch: Some(grace),
             grace: None,
             out: VecDeque::new(),
             finished: false,
@@ -255,12 +256,14 @@ impl Relay {
             response_bytes: 0,
             completion_chars: 0,
             summary: RelaySummary {
-                outcome: "ok",
+                outcome: Outcome::Ok,
                 ..RelaySummary::default()
             },
         }
     }
+}
 
+impl Relay {
     /// Whether this relay publishes to a flight.
     pub fn leads(&self) -> bool {
         self.sink.leader.is_some()
@@ -315,11 +318,15 @@ impl Relay {
                 self.fail();
                 continue;
             }
-            let app = &self.meter.app;
+            let watch = &mut self.grace_watch;
             let grace = self.grace.get_or_insert_with(|| {
-                let mut over = app.lifecycle.grace_watch();
+                let mut over = watch.take();
                 Box::pin(async move {
-                    if over.wait_for(|over| *over).await.is_err() {
+                    let ended = match &mut over {
+                        Some(over) => over.wait_for(|over| *over).await.is_ok(),
+                        None => false,
+                    };
+                    if !ended {
                         std::future::pending::<()>().await;
                     }
                 })
@@ -529,7 +536,7 @@ impl Relay {
                 if status == StatusCode::OK {
                     // Parse once: into an entry when the cache or followers
                     // want one (its usage comes along), else just the usage.
-                    let wanted = self.sink.store.is_some() || self.sink.leader.is_some();
+                    let wanted = self.sink.fill.is_some() || self.sink.leader.is_some();
                     let entry = if wanted {
                         body.clone().and_then(Entry::from_completion).map(Arc::new)
                     } else {
@@ -574,11 +581,8 @@ impl Relay {
         entry: Option<Arc<Entry>>,
         raw: Option<(StatusCode, Option<HeaderValue>, Bytes)>,
     ) {
-        if let (Some(key), Some(entry)) = (self.sink.store, &entry) {
-            self.meter
-                .app
-                .cache
-                .put(key, Arc::clone(entry), self.sink.shared_put);
+        if let (Some(fill), Some(entry)) = (self.sink.fill.take(), &entry) {
+            fill.store(Arc::clone(entry));
         }
         if let Some(leader) = self.sink.leader.take() {
             match (entry, raw) {
@@ -608,7 +612,7 @@ impl Relay {
         self.finished = true;
         self.abort = true;
         self.slot = None;
-        self.summary.outcome = "interrupted";
+        self.summary.outcome = Outcome::Interrupted;
         self.charge_partial();
         self.meter.lease = None;
         // Leader dropped unended: followers get the interruption.
@@ -643,15 +647,23 @@ impl Relay {
                 true,
             ),
         };
-        let snapshot = self.meter.app.snapshot.load();
         // Priced once: the same cost is charged to the budget and counted.
-        let cost = snapshot.price(&self.meter.model).map(|p| u.cost_usd(p));
+        let cost = self.meter.price.as_ref().map(|p| cost_usd(&u, p));
         if let Some(lease) = self.meter.lease.take() {
             lease.settle(u.billable(), cost.unwrap_or(0.0));
         }
         let m = &self.meter;
-        let handles = m.tenant.usage(&m.model, &m.app.metrics);
-        handles.record(&u, cost);
+        let handles = m.tenant.usage(&m.model);
+        handles.record(
+            &Tokens {
+                prompt: u.prompt,
+                completion: u.completion,
+                prompt_cache_hit: u.prompt_cache_hit,
+                prompt_cache_miss: u.prompt_cache_miss,
+                reasoning: u.reasoning,
+            },
+            cost,
+        );
         if estimated {
             handles.estimated.inc();
         }
@@ -663,7 +675,7 @@ impl Relay {
     fn cancel(&mut self) {
         self.finished = true;
         self.slot = None;
-        self.summary.outcome = "client_gone";
+        self.summary.outcome = Outcome::ClientGone;
         self.charge_partial();
         self.meter.lease = None;
         self.sink.leader = None;
@@ -681,7 +693,7 @@ impl Relay {
         if keep {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 let mut summary = self.summary;
-                summary.outcome = "handed_off";
+                summary.outcome = Outcome::HandedOff;
                 self.out.clear();
                 self.detached = true;
                 rt.spawn(drive(self, lead));
@@ -767,15 +779,6 @@ async fn drive(mut relay: Relay, lead: Option<Weak<Lead>>) {
     }
 }
 
-/// How a reader of a flight's log delivers it.
-#[derive(Debug, Clone, Copy)]
-pub struct LogOpts {
-    /// A non-stream body: pieces as they are; a break aborts the response.
-    pub raw: bool,
-    /// Whether the usage-only chunk is sent.
-    pub include_usage: bool,
-}
-
 // ---- a flight's leader ------------------------------------------------------
 
 /// A flight leader's relay, where its first follower can find it.
@@ -808,7 +811,17 @@ impl Lead {
     }
 }
 
-impl Detach for Lead {
+/// Moves the leader's relay that `reader` (the first to attach to its
+/// flight) took the handle of into a task, if it still runs in place.
+pub fn hand_off(reader: &mut Reader) {
+    if let Some(lead) = reader.take_handoff().and_then(|h| h.get::<Lead>()) {
+        lead.detach();
+    }
+}
+
+impl Lead {
+    /// Moves the relay off the leader's connection into a task that reads
+    /// upstream at upstream's pace for the flight's readers.
     fn detach(&self) {
         // Taken out of the slot under its lock: the leader's connection is
         // not polling it meanwhile.
@@ -858,8 +871,7 @@ impl LeadBody {
             }),
         });
         if let Some(flight) = flight {
-            let weak: Weak<dyn Detach> = Arc::downgrade(&lead) as Weak<Lead>;
-            if flight.set_detach(weak) {
+            if !flight.keep_relay(RelayHandle::new(Arc::downgrade(&lead))) {
                 lead.detach();
             }
         }
@@ -905,102 +917,13 @@ impl LeadBody {
             Some(relay) => (*relay).release(Some(weak)),
             None => summary.unwrap_or(RelaySummary {
                 outcome: if self.log.as_ref().is_some_and(|l| l.ended) {
-                    "ok"
+                    Outcome::Ok
                 } else {
-                    "handed_off"
+                    Outcome::HandedOff
                 },
                 ..RelaySummary::default()
             }),
         }
-    }
-}
-
-// ---- reading a flight's log -------------------------------------------------
-
-/// A client's body read from a flight's log, at the client's own pace: a
-/// coalesced follower's, or the leader's once its relay moved into a task.
-/// Nothing follows a `[DONE]`; a break (the flight's, or this reader falling
-/// further behind than the log keeps) ends a stream with the SSE error event
-/// and then aborts the response.
-pub struct LogBody {
-    reader: Reader,
-    opts: LogOpts,
-    /// Tokens answered without going upstream, counted when the answer is
-    /// complete (followers).
-    saved: Option<prometheus::IntCounter>,
-    done_sent: bool,
-    abort: bool,
-    ended: bool,
-}
-
-impl LogBody {
-    pub fn new(reader: Reader, opts: LogOpts, saved: Option<prometheus::IntCounter>) -> LogBody {
-        LogBody {
-            reader,
-            opts,
-            saved,
-            done_sent: false,
-            abort: false,
-            ended: false,
-        }
-    }
-
-    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
-        if std::mem::take(&mut self.abort) {
-            return Poll::Ready(Some(Err("upstream stream interrupted".into())));
-        }
-        if self.ended {
-            return Poll::Ready(None);
-        }
-        loop {
-            let next = match self.reader.poll_next(cx) {
-                Poll::Ready(n) => n,
-                Poll::Pending => return Poll::Pending,
-            };
-            match next {
-                Next::Event(b, mark) => {
-                    if self.done_sent {
-                        continue;
-                    }
-                    match mark {
-                        Mark::UsageOnly if !self.opts.include_usage && !self.opts.raw => continue,
-                        Mark::Done => self.done_sent = true,
-                        Mark::UsageOnly | Mark::Event => {}
-                    }
-                    return Poll::Ready(Some(Ok(b)));
-                }
-                Next::Behind => return self.broken(),
-                Next::End(end) => {
-                    if let (End::Done(entry), Some(saved)) = (&end, &self.saved) {
-                        // Only the tokens of a completed answer count as saved.
-                        saved.inc_by(entry.usage.map_or(0, |u| u.total));
-                    }
-                    let clean = self.done_sent
-                        || match end {
-                            End::Done(_) => true,
-                            End::Response { .. } => self.opts.raw,
-                            End::Error(_) | End::Lost => false,
-                        };
-                    if clean {
-                        self.ended = true;
-                        return Poll::Ready(None);
-                    }
-                    return self.broken();
-                }
-            }
-        }
-    }
-
-    fn broken(&mut self) -> Poll<Option<Result<Bytes, BoxError>>> {
-        self.ended = true;
-        if self.done_sent {
-            return Poll::Ready(None);
-        }
-        if self.opts.raw {
-            return Poll::Ready(Some(Err("upstream body interrupted".into())));
-        }
-        self.abort = true;
-        Poll::Ready(Some(Ok(stream_error_event())))
     }
 }
 
@@ -1068,9 +991,8 @@ impl Drop for Launch {
         rt.spawn(async move {
             match call.await {
                 Ok(sent) => {
-                    let (parts, body) = sent.response.into_parts();
-                    let content_type = parts.headers.get(http::header::CONTENT_TYPE).cloned();
-                    let mut relay = plan.relay(body, parts.status, content_type, sent.slot);
+                    let (_, answer) = Answer::of(sent);
+                    let mut relay = plan.relay(answer);
                     relay.detached = true;
                     drive(relay, None).await;
                 }
@@ -1081,5 +1003,38 @@ impl Drop for Launch {
                 }
             }
         });
+    }
+}
+
+/// What an answer's usage costs, in USD: prompt cache hits and misses and
+/// completion tokens at the model's prices per million. The one place
+/// usage and prices meet.
+fn cost_usd(u: &Usage, p: &Pricing) -> f64 {
+    (u.prompt_cache_hit as f64 * p.input_cache_hit
+        + u.prompt_cache_miss as f64 * p.input_cache_miss
+        + u.completion as f64 * p.output)
+        / 1e6
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_follows_pricing() {
+        let p = Pricing {
+            input_cache_hit: 1.0,
+            input_cache_miss: 2.0,
+            output: 4.0,
+        };
+        let u = Usage {
+            prompt: 30,
+            completion: 10,
+            total: 40,
+            prompt_cache_hit: 10,
+            prompt_cache_miss: 20,
+            reasoning: 0,
+        };
+        assert!((cost_usd(&u, &p) - (10.0 + 40.0 + 40.0) / 1e6).abs() < 1e-12);
     }
 }

@@ -31,7 +31,6 @@ use redis::RedisWrite;
 
 use crate::cache::{Entry, Key, Store};
 use crate::config::RedisConfig;
-use crate::metrics::Metrics;
 use crate::shared::{Op, Redis};
 
 /// The longest a replica keeps its own copy of a shared entry.
@@ -50,10 +49,84 @@ pub struct CacheStore {
 struct Shared {
     redis: Arc<Redis>,
     max_entry_bytes: u64,
+    /// Who reads Redis on a memory miss.
+    read_by: SharedReads,
     writes: Arc<Semaphore>,
     /// Lookups Redis answered, found and not found.
     found: prometheus::IntCounter,
     not_found: prometheus::IntCounter,
+}
+
+/// Who asks Redis for an answer that missed memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SharedReads {
+    /// `CacheStore::get` itself (one `GET`).
+    Get,
+    /// The fleet's flights, in the round trip that claims the call.
+    FleetLookup,
+}
+
+/// The right to store one answer, made by the cache when a request leads a
+/// miss and spent by the relay when the answer is complete
+/// (`CacheStore::put`). With a shared tier, its Redis half can be handed
+/// to the fleet's flights (`hand_over`), which write the answer with the
+/// release of their claim; the cache still decides whether the answer goes
+/// there, names its key and encodes it (`SharedFill`).
+pub struct Fill {
+    cache: Arc<CacheStore>,
+    key: Key,
+    shared: Tier,
+}
+
+#[derive(Debug)]
+enum Tier {
+    /// No shared tier: memory only, for the whole TTL.
+    None,
+    /// The relay's `put` writes Redis too.
+    Here(SharedFill),
+    /// The fleet's flights write Redis; memory keeps a short copy.
+    HandedOver,
+}
+
+impl Fill {
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    /// Stores the complete answer (`CacheStore::put`).
+    pub fn store(self, entry: Arc<Entry>) {
+        let cache = Arc::clone(&self.cache);
+        cache.put(self, entry);
+    }
+
+    /// Takes the Redis half of this fill, for the fleet's flights to write
+    /// with their end; `None` without a shared tier.
+    pub fn hand_over(&mut self) -> Option<SharedFill> {
+        match std::mem::replace(&mut self.shared, Tier::HandedOver) {
+            Tier::Here(s) => Some(s),
+            Tier::None => {
+                self.shared = Tier::None;
+                None
+            }
+            Tier::HandedOver => None,
+        }
+    }
+}
+
+/// How an answer goes into Redis, decided by the cache: its time to live,
+/// and the size past which it stays in memory only.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedFill {
+    ttl_ms: u64,
+    max_entry_bytes: u64,
+}
+
+impl SharedFill {
+    /// The time to live of `entry` in Redis, or `None` when it stays out
+    /// of Redis (larger than `cache_max_entry_bytes`, as encoded).
+    pub fn ttl_ms(&self, entry: &Entry) -> Option<u64> {
+        (encoded_len(entry) as u64 <= self.max_entry_bytes).then_some(self.ttl_ms)
+    }
 }
 
 impl CacheStore {
@@ -65,7 +138,7 @@ impl CacheStore {
     pub fn new(
         local: Store,
         redis: Option<(&Arc<Redis>, &RedisConfig)>,
-        metrics: &Metrics,
+        registry: &prometheus::Registry,
     ) -> CacheStore {
         let shared = redis.filter(|(_, c)| c.cache).map(|(redis, c)| {
             let lookups = prometheus::IntCounterVec::new(
@@ -76,13 +149,17 @@ impl CacheStore {
                 &["result"],
             )
             .expect("valid metric");
-            metrics
-                .registry()
+            registry
                 .register(Box::new(lookups.clone()))
                 .expect("unique metric");
             Shared {
                 redis: Arc::clone(redis),
                 max_entry_bytes: c.cache_max_entry_bytes,
+                read_by: if c.coalesce {
+                    SharedReads::FleetLookup
+                } else {
+                    SharedReads::Get
+                },
                 writes: Arc::new(Semaphore::new(WRITES_IN_FLIGHT)),
                 found: lookups.with_label_values(&["hit"]),
                 not_found: lookups.with_label_values(&["miss"]),
@@ -96,12 +173,16 @@ impl CacheStore {
         &self.local
     }
 
-    /// Memory first, then Redis.
+    /// Memory first, then Redis, unless the fleet's flights read Redis for
+    /// this cache (in the round trip that claims the call).
     pub async fn get(&self, key: &Key) -> Option<Arc<Entry>> {
         if let Some(e) = self.local.get(key) {
             return Some(e);
         }
         let shared = self.shared.as_ref()?;
+        if shared.read_by == SharedReads::FleetLookup {
+            return None;
+        }
         let bytes: Option<Vec<u8>> = shared
             .redis
             .query(Op::CacheGet, redis::cmd("GET").arg(shared.key(key)))
@@ -116,14 +197,11 @@ impl CacheStore {
         }
     }
 
-    /// Memory only.
-    pub fn get_local(&self, key: &Key) -> Option<Arc<Entry>> {
-        self.local.get(key)
-    }
-
-    /// Whether Redis is a tier of this cache.
-    pub fn is_shared(&self) -> bool {
-        self.shared.is_some()
+    /// Whether the fleet's flights read Redis for this cache.
+    pub fn read_by_fleet(&self) -> bool {
+        self.shared
+            .as_ref()
+            .is_some_and(|s| s.read_by == SharedReads::FleetLookup)
     }
 
     /// An entry Redis had for `key` (its portable form, read by whoever
@@ -151,19 +229,26 @@ impl CacheStore {
         }
     }
 
-    /// How an entry is written to Redis by someone else (the fleet's
-    /// flights, with the release of their claim): `None` without a shared
-    /// tier.
-    pub fn shared_put(&self) -> Option<SharedPut> {
-        self.shared.as_ref().map(|s| SharedPut {
-            ttl_ms: self.local.ttl().as_millis() as u64,
-            max_entry_bytes: s.max_entry_bytes,
-        })
+    /// The right to store the answer to `key`.
+    pub fn fill(self: &Arc<Self>, key: Key) -> Fill {
+        let shared = match &self.shared {
+            None => Tier::None,
+            Some(s) => Tier::Here(SharedFill {
+                ttl_ms: self.local.ttl().as_millis() as u64,
+                max_entry_bytes: s.max_entry_bytes,
+            }),
+        };
+        Fill {
+            cache: Arc::clone(self),
+            key,
+            shared,
+        }
     }
 
-    /// Memory at once; Redis from a task, never delaying the caller, unless
-    /// `shared` is false (someone else writes it there: see `shared_put`).
-    pub fn put(&self, key: Key, entry: Arc<Entry>, shared: bool) {
+    /// Stores a complete answer: memory at once; Redis from a task, never
+    /// delaying the caller, unless the fill's Redis half was handed over.
+    fn put(&self, fill: Fill, entry: Arc<Entry>) {
+        let Fill { key, shared, .. } = fill;
         let Some(tier) = &self.shared else {
             self.local.insert(key, entry);
             return;
@@ -173,15 +258,17 @@ impl CacheStore {
             return;
         }
         // The command is built here, so the entry's age is taken now.
-        let cmd = shared.then(|| {
-            let name = tier.key(&key);
-            let ttl_ms = self.local.ttl().as_millis() as u64;
-            let mut cmd = redis::Cmd::with_capacity(5, name.len() + encoded_len(&entry) + 32);
-            cmd.arg("SET").arg(name);
-            encode_into(&entry, &mut cmd.writer_for_next_arg());
-            cmd.arg("PX").arg(ttl_ms);
-            cmd
-        });
+        let cmd = match shared {
+            Tier::Here(fill) => {
+                let name = tier.key(&key);
+                let mut cmd = redis::Cmd::with_capacity(5, name.len() + encoded_len(&entry) + 32);
+                cmd.arg("SET").arg(name);
+                encode_into(&entry, &mut cmd.writer_for_next_arg());
+                cmd.arg("PX").arg(fill.ttl_ms);
+                Some(cmd)
+            }
+            Tier::None | Tier::HandedOver => None,
+        };
         self.local
             .insert_for(key, entry, SHARED_COPY_TTL.min(self.local.ttl()));
         let Some(cmd) = cmd else {
@@ -196,13 +283,6 @@ impl CacheStore {
             drop(permit);
         });
     }
-}
-
-/// How the fleet's flights write an entry to Redis for the cache.
-#[derive(Debug, Clone, Copy)]
-pub struct SharedPut {
-    pub ttl_ms: u64,
-    pub max_entry_bytes: u64,
 }
 
 impl Shared {

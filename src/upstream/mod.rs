@@ -20,10 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{
-    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
-};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -36,8 +33,13 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
+pub mod balance;
+pub mod pool;
+
+use pool::{Origin, Target};
+
 use crate::config::UpstreamConfig;
-use crate::error::GatewayError;
+use crate::http::error::GatewayError;
 use crate::metrics::Metrics;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -236,48 +238,6 @@ impl Upstream {
             origin: target.origin.clone(),
             idle_since: Instant::now(),
         }))
-    }
-}
-
-/// Where one upstream URL is, parsed once per config: the scheme and
-/// authority pick and open the connection, the origin-form target goes on
-/// the request line, and `Host` names the authority.
-pub struct Target {
-    origin: Origin,
-    connect: Uri,
-    path: Uri,
-    host: HeaderValue,
-}
-
-#[derive(Clone, PartialEq, Eq)]
-struct Origin {
-    scheme: Scheme,
-    authority: Authority,
-}
-
-impl Target {
-    /// `None` unless `url` is absolute (`http://` or `https://` and a host).
-    pub fn parse(url: &str) -> Option<Target> {
-        let connect: Uri = url.parse().ok()?;
-        let scheme = connect.scheme()?.clone();
-        let authority = connect.authority()?.clone();
-        let path = Uri::from(
-            connect
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
-        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
-        let host = match authority.port_u16() {
-            Some(port) if port != default_port => format!("{}:{port}", authority.host()),
-            _ => authority.host().to_string(),
-        };
-        Some(Target {
-            host: HeaderValue::from_str(&host).ok()?,
-            origin: Origin { scheme, authority },
-            connect,
-            path,
-        })
     }
 }
 
@@ -533,42 +493,6 @@ fn retry_after(h: &HeaderMap) -> Option<Duration> {
     Some(Duration::from_secs_f64(secs.min(max)))
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1, and the non-standard
-/// Proxy-Connection that old clients send), never forwarded either way.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Removes hop-by-hop headers, and any header the Connection header names.
-pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names decides.
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
-        return;
-    }
-    let named: Vec<String> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|name| name.trim().to_ascii_lowercase())
-        .filter(|name| !name.is_empty())
-        .collect();
-    for name in &HOP_BY_HOP {
-        h.remove(name);
-    }
-    for name in &named {
-        h.remove(name.as_str());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -599,24 +523,5 @@ mod tests {
             let base = Duration::from_millis(100 << attempt.min(6)).min(Duration::from_secs(5));
             assert!(d >= base / 2 && d <= base, "{attempt}: {d:?}");
         }
-    }
-
-    #[test]
-    fn hop_by_hop_and_connection_named_headers_go() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("connection", "keep-alive, x-secret"),
-            ("keep-alive", "timeout=5"),
-            ("x-secret", "1"),
-            ("te", "trailers"),
-            ("proxy-authorization", "x"),
-            ("proxy-connection", "keep-alive"),
-            ("content-type", "application/json"),
-        ] {
-            h.insert(k, v.parse().expect("v"));
-        }
-        strip_hop_by_hop(&mut h);
-        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, vec!["content-type"]);
     }
 }

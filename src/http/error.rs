@@ -1,4 +1,4 @@
-//! Sluice's own errors (SPEC §3 table): status, OpenAI-shaped body, and the
+//! Sluice's own errors (the table in docs/api.md): status, OpenAI-shaped body, and the
 //! `retry-after` headers of a refusal. The only place error bodies are built;
 //! upstream errors are forwarded, never wrapped, so they never come here.
 
@@ -7,7 +7,28 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::limit::{Denied, Limit, Refused};
+/// Which tenant limit refused a request (the vocabulary of 429 and 402
+/// refusals and of the `limit` metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Requests,
+    Tokens,
+    Concurrency,
+    /// The tenant's spend budget for the period (SPEC §9).
+    Budget,
+}
+
+impl Limit {
+    /// The `limit` label of `sluice_rate_limited_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Requests => "requests",
+            Limit::Tokens => "tokens",
+            Limit::Concurrency => "concurrency",
+            Limit::Budget => "budget",
+        }
+    }
+}
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
@@ -169,29 +190,6 @@ impl GatewayError {
             h.insert("retry-after-ms", HeaderValue::from(ms as u64));
         }
         resp
-    }
-}
-
-impl From<Denied> for GatewayError {
-    fn from(d: Denied) -> GatewayError {
-        match d {
-            Denied::Limit(r) => r.into(),
-            Denied::Unavailable => GatewayError::SharedStateUnavailable,
-        }
-    }
-}
-
-impl From<Refused> for GatewayError {
-    fn from(r: Refused) -> GatewayError {
-        match r.limit {
-            Limit::Budget => GatewayError::BudgetExceeded {
-                retry_after: r.wait,
-            },
-            Limit::Requests | Limit::Tokens | Limit::Concurrency => GatewayError::RateLimited {
-                limit: r.limit,
-                retry_after: r.wait,
-            },
-        }
     }
 }
 

@@ -7,15 +7,15 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use crate::limit::Lease;
-use crate::relay::{BoxError, LeadBody, LogBody, Relay, RelaySummary};
-use crate::sse::Usage;
-use crate::state::{App, Tenant};
 use bytes::Bytes;
+
+use crate::response::log::LogBody;
+use crate::response::record::Record;
+use crate::response::relay::{LeadBody, Relay};
+use crate::response::BoxError;
 use http_body::{Frame, SizeHint};
 
 pub struct Body {
@@ -175,134 +175,5 @@ impl Drop for Body {
         if let Some(rec) = &mut self.record {
             rec.absorb(summary);
         }
-    }
-}
-
-/// One request's facts, filled in along the request path and written out
-/// (metrics and the access-log line) when the response body is dropped.
-pub struct Record {
-    app: Arc<App>,
-    pub request_id: http::HeaderValue,
-    pub start: Instant,
-    pub tenant: Option<Arc<Tenant>>,
-    pub model: Option<Arc<str>>,
-    pub endpoint: &'static str,
-    pub stream: bool,
-    pub status: u16,
-    pub cache: &'static str,
-    pub upstream_status: Option<u16>,
-    pub usage: Option<Usage>,
-    /// Tokens answered without going upstream (hits, coalesced).
-    pub saved: Option<Usage>,
-    pub estimated: bool,
-    pub first_byte: Option<Instant>,
-    pub outcome: &'static str,
-    pub error: Option<&'static str>,
-    /// Held until settled: by the relay with the answer's tokens, or here,
-    /// with none, when the request ends without going upstream.
-    pub lease: Option<Lease>,
-    inflight: bool,
-}
-
-impl Record {
-    pub fn new(app: Arc<App>, request_id: http::HeaderValue, start: Instant) -> Record {
-        Record {
-            app,
-            request_id,
-            start,
-            tenant: None,
-            model: None,
-            endpoint: "other",
-            stream: false,
-            status: 0,
-            cache: "none",
-            upstream_status: None,
-            usage: None,
-            saved: None,
-            estimated: false,
-            first_byte: None,
-            outcome: "ok",
-            error: None,
-            lease: None,
-            inflight: false,
-        }
-    }
-
-    /// Counts the request in `sluice_inflight_requests` until it is logged.
-    pub fn set_tenant(&mut self, tenant: Arc<Tenant>) {
-        tenant.inflight.inc();
-        self.inflight = true;
-        self.tenant = Some(tenant);
-    }
-
-    fn absorb(&mut self, s: RelaySummary) {
-        if s.usage.is_some() {
-            self.usage = s.usage;
-        }
-        self.estimated |= s.estimated;
-        if self.first_byte.is_none() {
-            self.first_byte = s.first_event_at;
-        }
-        self.outcome = s.outcome;
-    }
-}
-
-impl Drop for Record {
-    fn drop(&mut self) {
-        let m = &self.app.metrics;
-        let tenant = self.tenant.as_ref().map_or("unknown", |t| &t.name);
-        let model = self.model.as_deref().unwrap_or(crate::metrics::OTHER);
-        // StatusCode::as_str is a static table: no formatting per request.
-        let code = http::StatusCode::from_u16(self.status)
-            .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-        let status = code.as_str();
-        let elapsed = self.start.elapsed();
-        let ttft = self
-            .first_byte
-            .map(|t| t.saturating_duration_since(self.start));
-        let handles = self.tenant.as_ref().map(|t| t.usage(model, m));
-        m.observe_request(
-            handles.as_deref().map(|h| &h.requests),
-            &crate::metrics::RequestLabels {
-                tenant,
-                model,
-                endpoint: self.endpoint,
-                status,
-                cache: self.cache,
-                stream: self.stream,
-            },
-            (self.endpoint != "other").then_some(elapsed.as_secs_f64()),
-            ttft.filter(|_| self.status == 200 && self.model.is_some())
-                .map(|t| t.as_secs_f64()),
-        );
-        if let (Some(saved), Some(h)) = (&self.saved, &handles) {
-            h.saved.inc_by(saved.total);
-        }
-        if self.inflight {
-            if let Some(t) = &self.tenant {
-                t.inflight.dec();
-            }
-        }
-        let usage = self.usage.unwrap_or_default();
-        // The one access-log line. Keys, prompts and completions never appear.
-        tracing::info!(
-            target: "sluice::access",
-            request_id = self.request_id.to_str().unwrap_or("-"),
-            tenant,
-            model,
-            endpoint = self.endpoint,
-            status = self.status,
-            cache = self.cache,
-            stream = self.stream,
-            prompt_tokens = usage.prompt,
-            completion_tokens = usage.completion,
-            usage_estimated = self.estimated,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            ttft_ms = ttft.map(|t| t.as_secs_f64() * 1000.0),
-            upstream_status = self.upstream_status,
-            outcome = self.outcome,
-            error = self.error,
-            "request"
-        );
     }
 }

@@ -3,52 +3,8 @@
 
 use http::Method;
 
-use crate::error::GatewayError;
-use crate::sse::Shape;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    Chat,
-    ChatPrefix,
-    Fim,
-    Models,
-}
-
-impl Endpoint {
-    /// The `endpoint` metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Endpoint::Chat => "chat",
-            Endpoint::ChatPrefix => "chat_prefix",
-            Endpoint::Fim => "fim",
-            Endpoint::Models => "models",
-        }
-    }
-
-    /// The path appended to `upstream.base_url`.
-    pub fn upstream_path(self) -> &'static str {
-        match self {
-            Endpoint::Chat => "/chat/completions",
-            Endpoint::ChatPrefix => "/beta/chat/completions",
-            Endpoint::Fim => "/beta/completions",
-            Endpoint::Models => "/models",
-        }
-    }
-
-    pub fn method(self) -> Method {
-        match self {
-            Endpoint::Models => Method::GET,
-            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Fim => Method::POST,
-        }
-    }
-
-    pub fn shape(self) -> Shape {
-        match self {
-            Endpoint::Fim => Shape::Text,
-            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models => Shape::Chat,
-        }
-    }
-}
+use crate::api::Endpoint;
+use crate::http::error::GatewayError;
 
 /// Resolves a request line. A known path with the wrong method is 405; an
 /// unknown path is 404. A trailing slash is tolerated.
@@ -64,7 +20,11 @@ pub fn route(method: &Method, path: &str) -> Result<Endpoint, GatewayError> {
         "/models" | "/v1/models" => Endpoint::Models,
         _ => return Err(GatewayError::NotFound),
     };
-    if *method == endpoint.method() || (endpoint == Endpoint::Models && method == Method::HEAD) {
+    let allowed = match endpoint {
+        Endpoint::Models => method == Method::GET || method == Method::HEAD,
+        Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Fim => method == Method::POST,
+    };
+    if allowed {
         Ok(endpoint)
     } else {
         Err(GatewayError::MethodNotAllowed)

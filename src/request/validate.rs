@@ -1,0 +1,353 @@
+//! Validation of a request body, in one pass and without a tree: a JSON
+//! object, no repeated top-level key, the fields each endpoint needs, the
+//! cache key (unless the cache is bypassed) and the prompt's characters for
+//! the usage estimate. And the one change Sluice makes to a body: a
+//! stream's `stream_options.include_usage`, spliced into the client's bytes.
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::api::json;
+use crate::api::text::PromptText;
+use crate::api::Endpoint;
+use crate::cache;
+use crate::http::error::GatewayError;
+
+/// A validated API request. Every field but the few read here passes
+/// through untouched; nothing built from the body is kept but these.
+pub struct ApiRequest {
+    /// The cache key, when the cache is used (computed while the body was
+    /// scanned, and the scan dropped at once).
+    pub key: Option<cache::Key>,
+    pub model: String,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// How a stream's body gets `stream_options.include_usage = true`.
+    splice: Splice,
+    /// Characters of the messages' text (or the FIM prompt), for the usage
+    /// estimate: counted here so nothing of the body is kept for it.
+    pub prompt_chars: u64,
+}
+
+/// Where the upstream body of a stream differs from the client's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Splice {
+    /// No `stream_options`: the whole member goes in after the opening brace
+    /// (at this offset).
+    Add(usize),
+    /// `stream_options` is `null` (or no object): its value is replaced.
+    Replace(Range<usize>),
+    /// An object without `include_usage`: the member goes in after its brace.
+    Insert { at: usize, empty: bool },
+    /// An object with `include_usage` (each occurrence, absolute spans):
+    /// each value becomes `true`.
+    Set(Vec<Range<usize>>),
+}
+
+/// Whether validation also computes the cache key, and in which scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keyed<'a> {
+    /// The cache is bypassed: no key.
+    No,
+    /// Keyed in this scope: a tenant's name, or `None` for the shared pool.
+    In(Option<&'a str>),
+}
+
+impl ApiRequest {
+    /// Validates a body in one pass without building a tree, refusing a
+    /// repeated top-level key whatever the cache mode; computes the cache
+    /// key too unless `keyed` is `Keyed::No`.
+    pub fn parse(
+        bytes: &[u8],
+        endpoint: Endpoint,
+        keyed: Keyed<'_>,
+    ) -> Result<ApiRequest, GatewayError> {
+        let scan = json::scan(bytes, keyed != Keyed::No).map_err(|e| match e {
+            json::Invalid::Syntax => GatewayError::InvalidJson,
+            json::Invalid::DuplicateKey(k) => GatewayError::DuplicateKey(k.into()),
+        })?;
+        let starts = |name: &str, c: u8| scan.get(name).is_some_and(|r| r.first() == Some(&c));
+        let model = scan
+            .get("model")
+            .filter(|r| r.first() == Some(&b'"'))
+            .and_then(|r| serde_json::from_slice::<String>(r).ok())
+            .ok_or(GatewayError::MissingField(
+                "`model` is required and must be a string.",
+            ))?;
+        match endpoint {
+            Endpoint::Fim if !starts("prompt", b'"') => {
+                return Err(GatewayError::MissingField(
+                    "`prompt` is required and must be a string.",
+                ));
+            }
+            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models
+                if !starts("messages", b'[') =>
+            {
+                return Err(GatewayError::MissingField(
+                    "`messages` is required and must be an array.",
+                ));
+            }
+            Endpoint::Fim | Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models => {}
+        }
+        let stream = scan.get("stream") == Some(&b"true"[..]);
+        let (splice, include_usage) = match scan.span("stream_options") {
+            None => (Splice::Add(open_brace(bytes)), false),
+            Some(span) => match json::members(&bytes[span.clone()]) {
+                None => (Splice::Replace(span), false),
+                Some(members) => {
+                    let usage: Vec<Range<usize>> = members
+                        .iter()
+                        .filter(|(k, _)| k.as_slice() == b"\"include_usage\"")
+                        .map(|(_, v)| span.start + v.start..span.start + v.end)
+                        .collect();
+                    // The last occurrence is what most parsers keep.
+                    let wants = usage.last().is_some_and(|r| &bytes[r.clone()] == b"true");
+                    let splice = if usage.is_empty() {
+                        Splice::Insert {
+                            at: span.start + open_brace(&bytes[span]),
+                            empty: members.is_empty(),
+                        }
+                    } else {
+                        Splice::Set(usage)
+                    };
+                    (splice, wants)
+                }
+            },
+        };
+        let key = match keyed {
+            Keyed::No => None,
+            Keyed::In(scope) => Some(cache::key(scope, endpoint.label(), &scan)),
+        };
+        // The prompt's characters, for the usage estimate, counted without
+        // building its strings.
+        let text = match endpoint {
+            Endpoint::Fim => scan.get("prompt"),
+            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models => scan.get("messages"),
+        };
+        let prompt_chars = text
+            .and_then(|raw| serde_json::from_slice::<PromptText>(raw).ok())
+            .map_or(0, |t| t.chars);
+        Ok(ApiRequest {
+            key,
+            model,
+            stream,
+            include_usage: stream && include_usage,
+            splice,
+            prompt_chars,
+        })
+    }
+}
+
+/// Bodies at least this large are scanned on the blocking pool: a few
+/// megabytes of JSON take milliseconds of CPU, which must not stall every
+/// other request on the same runtime worker.
+const SCAN_ON_RUNTIME_MAX: usize = 256 * 1024;
+
+/// Validates a body (`ApiRequest::parse`): on the runtime when it is
+/// small, on the blocking pool when it is large.
+pub(crate) async fn parse_body(
+    bytes: &Bytes,
+    endpoint: Endpoint,
+    keyed: Keyed<'_>,
+) -> Result<ApiRequest, GatewayError> {
+    if bytes.len() < SCAN_ON_RUNTIME_MAX {
+        return ApiRequest::parse(bytes, endpoint, keyed);
+    }
+    let parsing = Box::pin(parse_off_runtime(bytes.clone(), endpoint, keyed));
+    parsing.await
+}
+
+async fn parse_off_runtime(
+    bytes: Bytes,
+    endpoint: Endpoint,
+    keyed: Keyed<'_>,
+) -> Result<ApiRequest, GatewayError> {
+    // The scope is copied: the blocking task outlives this borrow.
+    enum Owned {
+        No,
+        In(Option<Box<str>>),
+    }
+    let owned = match keyed {
+        Keyed::No => Owned::No,
+        Keyed::In(scope) => Owned::In(scope.map(Box::from)),
+    };
+    tokio::task::spawn_blocking(move || {
+        let keyed = match &owned {
+            Owned::No => Keyed::No,
+            Owned::In(scope) => Keyed::In(scope.as_deref()),
+        };
+        ApiRequest::parse(&bytes, endpoint, keyed)
+    })
+    .await
+    .unwrap_or(Err(GatewayError::Internal))
+}
+
+/// The offset just past the first `{` (a validated object has one).
+fn open_brace(bytes: &[u8]) -> usize {
+    bytes.iter().position(|&b| b == b'{').map_or(0, |i| i + 1)
+}
+
+/// The body sent upstream for a stream: the client's bytes with
+/// `stream_options.include_usage = true`, spliced in so every other byte
+/// (key order, number spelling, whitespace) passes through as it came.
+pub fn with_include_usage(bytes: &Bytes, api: &ApiRequest) -> Bytes {
+    const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    const OBJECT: &[u8] = br#"{"include_usage":true}"#;
+    const USAGE: &[u8] = br#""include_usage":true"#;
+    let splice = |at: Range<usize>, with: &[&[u8]]| {
+        let extra: usize = with.iter().map(|w| w.len()).sum();
+        let mut out = BytesMut::with_capacity(bytes.len() + extra);
+        out.extend_from_slice(&bytes[..at.start]);
+        for w in with {
+            out.extend_from_slice(w);
+        }
+        out.extend_from_slice(&bytes[at.end..]);
+        out.freeze()
+    };
+    match &api.splice {
+        Splice::Add(at) => splice(*at..*at, &[MEMBER]),
+        Splice::Replace(span) => splice(span.clone(), &[OBJECT]),
+        Splice::Insert { at, empty: true } => splice(*at..*at, &[USAGE]),
+        Splice::Insert { at, empty: false } => splice(*at..*at, &[USAGE, b","]),
+        Splice::Set(values) => {
+            if values.iter().all(|r| &bytes[r.clone()] == b"true") {
+                return bytes.clone();
+            }
+            let mut out = BytesMut::with_capacity(bytes.len() + 4);
+            let mut at = 0;
+            for r in values {
+                out.extend_from_slice(&bytes[at..r.start]);
+                out.extend_from_slice(b"true");
+                at = r.end;
+            }
+            out.extend_from_slice(&bytes[at..]);
+            out.freeze()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn spliced(raw: &str) -> String {
+        let raw = Bytes::copy_from_slice(raw.as_bytes());
+        let api = ApiRequest::parse(&raw, Endpoint::Chat, Keyed::No).expect("valid");
+        assert!(api.stream);
+        String::from_utf8(with_include_usage(&raw, &api).to_vec()).expect("utf8")
+    }
+
+    #[test]
+    fn include_usage_is_spliced_without_touching_other_bytes() {
+        let m =
+            r#""model":"m", "messages": [], "temperature": 1.50, "seed": 12345678901234567890123"#;
+        // Absent: the member goes in after the opening brace.
+        assert_eq!(
+            spliced(&format!(" {{{m}, \"stream\":true}}")),
+            format!(" {{\"stream_options\":{{\"include_usage\":true}},{m}, \"stream\":true}}")
+        );
+        // `null`: replaced, never a second key.
+        assert_eq!(
+            spliced(&format!("{{{m},\"stream_options\": null,\"stream\":true}}")),
+            format!("{{{m},\"stream_options\": {{\"include_usage\":true}},\"stream\":true}}")
+        );
+        // An object: include_usage set inside it, every other byte kept.
+        assert_eq!(
+            spliced(&format!(
+                "{{{m},\"stream\":true,\"stream_options\":{{\"x\":1.0, \"include_usage\" : false}}}}"
+            )),
+            format!("{{{m},\"stream\":true,\"stream_options\":{{\"x\":1.0, \"include_usage\" : true}}}}")
+        );
+        assert_eq!(
+            spliced(&format!(
+                "{{{m},\"stream\":true,\"stream_options\":{{ \"x\":2}}}}"
+            )),
+            format!(
+                "{{{m},\"stream\":true,\"stream_options\":{{\"include_usage\":true, \"x\":2}}}}"
+            )
+        );
+        assert_eq!(
+            spliced(&format!("{{{m},\"stream\":true,\"stream_options\":{{ }}}}")),
+            format!("{{{m},\"stream\":true,\"stream_options\":{{\"include_usage\":true }}}}")
+        );
+        let already =
+            format!("{{{m},\"stream\":true,\"stream_options\":{{\"include_usage\":true}}}}");
+        assert_eq!(spliced(&already), already);
+        // Each result parses to the client's object plus the one field.
+        for raw in [
+            format!("{{{m},\"stream\":true,\"stream_options\":[1]}}"),
+            format!(
+                "{{{m},\"stream\":true,\"stream_options\":{{\"a\":{{\"include_usage\":false}}}}}}"
+            ),
+        ] {
+            let out: Value = serde_json::from_str(&spliced(&raw)).expect("json");
+            assert_eq!(out["stream_options"]["include_usage"], true, "{raw}");
+        }
+    }
+
+    #[test]
+    fn parse_validates_fields() {
+        // With and without the cache key, every body is judged alike.
+        let bad = |body: &str, ep| {
+            let keyed = ApiRequest::parse(body.as_bytes(), ep, Keyed::In(Some("t")))
+                .err()
+                .map(|e| e.code());
+            let plain = ApiRequest::parse(body.as_bytes(), ep, Keyed::No)
+                .err()
+                .map(|e| e.code());
+            assert_eq!(keyed, plain, "{body}");
+            keyed
+        };
+        assert_eq!(bad("nope", Endpoint::Chat), Some("invalid_json"));
+        assert_eq!(bad("[1]", Endpoint::Chat), Some("invalid_json"));
+        assert_eq!(
+            bad(r#"{"model":"m","messages":[]}trailing"#, Endpoint::Chat),
+            Some("invalid_json")
+        );
+        assert_eq!(
+            bad(r#"{"model":"m","messages":[],"x":1,"x":2}"#, Endpoint::Chat),
+            Some("invalid_json")
+        );
+        assert_eq!(
+            bad(r#"{"model":"m","messages":[],"t":1e400}"#, Endpoint::Chat),
+            None
+        );
+        assert_eq!(bad("{}", Endpoint::Chat), Some("missing_field"));
+        assert_eq!(
+            bad(r#"{"model":1,"messages":[]}"#, Endpoint::Chat),
+            Some("missing_field")
+        );
+        assert_eq!(
+            bad(r#"{"model":"m","messages":{}}"#, Endpoint::Chat),
+            Some("missing_field")
+        );
+        assert_eq!(
+            bad(r#"{"model":"m","messages":null}"#, Endpoint::Chat),
+            Some("missing_field")
+        );
+        assert_eq!(
+            bad(r#"{"model":"m","messages":[]}"#, Endpoint::Fim),
+            Some("missing_field")
+        );
+        assert_eq!(bad(r#"{"model":"m","prompt":"x"}"#, Endpoint::Fim), None);
+        let ok = ApiRequest::parse(
+            br#"{"model":"m\u0031","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#,
+            Endpoint::Chat,
+            Keyed::In(None),
+        )
+        .expect("valid");
+        assert!(ok.stream && ok.include_usage && ok.key.is_some());
+        assert_eq!(ok.model, "m1", "escapes in the model name are decoded");
+        let dup = ApiRequest::parse(
+            br#"{"model":"a","model":"b","messages":[]}"#,
+            Endpoint::Chat,
+            Keyed::No,
+        );
+        let Err(e) = dup else {
+            panic!("a repeated key is refused")
+        };
+        assert!(e.to_string().contains("\"model\""), "{e}");
+    }
+}

@@ -1,0 +1,106 @@
+//! A client's body read from a flight's log, at the client's own pace: a
+//! coalesced follower's, or a leader's once its relay moved into a task.
+
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+
+use crate::flight::{End, Mark, Next, Reader};
+use crate::http::error::stream_error_event;
+use crate::response::BoxError;
+
+/// How a reader of a flight's log delivers it.
+#[derive(Debug, Clone, Copy)]
+pub struct LogOpts {
+    /// A non-stream body: pieces as they are; a break aborts the response.
+    pub raw: bool,
+    /// Whether the usage-only chunk is sent.
+    pub include_usage: bool,
+}
+
+/// A client's body read from a flight's log, at the client's own pace: a
+/// coalesced follower's, or the leader's once its relay moved into a task.
+/// Nothing follows a `[DONE]`; a break (the flight's, or this reader falling
+/// further behind than the log keeps) ends a stream with the SSE error event
+/// and then aborts the response.
+pub struct LogBody {
+    reader: Reader,
+    opts: LogOpts,
+    /// Tokens answered without going upstream, counted when the answer is
+    /// complete (followers).
+    saved: Option<prometheus::IntCounter>,
+    done_sent: bool,
+    abort: bool,
+    pub(crate) ended: bool,
+}
+
+impl LogBody {
+    pub fn new(reader: Reader, opts: LogOpts, saved: Option<prometheus::IntCounter>) -> LogBody {
+        LogBody {
+            reader,
+            opts,
+            saved,
+            done_sent: false,
+            abort: false,
+            ended: false,
+        }
+    }
+
+    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        if std::mem::take(&mut self.abort) {
+            return Poll::Ready(Some(Err("upstream stream interrupted".into())));
+        }
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            let next = match self.reader.poll_next(cx) {
+                Poll::Ready(n) => n,
+                Poll::Pending => return Poll::Pending,
+            };
+            match next {
+                Next::Event(b, mark) => {
+                    if self.done_sent {
+                        continue;
+                    }
+                    match mark {
+                        Mark::UsageOnly if !self.opts.include_usage && !self.opts.raw => continue,
+                        Mark::Done => self.done_sent = true,
+                        Mark::UsageOnly | Mark::Event => {}
+                    }
+                    return Poll::Ready(Some(Ok(b)));
+                }
+                Next::Behind => return self.broken(),
+                Next::End(end) => {
+                    if let (End::Done(entry), Some(saved)) = (&end, &self.saved) {
+                        // Only the tokens of a completed answer count as saved.
+                        saved.inc_by(entry.usage.map_or(0, |u| u.total));
+                    }
+                    let clean = self.done_sent
+                        || match end {
+                            End::Done(_) => true,
+                            End::Response { .. } => self.opts.raw,
+                            End::Error(_) | End::Lost => false,
+                        };
+                    if clean {
+                        self.ended = true;
+                        return Poll::Ready(None);
+                    }
+                    return self.broken();
+                }
+            }
+        }
+    }
+
+    fn broken(&mut self) -> Poll<Option<Result<Bytes, BoxError>>> {
+        self.ended = true;
+        if self.done_sent {
+            return Poll::Ready(None);
+        }
+        if self.opts.raw {
+            return Poll::Ready(Some(Err("upstream body interrupted".into())));
+        }
+        self.abort = true;
+        Poll::Ready(Some(Ok(stream_error_event())))
+    }
+}

@@ -1,0 +1,96 @@
+//! Tenants as the request path sees them past auth: name, allowed models,
+//! cache flag, limits and metric handles; and the keys that identify them
+//! (only a key's SHA-256 is ever kept). Code past auth sees a `Tenant`,
+//! never the key that was presented.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use http::HeaderMap;
+use prometheus::IntGauge;
+use sha2::{Digest, Sha256};
+
+use crate::config::TenantConfig;
+use crate::limit::TenantLimits;
+use crate::metrics::{Metrics, ModelLabels, UsageHandles};
+
+/// A fresh tenant key: `sk-sluice-` and 40 random alphanumerics.
+pub fn new_key() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    format!(
+        "sk-sluice-{}",
+        Alphanumeric.sample_string(&mut rand::rng(), 40)
+    )
+}
+
+/// The SHA-256 a tenant key is stored in config and looked up by.
+pub fn key_sha256(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
+/// A configured tenant, as the request path sees it after auth. Code past
+/// auth sees this, never the key that was presented.
+pub struct Tenant {
+    pub name: Arc<str>,
+    /// Empty = any model.
+    pub models: Vec<String>,
+    pub cache: bool,
+    pub limits: Arc<TenantLimits>,
+    pub inflight: IntGauge,
+    /// Usage metric handles per model label, resolved on first use.
+    usage: HashMap<Arc<str>, OnceLock<UsageHandles>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Tenant {
+    pub fn allows(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|m| m == model)
+    }
+
+    /// The usage handles for a model label (one `ModelLabels` returned):
+    /// borrowed, so metering clones no counter handles.
+    pub fn usage(&self, model: &str) -> Cow<'_, UsageHandles> {
+        match self.usage.get(model) {
+            Some(cell) => {
+                Cow::Borrowed(cell.get_or_init(|| self.metrics.usage_handles(&self.name, model)))
+            }
+            None => Cow::Owned(self.metrics.usage_handles(&self.name, model)),
+        }
+    }
+}
+
+impl Tenant {
+    /// A configured tenant with its limits (kept from before a reload, or
+    /// new) and its metric handles, one per model label, made on first use.
+    pub fn new(
+        config: &TenantConfig,
+        limits: Arc<TenantLimits>,
+        models: &ModelLabels,
+        metrics: &Arc<Metrics>,
+    ) -> Tenant {
+        Tenant {
+            name: Arc::from(config.name.as_str()),
+            models: config.models.clone(),
+            cache: config.cache,
+            limits,
+            inflight: metrics.inflight.with_label_values(&[&config.name]),
+            usage: models
+                .all()
+                .map(|m| (Arc::clone(m), OnceLock::new()))
+                .collect(),
+            metrics: Arc::clone(metrics),
+        }
+    }
+}
+
+/// The tenant key a request presents: `Authorization: Bearer <key>`.
+pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(http::header::AUTHORIZATION)?.as_bytes();
+    let (scheme, key) = value.split_at(value.iter().position(|&b| b == b' ')?);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let key = key.trim_ascii();
+    (!key.is_empty()).then_some(key)
+}

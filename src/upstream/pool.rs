@@ -1,0 +1,126 @@
+//! The upstream pool: the upstreams a request may go to, built once per
+//! configuration, and the choice of one for a request. Today the pool holds
+//! the one configured upstream (`default`); the request path asks it for
+//! a peer and never names an upstream itself.
+
+use std::collections::HashMap;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Uri};
+
+use crate::api::Endpoint;
+use crate::config::Config;
+use crate::Secret;
+
+/// One upstream: its name, where each path of it is, and the shared key's
+/// `Authorization` it is sent.
+pub struct Peer {
+    name: &'static str,
+    /// Targets per upstream path, parsed once.
+    targets: HashMap<&'static str, Target>,
+    /// `Bearer <upstream key>`; `None` for a keyless upstream.
+    auth: Option<HeaderValue>,
+}
+
+impl Peer {
+    /// The name of this upstream (`default` for the one `[upstream]`).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Where `path` (an endpoint's upstream path, or `/user/balance`) is.
+    pub fn target(&self, path: &str) -> Option<&Target> {
+        self.targets.get(path)
+    }
+
+    /// The `Authorization` this upstream gets.
+    pub fn auth(&self) -> Option<&HeaderValue> {
+        self.auth.as_ref()
+    }
+}
+
+/// The upstreams of one configuration.
+pub struct Pool {
+    peers: Vec<Peer>,
+}
+
+/// The path the balance poller asks.
+pub const BALANCE_PATH: &str = "/user/balance";
+
+impl Pool {
+    /// The pool of a configuration, with the shared key.
+    pub fn new(config: &Config, key: &Secret) -> Pool {
+        let auth = (!key.is_empty())
+            .then(|| HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok())
+            .flatten()
+            .map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
+        let targets = Endpoint::ALL
+            .into_iter()
+            .map(Endpoint::upstream_path)
+            .chain([BALANCE_PATH])
+            .filter_map(|path| {
+                Some((
+                    path,
+                    Target::parse(&format!("{}{path}", config.upstream.base_url))?,
+                ))
+            })
+            .collect();
+        Pool {
+            peers: vec![Peer {
+                name: "default",
+                targets,
+                auth,
+            }],
+        }
+    }
+
+    /// The upstream a request goes to.
+    pub fn choose(&self) -> Option<&Peer> {
+        self.peers.first()
+    }
+}
+
+/// Where one upstream URL is, parsed once per config: the scheme and
+/// authority pick and open the connection, the origin-form target goes on
+/// the request line, and `Host` names the authority.
+pub struct Target {
+    pub(super) origin: Origin,
+    pub(super) connect: Uri,
+    pub(super) path: Uri,
+    pub(super) host: HeaderValue,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub(super) struct Origin {
+    pub(super) scheme: Scheme,
+    pub(super) authority: Authority,
+}
+
+impl Target {
+    /// `None` unless `url` is absolute (`http://` or `https://` and a host).
+    pub fn parse(url: &str) -> Option<Target> {
+        let connect: Uri = url.parse().ok()?;
+        let scheme = connect.scheme()?.clone();
+        let authority = connect.authority()?.clone();
+        let path = Uri::from(
+            connect
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let host = match authority.port_u16() {
+            Some(port) if port != default_port => format!("{}:{port}", authority.host()),
+            _ => authority.host().to_string(),
+        };
+        Some(Target {
+            host: HeaderValue::from_str(&host).ok()?,
+            origin: Origin { scheme, authority },
+            connect,
+            path,
+        })
+    }
+}
