@@ -36,7 +36,7 @@ fn cache_key(c: &mut Criterion) {
         let raw = serde_json::to_vec(&body_of(kib * 1024)).expect("json");
         g.throughput(Throughput::Bytes((kib * 1024) as u64));
         // The hash over a body already scanned to canonical form.
-        let scanned = json::scan(&raw, true).expect("json");
+        let scanned = json::scan(&raw, json::Canonical::Write).expect("json");
         g.bench_with_input(
             BenchmarkId::from_parameter(format!("{kib}KiB")),
             &scanned,
@@ -48,7 +48,7 @@ fn cache_key(c: &mut Criterion) {
             &raw,
             |b, raw| {
                 b.iter(|| {
-                    let scan = json::scan(black_box(raw), true).expect("json");
+                    let scan = json::scan(black_box(raw), json::Canonical::Write).expect("json");
                     cache::key(Some("search-team"), "chat", &scan)
                 })
             },
@@ -136,18 +136,24 @@ fn completion() -> Value {
 fn cache_hit(c: &mut Criterion) {
     let store = Store::new(1 << 30, std::time::Duration::from_secs(3600));
     let raw = serde_json::to_vec(&body_of(1024)).expect("json");
-    let key = cache::key(Some("t"), "chat", &json::scan(&raw, true).expect("json"));
+    let key = cache::key(
+        Some("t"),
+        "chat",
+        &json::scan(&raw, json::Canonical::Write).expect("json"),
+    );
     let entry = Entry::from_completion(Bytes::from(completion().to_string())).expect("entry");
     store.insert(key, std::sync::Arc::new(entry));
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("rt");
-    for (name, stream) in [("non_stream", false), ("sse_replay", true)] {
+    use sluice::response::hit::Delivery;
+    let replayed = Delivery::Stream { usage_chunk: true };
+    for (name, delivery) in [("non_stream", Delivery::Whole), ("sse_replay", replayed)] {
         c.bench_function(&format!("cache_hit/{name}"), |b| {
             b.iter(|| {
                 let entry = store.get(black_box(&key)).expect("hit");
                 let resp =
-                    sluice::response::hit::entry_response(&entry, stream, true).expect("replays");
+                    sluice::response::hit::entry_response(&entry, delivery).expect("replays");
                 // Drain the body as hyper would.
                 rt.block_on(resp.into_body().collect())
                     .map(|c| c.to_bytes())

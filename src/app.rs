@@ -149,7 +149,7 @@ impl App {
         let upstream = Upstream::new(&config.upstream)?;
         let store = Store::new(config.cache.max_bytes, config.cache.ttl);
         let redis = match &config.redis {
-            Some(cfg) => Some(Redis::start(cfg, &metrics).await),
+            Some(cfg) => Some(Redis::start(cfg, metrics.registry()).await),
             None => None,
         };
         let budgets = Budgets::open(config.budgets.state_path.as_deref(), Arc::new(SystemClock))

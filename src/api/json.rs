@@ -56,9 +56,17 @@ pub struct Scan<'a> {
     arena: Vec<u8>,
 }
 
-/// Validates `body` as one JSON object. With `canonical`, also writes the
-/// canonical form of every top-level value (for the cache key).
-pub fn scan(body: &[u8], canonical: bool) -> Result<Scan<'_>, Invalid> {
+/// Whether a scan also writes the canonical form of every top-level value
+/// (for the cache key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Canonical {
+    Write,
+    Skip,
+}
+
+/// Validates `body` as one JSON object, writing its canonical form or not.
+pub fn scan(body: &[u8], canonical: Canonical) -> Result<Scan<'_>, Invalid> {
+    let canonical = canonical == Canonical::Write;
     if u32::try_from(body.len()).is_err() || std::str::from_utf8(body).is_err() {
         return Err(Invalid::Syntax);
     }
@@ -697,7 +705,7 @@ mod tests {
     use super::*;
 
     fn canon(body: &str) -> String {
-        let s = scan(body.as_bytes(), true).unwrap_or_else(|e| panic!("{body}: {e:?}"));
+        let s = scan(body.as_bytes(), Canonical::Write).unwrap_or_else(|e| panic!("{body}: {e:?}"));
         let mut out = Vec::new();
         s.write_canonical(&[], &mut |b| out.extend_from_slice(b));
         String::from_utf8(out).expect("utf8")
@@ -742,7 +750,7 @@ mod tests {
             "01", "1.", ".5", "-", "1e", "1e+", "+1", "0x1", "NaN", "1.e3",
         ] {
             assert!(
-                scan(format!("{{\"v\":{bad}}}").as_bytes(), true).is_err(),
+                scan(format!("{{\"v\":{bad}}}").as_bytes(), Canonical::Write).is_err(),
                 "{bad}"
             );
         }
@@ -758,7 +766,7 @@ mod tests {
         assert_eq!(value(r#""\ud800x""#), r#""\ud800x""#);
         assert_eq!(value(r#""\u001F\u007f""#), "\"\\u001f\u{7f}\"");
         assert!(matches!(
-            scan(br#"{"a\u0062":1,"ab":2}"#, true),
+            scan(br#"{"a\u0062":1,"ab":2}"#, Canonical::Write),
             Err(Invalid::DuplicateKey(_))
         ));
         // Sorted by the key's characters, not by its quotes.
@@ -769,10 +777,10 @@ mod tests {
     #[test]
     fn top_level_duplicates_are_refused_nested_ones_kept() {
         assert_eq!(
-            scan(br#"{"model":"a","m\u006fdel":"b"}"#, false).err(),
+            scan(br#"{"model":"a","m\u006fdel":"b"}"#, Canonical::Skip).err(),
             Some(Invalid::DuplicateKey("\"model\"".into()))
         );
-        assert!(scan(br#"{"a":{"x":1,"x":2}}"#, false).is_ok());
+        assert!(scan(br#"{"a":{"x":1,"x":2}}"#, Canonical::Skip).is_ok());
         assert_eq!(canon(r#"{"a":{"x":2,"x":1}}"#), r#"{"a":{"x":2,"x":1}}"#);
     }
 
@@ -794,23 +802,29 @@ mod tests {
             "{\"a\":\"\\u12\"}",
         ] {
             assert_eq!(
-                scan(bad.as_bytes(), false).err(),
+                scan(bad.as_bytes(), Canonical::Skip).err(),
                 Some(Invalid::Syntax),
                 "{bad:?}"
             );
             assert_eq!(
-                scan(bad.as_bytes(), true).err(),
+                scan(bad.as_bytes(), Canonical::Write).err(),
                 Some(Invalid::Syntax),
                 "{bad:?}"
             );
         }
-        assert!(scan(b"{\"a\":\"\xff\"}", false).is_err(), "invalid UTF-8");
+        assert!(
+            scan(b"{\"a\":\"\xff\"}", Canonical::Skip).is_err(),
+            "invalid UTF-8"
+        );
         // Special bytes anywhere in a long string, found eight at a time.
         for at in 0..24 {
             let mut text = "é-long text that spans words".to_string();
             text.insert(at + 2, '\t');
             let body = format!("{{\"a\":\"{text}\"}}");
-            assert_eq!(scan(body.as_bytes(), true).err(), Some(Invalid::Syntax));
+            assert_eq!(
+                scan(body.as_bytes(), Canonical::Write).err(),
+                Some(Invalid::Syntax)
+            );
             let body = format!("{{\"a\":\"{}\\n{}\"}}", &text[..at + 2], &text[at + 3..]);
             assert_eq!(
                 value_of(&body),
@@ -818,15 +832,15 @@ mod tests {
             );
         }
         let deep = format!("{{\"a\":{}{}}}", "[".repeat(127), "]".repeat(127));
-        assert!(scan(deep.as_bytes(), true).is_ok());
+        assert!(scan(deep.as_bytes(), Canonical::Write).is_ok());
         let deeper = format!("{{\"a\":{}{}}}", "[".repeat(128), "]".repeat(128));
-        assert!(scan(deeper.as_bytes(), true).is_err());
+        assert!(scan(deeper.as_bytes(), Canonical::Write).is_err());
     }
 
     #[test]
     fn members_and_spans() {
         let body = br#"{"model":"m", "stream_options" : {"a":1, "include_usage":false}}"#;
-        let s = scan(body, false).expect("valid");
+        let s = scan(body, Canonical::Skip).expect("valid");
         assert_eq!(s.get("model"), Some(&b"\"m\""[..]));
         let span = s.span("stream_options").expect("present");
         let m = members(&body[span.clone()]).expect("object");

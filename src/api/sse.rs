@@ -595,12 +595,19 @@ pub struct Replay {
 /// `data: [DONE]`, the end of every successful stream.
 pub const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
 
+/// A non-streaming answer, as `completion_facts` found it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Completion {
+    /// Its usage; `None` when it has none.
+    pub usage: Option<Usage>,
+}
+
 /// What storing a non-streaming answer needs to know of it, read without
 /// building a tree (the miss path stores every cacheable answer, most of
 /// them never replayed): that [`replay`] can turn it into chunks (an object
 /// with a `choices` array, each chat choice with a `message` object), and
-/// its usage (`None` when it has none). `None`: not a completion.
-pub fn completion_facts(body: &[u8]) -> Option<Option<Usage>> {
+/// its usage. `None`: not a completion.
+pub fn completion_facts(body: &[u8]) -> Option<Completion> {
     use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
     use serde_json::value::RawValue;
     use std::borrow::Cow;
@@ -649,7 +656,7 @@ pub fn completion_facts(body: &[u8]) -> Option<Option<Usage>> {
             .map(Usage::from_raw)
             .or_else(|| Usage::from_value(&serde_json::from_str(raw.get()).ok()?))
     });
-    Some(usage)
+    Some(Completion { usage })
 }
 
 /// Turns a stored completion into the chunks that reassemble to it.
@@ -770,6 +777,7 @@ mod tests {
     fn completion_facts_accept_what_replay_can_build_and_nothing_else() {
         let chat = br#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi \"q\""},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,"prompt_cache_hit_tokens":1,"prompt_cache_miss_tokens":2}}"#;
         let usage = completion_facts(chat)
+            .map(|c| c.usage)
             .expect("a completion")
             .expect("usage");
         assert_eq!((usage.prompt, usage.completion, usage.total), (3, 2, 5));
@@ -781,13 +789,17 @@ mod tests {
         // No usage, a null one, one that is no object: stored without usage.
         for usage in ["", r#","usage":null"#, r#","usage":"n/a""#] {
             let body = format!(r#"{{"choices":[{{"message":{{"content":"a"}}}}]{usage}}}"#);
-            assert_eq!(completion_facts(body.as_bytes()), Some(None), "{body}");
+            assert_eq!(
+                completion_facts(body.as_bytes()),
+                Some(Completion { usage: None }),
+                "{body}"
+            );
         }
         // A repeated usage field: read as the whole answer's tree reads it.
         let repeated = br#"{"choices":[{"message":{}}],"usage":{"prompt_tokens":2,"total_tokens":9,"total_tokens":9}}"#;
         let v: Value = serde_json::from_slice(repeated).expect("json");
         assert_eq!(
-            completion_facts(repeated).expect("a completion"),
+            completion_facts(repeated).expect("a completion").usage,
             Usage::from_value(&v["usage"])
         );
         assert!(Usage::from_value(&v["usage"]).is_some());

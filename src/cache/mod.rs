@@ -71,7 +71,7 @@ impl Entry {
     pub fn from_completion(body: Bytes) -> Option<Entry> {
         let trimmed = sse::trim_leading_ws(&body);
         let offset = body.len() - trimmed.len();
-        let usage = sse::completion_facts(trimmed)?;
+        let usage = sse::completion_facts(trimmed)?.usage;
         Some(Entry {
             completion: body.slice(offset..),
             replay: OnceLock::new(),
@@ -145,7 +145,8 @@ mod tests {
         key(
             Some("t"),
             "chat",
-            &crate::api::json::scan(body.as_bytes(), true).expect("json"),
+            &crate::api::json::scan(body.as_bytes(), crate::api::json::Canonical::Write)
+                .expect("json"),
         )
     }
 
@@ -176,7 +177,8 @@ mod tests {
     #[test]
     fn key_separates_scopes_and_endpoints() {
         let raw = json!({"model": "m", "messages": []}).to_string();
-        let body = crate::api::json::scan(raw.as_bytes(), true).expect("json");
+        let body = crate::api::json::scan(raw.as_bytes(), crate::api::json::Canonical::Write)
+            .expect("json");
         assert_ne!(key(Some("a"), "chat", &body), key(Some("b"), "chat", &body));
         assert_ne!(key(Some("a"), "chat", &body), key(None, "chat", &body));
         assert_ne!(
@@ -193,7 +195,8 @@ mod tests {
             let body = json!({"id": i, "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]});
             let e = Entry::from_completion(Bytes::from(body.to_string())).expect("entry");
             let raw = json!({ "i": i }).to_string();
-            let body = crate::api::json::scan(raw.as_bytes(), true).expect("json");
+            let body = crate::api::json::scan(raw.as_bytes(), crate::api::json::Canonical::Write)
+                .expect("json");
             store.insert(key(None, "chat", &body), Arc::new(e));
         }
         let (entries, bytes) = store.stats();

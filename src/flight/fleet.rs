@@ -41,7 +41,9 @@ use crate::cache::tiered::Fill;
 use crate::cache::tiered::{self, CacheStore, SharedFill};
 use crate::cache::Entry;
 use crate::cache::Key;
-use crate::flight::{End, Head, Leader, Mark, Next, Reader as LogReader, FLIGHT_LOG_MAX};
+use crate::flight::{
+    End, Head, IfDropped, Leader, Mark, Next, Reader as LogReader, Until, FLIGHT_LOG_MAX,
+};
 use crate::http::error::GatewayError;
 use crate::shared::{Lua, Op, Redis, Unavailable};
 
@@ -56,74 +58,6 @@ const BLOCK: Duration = Duration::from_millis(500);
 const QUICK: Duration = Duration::from_millis(200);
 /// How long a log outlives its last write.
 const LOG_TTL_MS: u64 = 60_000;
-
-/// Looks a miss up and claims its call, in one round trip: the shared
-/// cache's answer if it has one (ARGV[1] = "1"), else the claim if nobody
-/// holds it, else who holds it. Each leader has a log of its own (named
-/// after it), so a follower never mistakes another leader's entries for
-/// the continuation of its own. KEYS: cache, lead. ARGV: read the cache
-/// ("1"/"0"), owner, ttl_ms, the followers' count's name but the owner (in
-/// the same hash tag), its ttl_ms. Returns {1, answer}, {2} (claimed) or
-/// {3, owner} (another replica leads; this request counted as its
-/// follower).
-const LOOKUP: &str = r#"
-if ARGV[1] == '1' then
-  local v = redis.call('GET', KEYS[1])
-  if v then return {1, v} end
-end
-local o = redis.call('GET', KEYS[2])
-if o then
-  -- Registered with that leader's flight here, so its end (written only
-  -- for registered followers) cannot be missed by a follower still joining.
-  local n = ARGV[4] .. o
-  redis.call('INCR', n)
-  redis.call('PEXPIRE', n, ARGV[5])
-  return {3, o}
-end
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-return {2}
-"#;
-
-/// Renews a claim, if still ours: 1. Releases it and returns 0 when the
-/// leader's own client is gone (ARGV[3] = "1") and no replica follows; 0
-/// too when the claim is no longer ours. KEYS: lead, n. ARGV: owner,
-/// ttl_ms, lone.
-const KEEP: &str = r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[3] == '1' and tonumber(redis.call('GET', KEYS[2]) or '0') == 0 then
-  redis.call('DEL', KEYS[1])
-  return 0
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"#;
-
-/// Ends a flight in one round trip: the end into the log if a replica
-/// follows it (else the log goes, the answer being in the cache if it is
-/// worth keeping), the answer into the shared cache (ARGV[3] > 0 and a
-/// done end: ARGV[5] is the answer), and the claim released if still ours
-/// — all at once, so a request that finds the call unclaimed finds the
-/// answer stored. KEYS: lead, log, n, cache. ARGV: owner, log_ttl_ms,
-/// cache_ttl_ms, then the end's fields and values.
-const FINISH: &str = r#"
-if tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-else
-  redis.call('DEL', KEYS[2])
-end
-if tonumber(ARGV[3]) > 0 and ARGV[4] == 'd' then
-  redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[3])
-end
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
-"#;
-
-/// Releases a claim, if still ours. KEYS: lead. ARGV: owner.
-const RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
 
 /// A claimed call, to be mirrored into the fleet's log.
 pub struct Publisher {
@@ -168,9 +102,9 @@ impl Publisher {
         // published with its end alone: one round trip with the release and
         // the store, and no timer beyond this one.
         let first = tokio::time::timeout(QUICK, async {
-            let (mut head, mut end) = reader.changed(false).await;
+            let (mut head, mut end) = reader.changed(Until::HeadOrEnd).await;
             while head != Some(Head::Stream) && end.is_none() {
-                (head, end) = reader.changed(true).await;
+                (head, end) = reader.changed(Until::End).await;
             }
             (head, end)
         });
@@ -206,9 +140,9 @@ impl Publisher {
             None => {
                 let (head, end) = loop {
                     tokio::select! {
-                        got = reader.changed(false) => break got,
+                        got = reader.changed(Until::HeadOrEnd) => break got,
                         _ = renew.tick() => {
-                            if !fleet.keep(&n, &owner, &reader, false).await {
+                            if !fleet.keep(&n, &owner, &reader, Stage::BeforeHead).await {
                                 return;
                             }
                         }
@@ -271,7 +205,7 @@ impl Publisher {
                 tokio::select! {
                     next = std::future::poll_fn(|cx| reader.poll_next(cx)) => break next,
                     _ = renew.tick() => {
-                        if !fleet.keep(&n, &owner, &reader, true).await {
+                        if !fleet.keep(&n, &owner, &reader, Stage::Headed).await {
                             return;
                         }
                     }
@@ -378,7 +312,8 @@ struct Names {
     cache: String,
     lead: String,
     log: String,
-    /// How many followers on other replicas joined.
+    /// How many followers on other replicas joined each leader (a hash,
+    /// by leader).
     followers: String,
 }
 
@@ -387,10 +322,10 @@ impl FleetFlights {
         FleetFlights {
             read_cache: cache.read_by_fleet(),
             cache,
-            lookup: redis.lua(LOOKUP),
-            keep: redis.lua(KEEP),
-            finish: redis.lua(FINISH),
-            release: redis.lua(RELEASE),
+            lookup: redis.lua("lookup", include_str!("lua/lookup.lua")),
+            keep: redis.lua("keep", include_str!("lua/keep.lua")),
+            finish: redis.lua("finish", include_str!("lua/finish.lua")),
+            release: redis.lua("release", include_str!("lua/release.lua")),
             redis,
         }
     }
@@ -410,7 +345,7 @@ impl FleetFlights {
             cache: name("cache", ""),
             lead: name("lead", ""),
             log: name("log:", owner),
-            followers: name("n:", owner),
+            followers: name("n", ""),
         }
     }
 
@@ -422,30 +357,21 @@ impl FleetFlights {
         let n = self.names(key, owner);
         let mut inv = self
             .lookup
-            .call(&[&n.cache, &n.lead], owner.len() + n.followers.len());
+            .call(&[&n.cache, &n.lead, &n.followers], owner.len() + 32);
         inv.arg(if self.read_cache { "1" } else { "0" })
             .arg(owner)
             .arg(CLAIM_TTL.as_millis() as u64)
-            .arg(n.followers.strip_suffix(owner).unwrap_or(&n.followers))
             .arg(LOG_TTL_MS);
         let op = if self.read_cache {
             Op::CacheGet
         } else {
             Op::Coalesce
         };
-        let mut reply: Vec<redis::Value> = self.redis.invoke(op, &self.lookup, &inv).await?;
-        let code = match reply.first() {
-            Some(redis::Value::Int(c)) => *c,
-            _ => 0,
-        };
-        let last = match reply.pop() {
-            Some(redis::Value::BulkString(b)) => Some(b),
-            _ => None,
-        };
-        Ok(match (code, last) {
-            (1, Some(answer)) => LookedUp::Cached(answer),
-            (2, _) => LookedUp::Claimed(n),
-            (_, holder) => LookedUp::Taken(holder.and_then(|o| String::from_utf8(o).ok())),
+        let reply: LookupReply = self.redis.invoke(op, &self.lookup, &inv).await?;
+        Ok(match reply {
+            LookupReply::Cached(answer) => LookedUp::Cached(answer),
+            LookupReply::Claimed => LookedUp::Claimed(n),
+            LookupReply::Taken(holder) => LookedUp::Taken(holder),
         })
     }
 
@@ -476,10 +402,10 @@ impl FleetFlights {
     /// follower on another replica. False once nobody does (the claim is
     /// released) or the claim is no longer ours: the publisher lets go of
     /// the flight.
-    async fn keep(&self, n: &Names, owner: &str, reader: &LogReader, head: bool) -> bool {
+    async fn keep(&self, n: &Names, owner: &str, reader: &LogReader, stage: Stage) -> bool {
         // Before upstream's head the leader's own client is not a reader of
         // the flight yet: never lone then.
-        let lone = head && reader.flight().readers() <= 1;
+        let lone = stage == Stage::Headed && reader.flight().readers() <= 1;
         let mut inv = self.keep.call(&[&n.lead, &n.followers], owner.len());
         inv.arg(owner)
             .arg(CLAIM_TTL.as_millis() as u64)
@@ -547,14 +473,14 @@ impl FleetFlights {
         // the replica's other followers of this flight ask again; once it
         // leads upstream itself, a drop is an interruption again.
         let mut leader = leader;
-        leader.set_lost_if_dropped(true);
+        leader.if_dropped(IfDropped::Lost);
         match self.feed(key, owner, leader, first_byte, idle).await {
             Remote::TakeOver(mut l) => {
-                l.set_lost_if_dropped(false);
+                l.if_dropped(IfDropped::Interrupted);
                 Remote::TakeOver(l)
             }
             Remote::Alone(mut l) => {
-                l.set_lost_if_dropped(false);
+                l.if_dropped(IfDropped::Interrupted);
                 Remote::Alone(l)
             }
             following => following,
@@ -658,6 +584,45 @@ impl FleetFlights {
             }
         });
         Remote::Following(local)
+    }
+}
+
+/// Where a published call is: before upstream's head, or past it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    BeforeHead,
+    Headed,
+}
+
+/// LOOKUP's reply, decoded.
+enum LookupReply {
+    /// {1, answer}: the shared cache's answer.
+    Cached(Vec<u8>),
+    /// {2}: claimed for this request.
+    Claimed,
+    /// {3, leader}: another request leads (its owner name, if it reads).
+    Taken(Option<String>),
+}
+
+impl redis::FromRedisValue for LookupReply {
+    fn from_redis_value(v: redis::Value) -> Result<Self, redis::ParsingError> {
+        let redis::Value::Array(items) = v else {
+            return Err("LOOKUP answers an array".to_string().into());
+        };
+        let mut items = items.into_iter();
+        let code = match items.next() {
+            Some(redis::Value::Int(c)) => c,
+            _ => return Err("LOOKUP's first item is its code".to_string().into()),
+        };
+        let last = match items.next() {
+            Some(redis::Value::BulkString(b)) => Some(b),
+            _ => None,
+        };
+        Ok(match (code, last) {
+            (1, Some(answer)) => LookupReply::Cached(answer),
+            (2, _) => LookupReply::Claimed,
+            (_, holder) => LookupReply::Taken(holder.and_then(|o| String::from_utf8(o).ok())),
+        })
     }
 }
 

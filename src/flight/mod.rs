@@ -260,6 +260,25 @@ pub struct Logged {
     pub just_trimmed: bool,
 }
 
+/// What a reader waits for (`Reader::changed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// The head is known, or the flight ended.
+    HeadOrEnd,
+    /// The flight ended (the head is known already).
+    End,
+}
+
+/// How a leader dropped unended ends its flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfDropped {
+    /// Interrupted: its followers get the error.
+    Interrupted,
+    /// Lost: its followers ask again. For a flight fed from another
+    /// replica, whose first request may go away while it waits.
+    Lost,
+}
+
 /// One client reading a flight's log at its own pace. Dropping it detaches
 /// it; when the last reader leaves, the task driving the call (if any) is
 /// told, and cancels the call.
@@ -310,9 +329,10 @@ impl Reader {
         }
     }
 
-    /// Waits until the head is known (when `head_seen` is false) or the
-    /// flight ended, and returns both.
-    pub async fn changed(&mut self, head_seen: bool) -> (Option<Head>, Option<End>) {
+    /// Waits for what `until` names, and returns the head and the end as
+    /// they are then.
+    pub async fn changed(&mut self, until: Until) -> (Option<Head>, Option<End>) {
+        let head_seen = until == Until::End;
         let id = self.id;
         std::future::poll_fn(|cx| {
             self.flight.with(|s| {
@@ -403,7 +423,7 @@ impl Flights {
             key,
             flight,
             ended: false,
-            lost_if_dropped: false,
+            if_dropped: IfDropped::Interrupted,
         })
     }
 
@@ -423,16 +443,14 @@ pub struct Leader {
     key: Key,
     pub flight: Arc<Flight>,
     ended: bool,
-    /// Dropped unended, the flight ends as lost (its followers ask again)
-    /// rather than interrupted: for a flight fed from another replica, whose
-    /// first request may go away while it waits.
-    lost_if_dropped: bool,
+    /// How the flight ends if this is dropped unended.
+    if_dropped: IfDropped,
 }
 
 impl Leader {
-    /// See `lost_if_dropped`.
-    pub fn set_lost_if_dropped(&mut self, lost: bool) {
-        self.lost_if_dropped = lost;
+    /// How the flight ends if this is dropped unended.
+    pub fn if_dropped(&mut self, end: IfDropped) {
+        self.if_dropped = end;
     }
 
     pub fn key(&self) -> &Key {
@@ -476,10 +494,9 @@ impl Drop for Leader {
     fn drop(&mut self) {
         if !self.ended {
             self.flights.remove(&self.key, &self.flight);
-            self.flight.finish(if self.lost_if_dropped {
-                End::Lost
-            } else {
-                End::Error(GatewayError::StreamInterrupted)
+            self.flight.finish(match self.if_dropped {
+                IfDropped::Lost => End::Lost,
+                IfDropped::Interrupted => End::Error(GatewayError::StreamInterrupted),
             });
         }
     }
@@ -506,7 +523,7 @@ mod tests {
         leader
             .flight
             .push_event(Bytes::from_static(b"data: 1\n\n"), Mark::Event);
-        let (head, end) = f.changed(false).await;
+        let (head, end) = f.changed(Until::HeadOrEnd).await;
         assert_eq!(head, Some(Head::Stream));
         assert!(end.is_none());
         let next = std::future::poll_fn(|cx| f.poll_next(cx)).await;

@@ -29,8 +29,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::{
-    concurrency_refused, token_standing, Admission, Count, Denied, Lease, Limit, Refused, Standing,
-    Standings, TenantLimits, UpstreamCheck,
+    concurrency_refused, token_standing, Admission, Count, Decided, Denied, Lease, Limit, Refused,
+    Slot, Standing, Standings, TenantLimits, UpstreamCheck,
 };
 use crate::config::{LimitSpec, OnError};
 use crate::shared::{Lua, Op, Redis, Unavailable};
@@ -43,131 +43,33 @@ const RENEW_EVERY: Duration = Duration::from_secs(5);
 /// state already changed, and the next report of a count supersedes it).
 const QUEUE: usize = 8192;
 
-/// Shared by both scripts: Redis's time, a tenant's token balance, and the
-/// bookkeeping of one replica's in-flight count in the concurrency hash.
-/// Per replica R the hash holds `R` (the count), `R:m` (the newest version
-/// of a +1/-1 applied) and `R:b` (the version of the last absolute report).
-/// A change is applied only if it is newer than the last absolute report
-/// (which already includes it); an absolute report only if no newer change
-/// was applied. So the count is exact whatever order reports arrive in.
-const PRELUDE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function marks(conc, replica)
-  local v = redis.call('HMGET', conc, replica .. ':b', replica .. ':m')
-  return tonumber(v[1]) or -1, tonumber(v[2]) or -1
-end
-local function change(conc, replica, version, by, base, newest)
-  if version <= base then return end
-  local n = redis.call('HINCRBY', conc, replica, by)
-  if n < 0 then redis.call('HSET', conc, replica, 0) end
-  if version > newest then
-    redis.call('HSET', conc, replica .. ':m', string.format('%.0f', version))
-  end
-end
-local function alive(conc, live, replica, ttl_ms)
-  redis.call('ZADD', live, string.format('%.0f', now + ttl_ms * 1000), replica)
-  redis.call('PEXPIRE', conc, ttl_ms * 2)
-  redis.call('PEXPIRE', live, ttl_ms * 2)
-end
-local function balance(tok, tpm)
-  local h = redis.call('HMGET', tok, 'b', 't')
-  local b, at = tonumber(h[1]), tonumber(h[2])
-  if b == nil or at == nil then return tpm end
-  return math.min(tpm, b + math.max(0, now - at) * tpm / 60000000)
-end
-"#;
+/// ADMIT's reply, decoded (admit.lua says what each item is).
+struct AdmitReply {
+    /// 0 admitted, 1 refused for requests, 2 for concurrency.
+    verdict: i64,
+    wait_us: i64,
+    remaining: i64,
+    reset_us: i64,
+    /// The token balance; "" without a token limit.
+    tokens: String,
+    /// The period's spend; "" without a budget.
+    spent: String,
+}
 
-/// KEYS: request bucket, token bucket, concurrency hash, live set, spend
-/// of the current period.
-/// ARGV: rpm, burst, tpm, max_concurrent, replica, version, ttl_ms,
-/// budgeted ("1"/"0").
-/// Returns {verdict (0 admitted, 1 requests, 2 concurrency), wait_us,
-/// requests remaining, requests reset_us, token balance ("" = no limit),
-/// spend ("" = no budget)}.
-const ADMIT: &str = r#"
-local rpm, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local tpm, maxc = tonumber(ARGV[3]), tonumber(ARGV[4])
-local tokens = ''
-if tpm > 0 then tokens = string.format('%.3f', balance(KEYS[2], tpm)) end
-local spent = ''
-if ARGV[8] == '1' then spent = redis.call('GET', KEYS[5]) or '0' end
-local remaining, reset = 0, 0
-if rpm > 0 then
-  local period = 60000000 / rpm
-  local tat = tonumber(redis.call('GET', KEYS[1])) or now
-  if tat < now then tat = now end
-  local next_tat = tat + period
-  local allow_at = next_tat - burst * period
-  if now < allow_at then
-    return {1, math.ceil(allow_at - now), 0, math.ceil(tat - now), tokens, spent}
-  end
-  redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1)
-  remaining = math.floor((now - allow_at) / period)
-  reset = math.ceil(next_tat - now)
-end
-if maxc > 0 then
-  local replica, version = ARGV[5], tonumber(ARGV[6])
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', string.format('%.0f', now))
-  for _, r in ipairs(dead) do
-    redis.call('HDEL', KEYS[3], r, r .. ':m', r .. ':b')
-    redis.call('ZREM', KEYS[4], r)
-  end
-  -- One read gives every replica's count and this replica's marks.
-  local all = redis.call('HGETALL', KEYS[3])
-  local total, base, newest = 0, -1, -1
-  local b_field, m_field = replica .. ':b', replica .. ':m'
-  for i = 1, #all, 2 do
-    local f = all[i]
-    if f == b_field then base = tonumber(all[i + 1])
-    elseif f == m_field then newest = tonumber(all[i + 1])
-    elseif not string.find(f, ':', 1, true) then total = total + tonumber(all[i + 1]) end
-  end
-  -- An absolute report newer than this admission already counted it.
-  local counted = version <= base
-  if not counted then total = total + 1 end
-  if total > maxc then
-    if counted then redis.call('HINCRBY', KEYS[3], replica, -1) end
-    return {2, 1000000, remaining, reset, tokens, spent}
-  end
-  if not counted then change(KEYS[3], replica, version, 1, base, newest) end
-  -- Renewal keeps a reporting replica alive; one Redis has not heard a
-  -- report from (new, or Redis restarted) registers here.
-  if base < 0 then alive(KEYS[3], KEYS[4], replica, tonumber(ARGV[7])) end
-end
-return {0, 0, remaining, reset, tokens, spent}
-"#;
-
-/// KEYS: token bucket, concurrency hash, live set, spend of a period.
-/// ARGV: tpm, tokens to debit, replica, what to do with the count
-/// ("" nothing, "release": one fewer, "report": the count is ARGV[6]),
-/// version, count, ttl_ms, USD to add to the spend, when the spend key
-/// expires (Unix ms).
-const SETTLE: &str = r#"
-local usd = tonumber(ARGV[8])
-if usd > 0 then
-  redis.call('INCRBYFLOAT', KEYS[4], ARGV[8])
-  redis.call('PEXPIREAT', KEYS[4], ARGV[9])
-end
-local tpm, used = tonumber(ARGV[1]), tonumber(ARGV[2])
-if tpm > 0 and used > 0 then
-  local b = math.max(balance(KEYS[1], tpm) - used, -tpm * 1440)
-  redis.call('HSET', KEYS[1], 'b', string.format('%.3f', b), 't', string.format('%.0f', now))
-  redis.call('PEXPIRE', KEYS[1], math.ceil((tpm - b) * 60000 / tpm) + 1000)
-end
-local replica, what, version = ARGV[3], ARGV[4], tonumber(ARGV[5])
-if what == 'release' then
-  local base, newest = marks(KEYS[2], replica)
-  change(KEYS[2], replica, version, -1, base, newest)
-elseif what == 'report' then
-  local base, newest = marks(KEYS[2], replica)
-  if version > base and version >= newest then
-    redis.call('HSET', KEYS[2], replica, ARGV[6], replica .. ':b', string.format('%.0f', version))
-  end
-  alive(KEYS[2], KEYS[3], replica, tonumber(ARGV[7]))
-end
-return 1
-"#;
+impl redis::FromRedisValue for AdmitReply {
+    fn from_redis_value(v: redis::Value) -> Result<Self, redis::ParsingError> {
+        let (verdict, wait_us, remaining, reset_us, tokens, spent) =
+            <(i64, i64, i64, i64, String, String)>::from_redis_value(v)?;
+        Ok(AdmitReply {
+            verdict,
+            wait_us,
+            remaining,
+            reset_us,
+            tokens,
+            spent,
+        })
+    }
+}
 
 struct Scripts {
     admit: Lua,
@@ -267,8 +169,20 @@ pub struct Fleet {
 impl Fleet {
     pub fn start(redis: Arc<Redis>, on_error: OnError) -> Fleet {
         let scripts = Arc::new(Scripts {
-            admit: redis.lua(&format!("{PRELUDE}{ADMIT}")),
-            settle: redis.lua(&format!("{PRELUDE}{SETTLE}")),
+            admit: redis.lua(
+                "admit",
+                concat!(
+                    include_str!("lua/prelude.lua"),
+                    include_str!("lua/admit.lua")
+                ),
+            ),
+            settle: redis.lua(
+                "settle",
+                concat!(
+                    include_str!("lua/prelude.lua"),
+                    include_str!("lua/settle.lua")
+                ),
+            ),
         });
         let (queue, rx) = mpsc::channel(QUEUE);
         let tracked = Arc::new(Mutex::new(Vec::new()));
@@ -324,10 +238,10 @@ impl Fleet {
             return Err(Unavailable);
         }
         let spec = t.spec;
-        let slot = spec.max_concurrent > 0;
+        let slot = Slot::for_cap(spec.max_concurrent);
         // Counted here first, so a renewal report made while this request
         // waits for Redis includes it (the script then knows it is counted).
-        let count = if slot {
+        let count = if slot == Slot::Held {
             t.in_flight.acquire()
         } else {
             t.in_flight.now()
@@ -356,14 +270,21 @@ impl Fleet {
             .arg(count.version)
             .arg(LEASE_TTL.as_millis() as u64)
             .arg(if budget.is_some() { "1" } else { "0" });
-        let reply: Result<(i64, i64, i64, i64, String, String), _> = self
+        let reply: Result<AdmitReply, _> = self
             .redis
             .invoke(Op::Limits, &self.scripts.admit, &inv)
             .await;
-        let (verdict, wait_us, remaining, reset_us, tokens, spent) = match reply {
+        let AdmitReply {
+            verdict,
+            wait_us,
+            remaining,
+            reset_us,
+            tokens,
+            spent,
+        } = match reply {
             Ok(r) => r,
             Err(e) => {
-                if slot {
+                if slot == Slot::Held {
                     t.in_flight.release();
                 }
                 return Err(e);
@@ -387,7 +308,7 @@ impl Fleet {
         let refused = match verdict {
             0 => {
                 return Ok(Ok(Admission {
-                    lease: Some(Lease::new(t, slot, true)),
+                    lease: Some(Lease::new(t, slot, Decided::InRedis)),
                     check: UpstreamCheck { balance },
                 }))
             }
@@ -398,7 +319,7 @@ impl Fleet {
             },
             _ => concurrency_refused(),
         };
-        if slot {
+        if slot == Slot::Held {
             // Redis holds nothing of a refused request.
             t.in_flight.release();
         }

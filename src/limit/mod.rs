@@ -312,13 +312,13 @@ impl TenantLimits {
             }
         }
         let max = u64::from(self.spec.max_concurrent);
-        let slot = max > 0;
-        if slot && self.in_flight.acquire().count > max {
+        let slot = Slot::for_cap(self.spec.max_concurrent);
+        if slot == Slot::Held && self.in_flight.acquire().count > max {
             self.in_flight.release();
             return Err(Denied::Limit(concurrency_refused()));
         }
         Ok(Admission {
-            lease: Some(Lease::new(self, slot, false)),
+            lease: Some(Lease::new(self, slot, Decided::Locally)),
             check: UpstreamCheck::default(),
         })
     }
@@ -520,18 +520,45 @@ impl UpstreamCheck {
 /// by `settle` with the answer's tokens, or on drop with none.
 pub struct Lease {
     tenant: Arc<TenantLimits>,
-    slot: bool,
-    /// Admitted through Redis: settle there too.
-    shared: bool,
+    slot: Slot,
+    decided: Decided,
     settled: bool,
 }
 
+/// Whether a lease holds one of its tenant's concurrency slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Slot {
+    Held,
+    /// The tenant has no concurrency cap.
+    Uncapped,
+}
+
+impl Slot {
+    /// The slot a request of a tenant capped at `max_concurrent` takes.
+    pub(crate) fn for_cap(max_concurrent: u32) -> Slot {
+        if max_concurrent > 0 {
+            Slot::Held
+        } else {
+            Slot::Uncapped
+        }
+    }
+}
+
+/// Where a request's admission was decided, and so where it is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decided {
+    /// By Redis's script: settled there too.
+    InRedis,
+    /// By this replica alone (no Redis, or Redis unavailable).
+    Locally,
+}
+
 impl Lease {
-    fn new(tenant: &Arc<TenantLimits>, slot: bool, shared: bool) -> Lease {
+    fn new(tenant: &Arc<TenantLimits>, slot: Slot, decided: Decided) -> Lease {
         Lease {
             tenant: Arc::clone(tenant),
             slot,
-            shared,
+            decided,
             settled: false,
         }
     }
@@ -564,7 +591,7 @@ impl Lease {
                 usd,
             }
         });
-        let count = if self.slot {
+        let count = if self.slot == Slot::Held {
             fleet::CountChange::Release(t.in_flight.release())
         } else {
             fleet::CountChange::None
@@ -572,7 +599,7 @@ impl Lease {
         if let Some(keys) = &t.keys {
             // Spend reaches Redis whoever decided the admission: spend made
             // while Redis was away is added when it is back.
-            if self.shared {
+            if self.decided == Decided::InRedis {
                 keys.settle(t, tokens, count, spend);
             } else if spend.is_some() {
                 keys.settle(t, 0, fleet::CountChange::None, spend);

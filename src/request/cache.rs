@@ -17,7 +17,7 @@ use crate::app::Snapshot;
 use crate::cache::tiered::Fill;
 use crate::cache::{Entry, Key};
 use crate::flight::fleet::{Lookup, Remote};
-use crate::flight::{End, Head, Join, Leader, Reader};
+use crate::flight::{End, Head, Join, Leader, Reader, Until};
 use crate::http::error::GatewayError;
 use crate::http::headers::mark_no_retry;
 use crate::response::body::Body;
@@ -220,7 +220,7 @@ impl Ctx {
     /// A hit's response; `None` (a miss) for a stream of an answer that has
     /// no replay.
     fn hit(&mut self, entry: &Entry, api: &ApiRequest) -> Option<Response<Body>> {
-        let mut resp = entry_response(entry, api.stream, api.include_usage)?;
+        let mut resp = entry_response(entry, api.delivery())?;
         self.record.cache = Some(CacheState::Hit);
         self.record.saved = entry.usage;
         resp.headers_mut()
@@ -241,9 +241,9 @@ impl Ctx {
         // connection, so no reader's pace holds back another's.
         hand_off(&mut reader);
         self.record.cache = Some(CacheState::Coalesced);
-        let mut head_seen = false;
+        let mut until = Until::HeadOrEnd;
         loop {
-            let (head, end) = reader.changed(head_seen).await;
+            let (head, end) = reader.changed(until).await;
             if api.stream && head == Some(Head::Stream) {
                 let model = self
                     .record
@@ -263,7 +263,9 @@ impl Ctx {
                 }
                 return self.end_response(end, api).map(Coalesced::Answer);
             }
-            head_seen = head.is_some();
+            if head.is_some() {
+                until = Until::End;
+            }
         }
     }
 
@@ -272,8 +274,7 @@ impl Ctx {
         match end {
             End::Done(entry) => {
                 self.record.saved = entry.usage;
-                entry_response(&entry, api.stream, api.include_usage)
-                    .ok_or(GatewayError::StreamInterrupted)
+                entry_response(&entry, api.delivery()).ok_or(GatewayError::StreamInterrupted)
             }
             End::Response {
                 status,

@@ -13,6 +13,7 @@ use crate::api::text::PromptText;
 use crate::api::Endpoint;
 use crate::cache;
 use crate::http::error::GatewayError;
+use crate::response::hit::Delivery;
 
 /// A validated API request. Every field but the few read here passes
 /// through untouched; nothing built from the body is kept but these.
@@ -55,6 +56,17 @@ pub enum Keyed<'a> {
 }
 
 impl ApiRequest {
+    /// How the client wants its answer delivered.
+    pub fn delivery(&self) -> Delivery {
+        if self.stream {
+            Delivery::Stream {
+                usage_chunk: self.include_usage,
+            }
+        } else {
+            Delivery::Whole
+        }
+    }
+
     /// Validates a body in one pass without building a tree, refusing a
     /// repeated top-level key whatever the cache mode; computes the cache
     /// key too unless `keyed` is `Keyed::No`.
@@ -63,7 +75,11 @@ impl ApiRequest {
         endpoint: Endpoint,
         keyed: Keyed<'_>,
     ) -> Result<ApiRequest, GatewayError> {
-        let scan = json::scan(bytes, keyed != Keyed::No).map_err(|e| match e {
+        let canonical = match keyed {
+            Keyed::No => json::Canonical::Skip,
+            Keyed::In(_) => json::Canonical::Write,
+        };
+        let scan = json::scan(bytes, canonical).map_err(|e| match e {
             json::Invalid::Syntax => GatewayError::InvalidJson,
             json::Invalid::DuplicateKey(k) => GatewayError::DuplicateKey(k.into()),
         })?;

@@ -26,8 +26,11 @@ pub struct Body {
     failing: Option<BoxError>,
     /// The first frame (or the end), polled before hyper got the response
     /// (`prime`).
-    held: Option<Option<Result<Bytes, BoxError>>>,
+    held: Option<Primed>,
 }
+
+/// What `prime` polled: the first frame, or the end (`None`).
+struct Primed(Option<Result<Bytes, BoxError>>);
 
 enum Kind {
     Empty,
@@ -80,7 +83,7 @@ impl Body {
     /// connection is woken once instead of twice.
     pub async fn prime(&mut self) {
         let first = std::future::poll_fn(|cx| self.poll_kind(cx)).await;
-        self.held = Some(first);
+        self.held = Some(Primed(first));
     }
 
     fn poll_kind(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
@@ -116,7 +119,7 @@ impl http_body::Body for Body {
             return Poll::Ready(Some(Err(e)));
         }
         let polled = match this.held.take() {
-            Some(first) => Poll::Ready(first),
+            Some(Primed(first)) => Poll::Ready(first),
             None => this.poll_kind(cx),
         };
         let next = match polled {

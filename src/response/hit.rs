@@ -11,11 +11,20 @@ use crate::response::body::Body;
 /// A stored answer, in the mode the client asked for.
 /// `None`: a stream asked for an answer that has no replay (see
 /// `Entry::replay`).
-pub fn entry_response(entry: &Entry, stream: bool, include_usage: bool) -> Option<Response<Body>> {
-    let (body, content_type) = if stream {
+/// How a client wants an answer delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// One JSON body.
+    Whole,
+    /// An SSE stream; `usage_chunk`: with the usage-only chunk.
+    Stream { usage_chunk: bool },
+}
+
+pub fn entry_response(entry: &Entry, delivery: Delivery) -> Option<Response<Body>> {
+    let (body, content_type) = if let Delivery::Stream { usage_chunk } = delivery {
         let replay = entry.replay()?;
         let mut frames = vec![replay.chunks.clone()];
-        if include_usage {
+        if usage_chunk {
             frames.extend(replay.usage_chunk.clone());
         }
         frames.push(Bytes::from_static(DONE_EVENT));

@@ -22,12 +22,14 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Value};
 use tokio::sync::Notify;
 
+mod script;
+
+pub use script::Lua;
+
 use crate::config::RedisConfig;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
-
-use crate::metrics::Metrics;
 
 /// What a round trip was for: the `op` label of the Redis metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,42 +166,6 @@ impl RedisMetrics {
     }
 }
 
-/// A Lua script, run by its SHA1 (`EVALSHA`) and loaded again when the
-/// server has forgotten it (a restart, `SCRIPT FLUSH`): what
-/// `redis::Script` does, but a call is a plain `Cmd` whose arguments go
-/// straight into its one buffer. A `redis::ScriptInvocation` keeps every
-/// argument in a `Vec` of its own and copies them all into a `Cmd` again
-/// at each call: on the miss path, an answer of kilobytes (`FINISH`'s
-/// argument) was copied twice more than it needs to be.
-#[derive(Clone)]
-pub struct Lua {
-    code: Arc<str>,
-    sha: Arc<str>,
-}
-
-impl Lua {
-    fn new(code: &str) -> Lua {
-        let sha = redis::Script::new(code).get_hash().into();
-        Lua {
-            code: code.into(),
-            sha,
-        }
-    }
-
-    /// A call on `keys`: `EVALSHA <sha> <n> <keys…>`, the script's
-    /// arguments to follow (`Cmd::arg`); `room`, about how many bytes they
-    /// take, so the buffer is allocated once.
-    pub fn call(&self, keys: &[&str], room: usize) -> Cmd {
-        let key_bytes: usize = keys.iter().map(|k| k.len()).sum();
-        let mut cmd = Cmd::with_capacity(3 + keys.len() + 8, 64 + key_bytes + room);
-        cmd.arg("EVALSHA").arg(&*self.sha).arg(keys.len());
-        for key in keys {
-            cmd.arg(*key);
-        }
-        cmd
-    }
-}
-
 /// A connection of one task's own (see `Redis::dedicated`).
 pub struct Dedicated(Conn);
 
@@ -268,13 +234,13 @@ const SLOW_IN_A_ROW: u32 = 3;
 impl Redis {
     /// Connects (waiting at most a second, so a replica whose Redis is down
     /// still starts at once) and starts the prober.
-    pub async fn start(cfg: &RedisConfig, metrics: &Metrics) -> Arc<Redis> {
+    pub async fn start(cfg: &RedisConfig, registry: &Registry) -> Arc<Redis> {
         let redis = Arc::new(Redis {
             cfg: cfg.clone(),
             conn: ArcSwapOption::empty(),
             health: AtomicU8::new(UNKNOWN),
             wake: Arc::new(Notify::new()),
-            metrics: RedisMetrics::register(metrics.registry()),
+            metrics: RedisMetrics::register(registry),
             replica: format!("{:016x}", rand::random::<u64>()),
             slow: AtomicU32::new(0),
             scripts: std::sync::Mutex::new(Vec::new()),
@@ -308,12 +274,12 @@ impl Redis {
         script: &Lua,
         call: &Cmd,
     ) -> Result<T, Unavailable> {
-        self.run(op, |mut conn| async move {
+        self.run(op, Some(script.name), |mut conn| async move {
             match call.query_async(&mut conn).await {
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
-                    load(&mut conn, &script.code).await?;
+                    load(&mut conn, script.code).await?;
                     call.query_async(&mut conn).await
                 }
                 result => result,
@@ -325,19 +291,17 @@ impl Redis {
     /// Runs one command within `timeout_ms`. While Redis is down this
     /// returns at once.
     pub async fn query<T: FromRedisValue>(&self, op: Op, cmd: &Cmd) -> Result<T, Unavailable> {
-        self.run(
-            op,
-            |mut conn| async move { cmd.query_async(&mut conn).await },
-        )
+        self.run(op, None, |mut conn| async move {
+            cmd.query_async(&mut conn).await
+        })
         .await
     }
 
     /// Runs a pipeline within `timeout_ms`.
     pub async fn pipe<T: FromRedisValue>(&self, op: Op, pipe: &Pipeline) -> Result<T, Unavailable> {
-        self.run(
-            op,
-            |mut conn| async move { pipe.query_async(&mut conn).await },
-        )
+        self.run(op, None, |mut conn| async move {
+            pipe.query_async(&mut conn).await
+        })
         .await
     }
 
@@ -355,7 +319,12 @@ impl Redis {
     }
 
     /// One round trip with its timeout, metrics and effect on health.
-    async fn run<T, F, Fut>(&self, op: Op, call: F) -> Result<T, Unavailable>
+    async fn run<T, F, Fut>(
+        &self,
+        op: Op,
+        script: Option<&'static str>,
+        call: F,
+    ) -> Result<T, Unavailable>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
@@ -377,6 +346,21 @@ impl Redis {
                 self.slow.store(0, Ordering::Relaxed);
                 Ok(v)
             }
+            Ok(Err(e)) if is_an_answer(&e) => {
+                // Redis answered: it is up. A script that fails, or a reply
+                // that does not decode, is a fault of its own, logged with
+                // what ran (never its data), and this request decides
+                // without Redis.
+                self.metrics.result(op, "error").inc();
+                self.slow.store(0, Ordering::Relaxed);
+                tracing::warn!(
+                    op = op.label(),
+                    script = script.unwrap_or("-"),
+                    kind = ?e.kind(),
+                    "a Redis command failed"
+                );
+                Err(Unavailable)
+            }
             Ok(Err(e)) => {
                 self.metrics.result(op, "error").inc();
                 self.mark_down(&format!("{:?}", e.kind()));
@@ -395,8 +379,8 @@ impl Redis {
     /// A script to call with `invoke`. It is loaded into Redis now (if
     /// connected) and on every new connection; a server that forgot it
     /// anyway (`SCRIPT FLUSH`) gets it again at the next call.
-    pub fn lua(&self, code: &str) -> Lua {
-        let lua = Lua::new(code);
+    pub fn lua(&self, name: &'static str, code: &'static str) -> Lua {
+        let lua = Lua::new(name, code);
         {
             let mut scripts = self.scripts.lock().unwrap_or_else(|e| e.into_inner());
             if scripts.iter().any(|s| s.sha == lua.sha) {
@@ -407,10 +391,10 @@ impl Redis {
         if let (Ok(rt), Some(conn)) = (tokio::runtime::Handle::try_current(), self.conn.load_full())
         {
             let wait = self.cfg.timeout.max(Duration::from_millis(250));
-            let code = Arc::clone(&lua.code);
+            let code = lua.code;
             rt.spawn(async move {
                 let mut conn = Conn::clone(&conn);
-                let _ = tokio::time::timeout(wait, load(&mut conn, &code)).await;
+                let _ = tokio::time::timeout(wait, load(&mut conn, code)).await;
             });
         }
         lua
@@ -490,7 +474,7 @@ impl Redis {
                 // Scripts loaded before any request runs one, so a start or
                 // a restarted (empty) Redis costs no `NOSCRIPT` round trips.
                 for script in self.scripts() {
-                    let _ = tokio::time::timeout(wait, load(&mut conn, &script.code)).await;
+                    let _ = tokio::time::timeout(wait, load(&mut conn, script.code)).await;
                 }
                 self.conn.store(Some(Arc::new(conn)));
                 self.slow.store(0, Ordering::Relaxed);
@@ -523,6 +507,24 @@ impl Redis {
 }
 
 /// `SCRIPT LOAD` (on a cluster, routed to every primary).
+/// Whether an error is Redis's answer to a command (a script that failed,
+/// a wrong type, a reply that does not decode), not Redis being
+/// unavailable: an answer never trips the health circuit.
+fn is_an_answer(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    match e.kind() {
+        ErrorKind::Parse | ErrorKind::UnexpectedReturnType => true,
+        ErrorKind::Server(kind) => matches!(
+            kind,
+            ServerErrorKind::ResponseError
+                | ServerErrorKind::ExecAbort
+                | ServerErrorKind::CrossSlot
+                | ServerErrorKind::NoScript
+        ),
+        _ => false,
+    }
+}
+
 async fn load(conn: &mut Conn, code: &str) -> redis::RedisResult<String> {
     redis::cmd("SCRIPT")
         .arg("LOAD")

@@ -10,7 +10,7 @@ use http::{HeaderValue, Uri};
 
 use crate::api::Endpoint;
 use crate::config::Config;
-use crate::Secret;
+use crate::config::Secret;
 
 /// One upstream: its name, where each path of it is, and the shared key's
 /// `Authorization` it is sent.

@@ -271,14 +271,15 @@ async fn a_leader_killed_mid_stream_leaves_no_follower_with_a_silent_truncation(
     // A non-streaming follower on C waits for the end.
     let url_c = c.url("/v1/chat/completions");
     let waiting = tokio::spawn(async move { call(&url_c, ALPHA, &chat("midway"), &[]).await });
-    // Both followers have registered with the flight.
+    // Both followers have registered with the flight (its followers by
+    // leader, a hash).
     loop {
-        let n = redis.cli(&["--scan", "--pattern", "sluice:{*}:n:*"]);
-        let joined = n
+        let n = redis.cli(&["--scan", "--pattern", "sluice:{*}:n"]);
+        let joined: u32 = n
             .lines()
             .next()
-            .map(|k| redis.cli(&["GET", k.trim()]))
-            .and_then(|v| v.trim().parse::<u32>().ok())
+            .map(|k| redis.cli(&["HVALS", k.trim()]))
+            .map(|v| v.lines().filter_map(|c| c.trim().parse::<u32>().ok()).sum())
             .unwrap_or(0);
         if joined >= 2 {
             break;

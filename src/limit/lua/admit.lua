@@ -1,0 +1,67 @@
+-- ADMIT: decides one request for the fleet, in one round trip.
+--
+-- KEYS[1] request bucket (GCRA: the theoretical arrival time)
+-- KEYS[2] token bucket (hash: b = balance, t = when)
+-- KEYS[3] concurrency hash (per replica counts and versions)
+-- KEYS[4] live set (replica -> lease end, Unix us)
+-- KEYS[5] spend of the current period (the token bucket again without a budget)
+-- ARGV[1] requests_per_minute   ARGV[2] request_burst
+-- ARGV[3] tokens_per_minute     ARGV[4] max_concurrent
+-- ARGV[5] replica               ARGV[6] version of this change
+-- ARGV[7] lease ttl_ms          ARGV[8] budgeted ("1" / "0")
+--
+-- Returns {verdict (0 admitted, 1 requests, 2 concurrency), wait_us,
+-- requests remaining, requests reset_us, token balance ("" = no limit),
+-- spend ("" = no budget)}.
+assert(#KEYS == 5, 'ADMIT takes 5 keys')
+assert(#ARGV == 8, 'ADMIT takes 8 arguments')
+local rpm, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tpm, maxc = tonumber(ARGV[3]), tonumber(ARGV[4])
+local tokens = ''
+if tpm > 0 then tokens = string.format('%.3f', balance(KEYS[2], tpm)) end
+local spent = ''
+if ARGV[8] == '1' then spent = redis.call('GET', KEYS[5]) or '0' end
+local remaining, reset = 0, 0
+if rpm > 0 then
+  local period = 60000000 / rpm
+  local tat = tonumber(redis.call('GET', KEYS[1])) or now
+  if tat < now then tat = now end
+  local next_tat = tat + period
+  local allow_at = next_tat - burst * period
+  if now < allow_at then
+    return {1, math.ceil(allow_at - now), 0, math.ceil(tat - now), tokens, spent}
+  end
+  redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1)
+  remaining = math.floor((now - allow_at) / period)
+  reset = math.ceil(next_tat - now)
+end
+if maxc > 0 then
+  local replica, version = ARGV[5], tonumber(ARGV[6])
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', string.format('%.0f', now))
+  for _, r in ipairs(dead) do
+    redis.call('HDEL', KEYS[3], r, r .. ':m', r .. ':b')
+    redis.call('ZREM', KEYS[4], r)
+  end
+  -- One read gives every replica's count and this replica's marks.
+  local all = redis.call('HGETALL', KEYS[3])
+  local total, base, newest = 0, -1, -1
+  local b_field, m_field = replica .. ':b', replica .. ':m'
+  for i = 1, #all, 2 do
+    local f = all[i]
+    if f == b_field then base = tonumber(all[i + 1])
+    elseif f == m_field then newest = tonumber(all[i + 1])
+    elseif not string.find(f, ':', 1, true) then total = total + tonumber(all[i + 1]) end
+  end
+  -- An absolute report newer than this admission already counted it.
+  local counted = version <= base
+  if not counted then total = total + 1 end
+  if total > maxc then
+    if counted then redis.call('HINCRBY', KEYS[3], replica, -1) end
+    return {2, 1000000, remaining, reset, tokens, spent}
+  end
+  if not counted then change(KEYS[3], replica, version, 1, base, newest) end
+  -- Renewal keeps a reporting replica alive; one Redis has not heard a
+  -- report from (new, or Redis restarted) registers here.
+  if base < 0 then alive(KEYS[3], KEYS[4], replica, tonumber(ARGV[7])) end
+end
+return {0, 0, remaining, reset, tokens, spent}
