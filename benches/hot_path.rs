@@ -10,7 +10,8 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sluice::api::json;
-use sluice::api::sse::{event_data, Assembler, EventData, Framer, Shape};
+use sluice::api::openai::{Assembler, Shape};
+use sluice::api::sse::{event_data, EventData, Framer};
 use sluice::app::Snapshot;
 use sluice::cache::{self, Entry, Store};
 use sluice::config::{Config, LimitSpec, Secret};
@@ -190,7 +191,7 @@ fn sse(c: &mut Criterion) {
                 framer
                     .push(r.clone(), |ev| {
                         if let EventData::Data(d) = event_data(&ev) {
-                            let info = sluice::api::sse::inspect(&d).expect("json");
+                            let info = sluice::api::openai::inspect(&d).expect("json");
                             if info.usage.is_some() {
                                 usage = info.usage;
                             }

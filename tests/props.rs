@@ -11,6 +11,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 use serde_json::{Map, Number, Value};
+use sluice::api::openai;
 use sluice::api::sse::{self, Framer};
 use sluice::api::Endpoint;
 use sluice::cache::{self, Key};
@@ -279,7 +280,7 @@ proptest! {
                 sse::EventData::None => {}
                 sse::EventData::Done => done = true,
                 sse::EventData::Data(d) => {
-                    let info = sse::inspect(&d).expect("valid chunk");
+                    let info = openai::inspect(&d).expect("valid chunk");
                     prop_assert!(!info.is_error);
                     if info.usage_only {
                         found = info.usage;

@@ -13,7 +13,8 @@
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use sluice::api::sse::{self, Assembler, EventData, Framer, Shape};
+use sluice::api::openai::{self, Assembler, Shape};
+use sluice::api::sse::{self, EventData, Framer};
 
 type Framed = (Vec<Bytes>, Vec<u8>, bool);
 
@@ -54,7 +55,7 @@ fn assemble(events: &[Bytes], shape: Shape) -> Value {
         if let EventData::Data(d) = sse::event_data(ev) {
             // What the relay does when it does not assemble: must not panic,
             // and must agree with the assembler on what the chunk is.
-            let light = sse::inspect(&d);
+            let light = openai::inspect(&d);
             let full = asm.push(&d);
             match (light, full) {
                 // Where neither calls the chunk an error, they read the same.
@@ -121,7 +122,7 @@ fuzz_target!(|data: &[u8]| {
     let completion = assemble(&whole.0, shape);
     // A cache hit replays the stored completion; reassembled, it must be the
     // completion again.
-    let Some(replay) = sse::replay(&completion) else {
+    let Some(replay) = openai::replay(&completion) else {
         return;
     };
     let mut again = replay.chunks.to_vec();

@@ -15,7 +15,9 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use sluice::cache::Entry;
-use sluice::api::sse::{self, Usage};
+use sluice::api::openai;
+use sluice::api::sse;
+use sluice::api::usage::Usage;
 
 /// DeepSeek's and OpenAI's usage fields, with the types they have: a body
 /// that parses into this (serde refuses repeated fields) has a usage that
@@ -48,12 +50,12 @@ struct Details {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let fast = sse::usage_of_completion(data);
-    let _ = sse::inspect(data);
+    let fast = openai::usage_of_completion(data);
+    let _ = openai::inspect(data);
 
-    if let Ok(v) = serde_json::from_slice::<Value>(sse::trim_leading_ws(data)) {
+    if let Ok(v) = serde_json::from_slice::<Value>(openai::trim_leading_ws(data)) {
         let once = data.windows(7).filter(|w| w == b"\"usage\"").count() == 1;
-        let strict = serde_json::from_slice::<Strict>(sse::trim_leading_ws(data))
+        let strict = serde_json::from_slice::<Strict>(openai::trim_leading_ws(data))
             .is_ok_and(|s| s.usage.is_some());
         if let (true, true, Some(u)) = (once, strict, v.get("usage")) {
             // The full parse as the slow path would do it.
@@ -73,7 +75,7 @@ fuzz_target!(|data: &[u8]| {
         let tree = serde_json::from_slice::<Value>(&entry.completion).ok();
         assert_eq!(
             entry.replay().map(|r| r.chunks.clone()),
-            tree.as_ref().and_then(sse::replay).map(|r| r.chunks),
+            tree.as_ref().and_then(openai::replay).map(|r| r.chunks),
             "the replay is the stored answer's"
         );
         let usage = entry
@@ -83,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
                 let sse::EventData::Data(d) = sse::event_data(c) else {
                     panic!("the usage chunk is a data event");
                 };
-                sse::inspect(&d).expect("a replayed chunk is JSON").usage
+                openai::inspect(&d).expect("a replayed chunk is JSON").usage
             });
         if let Some(u) = usage {
             assert_eq!(u, entry.usage, "replayed usage");

@@ -2,15 +2,18 @@
 //! `CacheState` name what a request is and how it was answered (they are
 //! also metric labels); the submodules are plain functions over bytes: the
 //! strict scan of a request body (`json`), counting a prompt's text
-//! (`text`), and SSE framing, usage and its estimate, and assembling a
-//! stream into an answer and replaying an answer as a stream (`sse`).
+//! (`text`), SSE framing (`sse`), usage and its estimate (`usage`), and one
+//! module per API format (`openai`: what a chunk says, assembling a stream
+//! into an answer, replaying an answer as a stream).
 //! Imports no other Sluice module.
 
 pub mod json;
+pub mod openai;
 pub mod sse;
 pub mod text;
+pub mod usage;
 
-use sse::Shape;
+use openai::Shape;
 
 /// An API endpoint Sluice serves (the route table is `http::routes`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,7 +16,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::api::json::Scan;
-use crate::api::sse::{self, Replay, Usage};
+use crate::api::openai::{self, Replay};
+use crate::api::usage::Usage;
 
 mod store;
 pub mod tiered;
@@ -69,9 +70,9 @@ impl Entry {
     /// completion (invalid JSON, no choices, a chat choice without a
     /// message): such answers are never stored.
     pub fn from_completion(body: Bytes) -> Option<Entry> {
-        let trimmed = sse::trim_leading_ws(&body);
+        let trimmed = openai::trim_leading_ws(&body);
         let offset = body.len() - trimmed.len();
-        let usage = sse::completion_facts(trimmed)?.usage;
+        let usage = openai::completion_facts(trimmed)?.usage;
         Some(Entry {
             completion: body.slice(offset..),
             replay: OnceLock::new(),
@@ -95,7 +96,7 @@ impl Entry {
             .get_or_init(|| {
                 serde_json::from_slice::<Value>(&self.completion)
                     .ok()
-                    .and_then(|v| sse::replay(&v))
+                    .and_then(|v| openai::replay(&v))
             })
             .as_ref()
     }

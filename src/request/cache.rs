@@ -22,8 +22,9 @@ use crate::http::error::GatewayError;
 use crate::http::headers::mark_no_retry;
 use crate::response::body::Body;
 use crate::response::hit::entry_response;
+use crate::response::lead::hand_off;
 use crate::response::log::{LogBody, LogOpts};
-use crate::response::relay::{hand_off, Sink};
+use crate::response::relay::Sink;
 use crate::tenant::Tenant;
 
 /// How this request uses the cache (docs/api.md, "Cache").

@@ -12,9 +12,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::response::lead::LeadBody;
 use crate::response::log::LogBody;
 use crate::response::record::Record;
-use crate::response::relay::{LeadBody, Relay};
+use crate::response::relay::Relay;
 use crate::response::BoxError;
 use http_body::{Frame, SizeHint};
 

@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod hit;
+pub mod lead;
 pub mod log;
 pub mod record;
 pub mod relay;

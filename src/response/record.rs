@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::api::sse::Usage;
+use crate::api::usage::Usage;
 use crate::api::{CacheState, Endpoint};
 use crate::limit::Lease;
 use crate::metrics::Metrics;

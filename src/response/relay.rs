@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -32,15 +32,17 @@ use http_body::Body as _;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::Sleep;
 
-use crate::api::sse::{self, Assembler, EventData, Framer, Shape, Usage};
+use crate::api::openai::{self, Assembler, Shape};
+use crate::api::sse::{self, EventData, Framer};
+use crate::api::usage::Usage;
 use crate::cache::tiered::Fill;
 use crate::cache::Entry;
 use crate::config::Pricing;
-use crate::flight::{End, Head, Leader, Mark, Reader, RelayHandle, FLIGHT_LOG_MAX};
+use crate::flight::{End, Flight, Head, Leader, Mark, Reader, FLIGHT_LOG_MAX};
 use crate::http::error::{stream_error_event, GatewayError};
 use crate::limit::Lease;
 use crate::metrics::Tokens;
-use crate::response::log::{LogBody, LogOpts};
+use crate::response::log::LogOpts;
 use crate::response::record::{Outcome, RelaySummary};
 use crate::response::BoxError;
 use crate::tenant::Tenant;
@@ -269,6 +271,18 @@ impl Relay {
         self.sink.leader.is_some()
     }
 
+    /// The flight this relay publishes to.
+    pub(super) fn flight(&self) -> Option<Arc<Flight>> {
+        self.sink.leader.as_ref().map(|l| Arc::clone(&l.flight))
+    }
+
+    /// Runs the relay for its flight's readers only: nothing is queued for
+    /// a client (its client is gone, or reads the log).
+    pub(super) fn for_readers(mut self) -> Relay {
+        self.detached = true;
+        self
+    }
+
     pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
         loop {
             if let Some((b, _)) = self.out.pop_front() {
@@ -443,7 +457,7 @@ impl Relay {
         };
         let info = match assembler {
             Some(a) => a.push(&data),
-            None => sse::inspect(&data),
+            None => openai::inspect(&data),
         };
         let info = match info {
             Ok(info) => info,
@@ -544,11 +558,11 @@ impl Relay {
                     };
                     let usage = match &entry {
                         Some(e) => e.usage,
-                        None => body.as_deref().and_then(sse::usage_of_completion),
+                        None => body.as_deref().and_then(openai::usage_of_completion),
                     };
                     if usage.is_none() {
                         self.completion_chars =
-                            body.as_deref().map_or(0, sse::completion_text_chars);
+                            body.as_deref().map_or(0, openai::completion_text_chars);
                     }
                     self.finish_ok(usage);
                     self.deliver(entry, body.map(|b| (status, content_type, b)));
@@ -685,7 +699,7 @@ impl Relay {
     /// finished and readers of its flight remain, a task finishes the
     /// upstream call for them; otherwise the upstream request is cancelled
     /// here and metered by estimate.
-    pub fn release(mut self, lead: Option<Weak<Lead>>) -> RelaySummary {
+    pub fn release(mut self, slot: Option<SummarySlot>) -> RelaySummary {
         if self.finished {
             return self.summary;
         }
@@ -696,7 +710,7 @@ impl Relay {
                 summary.outcome = Outcome::HandedOff;
                 self.out.clear();
                 self.detached = true;
-                rt.spawn(drive(self, lead));
+                rt.spawn(drive(self, slot));
                 return summary;
             }
         }
@@ -708,7 +722,7 @@ impl Relay {
     /// gets a reader that resumes in the log where its client is, and from
     /// now on the relay queues nothing for a client. `None` if there is
     /// nothing left to drive.
-    fn detach_reader(&mut self) -> Option<(Reader, LogOpts)> {
+    pub(super) fn detach_reader(&mut self) -> Option<(Reader, LogOpts)> {
         if self.finished {
             return None;
         }
@@ -752,9 +766,13 @@ impl Relay {
     }
 }
 
+/// Where a relay driven by a task leaves its summary when it is done, for
+/// the body that handed it off.
+pub(super) type SummarySlot = Weak<Mutex<Option<RelaySummary>>>;
+
 /// Drives a relay in a task for a flight's readers until the answer is done,
 /// or until no reader is left (then the upstream call is cancelled).
-async fn drive(mut relay: Relay, lead: Option<Weak<Lead>>) {
+pub(super) async fn drive(mut relay: Relay, summary: Option<SummarySlot>) {
     std::future::poll_fn(|cx| loop {
         match relay.poll(cx) {
             Poll::Ready(Some(Ok(_))) => continue,
@@ -774,235 +792,8 @@ async fn drive(mut relay: Relay, lead: Option<Weak<Lead>>) {
         }
     })
     .await;
-    if let Some(lead) = lead.and_then(|l| l.upgrade()) {
-        lead.with(|s| s.summary = Some(relay.summary));
-    }
-}
-
-// ---- a flight's leader ------------------------------------------------------
-
-/// A flight leader's relay, where its first follower can find it.
-pub struct Lead {
-    me: Weak<Lead>,
-    state: Mutex<LeadState>,
-}
-
-struct LeadState {
-    slot: Slot,
-    /// The leader's connection, waiting on the relay: woken when the relay
-    /// moves, so it starts reading the log.
-    waker: Option<Waker>,
-    /// What the relay reported when it finished in its task.
-    summary: Option<RelaySummary>,
-}
-
-enum Slot {
-    /// Polled by the leader's connection.
-    Here(Box<Relay>),
-    /// Driven by a task; the leader's client reads the log with this reader.
-    Moved(Option<(Reader, LogOpts)>),
-    Gone,
-}
-
-impl Lead {
-    fn with<R>(&self, f: impl FnOnce(&mut LeadState) -> R) -> R {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut s)
-    }
-}
-
-/// Moves the leader's relay that `reader` (the first to attach to its
-/// flight) took the handle of into a task, if it still runs in place.
-pub fn hand_off(reader: &mut Reader) {
-    if let Some(lead) = reader.take_handoff().and_then(|h| h.get::<Lead>()) {
-        lead.detach();
-    }
-}
-
-impl Lead {
-    /// Moves the relay off the leader's connection into a task that reads
-    /// upstream at upstream's pace for the flight's readers.
-    fn detach(&self) {
-        // Taken out of the slot under its lock: the leader's connection is
-        // not polling it meanwhile.
-        let moved = self.with(|s| {
-            let Slot::Here(relay) = &mut s.slot else {
-                return None;
-            };
-            let (reader, opts) = relay.detach_reader()?;
-            let Slot::Here(relay) =
-                std::mem::replace(&mut s.slot, Slot::Moved(Some((reader, opts))))
-            else {
-                return None;
-            };
-            Some((relay, s.waker.take()))
-        });
-        let Some((relay, waker)) = moved else { return };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        // A weak reference from the task: the leader's body owns the lead,
-        // and the task only leaves its summary there when it is done.
-        rt.spawn(drive(*relay, Some(self.me.clone())));
-        if let Some(w) = waker {
-            w.wake();
-        }
-    }
-}
-
-/// The leader's client's body: the relay in place, then, once a follower
-/// attached, a reader of the flight's log.
-pub struct LeadBody {
-    lead: Arc<Lead>,
-    log: Option<LogBody>,
-}
-
-impl LeadBody {
-    /// Takes a leader's relay; if followers attached while the call waited
-    /// for its headers, the relay moves into its task at once.
-    pub fn start(relay: Relay) -> LeadBody {
-        let flight = relay.sink.leader.as_ref().map(|l| Arc::clone(&l.flight));
-        let lead = Arc::new_cyclic(|me| Lead {
-            me: me.clone(),
-            state: Mutex::new(LeadState {
-                slot: Slot::Here(Box::new(relay)),
-                waker: None,
-                summary: None,
-            }),
-        });
-        if let Some(flight) = flight {
-            if !flight.keep_relay(RelayHandle::new(Arc::downgrade(&lead))) {
-                lead.detach();
-            }
-        }
-        LeadBody { lead, log: None }
-    }
-
-    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
-        if let Some(log) = &mut self.log {
-            return log.poll(cx);
-        }
-        let moved = self.lead.with(|s| match &mut s.slot {
-            Slot::Here(relay) => {
-                let polled = relay.poll(cx);
-                if polled.is_pending() && !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
-                {
-                    s.waker = Some(cx.waker().clone());
-                }
-                Err(polled)
-            }
-            Slot::Moved(reader) => Ok(reader.take()),
-            Slot::Gone => Err(Poll::Ready(None)),
-        });
-        match moved {
-            Err(polled) => polled,
-            Ok(Some((reader, opts))) => {
-                let log = self.log.insert(LogBody::new(reader, opts, None));
-                log.poll(cx)
-            }
-            Ok(None) => Poll::Ready(None),
-        }
-    }
-
-    /// Called when the client's body is dropped.
-    pub fn release(self) -> RelaySummary {
-        let weak = Arc::downgrade(&self.lead);
-        let (relay, summary) =
-            self.lead
-                .with(|s| match std::mem::replace(&mut s.slot, Slot::Gone) {
-                    Slot::Here(relay) => (Some(relay), None),
-                    Slot::Moved(_) | Slot::Gone => (None, s.summary),
-                });
-        match relay {
-            Some(relay) => (*relay).release(Some(weak)),
-            None => summary.unwrap_or(RelaySummary {
-                outcome: if self.log.as_ref().is_some_and(|l| l.ended) {
-                    Outcome::Ok
-                } else {
-                    Outcome::HandedOff
-                },
-                ..RelaySummary::default()
-            }),
-        }
-    }
-}
-
-// ---- a leader's call before its headers --------------------------------------
-
-type Call = Pin<Box<dyn Future<Output = Result<Sent, GatewayError>> + Send>>;
-
-/// A flight leader's upstream call, up to its response headers. If the
-/// leader's client leaves before they arrive while followers wait, the call
-/// goes on in a task and its answer is relayed to them; with no follower it
-/// is cancelled, as any request's is.
-pub struct Launch {
-    call: Option<Call>,
-    plan: Option<Plan>,
-}
-
-impl Launch {
-    pub fn new(call: Call, plan: Plan) -> Launch {
-        Launch {
-            call: Some(call),
-            plan: Some(plan),
-        }
-    }
-}
-
-impl Future for Launch {
-    type Output = Result<(Sent, Plan), GatewayError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let Some(call) = &mut this.call else {
-            return Poll::Ready(Err(GatewayError::StreamInterrupted));
-        };
-        let sent = match call.as_mut().poll(cx) {
-            Poll::Ready(sent) => sent,
-            Poll::Pending => return Poll::Pending,
-        };
-        this.call = None;
-        let Some(mut plan) = this.plan.take() else {
-            return Poll::Ready(Err(GatewayError::StreamInterrupted));
-        };
-        Poll::Ready(match sent {
-            Ok(sent) => Ok((sent, plan)),
-            Err(e) => {
-                if let Some(leader) = plan.sink.leader.take() {
-                    leader.end(End::Error(e.clone()));
-                }
-                Err(e)
-            }
-        })
-    }
-}
-
-impl Drop for Launch {
-    fn drop(&mut self) {
-        let (Some(call), Some(mut plan)) = (self.call.take(), self.plan.take()) else {
-            return;
-        };
-        if plan.sink.leader.as_ref().is_none_or(Leader::abandon) {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        rt.spawn(async move {
-            match call.await {
-                Ok(sent) => {
-                    let (_, answer) = Answer::of(sent);
-                    let mut relay = plan.relay(answer);
-                    relay.detached = true;
-                    drive(relay, None).await;
-                }
-                Err(e) => {
-                    if let Some(leader) = plan.sink.leader.take() {
-                        leader.end(End::Error(e));
-                    }
-                }
-            }
-        });
+    if let Some(slot) = summary.and_then(|s| s.upgrade()) {
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(relay.summary);
     }
 }
 

@@ -1,0 +1,727 @@
+//! OpenAI's chat and text completions (DeepSeek's API): what a chunk of a
+//! stream says (`inspect`), assembling a stream into the completion it
+//! amounts to (`Assembler`), the reverse (`replay`: a stored completion as
+//! chunks), and what storing a non-streaming answer needs to know of it
+//! (`completion_facts`, `usage_of_completion`). Pure functions over bytes.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::api::text::Chars;
+use crate::api::usage::{RawUsage, Usage};
+
+/// Reads the usage out of a whole non-streaming response body. DeepSeek
+/// writes `usage` last, so the object after the last unescaped `"usage":`
+/// key is parsed on its own, without walking the (possibly long) choices;
+/// anything unexpected falls back to parsing the whole body.
+pub fn usage_of_completion(body: &[u8]) -> Option<Usage> {
+    #[derive(Deserialize)]
+    struct WithUsage {
+        usage: Option<RawUsage>,
+    }
+    const KEY: &[u8] = b"\"usage\"";
+    let tail = body
+        .windows(KEY.len())
+        .rposition(|w| w == KEY)
+        .filter(|&at| at == 0 || body[at - 1] != b'\\')
+        .and_then(|at| {
+            let rest = trim_leading_ws(&body[at + KEY.len()..]);
+            let rest = trim_leading_ws(rest.strip_prefix(b":")?);
+            let mut stream = serde_json::Deserializer::from_slice(rest).into_iter::<RawUsage>();
+            stream.next()?.ok()
+        });
+    match tail {
+        Some(raw) => Some(Usage::from_raw(raw)),
+        None => {
+            let parsed: WithUsage = serde_json::from_slice(trim_leading_ws(body)).ok()?;
+            parsed.usage.map(Usage::from_raw)
+        }
+    }
+}
+
+/// DeepSeek may send blank lines before a non-streaming JSON body.
+pub fn trim_leading_ws(body: &[u8]) -> &[u8] {
+    let start = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(body.len());
+    &body[start..]
+}
+
+/// What kind of completion a stream amounts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `chat.completion` (chat and chat prefix completion).
+    Chat,
+    /// `text_completion` (FIM).
+    Text,
+}
+
+#[derive(Debug, Default)]
+struct ToolAcc {
+    id: Option<String>,
+    kind: Option<String>,
+    name: String,
+    arguments: String,
+}
+
+#[derive(Debug, Default)]
+struct ChoiceAcc {
+    role: Option<String>,
+    content: Option<String>,
+    reasoning: Option<String>,
+    text: String,
+    tool_calls: BTreeMap<u64, ToolAcc>,
+    finish_reason: Option<Value>,
+    /// `logprobs.content` entries, concatenated across chunks.
+    logprobs: Option<Vec<Value>>,
+}
+
+/// One parsed chunk: what the relay needs to know about an event.
+#[derive(Debug, Default)]
+pub struct ChunkInfo {
+    /// The chunk has no choices but a usage: DeepSeek's usage-only chunk.
+    pub usage_only: bool,
+    pub usage: Option<Usage>,
+    /// The chunk is an error object rather than a completion chunk.
+    pub is_error: bool,
+    /// Characters of generated text in the chunk (content, reasoning,
+    /// tool-call arguments, FIM text), for the usage estimate.
+    pub text_chars: u64,
+}
+
+/// The generated text of a chunk (streamed `delta`s, FIM `text`) or of a
+/// completion (`message`s), counted without building it.
+#[derive(Deserialize, Default)]
+struct TextChoice {
+    #[serde(default)]
+    text: Option<Chars>,
+    #[serde(default)]
+    delta: Option<TextMessage>,
+    #[serde(default)]
+    message: Option<TextMessage>,
+}
+
+#[derive(Deserialize, Default)]
+struct TextMessage {
+    #[serde(default)]
+    content: Option<Chars>,
+    #[serde(default)]
+    reasoning_content: Option<Chars>,
+    #[serde(default)]
+    tool_calls: Option<Vec<TextCall>>,
+}
+
+#[derive(Deserialize)]
+struct TextCall {
+    #[serde(default)]
+    function: Option<TextFunction>,
+}
+
+#[derive(Deserialize)]
+struct TextFunction {
+    #[serde(default)]
+    arguments: Option<Chars>,
+}
+
+impl TextChoice {
+    fn chars(&self) -> u64 {
+        let n = |c: &Option<Chars>| c.map_or(0, |c| c.0);
+        let message = |m: &Option<TextMessage>| {
+            m.as_ref().map_or(0, |m| {
+                n(&m.content)
+                    + n(&m.reasoning_content)
+                    + m.tool_calls
+                        .iter()
+                        .flatten()
+                        .map(|c| c.function.as_ref().map_or(0, |f| n(&f.arguments)))
+                        .sum::<u64>()
+            })
+        };
+        n(&self.text) + message(&self.delta) + message(&self.message)
+    }
+}
+
+/// Characters of generated text in a whole non-streaming completion, for
+/// the usage estimate; 0 when the body is not one (cut off, garbage).
+pub fn completion_text_chars(body: &[u8]) -> u64 {
+    #[derive(Deserialize)]
+    struct Completion {
+        #[serde(default)]
+        choices: Vec<TextChoice>,
+    }
+    serde_json::from_slice::<Completion>(trim_leading_ws(body))
+        .map_or(0, |c| c.choices.iter().map(TextChoice::chars).sum())
+}
+
+/// Reads what the relay needs from one chunk without building it: whether
+/// it is valid JSON at all, an error object, the usage-only chunk, and its
+/// usage. Used when the stream is not being assembled for the cache.
+pub fn inspect(data: &[u8]) -> Result<ChunkInfo, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Light<C> {
+        #[serde(default = "none")]
+        choices: Option<Vec<C>>,
+        #[serde(default)]
+        usage: Option<RawUsage>,
+        #[serde(default)]
+        error: Option<serde::de::IgnoredAny>,
+    }
+    fn none<C>() -> Option<Vec<C>> {
+        None
+    }
+    // Read with the text counted; a chunk whose choices have an odd shape
+    // is read again without (it carries no text Sluice can count).
+    let light: Light<TextChoice> = match serde_json::from_slice(data) {
+        Ok(l) => l,
+        Err(e) if e.is_data() => match serde_json::from_slice::<Light<serde::de::IgnoredAny>>(data)
+        {
+            Ok(l) => Light {
+                choices: l
+                    .choices
+                    .map(|c| c.iter().map(|_| TextChoice::default()).collect()),
+                usage: l.usage,
+                error: l.error,
+            },
+            Err(e) if e.is_data() => {
+                return Ok(ChunkInfo {
+                    is_error: true,
+                    ..ChunkInfo::default()
+                })
+            }
+            Err(e) => return Err(e),
+        },
+        // Valid JSON that is not an object (or has odd field types).
+        Err(e) if e.is_data() => {
+            return Ok(ChunkInfo {
+                is_error: true,
+                ..ChunkInfo::default()
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    let usage = light.usage.map(Usage::from_raw);
+    Ok(ChunkInfo {
+        usage_only: light.choices.as_ref().is_none_or(Vec::is_empty) && usage.is_some(),
+        usage,
+        is_error: light.error.is_some(),
+        text_chars: light.choices.iter().flatten().map(TextChoice::chars).sum(),
+    })
+}
+
+/// Assembles stream chunks into the completion they amount to: content,
+/// reasoning_content and tool calls merged by index, finish_reason, usage.
+#[derive(Debug)]
+pub struct Assembler {
+    shape: Shape,
+    head: Map<String, Value>,
+    choices: BTreeMap<u64, ChoiceAcc>,
+    usage: Option<Value>,
+}
+
+impl Assembler {
+    pub fn new(shape: Shape) -> Self {
+        Self {
+            shape,
+            head: Map::new(),
+            choices: BTreeMap::new(),
+            usage: None,
+        }
+    }
+
+    /// Takes in one chunk's JSON. `Err` if it is not JSON at all.
+    pub fn push(&mut self, data: &[u8]) -> Result<ChunkInfo, serde_json::Error> {
+        let chars = |s: &str| s.chars().count() as u64;
+        let mut v: Value = serde_json::from_slice(data)?;
+        let Some(obj) = v.as_object_mut() else {
+            return Ok(ChunkInfo {
+                is_error: true,
+                ..ChunkInfo::default()
+            });
+        };
+        if obj.contains_key("error") {
+            return Ok(ChunkInfo {
+                is_error: true,
+                ..ChunkInfo::default()
+            });
+        }
+        for key in ["id", "created", "model", "system_fingerprint"] {
+            if !self.head.contains_key(key) {
+                if let Some(val) = obj.get(key) {
+                    self.head.insert(key.to_string(), val.clone());
+                }
+            }
+        }
+        let mut info = ChunkInfo::default();
+        if let Some(u) = obj.get_mut("usage").filter(|u| u.is_object()) {
+            info.usage = Usage::from_value(u);
+            self.usage = Some(u.take());
+        }
+        let choices = match obj.get_mut("choices") {
+            Some(Value::Array(c)) => std::mem::take(c),
+            _ => Vec::new(),
+        };
+        info.usage_only = choices.is_empty() && info.usage.is_some();
+        for mut choice in choices {
+            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let acc = self.choices.entry(index).or_default();
+            if let Some(fr) = choice.get_mut("finish_reason").filter(|f| !f.is_null()) {
+                acc.finish_reason = Some(fr.take());
+            }
+            if let Some(Value::Array(items)) = choice
+                .get_mut("logprobs")
+                .and_then(|l| l.get_mut("content"))
+            {
+                acc.logprobs.get_or_insert_with(Vec::new).append(items);
+            }
+            if let Some(Value::String(t)) = choice.get("text") {
+                info.text_chars += chars(t);
+                acc.text.push_str(t);
+            }
+            let Some(delta) = choice.get_mut("delta").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            if let Some(Value::String(r)) = delta.get("role") {
+                acc.role = Some(r.clone());
+            }
+            if let Some(Value::String(c)) = delta.get("content") {
+                info.text_chars += chars(c);
+                acc.content.get_or_insert_with(String::new).push_str(c);
+            }
+            if let Some(Value::String(r)) = delta.get("reasoning_content") {
+                info.text_chars += chars(r);
+                acc.reasoning.get_or_insert_with(String::new).push_str(r);
+            }
+            if let Some(Value::Array(calls)) = delta.get("tool_calls") {
+                for call in calls {
+                    let ti = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+                    let tool = acc.tool_calls.entry(ti).or_default();
+                    if let Some(Value::String(id)) = call.get("id") {
+                        tool.id = Some(id.clone());
+                    }
+                    if let Some(Value::String(t)) = call.get("type") {
+                        tool.kind = Some(t.clone());
+                    }
+                    if let Some(f) = call.get("function") {
+                        if let Some(Value::String(n)) = f.get("name") {
+                            tool.name.push_str(n);
+                        }
+                        if let Some(Value::String(a)) = f.get("arguments") {
+                            info.text_chars += chars(a);
+                            tool.arguments.push_str(a);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(info)
+    }
+
+    /// The assembled completion, as the non-streaming endpoint would have
+    /// answered it.
+    pub fn finish(self) -> Value {
+        let mut out = self.head;
+        out.insert(
+            "object".into(),
+            Value::from(match self.shape {
+                Shape::Chat => "chat.completion",
+                Shape::Text => "text_completion",
+            }),
+        );
+        let choices: Vec<Value> = self
+            .choices
+            .into_iter()
+            .map(|(index, c)| {
+                let finish = c.finish_reason.unwrap_or(Value::Null);
+                let logprobs = c.logprobs.map_or(Value::Null, |items| json!({"content": items}));
+                match self.shape {
+                    Shape::Text => json!({
+                        "index": index, "text": c.text, "logprobs": logprobs, "finish_reason": finish,
+                    }),
+                    Shape::Chat => {
+                        let mut message = Map::new();
+                        message.insert("role".into(), Value::from(c.role.unwrap_or_else(|| "assistant".into())));
+                        message.insert("content".into(), c.content.map_or(Value::Null, Value::from));
+                        if let Some(r) = c.reasoning {
+                            message.insert("reasoning_content".into(), Value::from(r));
+                        }
+                        if !c.tool_calls.is_empty() {
+                            let calls: Vec<Value> = c
+                                .tool_calls
+                                .into_values()
+                                .map(|t| {
+                                    json!({
+                                        "id": t.id,
+                                        "type": t.kind.unwrap_or_else(|| "function".into()),
+                                        "function": {"name": t.name, "arguments": t.arguments},
+                                    })
+                                })
+                                .collect();
+                            message.insert("tool_calls".into(), Value::from(calls));
+                        }
+                        json!({
+                            "index": index, "message": message, "logprobs": logprobs, "finish_reason": finish,
+                        })
+                    }
+                }
+            })
+            .collect();
+        out.insert("choices".into(), Value::from(choices));
+        if let Some(u) = self.usage {
+            out.insert("usage".into(), u);
+        }
+        Value::Object(out)
+    }
+}
+
+/// A completion replayed as SSE: the chunks without usage, and the usage
+/// chunk on its own so it can be sent only to clients that asked for it.
+#[derive(Debug, Clone, Default)]
+pub struct Replay {
+    pub chunks: Bytes,
+    pub usage_chunk: Option<Bytes>,
+}
+
+/// A non-streaming answer, as `completion_facts` found it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Completion {
+    /// Its usage; `None` when it has none.
+    pub usage: Option<Usage>,
+}
+
+/// What storing a non-streaming answer needs to know of it, read without
+/// building a tree (the miss path stores every cacheable answer, most of
+/// them never replayed): that [`replay`] can turn it into chunks (an object
+/// with a `choices` array, each chat choice with a `message` object), and
+/// its usage. `None`: not a completion.
+pub fn completion_facts(body: &[u8]) -> Option<Completion> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    use serde_json::value::RawValue;
+    use std::borrow::Cow;
+
+    /// Any JSON object, skipped; anything else is refused.
+    struct AnyObject;
+    impl<'de> Deserialize<'de> for AnyObject {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Skip;
+            impl<'de> Visitor<'de> for Skip {
+                type Value = AnyObject;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<AnyObject, A::Error> {
+                    while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    Ok(AnyObject)
+                }
+            }
+            d.deserialize_map(Skip)
+        }
+    }
+    #[derive(Deserialize)]
+    struct Choice {
+        #[serde(default)]
+        message: Option<AnyObject>,
+    }
+    #[derive(Deserialize)]
+    struct Facts<'a> {
+        #[serde(default, borrow)]
+        object: Option<Cow<'a, str>>,
+        choices: Vec<Choice>,
+        #[serde(default, borrow)]
+        usage: Option<&'a RawValue>,
+    }
+    let facts: Facts = serde_json::from_slice(trim_leading_ws(body)).ok()?;
+    let chat = facts.object.as_deref() != Some("text_completion");
+    if chat && facts.choices.iter().any(|c| c.message.is_none()) {
+        return None;
+    }
+    // Read as a tree only if the typed read refuses it (a repeated field),
+    // so the usage is what `Usage::from_value` reads from the whole answer.
+    let usage = facts.usage.and_then(|raw| {
+        serde_json::from_str::<RawUsage>(raw.get())
+            .ok()
+            .map(Usage::from_raw)
+            .or_else(|| Usage::from_value(&serde_json::from_str(raw.get()).ok()?))
+    });
+    Some(Completion { usage })
+}
+
+/// Turns a stored completion into the chunks that reassemble to it.
+pub fn replay(completion: &Value) -> Option<Replay> {
+    let obj = completion.as_object()?;
+    let shape = match obj.get("object").and_then(Value::as_str) {
+        Some("text_completion") => Shape::Text,
+        _ => Shape::Chat,
+    };
+    let mut envelope = Map::new();
+    for key in ["id", "created", "model", "system_fingerprint"] {
+        if let Some(v) = obj.get(key) {
+            envelope.insert(key.into(), v.clone());
+        }
+    }
+    envelope.insert(
+        "object".into(),
+        Value::from(match shape {
+            Shape::Chat => "chat.completion.chunk",
+            Shape::Text => "text_completion",
+        }),
+    );
+    let mut out = Vec::new();
+    let event = |choices: Vec<Value>, usage: Option<&Value>, out: &mut Vec<u8>| {
+        let mut chunk = envelope.clone();
+        chunk.insert("choices".into(), Value::from(choices));
+        if let Some(u) = usage {
+            chunk.insert("usage".into(), u.clone());
+        }
+        out.extend_from_slice(b"data: ");
+        serde_json::to_writer(&mut *out, &Value::Object(chunk)).ok();
+        out.extend_from_slice(b"\n\n");
+    };
+    for choice in obj.get("choices")?.as_array()? {
+        let index = choice.get("index").cloned().unwrap_or(Value::from(0));
+        let finish = choice.get("finish_reason").cloned().unwrap_or(Value::Null);
+        let logprobs = choice.get("logprobs").cloned().unwrap_or(Value::Null);
+        match shape {
+            Shape::Text => {
+                let text = choice.get("text").cloned().unwrap_or(Value::from(""));
+                event(
+                    vec![
+                        json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": null}),
+                    ],
+                    None,
+                    &mut out,
+                );
+                event(
+                    vec![
+                        json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish}),
+                    ],
+                    None,
+                    &mut out,
+                );
+            }
+            Shape::Chat => {
+                let message = choice.get("message").and_then(Value::as_object)?;
+                let mut delta = Map::new();
+                delta.insert(
+                    "role".into(),
+                    message
+                        .get("role")
+                        .cloned()
+                        .unwrap_or(Value::from("assistant")),
+                );
+                for key in ["content", "reasoning_content"] {
+                    if let Some(v) = message.get(key) {
+                        delta.insert(key.into(), v.clone());
+                    }
+                }
+                if let Some(Value::Array(calls)) = message.get("tool_calls") {
+                    let calls: Vec<Value> = calls
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            let mut c = c.clone();
+                            if let Some(o) = c.as_object_mut() {
+                                o.insert("index".into(), Value::from(i));
+                            }
+                            c
+                        })
+                        .collect();
+                    delta.insert("tool_calls".into(), Value::from(calls));
+                }
+                event(
+                    vec![
+                        json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": null}),
+                    ],
+                    None,
+                    &mut out,
+                );
+                event(
+                    vec![
+                        json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish}),
+                    ],
+                    None,
+                    &mut out,
+                );
+            }
+        }
+    }
+    let usage_chunk = obj.get("usage").filter(|u| u.is_object()).map(|u| {
+        let mut buf = Vec::new();
+        event(Vec::new(), Some(u), &mut buf);
+        Bytes::from(buf)
+    });
+    Some(Replay {
+        chunks: Bytes::from(out),
+        usage_chunk,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::sse::tests::frame_all;
+    use crate::api::sse::{event_data, EventData};
+
+    #[test]
+    fn completion_facts_accept_what_replay_can_build_and_nothing_else() {
+        let chat = br#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi \"q\""},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,"prompt_cache_hit_tokens":1,"prompt_cache_miss_tokens":2}}"#;
+        let usage = completion_facts(chat)
+            .map(|c| c.usage)
+            .expect("a completion")
+            .expect("usage");
+        assert_eq!((usage.prompt, usage.completion, usage.total), (3, 2, 5));
+        assert_eq!(usage.prompt_cache_hit, 1);
+        let v: Value = serde_json::from_slice(chat).expect("json");
+        assert!(replay(&v).is_some());
+        // Leading blank lines, as DeepSeek may send them.
+        assert!(completion_facts(&[b"\n\n ", &chat[..]].concat()).is_some());
+        // No usage, a null one, one that is no object: stored without usage.
+        for usage in ["", r#","usage":null"#, r#","usage":"n/a""#] {
+            let body = format!(r#"{{"choices":[{{"message":{{"content":"a"}}}}]{usage}}}"#);
+            assert_eq!(
+                completion_facts(body.as_bytes()),
+                Some(Completion { usage: None }),
+                "{body}"
+            );
+        }
+        // A repeated usage field: read as the whole answer's tree reads it.
+        let repeated = br#"{"choices":[{"message":{}}],"usage":{"prompt_tokens":2,"total_tokens":9,"total_tokens":9}}"#;
+        let v: Value = serde_json::from_slice(repeated).expect("json");
+        assert_eq!(
+            completion_facts(repeated).expect("a completion").usage,
+            Usage::from_value(&v["usage"])
+        );
+        assert!(Usage::from_value(&v["usage"]).is_some());
+        // A text completion needs no message.
+        let text = br#"{"object":"text_completion","choices":[{"text":"fn","index":0}]}"#;
+        assert!(completion_facts(text).is_some());
+        // Not completions: each would fail to replay, and is not stored.
+        for bad in [
+            &br#"{"choices":[{"text":"no message in a chat answer"}]}"#[..],
+            br#"{"choices":[{"message":"not an object"}]}"#,
+            br#"{"choices":[{"message":[]}]}"#,
+            br#"{"choices":{}}"#,
+            br#"{"object":"chat.completion"}"#,
+            br#"[1,2]"#,
+            br#"{"choices":[] "#,
+        ] {
+            assert_eq!(
+                completion_facts(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+            if let Ok(v) = serde_json::from_slice::<Value>(bad) {
+                if v.get("choices").is_some_and(Value::is_array) {
+                    assert!(replay(&v).is_none());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn usage_reads_deepseek_fields() {
+        let u = usage_of_completion(
+            br#"
+
+{"usage":{"prompt_tokens":50,"completion_tokens":30,"total_tokens":80,"prompt_cache_hit_tokens":10,"prompt_cache_miss_tokens":40,"completion_tokens_details":{"reasoning_tokens":7}}}"#,
+        )
+        .expect("usage");
+        assert_eq!(
+            u,
+            Usage {
+                prompt: 50,
+                completion: 30,
+                total: 80,
+                prompt_cache_hit: 10,
+                prompt_cache_miss: 40,
+                reasoning: 7
+            }
+        );
+        assert_eq!(u.billable(), 80);
+    }
+
+    fn chunks_of(completion: &Value) -> Vec<Vec<u8>> {
+        let r = replay(completion).expect("replay");
+        let mut all = r.chunks.to_vec();
+        all.extend_from_slice(&r.usage_chunk.expect("usage"));
+        frame_all(&[&all])
+    }
+
+    #[test]
+    fn usage_is_found_past_content_that_mentions_it() {
+        let body = br#"{"choices":[{"message":{"content":"say \"usage\": {\"prompt_tokens\": 999}"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+        let u = usage_of_completion(body).expect("usage");
+        assert_eq!((u.prompt, u.completion, u.total), (3, 4, 7));
+        assert_eq!(usage_of_completion(br#"{"choices":[],"usage":null}"#), None);
+        assert_eq!(usage_of_completion(br#"{"choices":[]}"#), None);
+        assert_eq!(usage_of_completion(b"<html>"), None);
+    }
+
+    #[test]
+    fn stream_and_completion_round_trip() {
+        let completion = json!({
+            "id": "x", "object": "chat.completion", "created": 1, "model": "deepseek-reasoner",
+            "system_fingerprint": "fp",
+            "choices": [{"index": 0, "logprobs": {"content": [{"token": "hi", "logprob": -0.1, "top_logprobs": []}]}, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": "hi", "reasoning_content": "think",
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]
+            }}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        });
+        let mut a = Assembler::new(Shape::Chat);
+        for ev in chunks_of(&completion) {
+            let EventData::Data(d) = event_data(&ev) else {
+                panic!("data")
+            };
+            a.push(&d).expect("json");
+        }
+        assert_eq!(a.finish(), completion);
+    }
+
+    #[test]
+    fn tool_call_deltas_merge_by_index() {
+        let mut a = Assembler::new(Shape::Chat);
+        let chunks = [
+            r#"{"id":"i","model":"m","created":2,"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"a","type":"function","function":{"name":"get","arguments":""}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"id":"b","type":"function","function":{"name":"put","arguments":"{"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"x\":"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"1}"}},{"index":1,"function":{"arguments":"}"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#,
+        ];
+        let mut last = ChunkInfo::default();
+        for c in chunks {
+            last = a.push(c.as_bytes()).expect("json");
+        }
+        assert!(last.usage_only);
+        let v = a.finish();
+        let calls = &v["choices"][0]["message"]["tool_calls"];
+        assert_eq!(calls[0]["function"]["arguments"], "{\"x\":1}");
+        assert_eq!(calls[1]["function"]["name"], "put");
+        assert_eq!(calls[1]["function"]["arguments"], "{}");
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+        assert!(v["choices"][0]["message"]["content"].is_null());
+        assert_eq!(v["usage"]["total_tokens"], 3);
+    }
+
+    #[test]
+    fn text_completion_round_trip() {
+        let completion = json!({
+            "id": "f", "object": "text_completion", "created": 1, "model": "deepseek-chat",
+            "choices": [{"index": 0, "text": "fn main() {}", "logprobs": null, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        });
+        let mut a = Assembler::new(Shape::Text);
+        for ev in chunks_of(&completion) {
+            let EventData::Data(d) = event_data(&ev) else {
+                panic!("data")
+            };
+            a.push(&d).expect("json");
+        }
+        assert_eq!(a.finish(), completion);
+    }
+}
