@@ -28,10 +28,10 @@ use crate::upstream::Upstream;
 pub struct Snapshot {
     pub config: Config,
     by_key: HashMap<[u8; 32], Arc<Tenant>>,
-    pub by_name: HashMap<String, Arc<Tenant>>,
-    pub models: ModelLabels,
+    pub(crate) by_name: HashMap<String, Arc<Tenant>>,
+    pub(crate) models: ModelLabels,
     /// The upstreams requests go to.
-    pub upstreams: Pool,
+    pub(crate) upstreams: Pool,
 }
 
 impl Snapshot {
@@ -76,7 +76,7 @@ impl Snapshot {
     }
 
     /// The price of a model: its own, else `[pricing.default]`.
-    pub fn price(&self, model: &str) -> Option<&Pricing> {
+    pub(crate) fn price(&self, model: &str) -> Option<&Pricing> {
         self.config
             .pricing
             .get(model)
@@ -84,7 +84,7 @@ impl Snapshot {
     }
 
     /// The cache scope of a tenant's requests: its name, or the shared pool.
-    pub fn cache_scope<'a>(&self, tenant: &'a Tenant) -> Option<&'a str> {
+    pub(crate) fn cache_scope<'a>(&self, tenant: &'a Tenant) -> Option<&'a str> {
         match self.config.cache.scope {
             CacheScope::Tenant => Some(&tenant.name),
             CacheScope::Shared => None,
@@ -93,7 +93,7 @@ impl Snapshot {
 }
 
 /// Shutdown as the request path sees it.
-pub struct Lifecycle {
+pub(crate) struct Lifecycle {
     ready: AtomicBool,
     /// Flips to true when the shutdown grace is over: running streams end.
     grace_over: watch::Sender<bool>,
@@ -109,42 +109,40 @@ impl Default for Lifecycle {
 }
 
 impl Lifecycle {
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
-    pub fn stop_accepting(&self) {
+    pub(crate) fn stop_accepting(&self) {
         self.ready.store(false, Ordering::Release);
     }
-    pub fn end_grace(&self) {
+    pub(crate) fn end_grace(&self) {
         self.grace_over.send_replace(true);
     }
-    pub fn grace_watch(&self) -> watch::Receiver<bool> {
+    pub(crate) fn grace_watch(&self) -> watch::Receiver<bool> {
         self.grace_over.subscribe()
     }
 }
 
 pub struct App {
     pub snapshot: ArcSwap<Snapshot>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Tenant limits: in memory, or shared through Redis (SPEC §8).
-    pub limiter: Limiter,
-    /// The connection to Redis, when `[redis]` is set.
-    pub redis: Option<Arc<Redis>>,
+    pub(crate) limiter: Limiter,
     /// The cache: memory, in front of Redis when it is shared.
-    pub cache: Arc<CacheStore>,
+    pub(crate) cache: Arc<CacheStore>,
     /// Coalescing across replicas, when `[redis] coalesce` is on.
-    pub fleet_flights: Option<Arc<FleetFlights>>,
-    pub flights: Arc<Flights>,
-    pub upstream: Upstream,
-    pub lifecycle: Lifecycle,
-    pub request_ids: crate::http::request_id::RequestIds,
+    pub(crate) fleet_flights: Option<Arc<FleetFlights>>,
+    pub(crate) flights: Arc<Flights>,
+    pub(crate) upstream: Upstream,
+    pub(crate) lifecycle: Lifecycle,
+    pub(crate) request_ids: crate::http::request_id::RequestIds,
 }
 
 impl App {
     /// The process-wide state. With `[redis]`, connects to Redis (a Redis
     /// that does not answer is logged and retried in the background, never
     /// a start-up failure).
-    pub async fn new(config: Config, key: &Secret) -> Result<App, std::io::Error> {
+    pub(crate) async fn new(config: Config, key: &Secret) -> Result<App, std::io::Error> {
         let metrics = Arc::new(Metrics::new());
         let upstream = Upstream::new(&config.upstream)?;
         let store = Store::new(config.cache.max_bytes, config.cache.ttl);
@@ -175,7 +173,6 @@ impl App {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
             limiter,
-            redis,
             cache,
             fleet_flights,
             flights: Arc::new(Flights::default()),
@@ -192,7 +189,7 @@ impl App {
     /// change to it is logged at warn naming each key, and the keys are
     /// returned so the caller never reports them applied. Everything else
     /// applies to new connections and requests.
-    pub fn reload(&self, mut config: Config, key: &Secret) -> Vec<&'static str> {
+    pub(crate) fn reload(&self, mut config: Config, key: &Secret) -> Vec<&'static str> {
         let current = self.snapshot.load();
         let old = &current.config;
         let mut ignored = Vec::new();

@@ -8,24 +8,24 @@
 //!   [`api`]: the wire formats (the strict JSON body scan, SSE framing,
 //!   usage and its estimate, assembling and replaying answers);
 //! - [`metrics`]: one Prometheus registry per gateway, plain numbers in;
-//!   [`shared`]: the Redis connection, its health circuit and its scripts;
-//!   [`http`]: routes, request ids, header hygiene and Sluice's own errors;
+//!   `shared`: the Redis connection, its health circuit and its scripts;
+//!   `http`: routes, request ids, header hygiene and Sluice's own errors;
 //! - [`limit`]: request, token and concurrency limits and spend budgets, in
 //!   memory or shared through Redis; [`cache`]: the exact-match cache (key,
 //!   entry, in-memory store, and the tiered store with Redis behind it);
-//!   [`upstream`]: the upstream pool, the outbound client, retries, TLS and
+//!   `upstream`: the upstream pool, the outbound client, retries, TLS and
 //!   the balance poller — the only outbound code;
-//! - [`flight`]: coalescing identical requests in flight, on this replica
+//! - `flight`: coalescing identical requests in flight, on this replica
 //!   and across replicas; [`tenant`]: tenants and auth;
 //! - [`app`]: the composition root (`App`, the reloadable `Snapshot`);
 //!   [`response`]: the response body, the relay that streams an answer back
 //!   while metering, caching and feeding followers, and the `Record` that
 //!   writes metrics and the access log;
 //! - [`request`]: the request path, as phases over one request context;
-//! - [`server`]: `Gateway`: listeners, the connection driver, the service
+//! - `server`: `Gateway`: listeners, the connection driver, the service
 //!   stack, the admin listener.
 //!
-//! [`server::Gateway`] is what the binary, `sluice demo`, the tests and the
+//! [`Gateway`] is what the binary, `sluice demo`, the tests and the
 //! benchmarks all start; [`simulator`] is the simulated DeepSeek upstream
 //! they share.
 
@@ -33,17 +33,17 @@ pub mod api;
 pub mod app;
 pub mod cache;
 pub mod config;
-pub mod flight;
-pub mod http;
+pub(crate) mod flight;
+pub(crate) mod http;
 pub mod limit;
 pub mod metrics;
 pub mod request;
 pub mod response;
-pub mod server;
-pub mod shared;
+pub(crate) mod server;
+pub(crate) mod shared;
 pub mod simulator;
 pub mod tenant;
-pub mod upstream;
+pub(crate) mod upstream;
 
 pub use config::{Config, ConfigError, Secret};
 pub use server::{Gateway, Handle};

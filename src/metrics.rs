@@ -24,26 +24,26 @@ const LATENCY_BUCKETS: &[f64] = &[
 pub struct Metrics {
     registry: Registry,
     /// Requests whose limits were decided locally because Redis was down.
-    pub limits_local_fallback: IntCounterVec,
+    pub(crate) limits_local_fallback: IntCounterVec,
     /// Budgeted tenants' caps and their spend in the current period.
-    pub budget_usd: GaugeVec,
-    pub budget_spent_usd: GaugeVec,
-    pub requests: IntCounterVec,
-    pub request_duration: HistogramVec,
-    pub ttft: HistogramVec,
-    pub upstream_requests: IntCounterVec,
-    pub upstream_duration: Histogram,
-    pub tokens: IntCounterVec,
-    pub tokens_saved: IntCounterVec,
-    pub cost: prometheus::CounterVec,
-    pub rate_limited: IntCounterVec,
-    pub auth_failures: IntCounter,
-    pub usage_estimated: IntCounterVec,
-    pub inflight: IntGaugeVec,
-    pub cache_entries: IntGauge,
-    pub cache_bytes: IntGauge,
-    pub balance: GaugeVec,
-    pub config_reloads: IntCounterVec,
+    pub(crate) budget_usd: GaugeVec,
+    pub(crate) budget_spent_usd: GaugeVec,
+    pub(crate) requests: IntCounterVec,
+    pub(crate) request_duration: HistogramVec,
+    pub(crate) ttft: HistogramVec,
+    pub(crate) upstream_requests: IntCounterVec,
+    pub(crate) upstream_duration: Histogram,
+    pub(crate) tokens: IntCounterVec,
+    pub(crate) tokens_saved: IntCounterVec,
+    pub(crate) cost: prometheus::CounterVec,
+    pub(crate) rate_limited: IntCounterVec,
+    pub(crate) auth_failures: IntCounter,
+    pub(crate) usage_estimated: IntCounterVec,
+    pub(crate) inflight: IntGaugeVec,
+    pub(crate) cache_entries: IntGauge,
+    pub(crate) cache_bytes: IntGauge,
+    pub(crate) balance: GaugeVec,
+    pub(crate) config_reloads: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -222,11 +222,11 @@ impl Metrics {
 
     /// The usage handles of one (tenant, model), resolved once.
     /// The registry, for metrics that only some configurations have.
-    pub fn registry(&self) -> &Registry {
+    pub(crate) fn registry(&self) -> &Registry {
         &self.registry
     }
 
-    pub fn usage_handles(&self, tenant: &str, model: &str) -> UsageHandles {
+    pub(crate) fn usage_handles(&self, tenant: &str, model: &str) -> UsageHandles {
         let kinds = [
             "prompt",
             "completion",
@@ -247,7 +247,7 @@ impl Metrics {
     /// unrouted one) and time to first byte. Where the labels are common
     /// ones (a 200, a known endpoint and cache state), through `cached`:
     /// the tenant's handles for this model, made on first use.
-    pub fn observe_request(
+    pub(crate) fn observe_request(
         &self,
         cached: Option<&RequestHandles>,
         l: &RequestLabels<'_>,
@@ -292,7 +292,7 @@ impl Metrics {
     }
 
     /// The text exposition for `/metrics`.
-    pub fn render(&self) -> Vec<u8> {
+    pub(crate) fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail for well-formed families.
         TextEncoder::new()
@@ -305,12 +305,12 @@ impl Metrics {
 /// Per (tenant, model) metric handles, so metering a request touches no
 /// label map: each tenant keeps these for every model label, made on first use.
 #[derive(Clone)]
-pub struct UsageHandles {
+pub(crate) struct UsageHandles {
     tokens: [prometheus::IntCounter; 5],
     cost: prometheus::Counter,
-    pub saved: prometheus::IntCounter,
-    pub estimated: prometheus::IntCounter,
-    pub requests: RequestHandles,
+    pub(crate) saved: prometheus::IntCounter,
+    pub(crate) estimated: prometheus::IntCounter,
+    pub(crate) requests: RequestHandles,
 }
 
 /// The endpoints and cache states (and none) whose request metrics each
@@ -332,32 +332,32 @@ fn endpoint_label(endpoint: Option<Endpoint>) -> &'static str {
 /// each made on first use: `requests_total` of 200s, the duration and TTFT
 /// histograms.
 #[derive(Clone, Default)]
-pub struct RequestHandles {
+pub(crate) struct RequestHandles {
     ok: [[OnceLock<IntCounter>; CACHE_STATES]; ENDPOINTS],
     duration: [[OnceLock<Histogram>; 2]; ENDPOINTS],
     ttft: [OnceLock<Histogram>; CACHE_STATES],
 }
 
 /// The labels of one finished request.
-pub struct RequestLabels<'a> {
-    pub tenant: &'a str,
-    pub model: &'a str,
+pub(crate) struct RequestLabels<'a> {
+    pub(crate) tenant: &'a str,
+    pub(crate) model: &'a str,
     /// `None`: not routed (`other`).
-    pub endpoint: Option<Endpoint>,
-    pub status: &'a str,
+    pub(crate) endpoint: Option<Endpoint>,
+    pub(crate) status: &'a str,
     /// `None`: the request never reached the cache step (`none`).
-    pub cache: Option<CacheState>,
-    pub stream: bool,
+    pub(crate) cache: Option<CacheState>,
+    pub(crate) stream: bool,
 }
 
 /// A request's tokens by type, as metered.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Tokens {
-    pub prompt: u64,
-    pub completion: u64,
-    pub prompt_cache_hit: u64,
-    pub prompt_cache_miss: u64,
-    pub reasoning: u64,
+pub(crate) struct Tokens {
+    pub(crate) prompt: u64,
+    pub(crate) completion: u64,
+    pub(crate) prompt_cache_hit: u64,
+    pub(crate) prompt_cache_miss: u64,
+    pub(crate) reasoning: u64,
 }
 
 /// Applies `f` to the handle in `cell` (made by `make` on first use), or,
@@ -372,7 +372,7 @@ fn with_cell<T>(cell: Option<&OnceLock<T>>, make: impl FnOnce() -> T, f: impl Fn
 impl UsageHandles {
     /// Records upstream usage: tokens by type, and its cost (USD) when the
     /// model has a price.
-    pub fn record(&self, usage: &Tokens, cost: Option<f64>) {
+    pub(crate) fn record(&self, usage: &Tokens, cost: Option<f64>) {
         let by_kind = [
             usage.prompt,
             usage.completion,
@@ -392,15 +392,15 @@ impl UsageHandles {
 /// Maps client-supplied model names to bounded label values. Built once per
 /// config; the lookup borrows, so the hot path does not allocate.
 #[derive(Debug)]
-pub struct ModelLabels {
+pub(crate) struct ModelLabels {
     known: HashMap<String, Arc<str>>,
     other: Arc<str>,
 }
 
-pub const OTHER: &str = "other";
+pub(crate) const OTHER: &str = "other";
 
 impl ModelLabels {
-    pub fn new(models: impl IntoIterator<Item = String>) -> Self {
+    pub(crate) fn new(models: impl IntoIterator<Item = String>) -> Self {
         Self {
             known: models
                 .into_iter()
@@ -413,12 +413,12 @@ impl ModelLabels {
         }
     }
 
-    pub fn label(&self, model: &str) -> Arc<str> {
+    pub(crate) fn label(&self, model: &str) -> Arc<str> {
         self.known.get(model).unwrap_or(&self.other).clone()
     }
 
     /// Every label value this map can return.
-    pub fn all(&self) -> impl Iterator<Item = &Arc<str>> {
+    pub(crate) fn all(&self) -> impl Iterator<Item = &Arc<str>> {
         self.known.values().chain(std::iter::once(&self.other))
     }
 }

@@ -52,7 +52,7 @@ use tokio::sync::mpsc;
 
 /// What the simulator saw, for tests to assert on.
 #[derive(Default)]
-pub struct SimStats {
+pub(crate) struct SimStats {
     calls: AtomicU64,
     /// Completion calls between arrival and response headers, and the most
     /// there ever were at once.
@@ -139,7 +139,7 @@ impl Drop for Simulator {
 }
 
 /// Serves the simulator on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, stats: Arc<SimStats>) {
+pub(crate) async fn serve(listener: TcpListener, stats: Arc<SimStats>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -159,7 +159,7 @@ pub async fn serve(listener: TcpListener, stats: Arc<SimStats>) {
 
 /// The simulator's body: whole bytes, or events fed by a task (which can
 /// also make the body fail, killing the connection mid-answer).
-pub enum SimBody {
+pub(crate) enum SimBody {
     Full(Option<Bytes>),
     Chan(mpsc::Receiver<Result<Bytes, std::io::Error>>),
 }

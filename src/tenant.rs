@@ -32,25 +32,25 @@ pub fn key_sha256(key: &[u8]) -> [u8; 32] {
 /// A configured tenant, as the request path sees it after auth. Code past
 /// auth sees this, never the key that was presented.
 pub struct Tenant {
-    pub name: Arc<str>,
+    pub(crate) name: Arc<str>,
     /// Empty = any model.
-    pub models: Vec<String>,
-    pub cache: bool,
-    pub limits: Arc<TenantLimits>,
-    pub inflight: IntGauge,
+    pub(crate) models: Vec<String>,
+    pub(crate) cache: bool,
+    pub(crate) limits: Arc<TenantLimits>,
+    pub(crate) inflight: IntGauge,
     /// Usage metric handles per model label, resolved on first use.
     usage: HashMap<Arc<str>, OnceLock<UsageHandles>>,
     metrics: Arc<Metrics>,
 }
 
 impl Tenant {
-    pub fn allows(&self, model: &str) -> bool {
+    pub(crate) fn allows(&self, model: &str) -> bool {
         self.models.is_empty() || self.models.iter().any(|m| m == model)
     }
 
     /// The usage handles for a model label (one `ModelLabels` returned):
     /// borrowed, so metering clones no counter handles.
-    pub fn usage(&self, model: &str) -> Cow<'_, UsageHandles> {
+    pub(crate) fn usage(&self, model: &str) -> Cow<'_, UsageHandles> {
         match self.usage.get(model) {
             Some(cell) => {
                 Cow::Borrowed(cell.get_or_init(|| self.metrics.usage_handles(&self.name, model)))
@@ -63,7 +63,7 @@ impl Tenant {
 impl Tenant {
     /// A configured tenant with its limits (kept from before a reload, or
     /// new) and its metric handles, one per model label, made on first use.
-    pub fn new(
+    pub(crate) fn new(
         config: &TenantConfig,
         limits: Arc<TenantLimits>,
         models: &ModelLabels,
@@ -85,7 +85,7 @@ impl Tenant {
 }
 
 /// The tenant key a request presents: `Authorization: Bearer <key>`.
-pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
+pub(crate) fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
     let value = headers.get(http::header::AUTHORIZATION)?.as_bytes();
     let (scheme, key) = value.split_at(value.iter().position(|&b| b == b' ')?);
     if !scheme.eq_ignore_ascii_case(b"bearer") {

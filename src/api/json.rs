@@ -22,7 +22,7 @@ use std::io::Write;
 use std::ops::Range;
 
 /// Deeper bodies are refused (as `serde_json` does): recursion stays bounded.
-pub const MAX_DEPTH: u32 = 128;
+pub(crate) const MAX_DEPTH: u32 = 128;
 
 /// Why a body is not acceptable JSON for Sluice.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,18 +158,18 @@ impl<'a> Scan<'a> {
     }
 
     /// The raw bytes of a top-level member's value, as the client wrote them.
-    pub fn get(&self, name: &str) -> Option<&'a [u8]> {
+    pub(crate) fn get(&self, name: &str) -> Option<&'a [u8]> {
         self.span(name).map(|r| &self.body[r])
     }
 
     /// Where a top-level member's value sits in the body.
-    pub fn span(&self, name: &str) -> Option<Range<usize>> {
+    pub(crate) fn span(&self, name: &str) -> Option<Range<usize>> {
         self.find(name).map(|m| m.raw.0 as usize..m.raw.1 as usize)
     }
 
     /// Writes the canonical JSON of the body, leaving out the top-level
     /// members named in `skip`. Only for a scan made with `canonical`.
-    pub fn write_canonical(&self, skip: &[&str], out: &mut impl FnMut(&[u8])) {
+    pub(crate) fn write_canonical(&self, skip: &[&str], out: &mut impl FnMut(&[u8])) {
         out(b"{");
         let mut first = true;
         for &i in &self.sorted {
@@ -194,7 +194,7 @@ impl<'a> Scan<'a> {
 /// canonical form (quotes included, escapes decoded the canonical way) with
 /// its value's span relative to `object`. `None` if `object` is not a JSON
 /// object.
-pub fn members(object: &[u8]) -> Option<Vec<(Vec<u8>, Range<usize>)>> {
+pub(crate) fn members(object: &[u8]) -> Option<Vec<(Vec<u8>, Range<usize>)>> {
     let mut p = Parser {
         b: object,
         i: 0,

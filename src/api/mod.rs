@@ -10,7 +10,7 @@
 pub mod json;
 pub mod openai;
 pub mod sse;
-pub mod text;
+pub(crate) mod text;
 pub mod usage;
 
 use openai::Shape;
@@ -26,7 +26,7 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// Every endpoint, in the order of `index`.
-    pub const ALL: [Endpoint; 4] = [
+    pub(crate) const ALL: [Endpoint; 4] = [
         Endpoint::Chat,
         Endpoint::ChatPrefix,
         Endpoint::Fim,
@@ -44,12 +44,12 @@ impl Endpoint {
     }
 
     /// Its place in `ALL`.
-    pub fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 
     /// The path appended to the upstream's base URL.
-    pub fn upstream_path(self) -> &'static str {
+    pub(crate) fn upstream_path(self) -> &'static str {
         match self {
             Endpoint::Chat => "/chat/completions",
             Endpoint::ChatPrefix => "/beta/chat/completions",
@@ -60,7 +60,7 @@ impl Endpoint {
 
     /// Whether the client sends a body (and the request goes through the
     /// body, cache and upstream phases) or only asks (`GET /models`).
-    pub fn takes_body(self) -> bool {
+    pub(crate) fn takes_body(self) -> bool {
         match self {
             Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Fim => true,
             Endpoint::Models => false,
@@ -68,7 +68,7 @@ impl Endpoint {
     }
 
     /// The shape of its answers' choices.
-    pub fn shape(self) -> Shape {
+    pub(crate) fn shape(self) -> Shape {
         match self {
             Endpoint::Fim => Shape::Text,
             Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models => Shape::Chat,
@@ -76,7 +76,11 @@ impl Endpoint {
     }
 
     /// The wire format it speaks.
-    pub fn format(self) -> Format {
+    #[expect(
+        dead_code,
+        reason = "the seam for a second API format: formats differ in framing, usage, assembly, replay and error bodies"
+    )]
+    pub(crate) fn format(self) -> Format {
         match self {
             Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Fim | Endpoint::Models => {
                 Format::OpenAi
@@ -88,7 +92,7 @@ impl Endpoint {
 /// An API format: how bodies, streams, usage and error bodies are written.
 /// Limits, the cache and flights are the same for every format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     /// OpenAI's (and DeepSeek's) chat and text completions.
     OpenAi,
 }
@@ -97,7 +101,7 @@ pub enum Format {
 /// the `cache` metric label. A request that never reached the cache step (a
 /// refusal, `GET /models`) has none (`cache="none"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheState {
+pub(crate) enum CacheState {
     Miss,
     Hit,
     Coalesced,
@@ -107,7 +111,7 @@ pub enum CacheState {
 
 impl CacheState {
     /// Every state, in the order of `index`.
-    pub const ALL: [CacheState; 5] = [
+    pub(crate) const ALL: [CacheState; 5] = [
         CacheState::Miss,
         CacheState::Hit,
         CacheState::Coalesced,
@@ -115,7 +119,7 @@ impl CacheState {
         CacheState::Bypass,
     ];
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             CacheState::Miss => "miss",
             CacheState::Hit => "hit",
@@ -126,7 +130,7 @@ impl CacheState {
     }
 
     /// Its place in `ALL`.
-    pub fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 }

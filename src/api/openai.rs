@@ -90,7 +90,7 @@ pub struct ChunkInfo {
     pub is_error: bool,
     /// Characters of generated text in the chunk (content, reasoning,
     /// tool-call arguments, FIM text), for the usage estimate.
-    pub text_chars: u64,
+    pub(crate) text_chars: u64,
 }
 
 /// The generated text of a chunk (streamed `delta`s, FIM `text`) or of a
@@ -147,7 +147,7 @@ impl TextChoice {
 
 /// Characters of generated text in a whole non-streaming completion, for
 /// the usage estimate; 0 when the body is not one (cut off, garbage).
-pub fn completion_text_chars(body: &[u8]) -> u64 {
+pub(crate) fn completion_text_chars(body: &[u8]) -> u64 {
     #[derive(Deserialize)]
     struct Completion {
         #[serde(default)]
@@ -387,9 +387,9 @@ pub struct Replay {
 
 /// A non-streaming answer, as `completion_facts` found it.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Completion {
+pub(crate) struct Completion {
     /// Its usage; `None` when it has none.
-    pub usage: Option<Usage>,
+    pub(crate) usage: Option<Usage>,
 }
 
 /// What storing a non-streaming answer needs to know of it, read without
@@ -397,7 +397,7 @@ pub struct Completion {
 /// them never replayed): that [`replay`] can turn it into chunks (an object
 /// with a `choices` array, each chat choice with a `message` object), and
 /// its usage. `None`: not a completion.
-pub fn completion_facts(body: &[u8]) -> Option<Completion> {
+pub(crate) fn completion_facts(body: &[u8]) -> Option<Completion> {
     use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
     use serde_json::value::RawValue;
     use std::borrow::Cow;

@@ -25,7 +25,7 @@ pub struct NotSse;
 
 impl Framer {
     /// Upper bound on one event; beyond it the stream is garbage.
-    pub const MAX_EVENT: usize = 4 * 1024 * 1024;
+    pub(crate) const MAX_EVENT: usize = 4 * 1024 * 1024;
 
     /// Feeds one chunk, calling `emit` for every complete event.
     pub fn push(&mut self, chunk: Bytes, mut emit: impl FnMut(Bytes)) -> Result<(), NotSse> {

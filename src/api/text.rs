@@ -7,11 +7,12 @@ use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+#[cfg(test)]
 use serde_json::Value;
 
 /// What kind of JSON value a request's `messages` or `prompt` is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TextKind {
+pub(crate) enum TextKind {
     Array,
     String,
     Other,
@@ -21,9 +22,9 @@ pub enum TextKind {
 /// its kind, and the characters of its text — each message's `content`
 /// string or its content parts' `text`; the prompt string itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PromptText {
-    pub kind: TextKind,
-    pub chars: u64,
+pub(crate) struct PromptText {
+    pub(crate) kind: TextKind,
+    pub(crate) chars: u64,
 }
 
 impl<'de> Deserialize<'de> for PromptText {
@@ -35,7 +36,8 @@ impl<'de> Deserialize<'de> for PromptText {
 
 impl PromptText {
     /// The same reading of an already built value.
-    pub fn of_value(v: &Value) -> PromptText {
+    #[cfg(test)]
+    pub(crate) fn of_value(v: &Value) -> PromptText {
         let chars = |s: &str| s.chars().count() as u64;
         match v {
             Value::String(s) => PromptText {
@@ -68,7 +70,7 @@ impl PromptText {
 /// The characters of a JSON string, read without building it; any other
 /// value counts 0.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Chars(pub u64);
+pub(crate) struct Chars(pub u64);
 
 impl<'de> Deserialize<'de> for Chars {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Chars, D::Error> {

@@ -10,9 +10,9 @@ pub struct Usage {
     pub prompt: u64,
     pub completion: u64,
     pub total: u64,
-    pub prompt_cache_hit: u64,
-    pub prompt_cache_miss: u64,
-    pub reasoning: u64,
+    pub(crate) prompt_cache_hit: u64,
+    pub(crate) prompt_cache_miss: u64,
+    pub(crate) reasoning: u64,
 }
 
 #[derive(Deserialize)]
@@ -78,7 +78,7 @@ impl Usage {
     }
 
     /// What a tenant's token bucket is charged: prompt + completion.
-    pub fn billable(&self) -> u64 {
+    pub(crate) fn billable(&self) -> u64 {
         self.prompt.saturating_add(self.completion)
     }
 
@@ -87,7 +87,7 @@ impl Usage {
     /// messages or prompt, and the text generated and sent (content,
     /// reasoning_content, tool-call arguments) — never of JSON or SSE
     /// framing.
-    pub fn estimate(prompt_chars: u64, completion_chars: u64) -> Usage {
+    pub(crate) fn estimate(prompt_chars: u64, completion_chars: u64) -> Usage {
         let prompt = prompt_chars.div_ceil(4);
         let completion = completion_chars.div_ceil(4);
         Usage {

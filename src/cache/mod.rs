@@ -20,7 +20,7 @@ use crate::api::openai::{self, Replay};
 use crate::api::usage::Usage;
 
 mod store;
-pub mod tiered;
+pub(crate) mod tiered;
 
 pub use store::Store;
 
@@ -62,7 +62,7 @@ pub struct Entry {
     replay: OnceLock<Option<Replay>>,
     /// `None` when upstream's answer carried no usage.
     pub usage: Option<Usage>,
-    pub stored_at: Instant,
+    pub(crate) stored_at: Instant,
 }
 
 impl Entry {
@@ -109,7 +109,7 @@ impl Entry {
         u32::try_from(bytes).unwrap_or(u32::MAX)
     }
 
-    pub fn age(&self) -> Duration {
+    pub(crate) fn age(&self) -> Duration {
         self.stored_at.elapsed()
     }
 }

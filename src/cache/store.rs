@@ -54,7 +54,7 @@ impl Store {
     }
 
     /// Stores an entry for at most `ttl` (never longer than the TTL).
-    pub fn insert_for(&self, key: Key, entry: Arc<Entry>, ttl: Duration) {
+    pub(crate) fn insert_for(&self, key: Key, entry: Arc<Entry>, ttl: Duration) {
         // An entry bigger than the whole cache would only evict everything.
         if u64::from(entry.weight()) <= self.cache.policy().max_capacity().unwrap_or(u64::MAX) {
             let ttl = ttl.min(self.ttl);
@@ -64,12 +64,12 @@ impl Store {
         }
     }
 
-    pub fn ttl(&self) -> Duration {
+    pub(crate) fn ttl(&self) -> Duration {
         self.ttl
     }
 
     /// (entries, bytes), after applying pending evictions.
-    pub fn stats(&self) -> (u64, u64) {
+    pub(crate) fn stats(&self) -> (u64, u64) {
         self.cache.run_pending_tasks();
         (self.cache.entry_count(), self.cache.weighted_size())
     }

@@ -41,7 +41,7 @@ const MAGIC: &[u8; 4] = b"SLC1";
 const WRITES_IN_FLIGHT: usize = 256;
 
 /// The cache as the request path sees it.
-pub struct CacheStore {
+pub(crate) struct CacheStore {
     local: Store,
     shared: Option<Shared>,
 }
@@ -72,7 +72,7 @@ enum SharedReads {
 /// to the fleet's flights (`hand_over`), which write the answer with the
 /// release of their claim; the cache still decides whether the answer goes
 /// there, names its key and encodes it (`SharedFill`).
-pub struct Fill {
+pub(crate) struct Fill {
     cache: Arc<CacheStore>,
     key: Key,
     shared: Tier,
@@ -89,19 +89,15 @@ enum Tier {
 }
 
 impl Fill {
-    pub fn key(&self) -> &Key {
-        &self.key
-    }
-
     /// Stores the complete answer (`CacheStore::put`).
-    pub fn store(self, entry: Arc<Entry>) {
+    pub(crate) fn store(self, entry: Arc<Entry>) {
         let cache = Arc::clone(&self.cache);
         cache.put(self, entry);
     }
 
     /// Takes the Redis half of this fill, for the fleet's flights to write
     /// with their end; `None` without a shared tier.
-    pub fn hand_over(&mut self) -> Option<SharedFill> {
+    pub(crate) fn hand_over(&mut self) -> Option<SharedFill> {
         match std::mem::replace(&mut self.shared, Tier::HandedOver) {
             Tier::Here(s) => Some(s),
             Tier::None => {
@@ -116,7 +112,7 @@ impl Fill {
 /// How an answer goes into Redis, decided by the cache: its time to live,
 /// and the size past which it stays in memory only.
 #[derive(Debug, Clone, Copy)]
-pub struct SharedFill {
+pub(crate) struct SharedFill {
     ttl_ms: u64,
     max_entry_bytes: u64,
 }
@@ -124,7 +120,7 @@ pub struct SharedFill {
 impl SharedFill {
     /// The time to live of `entry` in Redis, or `None` when it stays out
     /// of Redis (larger than `cache_max_entry_bytes`, as encoded).
-    pub fn ttl_ms(&self, entry: &Entry) -> Option<u64> {
+    pub(crate) fn ttl_ms(&self, entry: &Entry) -> Option<u64> {
         (encoded_len(entry) as u64 <= self.max_entry_bytes).then_some(self.ttl_ms)
     }
 }
@@ -135,7 +131,7 @@ impl CacheStore {
         clippy::expect_used,
         reason = "metric definitions are static; a bad one is a bug caught by every test"
     )]
-    pub fn new(
+    pub(crate) fn new(
         local: Store,
         redis: Option<(&Arc<Redis>, &RedisConfig)>,
         registry: &prometheus::Registry,
@@ -169,13 +165,13 @@ impl CacheStore {
     }
 
     /// The in-memory tier (for its gauges).
-    pub fn local(&self) -> &Store {
+    pub(crate) fn local(&self) -> &Store {
         &self.local
     }
 
     /// Memory first, then Redis, unless the fleet's flights read Redis for
     /// this cache (in the round trip that claims the call).
-    pub async fn get(&self, key: &Key) -> Option<Arc<Entry>> {
+    pub(crate) async fn get(&self, key: &Key) -> Option<Arc<Entry>> {
         if let Some(e) = self.local.get(key) {
             return Some(e);
         }
@@ -198,7 +194,7 @@ impl CacheStore {
     }
 
     /// Whether the fleet's flights read Redis for this cache.
-    pub fn read_by_fleet(&self) -> bool {
+    pub(crate) fn read_by_fleet(&self) -> bool {
         self.shared
             .as_ref()
             .is_some_and(|s| s.read_by == SharedReads::FleetLookup)
@@ -207,7 +203,7 @@ impl CacheStore {
     /// An entry Redis had for `key` (its portable form, read by whoever
     /// asked): decoded and kept in memory too; `None`, counted as a miss,
     /// for what does not decode.
-    pub fn adopt(&self, key: &Key, bytes: &[u8]) -> Option<Arc<Entry>> {
+    pub(crate) fn adopt(&self, key: &Key, bytes: &[u8]) -> Option<Arc<Entry>> {
         let Some(entry) = decode(bytes) else {
             self.shared_missed();
             return None;
@@ -223,14 +219,14 @@ impl CacheStore {
     }
 
     /// Counts a lookup Redis answered with nothing.
-    pub fn shared_missed(&self) {
+    pub(crate) fn shared_missed(&self) {
         if let Some(shared) = &self.shared {
             shared.not_found.inc();
         }
     }
 
     /// The right to store the answer to `key`.
-    pub fn fill(self: &Arc<Self>, key: Key) -> Fill {
+    pub(crate) fn fill(self: &Arc<Self>, key: Key) -> Fill {
         let shared = match &self.shared {
             None => Tier::None,
             Some(s) => Tier::Here(SharedFill {
@@ -295,7 +291,7 @@ impl Shared {
 /// a cache key: `prefix:{<hex of the key>}:part`. The key already holds the
 /// scope; the hash tag keeps an answer and its flight in one cluster slot,
 /// so one script can look up the answer and claim the call.
-pub fn redis_key(prefix: &str, key: &Key, part: &str) -> String {
+pub(crate) fn redis_key(prefix: &str, key: &Key, part: &str) -> String {
     let mut hex = [0u8; 64];
     let mut out = String::with_capacity(prefix.len() + 68 + part.len());
     out.push_str(prefix);
@@ -314,13 +310,13 @@ fn unix_ms(t: SystemTime) -> u64 {
 }
 
 /// The length of an entry's portable form.
-pub fn encoded_len(entry: &Entry) -> usize {
+pub(crate) fn encoded_len(entry: &Entry) -> usize {
     MAGIC.len() + 8 + entry.completion.len()
 }
 
 /// Writes the portable form of an entry (into a command's argument, so
 /// the completion is copied once).
-pub fn encode_into(entry: &Entry, out: &mut impl std::io::Write) {
+pub(crate) fn encode_into(entry: &Entry, out: &mut impl std::io::Write) {
     let stored = unix_ms(SystemTime::now()).saturating_sub(entry.age().as_millis() as u64);
     // Writes into memory (a `Vec` or a command's buffer) do not fail.
     let _ = out
@@ -339,7 +335,7 @@ fn encode(entry: &Entry) -> Vec<u8> {
 
 /// An entry from its portable form; `None` for anything else (another
 /// version, or not an entry at all): a miss.
-pub fn decode(bytes: &[u8]) -> Option<Entry> {
+pub(crate) fn decode(bytes: &[u8]) -> Option<Entry> {
     let rest = bytes.strip_prefix(MAGIC)?;
     let (stored, completion) = rest.split_at_checked(8)?;
     let stored = u64::from_be_bytes(stored.try_into().ok()?);

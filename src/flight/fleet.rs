@@ -60,7 +60,7 @@ const QUICK: Duration = Duration::from_millis(200);
 const LOG_TTL_MS: u64 = 60_000;
 
 /// A claimed call, to be mirrored into the fleet's log.
-pub struct Publisher {
+pub(crate) struct Publisher {
     fleet: Arc<FleetFlights>,
     n: Names,
     owner: String,
@@ -80,7 +80,7 @@ impl Publisher {
     /// within `QUICK` is written with its end alone, in one round trip with
     /// the release and the cache's store; a slower one is published as it
     /// comes, like a stream.
-    pub fn start(self, reader: LogReader, fill: &mut Fill) {
+    pub(crate) fn start(self, reader: LogReader, fill: &mut Fill) {
         tokio::spawn(self.run(reader, fill.hand_over()));
     }
 
@@ -91,7 +91,7 @@ impl Publisher {
     }
 
     /// Gives the claim up unused (the request that won it was refused).
-    pub async fn abandon(self) {
+    pub(crate) async fn abandon(self) {
         self.fleet.release(&self.n, &self.owner).await;
     }
 
@@ -270,7 +270,7 @@ fn end_fields(inv: &mut redis::Cmd, end: &End) {
 }
 
 /// Flights shared by the fleet.
-pub struct FleetFlights {
+pub(crate) struct FleetFlights {
     redis: Arc<Redis>,
     /// The cache whose shared tier a lookup reads (when it has one).
     cache: Arc<CacheStore>,
@@ -283,7 +283,7 @@ pub struct FleetFlights {
 }
 
 /// What the fleet said of a cacheable miss.
-pub enum Lookup {
+pub(crate) enum Lookup {
     /// The shared cache had the answer (now in memory too).
     Cached(Arc<Entry>),
     /// The shared cache had something that is not an answer: this replica
@@ -296,7 +296,7 @@ pub enum Lookup {
 }
 
 /// What a request that found the call claimed elsewhere does.
-pub enum Remote {
+pub(crate) enum Remote {
     /// Follows the local flight fed from the fleet leader's log.
     Following(LogReader),
     /// The leader died before any event: this replica took the call over
@@ -318,7 +318,7 @@ struct Names {
 }
 
 impl FleetFlights {
-    pub fn new(redis: Arc<Redis>, cache: Arc<CacheStore>) -> FleetFlights {
+    pub(crate) fn new(redis: Arc<Redis>, cache: Arc<CacheStore>) -> FleetFlights {
         FleetFlights {
             read_cache: cache.read_by_fleet(),
             cache,
@@ -378,7 +378,7 @@ impl FleetFlights {
     /// Looks a cacheable miss up in the shared cache (with `[redis] cache`)
     /// and, if it is not there, claims its call for this replica unless
     /// another one leads it: one round trip.
-    pub async fn lookup(self: &Arc<Self>, key: &Key) -> Result<Lookup, Unavailable> {
+    pub(crate) async fn lookup(self: &Arc<Self>, key: &Key) -> Result<Lookup, Unavailable> {
         let owner = self.owner();
         let looked = self.look_up(key, &owner).await?;
         if self.read_cache && !matches!(looked, LookedUp::Cached(_)) {
@@ -461,7 +461,7 @@ impl FleetFlights {
     /// Follows the call another replica leads, feeding `leader`'s local
     /// flight from its log. Waits here until the head arrives (so a leader
     /// that dies first can be taken over), then reads the rest in a task.
-    pub async fn follow(
+    pub(crate) async fn follow(
         self: &Arc<Self>,
         key: &Key,
         owner: Option<String>,

@@ -15,7 +15,7 @@ use http::{HeaderValue, StatusCode};
 use crate::cache::{Entry, Key};
 use crate::http::error::GatewayError;
 
-pub mod fleet;
+pub(crate) mod fleet;
 
 // ---- coalescing ---------------------------------------------------------
 
@@ -24,11 +24,11 @@ pub mod fleet;
 /// new followers (they need the first event), and a reader that has not yet
 /// read an event that left gets the stream error event. A flight never holds
 /// more than this, whoever stops reading.
-pub const FLIGHT_LOG_MAX: usize = 8 * 1024 * 1024;
+pub(crate) const FLIGHT_LOG_MAX: usize = 8 * 1024 * 1024;
 
 /// How an in-flight request ended.
 #[derive(Debug, Clone)]
-pub enum End {
+pub(crate) enum End {
     Done(Arc<Entry>),
     /// An upstream error response, replayed to every follower as it came.
     Response {
@@ -45,7 +45,7 @@ pub enum End {
 
 /// What the leader's upstream answered with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Head {
+pub(crate) enum Head {
     /// A 200 event stream: followers that stream can follow it live.
     Stream,
     /// Anything else: followers wait for the end.
@@ -54,7 +54,7 @@ pub enum Head {
 
 /// What one entry of a flight's log is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mark {
+pub(crate) enum Mark {
     /// An event (or, for a non-stream answer, a piece of the body).
     Event,
     /// DeepSeek's usage-only chunk: only clients that asked for usage get it.
@@ -69,15 +69,15 @@ pub enum Mark {
 /// layer, which made it, then moves the relay into a task of its own, so
 /// that no reader's pace holds back another's. Nothing here calls it.
 #[derive(Clone)]
-pub struct RelayHandle(Weak<dyn Any + Send + Sync>);
+pub(crate) struct RelayHandle(Weak<dyn Any + Send + Sync>);
 
 impl RelayHandle {
-    pub fn new<T: Any + Send + Sync>(relay: Weak<T>) -> RelayHandle {
+    pub(crate) fn new<T: Any + Send + Sync>(relay: Weak<T>) -> RelayHandle {
         RelayHandle(relay)
     }
 
     /// The relay, if it is still there and of this type.
-    pub fn get<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+    pub(crate) fn get<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
         self.0.upgrade()?.downcast::<T>().ok()
     }
 }
@@ -118,13 +118,13 @@ impl std::fmt::Debug for FlightState {
 
 /// One request in flight upstream that identical requests can attach to.
 #[derive(Debug, Default)]
-pub struct Flight {
+pub(crate) struct Flight {
     state: Mutex<FlightState>,
 }
 
 /// What a reader finds next in the log.
 #[derive(Debug)]
-pub enum Next {
+pub(crate) enum Next {
     Event(Bytes, Mark),
     /// The reader fell further behind than the log keeps.
     Behind,
@@ -155,12 +155,12 @@ impl Flight {
         r
     }
 
-    pub fn set_head(&self, head: Head) {
+    pub(crate) fn set_head(&self, head: Head) {
         self.update(|s| s.head = Some(head));
     }
 
     /// Appends one entry to the log; past `FLIGHT_LOG_MAX` the oldest leave.
-    pub fn push_event(&self, event: Bytes, mark: Mark) -> Logged {
+    pub(crate) fn push_event(&self, event: Bytes, mark: Mark) -> Logged {
         self.update(|s| {
             let at = s.base + s.events.len();
             s.bytes += event.len();
@@ -181,7 +181,7 @@ impl Flight {
     }
 
     /// The number of the next entry the log will take.
-    pub fn logged(&self) -> usize {
+    pub(crate) fn logged(&self) -> usize {
         self.with(|s| s.base + s.events.len())
     }
 
@@ -196,14 +196,14 @@ impl Flight {
     }
 
     /// Readers attached now.
-    pub fn readers(&self) -> usize {
+    pub(crate) fn readers(&self) -> usize {
         self.with(|s| s.readers)
     }
 
     /// Keeps the handle of the leader's relay for the first follower.
     /// Returns false if readers are attached already (the caller moves the
     /// relay at once).
-    pub fn keep_relay(&self, relay: RelayHandle) -> bool {
+    pub(crate) fn keep_relay(&self, relay: RelayHandle) -> bool {
         self.with(|s| {
             if s.readers > 0 || s.end.is_some() {
                 false
@@ -231,12 +231,12 @@ impl Flight {
     }
 
     /// A reader for the leader's own client, resuming at `pos`.
-    pub fn attach_leader(self: &Arc<Self>, pos: usize) -> Reader {
+    pub(crate) fn attach_leader(self: &Arc<Self>, pos: usize) -> Reader {
         self.attach(pos)
     }
 
     /// For the task driving the call: ready once no reader is attached.
-    pub fn poll_unread(&self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(crate) fn poll_unread(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.with(|s| {
             if s.readers == 0 {
                 Poll::Ready(())
@@ -252,17 +252,17 @@ impl Flight {
 
 /// Where `push_event` put an entry.
 #[derive(Debug, Clone, Copy)]
-pub struct Logged {
+pub(crate) struct Logged {
     /// The entry's number in the answer.
-    pub at: usize,
+    pub(crate) at: usize,
     /// This push made the first events leave the log: the flight must stop
     /// taking followers.
-    pub just_trimmed: bool,
+    pub(crate) just_trimmed: bool,
 }
 
 /// What a reader waits for (`Reader::changed`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Until {
+pub(crate) enum Until {
     /// The head is known, or the flight ended.
     HeadOrEnd,
     /// The flight ended (the head is known already).
@@ -271,7 +271,7 @@ pub enum Until {
 
 /// How a leader dropped unended ends its flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IfDropped {
+pub(crate) enum IfDropped {
     /// Interrupted: its followers get the error.
     Interrupted,
     /// Lost: its followers ask again. For a flight fed from another
@@ -282,7 +282,7 @@ pub enum IfDropped {
 /// One client reading a flight's log at its own pace. Dropping it detaches
 /// it; when the last reader leaves, the task driving the call (if any) is
 /// told, and cancels the call.
-pub struct Reader {
+pub(crate) struct Reader {
     flight: Arc<Flight>,
     id: u64,
     pos: usize,
@@ -293,16 +293,16 @@ pub struct Reader {
 impl Reader {
     /// The leader's relay handle, if this reader was the first to attach
     /// while the relay ran in place (see `RelayHandle`).
-    pub fn take_handoff(&mut self) -> Option<RelayHandle> {
+    pub(crate) fn take_handoff(&mut self) -> Option<RelayHandle> {
         self.handoff.take()
     }
 
-    pub fn flight(&self) -> &Arc<Flight> {
+    pub(crate) fn flight(&self) -> &Arc<Flight> {
         &self.flight
     }
 
     /// The next entry, or `Pending` (woken when the log grows or ends).
-    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
         let id = self.id;
         let pos = self.pos;
         let next = self.flight.with(|s| {
@@ -331,7 +331,7 @@ impl Reader {
 
     /// Waits for what `until` names, and returns the head and the end as
     /// they are then.
-    pub async fn changed(&mut self, until: Until) -> (Option<Head>, Option<End>) {
+    pub(crate) async fn changed(&mut self, until: Until) -> (Option<Head>, Option<End>) {
         let head_seen = until == Until::End;
         let id = self.id;
         std::future::poll_fn(|cx| {
@@ -378,7 +378,7 @@ impl Drop for Reader {
 type Shard = Mutex<HashMap<Key, Arc<Flight>>>;
 
 /// The in-flight map, sharded so unrelated requests do not share a lock.
-pub struct Flights {
+pub(crate) struct Flights {
     shards: Box<[Shard]>,
 }
 
@@ -390,7 +390,7 @@ impl Default for Flights {
     }
 }
 
-pub enum Join {
+pub(crate) enum Join {
     Lead(Leader),
     Follow(Reader),
 }
@@ -403,7 +403,7 @@ impl Flights {
     }
 
     /// Attaches to an identical request in flight, if there is one.
-    pub fn follow(&self, key: &Key) -> Option<Reader> {
+    pub(crate) fn follow(&self, key: &Key) -> Option<Reader> {
         // Attached under the map's lock, so a flight is never given up
         // (`Leader::abandon`) between being found and being read.
         let shard = self.shard(key);
@@ -411,7 +411,7 @@ impl Flights {
     }
 
     /// Becomes the leader for `key`, unless someone else just did.
-    pub fn join(self: &Arc<Self>, key: Key) -> Join {
+    pub(crate) fn join(self: &Arc<Self>, key: Key) -> Join {
         let mut shard = self.shard(&key);
         if let Some(f) = shard.get(&key) {
             return Join::Follow(f.attach(0));
@@ -438,10 +438,10 @@ impl Flights {
 /// The leader's side of a flight. Ending it (or dropping it, which ends it
 /// as interrupted) removes it from the map first, so no follower joins a
 /// flight that will not be answered.
-pub struct Leader {
+pub(crate) struct Leader {
     flights: Arc<Flights>,
     key: Key,
-    pub flight: Arc<Flight>,
+    pub(crate) flight: Arc<Flight>,
     ended: bool,
     /// How the flight ends if this is dropped unended.
     if_dropped: IfDropped,
@@ -449,33 +449,30 @@ pub struct Leader {
 
 impl Leader {
     /// How the flight ends if this is dropped unended.
-    pub fn if_dropped(&mut self, end: IfDropped) {
+    pub(crate) fn if_dropped(&mut self, end: IfDropped) {
         self.if_dropped = end;
     }
 
-    pub fn key(&self) -> &Key {
-        &self.key
-    }
-
     /// Stops new followers from joining (the answer outgrew the log).
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.flights.remove(&self.key, &self.flight);
     }
 
-    pub fn end(mut self, end: End) {
+    pub(crate) fn end(mut self, end: End) {
         self.ended = true;
         self.flights.remove(&self.key, &self.flight);
         self.flight.finish(end);
     }
 
-    pub fn has_followers(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn has_followers(&self) -> bool {
         self.flight.readers() > 0
     }
 
     /// Gives the flight up if no reader is attached: removed from the map
     /// (under its lock, so no follower can attach in between), it takes no
     /// more. Returns false, changing nothing, while someone still reads.
-    pub fn abandon(&self) -> bool {
+    pub(crate) fn abandon(&self) -> bool {
         let mut shard = self.flights.shard(&self.key);
         if self.flight.readers() > 0 {
             return false;

@@ -11,14 +11,14 @@ pub(crate) static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should
 
 /// A client's headers as they go upstream: less the hop-by-hop set and
 /// those of `not_forwarded`.
-pub fn clean_request(h: &mut HeaderMap) {
+pub(crate) fn clean_request(h: &mut HeaderMap) {
     strip_hop_by_hop(h);
     remove_where(h, not_forwarded);
 }
 
 /// Upstream's headers as they reach a client: less the hop-by-hop set and
 /// those of `not_returned`.
-pub fn clean_response(h: &mut HeaderMap) {
+pub(crate) fn clean_response(h: &mut HeaderMap) {
     strip_hop_by_hop(h);
     remove_where(h, not_returned);
 }
@@ -38,7 +38,7 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// Removes hop-by-hop headers, and any header the Connection header names.
-pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Most messages carry none: one pass over the names decides.
     if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
         return;
@@ -62,7 +62,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// Copies a request's headers into storage of their own: one buffer for all
 /// values, so a request costs one allocation here instead of pinning the
 /// connection's 8 KiB read buffer (and making hyper allocate another).
-pub fn detach_headers(h: &HeaderMap) -> HeaderMap {
+pub(crate) fn detach_headers(h: &HeaderMap) -> HeaderMap {
     let mut buf = BytesMut::with_capacity(h.values().map(|v| v.len()).sum());
     for v in h.values() {
         buf.extend_from_slice(v.as_bytes());
@@ -121,7 +121,7 @@ fn remove_where(h: &mut HeaderMap, drop: fn(&HeaderName) -> bool) {
 
 /// Where retrying an upstream error cannot help (402 Insufficient Balance,
 /// a bad key, a bad request), SDKs are told not to.
-pub fn mark_no_retry(status: StatusCode, h: &mut HeaderMap) {
+pub(crate) fn mark_no_retry(status: StatusCode, h: &mut HeaderMap) {
     if matches!(status.as_u16(), 400 | 401 | 402 | 403 | 404 | 422) {
         h.insert(&X_SHOULD_RETRY, HeaderValue::from_static("false"));
     }

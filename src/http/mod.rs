@@ -3,7 +3,7 @@
 //! errors (`error`, the only place error bodies are built). Knows no
 //! connection, no tenant and no limiter.
 
-pub mod error;
-pub mod headers;
-pub mod request_id;
-pub mod routes;
+pub(crate) mod error;
+pub(crate) mod headers;
+pub(crate) mod request_id;
+pub(crate) mod routes;

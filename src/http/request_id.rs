@@ -4,11 +4,11 @@
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 // Parsed once: a `&str` name is parsed and validated on every use.
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Makes request ids: a random prefix per gateway and a counter, unique
 /// without drawing random bytes per request.
-pub struct RequestIds {
+pub(crate) struct RequestIds {
     prefix: u64,
     next: std::sync::atomic::AtomicU64,
 }
@@ -24,7 +24,7 @@ impl Default for RequestIds {
 
 impl RequestIds {
     /// The client's `x-request-id` when it is a sane one, else a new id.
-    pub fn of(&self, h: &HeaderMap) -> HeaderValue {
+    pub(crate) fn of(&self, h: &HeaderMap) -> HeaderValue {
         if let Some(v) = h.get(&X_REQUEST_ID) {
             let b = v.as_bytes();
             if (1..=128).contains(&b.len())

@@ -8,7 +8,7 @@ use crate::http::error::GatewayError;
 
 /// Resolves a request line. A known path with the wrong method is 405; an
 /// unknown path is 404. A trailing slash is tolerated.
-pub fn route(method: &Method, path: &str) -> Result<Endpoint, GatewayError> {
+pub(crate) fn route(method: &Method, path: &str) -> Result<Endpoint, GatewayError> {
     let path = match path.strip_suffix('/') {
         Some(p) if !p.is_empty() => p,
         _ => path,

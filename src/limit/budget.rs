@@ -16,12 +16,12 @@ use std::sync::{Arc, Mutex};
 use crate::config::BudgetPeriod;
 
 /// Wall-clock time in whole seconds since the Unix epoch, UTC.
-pub trait Clock: Send + Sync {
+pub(crate) trait Clock: Send + Sync {
     fn now(&self) -> i64;
 }
 
 /// The system's clock.
-pub struct SystemClock;
+pub(crate) struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> i64 {
@@ -33,11 +33,11 @@ impl Clock for SystemClock {
 
 /// One calendar period: the name spend is recorded under, and when it ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Span {
+pub(crate) struct Span {
     /// `day:2026-11-30`, `week:2026-11-30` (its Monday), `month:2026-11`.
-    pub key: String,
+    pub(crate) key: String,
     /// The first second of the next period.
-    pub end: i64,
+    pub(crate) end: i64,
 }
 
 const DAY: i64 = 86_400;
@@ -67,7 +67,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 /// The period of kind `period` that contains `unix`.
-pub fn span(period: BudgetPeriod, unix: i64) -> Span {
+pub(crate) fn span(period: BudgetPeriod, unix: i64) -> Span {
     let days = unix.div_euclid(DAY);
     match period {
         BudgetPeriod::Day => {
@@ -111,7 +111,7 @@ fn is_current(key: &str, unix: i64) -> bool {
 /// What one tenant spent, by period. A per-tenant lock, held for a few
 /// instructions: tenants never contend with each other.
 #[derive(Default)]
-pub struct Spend {
+pub(crate) struct Spend {
     state: Mutex<SpendState>,
 }
 
@@ -128,16 +128,16 @@ impl Spend {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn spent(&self, key: &str) -> f64 {
+    pub(crate) fn spent(&self, key: &str) -> f64 {
         self.lock().spent.get(key).copied().unwrap_or(0.0)
     }
 
-    pub fn add(&self, key: &str, usd: f64) {
+    pub(crate) fn add(&self, key: &str, usd: f64) {
         *self.lock().spent.entry(key.to_string()).or_insert(0.0) += usd;
     }
 
     /// What the fleet says was spent: this replica's view never goes below.
-    pub fn observe(&self, key: &str, fleet: f64) {
+    pub(crate) fn observe(&self, key: &str, fleet: f64) {
         let mut s = self.lock();
         let v = s.spent.entry(key.to_string()).or_insert(0.0);
         if fleet > *v {
@@ -146,24 +146,24 @@ impl Spend {
     }
 
     /// Keeps spend Redis did not take, to add when it answers again.
-    pub fn defer(&self, key: &str, usd: f64) {
+    pub(crate) fn defer(&self, key: &str, usd: f64) {
         *self.lock().unsent.entry(key.to_string()).or_insert(0.0) += usd;
     }
 
     /// Takes the spend waiting for Redis.
-    pub fn take_unsent(&self) -> Vec<(String, f64)> {
+    pub(crate) fn take_unsent(&self) -> Vec<(String, f64)> {
         self.lock().unsent.drain().collect()
     }
 
-    pub fn has_unsent(&self) -> bool {
+    pub(crate) fn has_unsent(&self) -> bool {
         !self.lock().unsent.is_empty()
     }
 }
 
 /// Every budgeted tenant's spend, by tenant name (so a reload that makes a
 /// new `TenantLimits` keeps it), and the state file.
-pub struct Budgets {
-    pub clock: Arc<dyn Clock>,
+pub(crate) struct Budgets {
+    pub(crate) clock: Arc<dyn Clock>,
     spends: Mutex<HashMap<String, Arc<Spend>>>,
     file: Option<PathBuf>,
     dirty: AtomicBool,
@@ -180,7 +180,7 @@ impl Budgets {
     /// Opens the state file (`None`: memory only). A missing file starts
     /// empty and is created; one that cannot be read or parsed is an error
     /// naming it, never silently zeroed.
-    pub fn open(file: Option<&Path>, clock: Arc<dyn Clock>) -> Result<Budgets, String> {
+    pub(crate) fn open(file: Option<&Path>, clock: Arc<dyn Clock>) -> Result<Budgets, String> {
         let budgets = Budgets {
             clock,
             spends: Mutex::new(HashMap::new()),
@@ -230,7 +230,7 @@ impl Budgets {
     }
 
     /// Spend in memory only.
-    pub fn memory(clock: Arc<dyn Clock>) -> Budgets {
+    pub(crate) fn memory(clock: Arc<dyn Clock>) -> Budgets {
         Budgets {
             clock,
             spends: Mutex::new(HashMap::new()),
@@ -244,22 +244,22 @@ impl Budgets {
     }
 
     /// The spend of `tenant` (made at config load, never per request).
-    pub fn spend(&self, tenant: &str) -> Arc<Spend> {
+    pub(crate) fn spend(&self, tenant: &str) -> Arc<Spend> {
         Arc::clone(self.lock().entry(tenant.to_string()).or_default())
     }
 
-    pub fn has_file(&self) -> bool {
+    pub(crate) fn has_file(&self) -> bool {
         self.file.is_some()
     }
 
-    pub fn mark_dirty(&self) {
+    pub(crate) fn mark_dirty(&self) {
         self.dirty.store(true, Ordering::Release);
     }
 
     /// Writes the state file if anything changed since the last write:
     /// to a temporary file first, then renamed over the old one, so a crash
     /// leaves the old or the new file, never half of one.
-    pub fn persist(&self) -> std::io::Result<()> {
+    pub(crate) fn persist(&self) -> std::io::Result<()> {
         let Some(path) = &self.file else {
             return Ok(());
         };
@@ -304,7 +304,7 @@ mod tests {
     use std::sync::atomic::AtomicI64;
 
     /// A clock tests set by hand.
-    pub struct FakeClock(pub AtomicI64);
+    pub(crate) struct FakeClock(pub AtomicI64);
     impl Clock for FakeClock {
         fn now(&self) -> i64 {
             self.0.load(Ordering::Acquire)

@@ -89,10 +89,10 @@ pub(super) enum CountChange {
 /// Spend to add to a period's total.
 #[derive(Debug, Clone)]
 pub(super) struct SpendCharge {
-    pub period: String,
+    pub(crate) period: String,
     /// When the period ends (Unix seconds): its key expires a week later.
-    pub end: i64,
-    pub usd: f64,
+    pub(crate) end: i64,
+    pub(crate) usd: f64,
 }
 
 /// How long a period's spend outlives the period in Redis.
@@ -107,7 +107,7 @@ struct Settle {
 }
 
 /// A tenant's Redis keys, and the queue its settlements go through.
-pub struct Keys {
+pub(crate) struct Keys {
     req: String,
     tok: String,
     conc: String,
@@ -156,9 +156,9 @@ impl Keys {
 }
 
 /// The Redis backend, as the limiter holds it.
-pub struct Fleet {
+pub(crate) struct Fleet {
     redis: Arc<Redis>,
-    pub on_error: OnError,
+    pub(crate) on_error: OnError,
     scripts: Arc<Scripts>,
     queue: mpsc::Sender<Settle>,
     /// Tenants with a concurrency cap, for renewal; touched at config load
@@ -167,7 +167,7 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    pub fn start(redis: Arc<Redis>, on_error: OnError) -> Fleet {
+    pub(crate) fn start(redis: Arc<Redis>, on_error: OnError) -> Fleet {
         let scripts = Arc::new(Scripts {
             admit: redis.lua(
                 "admit",
@@ -201,7 +201,7 @@ impl Fleet {
         }
     }
 
-    pub fn keys(&self, tenant: &str, spec: LimitSpec) -> Keys {
+    pub(crate) fn keys(&self, tenant: &str, spec: LimitSpec) -> Keys {
         let r = &self.redis;
         Keys {
             req: r.tenant_key(
@@ -217,7 +217,7 @@ impl Fleet {
         }
     }
 
-    pub fn track(&self, tenant: &Arc<TenantLimits>) {
+    pub(crate) fn track(&self, tenant: &Arc<TenantLimits>) {
         if tenant.spec.max_concurrent == 0 && tenant.budget.is_none() {
             return;
         }
@@ -228,7 +228,7 @@ impl Fleet {
 
     /// One round trip decides the request. `Err(Unavailable)`: Redis did
     /// not answer (or is known down), and nothing was taken.
-    pub async fn admit(
+    pub(crate) async fn admit(
         &self,
         t: &Arc<TenantLimits>,
         keys: &Keys,

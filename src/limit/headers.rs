@@ -28,7 +28,7 @@ static TOKEN_HEADERS: [HeaderName; 3] = [
 
 impl Standings {
     /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`.
-    pub fn write_headers(&self, h: &mut HeaderMap) {
+    pub(crate) fn write_headers(&self, h: &mut HeaderMap) {
         for (names, standing) in [
             (&REQUEST_HEADERS, self.requests),
             (&TOKEN_HEADERS, self.tokens),
@@ -64,7 +64,7 @@ fn usd(v: f64) -> String {
 }
 
 /// Durations the way OpenAI writes them: `20ms`, `1s`, `6m0s`.
-pub fn format_reset(d: Duration) -> String {
+pub(crate) fn format_reset(d: Duration) -> String {
     let ms = d.as_millis();
     if ms < 1000 {
         return format!("{ms}ms");

@@ -20,7 +20,7 @@ use super::{secs, Standing};
 
 /// Request bucket: governor's GCRA over an atomic, generic over the clock so
 /// tests drive time with `FakeRelativeClock`.
-pub struct RequestBucket<C: Clock = DefaultClock> {
+pub(crate) struct RequestBucket<C: Clock = DefaultClock> {
     limiter: RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>,
     clock: C,
     per_minute: u32,
@@ -29,7 +29,7 @@ pub struct RequestBucket<C: Clock = DefaultClock> {
 }
 
 impl<C: Clock + Clone> RequestBucket<C> {
-    pub fn with_clock(per_minute: NonZeroU32, burst: NonZeroU32, clock: C) -> Self {
+    pub(crate) fn with_clock(per_minute: NonZeroU32, burst: NonZeroU32, clock: C) -> Self {
         let quota = Quota::per_minute(per_minute).allow_burst(burst);
         Self {
             limiter: RateLimiter::direct_with_clock(quota, clock.clone())
@@ -44,7 +44,7 @@ impl<C: Clock + Clone> RequestBucket<C> {
     /// Takes one request from the bucket, or says how long until one is
     /// there (and where the tenant stands: empty, full again after that
     /// wait plus the rest of the burst).
-    pub fn check(&self) -> Result<Standing, (Duration, Standing)> {
+    pub(crate) fn check(&self) -> Result<Standing, (Duration, Standing)> {
         let standing = |remaining: u32, wait: Duration| Standing {
             limit: u64::from(self.per_minute),
             remaining: u64::from(remaining),
@@ -67,14 +67,14 @@ impl<C: Clock + Clone> RequestBucket<C> {
 }
 
 impl RequestBucket {
-    pub fn new(per_minute: NonZeroU32, burst: NonZeroU32) -> Self {
+    pub(crate) fn new(per_minute: NonZeroU32, burst: NonZeroU32) -> Self {
         Self::with_clock(per_minute, burst, DefaultClock::default())
     }
 }
 
 /// Where a token bucket of `per_minute` with `balance` tokens stands: what
 /// is left (never below 0) and the time until it is full.
-pub fn token_standing(per_minute: u64, balance: f64) -> Standing {
+pub(crate) fn token_standing(per_minute: u64, balance: f64) -> Standing {
     let missing = (per_minute as f64 - balance).max(0.0);
     Standing {
         limit: per_minute,
@@ -85,7 +85,10 @@ pub fn token_standing(per_minute: u64, balance: f64) -> Standing {
 
 /// A request may spend tokens while a whole one is left; otherwise, how
 /// long until one is.
-pub fn token_verdict(per_minute: u64, balance: f64) -> Result<Standing, (Duration, Standing)> {
+pub(crate) fn token_verdict(
+    per_minute: u64,
+    balance: f64,
+) -> Result<Standing, (Duration, Standing)> {
     let standing = token_standing(per_minute, balance);
     if balance >= 1.0 {
         Ok(standing)
@@ -96,7 +99,7 @@ pub fn token_verdict(per_minute: u64, balance: f64) -> Result<Standing, (Duratio
 
 /// Token bucket that can be overdrawn: full at `per_minute`, refilling at
 /// `per_minute` a minute, debited with actual usage after each response.
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     per_minute: u64,
     state: Mutex<TokenState>,
 }
@@ -107,7 +110,7 @@ struct TokenState {
 }
 
 impl TokenBucket {
-    pub fn new(per_minute: u64, now: Instant) -> Self {
+    pub(crate) fn new(per_minute: u64, now: Instant) -> Self {
         Self {
             per_minute,
             state: Mutex::new(TokenState {
@@ -128,21 +131,21 @@ impl TokenBucket {
     }
 
     /// Refuses a tenant without a whole token left, saying when it will have one.
-    pub fn check(&self, now: Instant) -> Result<Standing, (Duration, Standing)> {
+    pub(crate) fn check(&self, now: Instant) -> Result<Standing, (Duration, Standing)> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         self.refilled(&mut s, now);
         token_verdict(self.per_minute, s.balance)
     }
 
     /// Where the tenant stands, without asking for anything.
-    pub fn peek(&self, now: Instant) -> Standing {
+    pub(crate) fn peek(&self, now: Instant) -> Standing {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         self.refilled(&mut s, now);
         token_standing(self.per_minute, s.balance)
     }
 
     /// Debits used tokens; the balance may go negative.
-    pub fn debit(&self, tokens: u64, now: Instant) {
+    pub(crate) fn debit(&self, tokens: u64, now: Instant) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         self.refilled(&mut s, now);
         // Floor the deficit at a day's worth: absurd usage must not lock a

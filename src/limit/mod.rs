@@ -14,7 +14,7 @@
 //! goes to a task through a bounded queue, so a `Drop` or a body's `poll`
 //! can settle without holding a response back.
 
-pub mod budget;
+pub(crate) mod budget;
 mod fleet;
 mod headers;
 mod local;
@@ -27,28 +27,28 @@ use prometheus::IntCounter;
 
 use crate::config::{BudgetSpec, LimitSpec, OnError, RedisConfig};
 use crate::http::error::GatewayError;
-pub use crate::http::error::Limit;
+pub(crate) use crate::http::error::Limit;
 use crate::metrics::Metrics;
 use crate::shared::Redis;
 use budget::{Budgets, Spend};
 
-pub use local::{token_standing, token_verdict, RequestBucket, TokenBucket};
+pub(crate) use local::{token_standing, token_verdict, RequestBucket, TokenBucket};
 
 /// What a limit says about a tenant right now, for the `x-ratelimit-*` headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Standing {
-    pub limit: u64,
-    pub remaining: u64,
-    pub reset: Duration,
+pub(crate) struct Standing {
+    pub(crate) limit: u64,
+    pub(crate) remaining: u64,
+    pub(crate) reset: Duration,
 }
 
 /// A refused request: which limit, how long until it would pass, and where
 /// the tenant stands on that limit (for the `x-ratelimit-*` headers).
 #[derive(Debug, Clone, Copy)]
 pub struct Refused {
-    pub limit: Limit,
-    pub wait: Duration,
-    pub standing: Option<Standing>,
+    pub(crate) limit: Limit,
+    pub(crate) wait: Duration,
+    pub(crate) standing: Option<Standing>,
 }
 
 /// Why a request was not admitted.
@@ -61,20 +61,20 @@ pub enum Denied {
 
 /// Where a budgeted tenant stands: what the `x-sluice-budget-*` headers say.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BudgetStanding {
-    pub limit_usd: f64,
+pub(crate) struct BudgetStanding {
+    pub(crate) limit_usd: f64,
     /// Never below 0.
-    pub remaining_usd: f64,
+    pub(crate) remaining_usd: f64,
     /// Until the period ends.
-    pub reset: Duration,
+    pub(crate) reset: Duration,
 }
 
 /// Where the tenant stands after this request: what the headers report.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Standings {
-    pub requests: Option<Standing>,
-    pub tokens: Option<Standing>,
-    pub budget: Option<BudgetStanding>,
+    pub(crate) requests: Option<Standing>,
+    pub(crate) tokens: Option<Standing>,
+    pub(crate) budget: Option<BudgetStanding>,
 }
 
 /// Seconds to a `Duration`, saturating: a hostile upstream can report
@@ -135,7 +135,7 @@ impl InFlight {
 /// table, leases and, across a reload, by the new table when the spec is
 /// unchanged.
 pub struct TenantLimits {
-    pub spec: LimitSpec,
+    pub(crate) spec: LimitSpec,
     requests: Option<RequestBucket>,
     tokens: Option<TokenBucket>,
     in_flight: InFlight,
@@ -194,12 +194,13 @@ impl TenantLimits {
 
     /// The budget this state was made for (a reload keeps the state only
     /// when this and the limits are unchanged).
-    pub fn budget_spec(&self) -> Option<BudgetSpec> {
+    pub(crate) fn budget_spec(&self) -> Option<BudgetSpec> {
         self.budget.as_ref().map(|b| b.spec)
     }
 
     /// Requests in flight on this replica.
-    pub fn in_flight(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> u64 {
         self.in_flight.now().count
     }
 
@@ -278,7 +279,7 @@ impl Limiter {
     /// Limits shared through `redis` when `[redis] limits` is on; spend in
     /// Redis then, else in `budgets` (its state file, if any). Starts the
     /// ticker that keeps budget gauges current and writes the state file.
-    pub fn new(redis: Option<(&Arc<Redis>, &RedisConfig)>, budgets: Budgets) -> Limiter {
+    pub(crate) fn new(redis: Option<(&Arc<Redis>, &RedisConfig)>, budgets: Budgets) -> Limiter {
         let limiter = Self::build(redis, budgets);
         tokio::spawn(tick(
             Arc::clone(&limiter.budgets),
@@ -299,14 +300,14 @@ impl Limiter {
     }
 
     /// Writes the spend state file now (at shutdown).
-    pub fn flush(&self) {
+    pub(crate) fn flush(&self) {
         if let Err(e) = self.budgets.persist() {
             tracing::error!(error = %e, "cannot write the budget state file");
         }
     }
 
     /// Whether spend survives a restart (Redis or a state file).
-    pub fn spend_is_kept(&self) -> bool {
+    pub(crate) fn spend_is_kept(&self) -> bool {
         self.fleet.is_some() || self.budgets.has_file()
     }
 

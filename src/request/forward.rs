@@ -43,6 +43,7 @@ impl Ctx {
             .upstreams
             .choose()
             .ok_or(GatewayError::UpstreamUnreachable)?;
+        self.record.upstream = Some(peer.name());
         let path = endpoint.upstream_path();
         let target = peer.target(path).ok_or(GatewayError::UpstreamUnreachable)?;
         let body = if api.stream {

@@ -77,7 +77,10 @@ struct Routed {
 type Served = Result<Response<Body>, GatewayError>;
 
 /// Entry point for every client request.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+pub(crate) async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let request_id = app.request_ids.of(req.headers());
     let record = Box::new(Record::new(

@@ -26,6 +26,7 @@ impl Ctx {
             .upstreams
             .choose()
             .ok_or(GatewayError::UpstreamUnreachable)?;
+        self.record.upstream = Some(peer.name());
         let target = peer
             .target(Endpoint::Models.upstream_path())
             .ok_or(GatewayError::UpstreamUnreachable)?;

@@ -28,7 +28,7 @@ pub struct ApiRequest {
     splice: Splice,
     /// Characters of the messages' text (or the FIM prompt), for the usage
     /// estimate: counted here so nothing of the body is kept for it.
-    pub prompt_chars: u64,
+    pub(crate) prompt_chars: u64,
 }
 
 /// Where the upstream body of a stream differs from the client's bytes.
@@ -57,7 +57,7 @@ pub enum Keyed<'a> {
 
 impl ApiRequest {
     /// How the client wants its answer delivered.
-    pub fn delivery(&self) -> Delivery {
+    pub(crate) fn delivery(&self) -> Delivery {
         if self.stream {
             Delivery::Stream {
                 usage_chunk: self.include_usage,

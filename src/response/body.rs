@@ -51,22 +51,22 @@ impl Body {
             held: None,
         }
     }
-    pub fn full(b: impl Into<Bytes>) -> Body {
+    pub(crate) fn full(b: impl Into<Bytes>) -> Body {
         Body::of(Kind::Full(Some(b.into())))
     }
-    pub fn frames(frames: impl IntoIterator<Item = Bytes>) -> Body {
+    pub(crate) fn frames(frames: impl IntoIterator<Item = Bytes>) -> Body {
         Body::of(Kind::Frames(frames.into_iter().collect()))
     }
-    pub fn relay(r: Relay) -> Body {
+    pub(crate) fn relay(r: Relay) -> Body {
         Body::of(Kind::Relay(Box::new(r)))
     }
-    pub fn lead(l: LeadBody) -> Body {
+    pub(crate) fn lead(l: LeadBody) -> Body {
         Body::of(Kind::Lead(l))
     }
-    pub fn log(l: LogBody) -> Body {
+    pub(crate) fn log(l: LogBody) -> Body {
         Body::of(Kind::Log(l))
     }
-    pub fn set_record(&mut self, record: Box<Record>) {
+    pub(crate) fn set_record(&mut self, record: Box<Record>) {
         self.record = Some(record);
     }
     fn first_byte(&mut self) {
@@ -82,7 +82,7 @@ impl Body {
     /// its body when the body has data: a non-streaming answer primed so
     /// leaves in one write with its head instead of two, and its
     /// connection is woken once instead of twice.
-    pub async fn prime(&mut self) {
+    pub(crate) async fn prime(&mut self) {
         let first = std::future::poll_fn(|cx| self.poll_kind(cx)).await;
         self.held = Some(Primed(first));
     }

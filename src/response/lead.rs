@@ -21,7 +21,7 @@ use crate::response::BoxError;
 use crate::upstream::Sent;
 
 /// A flight leader's relay, where its first follower can find it.
-pub struct Lead {
+pub(crate) struct Lead {
     state: Mutex<LeadState>,
     /// What the relay reported when it finished in its task.
     summary: Arc<Mutex<Option<RelaySummary>>>,
@@ -51,7 +51,7 @@ impl Lead {
 
 /// Moves the leader's relay that `reader` (the first to attach to its
 /// flight) took the handle of into a task, if it still runs in place.
-pub fn hand_off(reader: &mut Reader) {
+pub(crate) fn hand_off(reader: &mut Reader) {
     if let Some(lead) = reader.take_handoff().and_then(|h| h.get::<Lead>()) {
         lead.detach();
     }
@@ -90,7 +90,7 @@ impl Lead {
 
 /// The leader's client's body: the relay in place, then, once a follower
 /// attached, a reader of the flight's log.
-pub struct LeadBody {
+pub(crate) struct LeadBody {
     lead: Arc<Lead>,
     log: Option<LogBody>,
 }
@@ -98,7 +98,7 @@ pub struct LeadBody {
 impl LeadBody {
     /// Takes a leader's relay; if followers attached while the call waited
     /// for its headers, the relay moves into its task at once.
-    pub fn start(relay: Relay) -> LeadBody {
+    pub(crate) fn start(relay: Relay) -> LeadBody {
         let flight = relay.flight();
         let lead = Arc::new(Lead {
             state: Mutex::new(LeadState {
@@ -115,7 +115,7 @@ impl LeadBody {
         LeadBody { lead, log: None }
     }
 
-    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
         if let Some(log) = &mut self.log {
             return log.poll(cx);
         }
@@ -142,7 +142,7 @@ impl LeadBody {
     }
 
     /// Called when the client's body is dropped.
-    pub fn release(self) -> RelaySummary {
+    pub(crate) fn release(self) -> RelaySummary {
         let relay = self
             .lead
             .with(|s| match std::mem::replace(&mut s.slot, Slot::Gone) {
@@ -170,13 +170,13 @@ type Call = Pin<Box<dyn Future<Output = Result<Sent, GatewayError>> + Send>>;
 /// leader's client leaves before they arrive while followers wait, the call
 /// goes on in a task and its answer is relayed to them; with no follower it
 /// is cancelled, as any request's is.
-pub struct Launch {
+pub(crate) struct Launch {
     call: Option<Call>,
     plan: Option<Plan>,
 }
 
 impl Launch {
-    pub fn new(call: Call, plan: Plan) -> Launch {
+    pub(crate) fn new(call: Call, plan: Plan) -> Launch {
         Launch {
             call: Some(call),
             plan: Some(plan),

@@ -11,11 +11,11 @@ use crate::response::BoxError;
 
 /// How a reader of a flight's log delivers it.
 #[derive(Debug, Clone, Copy)]
-pub struct LogOpts {
+pub(crate) struct LogOpts {
     /// A non-stream body: pieces as they are; a break aborts the response.
-    pub raw: bool,
+    pub(crate) raw: bool,
     /// Whether the usage-only chunk is sent.
-    pub include_usage: bool,
+    pub(crate) include_usage: bool,
 }
 
 /// A client's body read from a flight's log, at the client's own pace: a
@@ -23,7 +23,7 @@ pub struct LogOpts {
 /// Nothing follows a `[DONE]`; a break (the flight's, or this reader falling
 /// further behind than the log keeps) ends a stream with the SSE error event
 /// and then aborts the response.
-pub struct LogBody {
+pub(crate) struct LogBody {
     reader: Reader,
     opts: LogOpts,
     /// Tokens answered without going upstream, counted when the answer is
@@ -35,7 +35,11 @@ pub struct LogBody {
 }
 
 impl LogBody {
-    pub fn new(reader: Reader, opts: LogOpts, saved: Option<prometheus::IntCounter>) -> LogBody {
+    pub(crate) fn new(
+        reader: Reader,
+        opts: LogOpts,
+        saved: Option<prometheus::IntCounter>,
+    ) -> LogBody {
         LogBody {
             reader,
             opts,
@@ -46,7 +50,7 @@ impl LogBody {
         }
     }
 
-    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
         if std::mem::take(&mut self.abort) {
             return Poll::Ready(Some(Err("upstream stream interrupted".into())));
         }

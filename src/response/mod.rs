@@ -5,12 +5,12 @@
 //! dropped (`record`). Given what it needs (metrics, the cache, a tenant's
 //! handles), never the whole `App`.
 
-pub mod body;
+pub(crate) mod body;
 pub mod hit;
-pub mod lead;
-pub mod log;
-pub mod record;
-pub mod relay;
+pub(crate) mod lead;
+pub(crate) mod log;
+pub(crate) mod record;
+pub(crate) mod relay;
 
 /// The error a response body ends with (an abort).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;

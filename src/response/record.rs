@@ -15,16 +15,16 @@ use crate::tenant::Tenant;
 
 /// What the relay tells the record when it is done.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct RelaySummary {
-    pub usage: Option<Usage>,
-    pub estimated: bool,
-    pub first_event_at: Option<Instant>,
-    pub outcome: Outcome,
+pub(crate) struct RelaySummary {
+    pub(crate) usage: Option<Usage>,
+    pub(crate) estimated: bool,
+    pub(crate) first_event_at: Option<Instant>,
+    pub(crate) outcome: Outcome,
 }
 
 /// How a response body ended, for the access log.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Sent in full.
     #[default]
     Ok,
@@ -37,7 +37,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
             Outcome::Interrupted => "interrupted",
@@ -49,34 +49,40 @@ impl Outcome {
 
 /// One request's facts, filled in along the request path and written out
 /// (metrics and the access-log line) when the response body is dropped.
-pub struct Record {
+pub(crate) struct Record {
     metrics: Arc<Metrics>,
-    pub request_id: http::HeaderValue,
-    pub start: Instant,
-    pub tenant: Option<Arc<Tenant>>,
-    pub model: Option<Arc<str>>,
+    pub(crate) request_id: http::HeaderValue,
+    pub(crate) start: Instant,
+    pub(crate) tenant: Option<Arc<Tenant>>,
+    pub(crate) model: Option<Arc<str>>,
     /// `None` until routed.
-    pub endpoint: Option<Endpoint>,
-    pub stream: bool,
-    pub status: u16,
+    pub(crate) endpoint: Option<Endpoint>,
+    pub(crate) stream: bool,
+    pub(crate) status: u16,
     /// `None` until the request reaches the cache step.
-    pub cache: Option<CacheState>,
-    pub upstream_status: Option<u16>,
-    pub usage: Option<Usage>,
+    pub(crate) cache: Option<CacheState>,
+    /// The upstream of the last attempt.
+    pub(crate) upstream: Option<&'static str>,
+    pub(crate) upstream_status: Option<u16>,
+    pub(crate) usage: Option<Usage>,
     /// Tokens answered without going upstream (hits, coalesced).
-    pub saved: Option<Usage>,
-    pub estimated: bool,
-    pub first_byte: Option<Instant>,
-    pub outcome: Outcome,
-    pub error: Option<&'static str>,
+    pub(crate) saved: Option<Usage>,
+    pub(crate) estimated: bool,
+    pub(crate) first_byte: Option<Instant>,
+    pub(crate) outcome: Outcome,
+    pub(crate) error: Option<&'static str>,
     /// Held until settled: by the relay with the answer's tokens, or here,
     /// with none, when the request ends without going upstream.
-    pub lease: Option<Lease>,
+    pub(crate) lease: Option<Lease>,
     inflight: bool,
 }
 
 impl Record {
-    pub fn new(metrics: Arc<Metrics>, request_id: http::HeaderValue, start: Instant) -> Record {
+    pub(crate) fn new(
+        metrics: Arc<Metrics>,
+        request_id: http::HeaderValue,
+        start: Instant,
+    ) -> Record {
         Record {
             metrics,
             request_id,
@@ -87,6 +93,7 @@ impl Record {
             stream: false,
             status: 0,
             cache: None,
+            upstream: None,
             upstream_status: None,
             usage: None,
             saved: None,
@@ -100,7 +107,7 @@ impl Record {
     }
 
     /// Counts the request in `sluice_inflight_requests` until it is logged.
-    pub fn set_tenant(&mut self, tenant: Arc<Tenant>) {
+    pub(crate) fn set_tenant(&mut self, tenant: Arc<Tenant>) {
         tenant.inflight.inc();
         self.inflight = true;
         self.tenant = Some(tenant);
@@ -170,6 +177,7 @@ impl Drop for Record {
             usage_estimated = self.estimated,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             ttft_ms = ttft.map(|t| t.as_secs_f64() * 1000.0),
+            upstream = self.upstream,
             upstream_status = self.upstream_status,
             outcome = self.outcome.label(),
             error = self.error,

@@ -49,26 +49,26 @@ use crate::tenant::Tenant;
 use crate::upstream::{Sent, UpstreamBody};
 
 /// Who pays for the tokens of this upstream call, and at what price.
-pub struct Meter {
+pub(crate) struct Meter {
     /// Settled with the answer's tokens once they are known; dropped (no
     /// tokens) when the answer is an error.
-    pub lease: Option<Lease>,
-    pub tenant: Arc<Tenant>,
+    pub(crate) lease: Option<Lease>,
+    pub(crate) tenant: Arc<Tenant>,
     /// The model's label (bounded), for the usage metrics.
-    pub model: Arc<str>,
+    pub(crate) model: Arc<str>,
     /// The model's price, when it has one.
-    pub price: Option<Pricing>,
+    pub(crate) price: Option<Pricing>,
     /// Characters of the request's messages or prompt, for the estimate.
-    pub prompt_chars: u64,
+    pub(crate) prompt_chars: u64,
 }
 
 /// Where a complete answer goes besides the client.
 #[derive(Default)]
-pub struct Sink {
+pub(crate) struct Sink {
     /// The cache's fill for this answer: it is stored once complete.
-    pub fill: Option<Fill>,
+    pub(crate) fill: Option<Fill>,
     /// Publish to coalesced followers.
-    pub leader: Option<Leader>,
+    pub(crate) leader: Option<Leader>,
 }
 
 enum Mode {
@@ -101,7 +101,7 @@ enum Mode {
     },
 }
 
-pub struct Relay {
+pub(crate) struct Relay {
     upstream: UpstreamBody,
     mode: Mode,
     /// When the current wait (first event, or the gap since the last one)
@@ -136,38 +136,38 @@ pub struct Relay {
 }
 
 /// How a stream request wants its events.
-pub struct StreamOpts {
-    pub shape: Shape,
-    pub client_wants_usage: bool,
+pub(crate) struct StreamOpts {
+    pub(crate) shape: Shape,
+    pub(crate) client_wants_usage: bool,
 }
 
 /// Everything the relay of one upstream call needs but its response: made
 /// before the call goes out, so a call that outlives its client (a flight's
 /// leader) can still be relayed for the followers.
-pub struct Plan {
+pub(crate) struct Plan {
     /// `Some` for a streaming request.
-    pub stream: Option<StreamOpts>,
+    pub(crate) stream: Option<StreamOpts>,
     /// Deadline for the first data event (the first-byte timeout).
-    pub first_event_deadline: Instant,
-    pub idle: Duration,
+    pub(crate) first_event_deadline: Instant,
+    pub(crate) idle: Duration,
     /// Flips to true when the shutdown grace is over: the answer ends.
-    pub grace: watch::Receiver<bool>,
-    pub meter: Meter,
-    pub sink: Sink,
+    pub(crate) grace: watch::Receiver<bool>,
+    pub(crate) meter: Meter,
+    pub(crate) sink: Sink,
 }
 
 /// The parts of an upstream answer the relay reads.
-pub struct Answer {
-    pub body: UpstreamBody,
-    pub status: StatusCode,
-    pub content_type: Option<HeaderValue>,
+pub(crate) struct Answer {
+    pub(crate) body: UpstreamBody,
+    pub(crate) status: StatusCode,
+    pub(crate) content_type: Option<HeaderValue>,
     /// The upstream concurrency slot the call holds until it is done.
-    pub slot: Option<OwnedSemaphorePermit>,
+    pub(crate) slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Answer {
     /// An upstream call's answer, its headers left to the caller.
-    pub fn of(sent: Sent) -> (http::response::Parts, Answer) {
+    pub(crate) fn of(sent: Sent) -> (http::response::Parts, Answer) {
         let (parts, body) = sent.response.into_parts();
         let answer = Answer {
             body,
@@ -181,7 +181,7 @@ impl Answer {
 
 impl Plan {
     /// The relay of the answer that arrived for this plan.
-    pub fn relay(self, answer: Answer) -> Relay {
+    pub(crate) fn relay(self, answer: Answer) -> Relay {
         let Plan {
             stream,
             first_event_deadline,
@@ -267,7 +267,7 @@ impl Plan {
 
 impl Relay {
     /// Whether this relay publishes to a flight.
-    pub fn leads(&self) -> bool {
+    pub(crate) fn leads(&self) -> bool {
         self.sink.leader.is_some()
     }
 
@@ -283,7 +283,7 @@ impl Relay {
         self
     }
 
-    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
         loop {
             if let Some((b, _)) = self.out.pop_front() {
                 return Poll::Ready(Some(Ok(b)));
@@ -699,7 +699,7 @@ impl Relay {
     /// finished and readers of its flight remain, a task finishes the
     /// upstream call for them; otherwise the upstream request is cancelled
     /// here and metered by estimate.
-    pub fn release(mut self, slot: Option<SummarySlot>) -> RelaySummary {
+    pub(crate) fn release(mut self, slot: Option<SummarySlot>) -> RelaySummary {
         if self.finished {
             return self.summary;
         }

@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 /// An IO whose writes fail after `timeout` without progress.
-pub struct SendTimeout<T> {
+pub(crate) struct SendTimeout<T> {
     io: T,
     timeout: Duration,
     /// Made on the first write that has to wait, then reused: a connection
@@ -30,7 +30,7 @@ pub struct SendTimeout<T> {
 }
 
 impl<T> SendTimeout<T> {
-    pub fn new(io: T, timeout: Duration) -> Self {
+    pub(crate) fn new(io: T, timeout: Duration) -> Self {
         Self {
             io,
             timeout,

@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 
 mod script;
 
-pub use script::Lua;
+pub(crate) use script::Lua;
 
 use crate::config::RedisConfig;
 use prometheus::{
@@ -33,7 +33,7 @@ use prometheus::{
 
 /// What a round trip was for: the `op` label of the Redis metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     Limits,
     CacheGet,
     CachePut,
@@ -41,7 +41,7 @@ pub enum Op {
 }
 
 impl Op {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Op::Limits => "limits",
             Op::CacheGet => "cache_get",
@@ -54,7 +54,7 @@ impl Op {
 /// Redis did not answer in time, answered with an error, or is known to be
 /// down: the caller falls back (SPEC §8 `on_error`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unavailable;
+pub(crate) struct Unavailable;
 
 /// A single server or a cluster, behind one `ConnectionLike`.
 #[derive(Clone)]
@@ -94,8 +94,8 @@ impl ConnectionLike for Conn {
 /// The metrics of SPEC §8, registered only when `[redis]` is set (so
 /// `sluice_redis_up` is absent without it). Handles per op and result are
 /// resolved once.
-pub struct RedisMetrics {
-    pub up: IntGauge,
+pub(crate) struct RedisMetrics {
+    pub(crate) up: IntGauge,
     results: [[IntCounter; 3]; 4],
     durations: [Histogram; 4],
 }
@@ -113,12 +113,12 @@ impl RedisMetrics {
         }
     }
 
-    pub fn result(&self, op: Op, result: &str) -> &IntCounter {
+    pub(crate) fn result(&self, op: Op, result: &str) -> &IntCounter {
         let r = REDIS_RESULTS.iter().position(|x| *x == result).unwrap_or(1);
         &self.results[Self::op_index(op)][r]
     }
 
-    pub fn duration(&self, op: Op) -> &Histogram {
+    pub(crate) fn duration(&self, op: Op) -> &Histogram {
         &self.durations[Self::op_index(op)]
     }
 }
@@ -167,12 +167,12 @@ impl RedisMetrics {
 }
 
 /// A connection of one task's own (see `Redis::dedicated`).
-pub struct Dedicated(Conn);
+pub(crate) struct Dedicated(Conn);
 
 impl Dedicated {
     /// Runs `cmd`, which may block up to `block`, within `block` plus
     /// `timeout_ms`.
-    pub async fn query<T: FromRedisValue>(
+    pub(crate) async fn query<T: FromRedisValue>(
         &mut self,
         redis: &Redis,
         op: Op,
@@ -210,7 +210,7 @@ const UP: u8 = 1;
 const DOWN: u8 = 2;
 
 /// The shared connection and its health.
-pub struct Redis {
+pub(crate) struct Redis {
     cfg: RedisConfig,
     conn: ArcSwapOption<Conn>,
     health: AtomicU8,
@@ -234,7 +234,7 @@ const SLOW_IN_A_ROW: u32 = 3;
 impl Redis {
     /// Connects (waiting at most a second, so a replica whose Redis is down
     /// still starts at once) and starts the prober.
-    pub async fn start(cfg: &RedisConfig, registry: &Registry) -> Arc<Redis> {
+    pub(crate) async fn start(cfg: &RedisConfig, registry: &Registry) -> Arc<Redis> {
         let redis = Arc::new(Redis {
             cfg: cfg.clone(),
             conn: ArcSwapOption::empty(),
@@ -250,25 +250,25 @@ impl Redis {
         redis
     }
 
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.health.load(Ordering::Acquire) == UP
     }
 
-    pub fn replica(&self) -> &str {
+    pub(crate) fn replica(&self) -> &str {
         &self.replica
     }
 
     /// A key of one tenant: `prefix:{tenant}:suffix`. The braces are a
     /// cluster hash tag, so every key of a tenant lives in one slot and a
     /// script may touch them all.
-    pub fn tenant_key(&self, tenant: &str, suffix: &str) -> String {
+    pub(crate) fn tenant_key(&self, tenant: &str, suffix: &str) -> String {
         format!("{}:{{{tenant}}}:{suffix}", self.cfg.key_prefix)
     }
 
     /// Runs a call of `script` (loaded again transparently if the server
     /// forgot it) within `timeout_ms`. While Redis is down this returns at
     /// once.
-    pub async fn invoke<T: FromRedisValue>(
+    pub(crate) async fn invoke<T: FromRedisValue>(
         &self,
         op: Op,
         script: &Lua,
@@ -290,7 +290,11 @@ impl Redis {
 
     /// Runs one command within `timeout_ms`. While Redis is down this
     /// returns at once.
-    pub async fn query<T: FromRedisValue>(&self, op: Op, cmd: &Cmd) -> Result<T, Unavailable> {
+    pub(crate) async fn query<T: FromRedisValue>(
+        &self,
+        op: Op,
+        cmd: &Cmd,
+    ) -> Result<T, Unavailable> {
         self.run(op, None, |mut conn| async move {
             cmd.query_async(&mut conn).await
         })
@@ -298,7 +302,11 @@ impl Redis {
     }
 
     /// Runs a pipeline within `timeout_ms`.
-    pub async fn pipe<T: FromRedisValue>(&self, op: Op, pipe: &Pipeline) -> Result<T, Unavailable> {
+    pub(crate) async fn pipe<T: FromRedisValue>(
+        &self,
+        op: Op,
+        pipe: &Pipeline,
+    ) -> Result<T, Unavailable> {
         self.run(op, None, |mut conn| async move {
             pipe.query_async(&mut conn).await
         })
@@ -307,7 +315,7 @@ impl Redis {
 
     /// A connection of its own, for a command that blocks (a blocking read
     /// on the shared connection would hold up every request behind it).
-    pub async fn dedicated(&self) -> Result<Dedicated, Unavailable> {
+    pub(crate) async fn dedicated(&self) -> Result<Dedicated, Unavailable> {
         if !self.is_up() {
             return Err(Unavailable);
         }
@@ -379,7 +387,7 @@ impl Redis {
     /// A script to call with `invoke`. It is loaded into Redis now (if
     /// connected) and on every new connection; a server that forgot it
     /// anyway (`SCRIPT FLUSH`) gets it again at the next call.
-    pub fn lua(&self, name: &'static str, code: &'static str) -> Lua {
+    pub(crate) fn lua(&self, name: &'static str, code: &'static str) -> Lua {
         let lua = Lua::new(name, code);
         {
             let mut scripts = self.scripts.lock().unwrap_or_else(|e| e.into_inner());
@@ -408,7 +416,7 @@ impl Redis {
     }
 
     /// The prefix of every key Sluice writes.
-    pub fn key_prefix(&self) -> &str {
+    pub(crate) fn key_prefix(&self) -> &str {
         &self.cfg.key_prefix
     }
 

@@ -14,7 +14,7 @@ use redis::Cmd;
 /// at each call: on the miss path, an answer of kilobytes (`FINISH`'s
 /// argument) was copied twice more than it needs to be.
 #[derive(Clone)]
-pub struct Lua {
+pub(crate) struct Lua {
     /// The script's name, for logs and errors.
     pub(crate) name: &'static str,
     pub(super) code: &'static str,
@@ -30,7 +30,7 @@ impl Lua {
     /// A call on `keys`: `EVALSHA <sha> <n> <keys…>`, the script's
     /// arguments to follow (`Cmd::arg`); `room`, about how many bytes they
     /// take, so the buffer is allocated once.
-    pub fn call(&self, keys: &[&str], room: usize) -> Cmd {
+    pub(crate) fn call(&self, keys: &[&str], room: usize) -> Cmd {
         let key_bytes: usize = keys.iter().map(|k| k.len()).sum();
         let mut cmd = Cmd::with_capacity(3 + keys.len() + 8, 64 + key_bytes + room);
         cmd.arg("EVALSHA").arg(&*self.sha).arg(keys.len());

@@ -33,8 +33,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
-pub mod balance;
-pub mod pool;
+pub(crate) mod balance;
+pub(crate) mod pool;
 
 use pool::{Origin, Target};
 
@@ -44,7 +44,7 @@ use crate::metrics::Metrics;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-pub struct Upstream {
+pub(crate) struct Upstream {
     connector: HttpsConnector<HttpConnector>,
     /// For the TCP connect and the TLS handshake together.
     connect_timeout: Duration,
@@ -55,16 +55,16 @@ pub struct Upstream {
 
 /// A response whose headers arrived, with the upstream slot it holds until
 /// its body is done.
-pub struct Sent {
-    pub response: Response<UpstreamBody>,
-    pub slot: Option<OwnedSemaphorePermit>,
+pub(crate) struct Sent {
+    pub(crate) response: Response<UpstreamBody>,
+    pub(crate) slot: Option<OwnedSemaphorePermit>,
 }
 
 /// The longest `retry-after` Sluice waits out for a client.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> std::io::Result<Upstream> {
+    pub(crate) fn new(cfg: &UpstreamConfig) -> std::io::Result<Upstream> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -118,7 +118,7 @@ impl Upstream {
 
     /// Sends `req`, retrying as SPEC §3 says, until `deadline` (the
     /// first-byte timeout).
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         cfg: &UpstreamConfig,
         metrics: &Metrics,
@@ -243,7 +243,7 @@ impl Upstream {
 
 /// One upstream request, built afresh for each attempt (hyper consumes a
 /// request; the body is a shared `Bytes`, the headers are cloned).
-pub struct Outbound<'a> {
+pub(crate) struct Outbound<'a> {
     method: Method,
     /// Borrowed from the config snapshot the request holds.
     target: &'a Target,
@@ -256,7 +256,12 @@ impl<'a> Outbound<'a> {
     /// `Content-Length` is the body's (set here, hyper would add it to each
     /// attempt's copy of the map and grow it); whatever the client sent for
     /// them is replaced.
-    pub fn new(method: Method, target: &'a Target, mut headers: HeaderMap, body: Bytes) -> Self {
+    pub(crate) fn new(
+        method: Method,
+        target: &'a Target,
+        mut headers: HeaderMap,
+        body: Bytes,
+    ) -> Self {
         headers.insert(header::HOST, target.host.clone());
         if body.is_empty() {
             headers.remove(header::CONTENT_LENGTH);
@@ -399,7 +404,7 @@ async fn reap(pool: Weak<Pool>) {
 /// An upstream response body. Reading it drives its connection, which goes
 /// back to the pool when the body was read to its end, and is closed
 /// otherwise (a client gone mid-answer, a timeout, an abandoned retry).
-pub struct UpstreamBody {
+pub(crate) struct UpstreamBody {
     body: Incoming,
     link: Option<Box<Link>>,
     pool: Arc<Pool>,
@@ -449,7 +454,7 @@ impl Drop for UpstreamBody {
 
 /// Reads a whole small upstream body (model lists, balances), bounded in
 /// size and time.
-pub async fn read_small(
+pub(crate) async fn read_small(
     body: UpstreamBody,
     limit: usize,
     within: Duration,

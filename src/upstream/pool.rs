@@ -14,7 +14,7 @@ use crate::config::Secret;
 
 /// One upstream: its name, where each path of it is, and the shared key's
 /// `Authorization` it is sent.
-pub struct Peer {
+pub(crate) struct Peer {
     name: &'static str,
     /// Targets per upstream path, parsed once.
     targets: HashMap<&'static str, Target>,
@@ -24,32 +24,32 @@ pub struct Peer {
 
 impl Peer {
     /// The name of this upstream (`default` for the one `[upstream]`).
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         self.name
     }
 
     /// Where `path` (an endpoint's upstream path, or `/user/balance`) is.
-    pub fn target(&self, path: &str) -> Option<&Target> {
+    pub(crate) fn target(&self, path: &str) -> Option<&Target> {
         self.targets.get(path)
     }
 
     /// The `Authorization` this upstream gets.
-    pub fn auth(&self) -> Option<&HeaderValue> {
+    pub(crate) fn auth(&self) -> Option<&HeaderValue> {
         self.auth.as_ref()
     }
 }
 
 /// The upstreams of one configuration.
-pub struct Pool {
+pub(crate) struct Pool {
     peers: Vec<Peer>,
 }
 
 /// The path the balance poller asks.
-pub const BALANCE_PATH: &str = "/user/balance";
+pub(crate) const BALANCE_PATH: &str = "/user/balance";
 
 impl Pool {
     /// The pool of a configuration, with the shared key.
-    pub fn new(config: &Config, key: &Secret) -> Pool {
+    pub(crate) fn new(config: &Config, key: &Secret) -> Pool {
         let auth = (!key.is_empty())
             .then(|| HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok())
             .flatten()
@@ -78,7 +78,7 @@ impl Pool {
     }
 
     /// The upstream a request goes to.
-    pub fn choose(&self) -> Option<&Peer> {
+    pub(crate) fn choose(&self) -> Option<&Peer> {
         self.peers.first()
     }
 }
@@ -86,7 +86,7 @@ impl Pool {
 /// Where one upstream URL is, parsed once per config: the scheme and
 /// authority pick and open the connection, the origin-form target goes on
 /// the request line, and `Host` names the authority.
-pub struct Target {
+pub(crate) struct Target {
     pub(super) origin: Origin,
     pub(super) connect: Uri,
     pub(super) path: Uri,
@@ -101,7 +101,7 @@ pub(super) struct Origin {
 
 impl Target {
     /// `None` unless `url` is absolute (`http://` or `https://` and a host).
-    pub fn parse(url: &str) -> Option<Target> {
+    pub(crate) fn parse(url: &str) -> Option<Target> {
         let connect: Uri = url.parse().ok()?;
         let scheme = connect.scheme()?.clone();
         let authority = connect.authority()?.clone();
