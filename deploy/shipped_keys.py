@@ -1,4 +1,4 @@
-"""No shipped file grants access with a publicly known key (SPEC §2).
+"""No shipped file grants access with a publicly known key (docs/config.md).
 
 Used by deploy/check.sh (the example config and the scan of shipped files)
 and deploy/k8s/check.sh (the ConfigMap's and compose's configs):

@@ -126,7 +126,7 @@ impl Lifecycle {
 pub struct App {
     pub snapshot: ArcSwap<Snapshot>,
     pub(crate) metrics: Arc<Metrics>,
-    /// Tenant limits: in memory, or shared through Redis (SPEC §8).
+    /// Tenant limits: in memory, or shared through Redis (docs/redis.md).
     pub(crate) limiter: Limiter,
     /// The cache: memory, in front of Redis when it is shared.
     pub(crate) cache: Arc<CacheStore>,

@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC §6). One `Registry` owned by the gateway (no
+//! Prometheus metrics (docs/metrics.md). One `Registry` owned by the gateway (no
 //! process globals, so several gateways can live in one test process).
 //! Label values are bounded: tenants come from config or are `unknown`,
 //! models are known names or `other` (see `ModelLabels`), everything else is

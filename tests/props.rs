@@ -748,7 +748,7 @@ proptest! {
     }
 
     /// ... and only the `stream_options` member changes: every other byte,
-    /// key order and number spelling as sent (SPEC §3 Bodies).
+    /// key order and number spelling as sent (docs/api.md, "Request bodies").
     #[test]
     fn splice_into_the_clients_object_keeps_every_other_byte(
         v in stream_request(prop::collection::btree_map(key_text(), json(), 0..4)

@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let light = ApiRequest::parse(body, endpoint, Keyed::No);
     let keyed = ApiRequest::parse(body, endpoint, Keyed::In(Some("t")));
-    // The cache mode never changes what is accepted (SPEC §3 Bodies).
+    // The cache mode never changes what is accepted (docs/api.md, "Request bodies").
     assert_eq!(light.is_ok(), keyed.is_ok());
     let (Ok(light), Ok(keyed)) = (light, keyed) else {
         return;

@@ -5,7 +5,7 @@
 //! Checked: no panic; the events do not depend on how the bytes were cut;
 //! events and the pending tail give back the input; and a stream assembled
 //! into a completion, replayed as a cache hit would replay it and assembled
-//! again, gives the same completion (SPEC §5: a replay reassembles to the
+//! again, gives the same completion (docs/api.md, "Cache": a replay reassembles to the
 //! identical message).
 
 #![no_main]

@@ -1,4 +1,4 @@
-//! Counting text for the usage estimate (SPEC §3): characters of a request's
+//! Counting text for the usage estimate (docs/api.md): characters of a request's
 //! messages (or FIM prompt) and of generated text, read straight from JSON
 //! without building strings or trees, so a request keeps only a number.
 //! A leaf: used by `sse` (generated text) and the request path (prompts).

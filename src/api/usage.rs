@@ -82,7 +82,7 @@ impl Usage {
         self.prompt.saturating_add(self.completion)
     }
 
-    /// A guess for a request whose usage never arrived (SPEC §3): four
+    /// A guess for a request whose usage never arrived (docs/api.md): four
     /// characters a token, rounded up, of text only — the request's
     /// messages or prompt, and the text generated and sent (content,
     /// reasoning_content, tool-call arguments) — never of JSON or SSE

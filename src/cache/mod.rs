@@ -1,4 +1,4 @@
-//! The exact-match cache (SPEC §5): the key (SHA-256 over scope, endpoint
+//! The exact-match cache (docs/api.md, "Cache"): the key (SHA-256 over scope, endpoint
 //! and canonical JSON), the store (moka, weighed by bytes, TTL), and the
 //! in-flight map that coalesces identical requests onto one upstream call.
 //!

@@ -1,6 +1,6 @@
-//! The cache store the request path looks up and stores through (SPEC §5,
-//! §8): the replica's in-memory store, in front of Redis when `[redis]
-//! cache` is on.
+//! The cache store the request path looks up and stores through
+//! (docs/api.md, "Cache"; docs/redis.md, "Shared cache"): the replica's
+//! in-memory store, in front of Redis when `[redis] cache` is on.
 //!
 //! - A lookup that misses memory asks Redis (one `GET`, at most
 //!   `timeout_ms`); what it finds is a hit, kept in memory too. A Redis that
@@ -8,10 +8,12 @@
 //! - A store goes to memory at once and to Redis from a task, so it never
 //!   delays a response; an entry larger than `cache_max_entry_bytes` (as
 //!   encoded) stays in memory only.
-//! - With `[redis] coalesce` on too, a miss's lookup and store are made by
-//!   the fleet's flights instead, in the same round trips as the call's
-//!   claim and release (`fleet_flight`): this module then only reads and
-//!   fills memory (`get_local`, `adopt`, `put` with `shared: false`).
+//! - With `[redis] coalesce` on too, a miss's lookup is made by the fleet's
+//!   flights instead, in the same round trip as the call's claim, and what
+//!   they find is handed here (`adopt`); the store rides the flight's end
+//!   when the publisher took the `Fill`'s Redis half (`Fill::hand_over`).
+//!   Either way this module decides whether an answer goes to Redis, for
+//!   how long, under what name and in what encoding.
 //! - A replica keeps its copy of an entry it read from or wrote to Redis at
 //!   most 60 s, so a `no-cache` refresh elsewhere reaches it within a
 //!   minute.

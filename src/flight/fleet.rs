@@ -1,5 +1,5 @@
-//! Coalescing across replicas (SPEC §8 "Coalescing"), on top of each
-//! replica's own flights (`cache::Flights`).
+//! Coalescing across replicas (docs/redis.md, "Coalescing across
+//! replicas"), on top of each replica's own flights (`flight::Flights`).
 //!
 //! A replica that leads a cacheable miss looks it up in the shared cache
 //! and, if it is not there, claims the call in Redis (`…:lead`, a key that
@@ -23,7 +23,7 @@
 //! follower that has not received any event yet claims the call and goes
 //! upstream itself (`miss`). Past that, the local flight ends as
 //! `End::Lost`: a stream that relayed events ends with the SSE error event,
-//! and a client sent nothing yet asks again (`proxy::coalesce`). A Redis
+//! and a client sent nothing yet asks again (`request::cache`). A Redis
 //! that is unavailable leaves every replica with its own flights. Every key
 //! expires: the claim after `CLAIM_TTL` unless renewed, the log a minute
 //! after its last write, and the log is bounded like a local flight's

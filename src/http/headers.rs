@@ -81,7 +81,7 @@ pub(crate) fn detach_headers(h: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// Client headers that never go upstream (SPEC §3 "Headers"), beside the
+/// Client headers that never go upstream (docs/api.md, "Headers"), beside the
 /// hop-by-hop ones: the client's own Authorization (replaced by the shared
 /// key), Expect (Sluice has read the body already), Cookie, and headers
 /// that would speak for the shared account; Accept-Encoding too, since

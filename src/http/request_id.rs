@@ -1,4 +1,4 @@
-//! Request ids (SPEC §3): the client's `x-request-id` when it is a sane one,
+//! Request ids (docs/api.md): the client's `x-request-id` when it is a sane one,
 //! else a fresh id from a per-gateway random prefix and a counter.
 
 use http::{HeaderMap, HeaderName, HeaderValue};

@@ -1,4 +1,4 @@
-//! The client-facing route table (SPEC §3): path and method to endpoint.
+//! The client-facing route table (docs/api.md): path and method to endpoint.
 //! The only place the table is written.
 
 use http::Method;

@@ -1,4 +1,4 @@
-//! Spend budgets (SPEC §9): what each budgeted tenant spent in the current
+//! Spend budgets (docs/budgets.md): what each budgeted tenant spent in the current
 //! calendar period (UTC day, ISO week from Monday, month), kept per tenant
 //! name and period so a reload never loses it, and, without Redis, in a
 //! state file written atomically at least every 5 s and at shutdown.

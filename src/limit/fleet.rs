@@ -1,4 +1,4 @@
-//! The Redis backend of the limiter (SPEC §8): every replica that uses the
+//! The Redis backend of the limiter (docs/redis.md): every replica that uses the
 //! same Redis and `key_prefix` shares each tenant's request bucket, token
 //! bucket and concurrency count.
 //!

@@ -1,4 +1,4 @@
-//! Tenant limits (SPEC §4, §8) behind one interface. The request path asks
+//! Tenant limits (docs/api.md "Limits", docs/redis.md) behind one interface. The request path asks
 //! a `Limiter` to `admit` a request (request bucket, concurrency, and where
 //! the token bucket stands, in one decision), asks the `Admission` whether
 //! the tenant may spend tokens upstream, and `settle`s its `Lease` with the

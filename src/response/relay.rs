@@ -436,7 +436,7 @@ impl Relay {
                     seen = *usage;
                 }
                 // Charged before `[DONE]` reaches the client: a request it
-                // sends next sees the charge (SPEC §9).
+                // sends next sees the charge (docs/budgets.md).
                 self.charge(seen);
                 let at = self.publish(&ev, Mark::Done);
                 self.emit(ev, at);

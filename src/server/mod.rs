@@ -1,7 +1,8 @@
-//! Listeners: the client API (HTTP/1.1 and h2c told apart by a peek at the
-//! first bytes, header read timeout, `TCP_NODELAY`), the admin listener (`/metrics`,
-//! `/healthz`, `/readyz`), graceful shutdown and the balance poller.
-//! `Gateway` is the seam the binary, `sluice demo` and the tests all start.
+//! `Gateway`, the seam the binary, `sluice demo` and the tests all start:
+//! it binds the client and admin listeners, runs the accept loop (stopping
+//! at `max_connections`) and shuts down gracefully. Connections are driven
+//! by `conn`, requests go through the service stack of `stack`, the admin
+//! listener and the balance poller are `admin`'s.
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,4 +1,4 @@
-//! `server.send_timeout_secs` (SPEC §3, "Slow clients"): a client connection
+//! `server.send_timeout_secs` (docs/api.md, "Slow clients and connections"): a client connection
 //! whose socket accepts no bytes for that long is failed, like nginx's
 //! `send_timeout`. hyper has no send timeout of its own, and a response body
 //! is simply not polled while the socket is not writable, so the deadline

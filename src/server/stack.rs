@@ -69,7 +69,7 @@ impl Drop for Busy {
     }
 }
 
-/// The client API as a tower service: `proxy::handle`, with each response
+/// The client API as a tower service: `request::handle`, with each response
 /// body marking its request busy on the connection until it is dropped.
 #[derive(Clone)]
 pub(super) struct Proxy {

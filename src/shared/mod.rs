@@ -1,4 +1,4 @@
-//! The connection to Redis through which replicas share state (SPEC §8):
+//! The connection to Redis through which replicas share state (docs/redis.md):
 //! one multiplexed connection (or a cluster connection), its health, and
 //! the metrics of every round trip. It keeps no state of its own; the
 //! limiter's Redis backend (`limit::fleet`) calls `Redis::invoke`.
@@ -52,7 +52,7 @@ impl Op {
 }
 
 /// Redis did not answer in time, answered with an error, or is known to be
-/// down: the caller falls back (SPEC §8 `on_error`).
+/// down: the caller falls back (docs/redis.md, "When Redis is unavailable").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Unavailable;
 
@@ -91,7 +91,7 @@ impl ConnectionLike for Conn {
     }
 }
 
-/// The metrics of SPEC §8, registered only when `[redis]` is set (so
+/// The Redis metrics (docs/metrics.md), registered only when `[redis]` is set (so
 /// `sluice_redis_up` is absent without it). Handles per op and result are
 /// resolved once.
 pub(crate) struct RedisMetrics {

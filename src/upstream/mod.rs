@@ -1,7 +1,7 @@
 //! The only outbound code: Sluice's own pool of HTTP/1.1 connections over
 //! hyper's connection-level client (rustls with the webpki roots for
 //! https), its cap on in-flight upstream requests, and the retry loop of
-//! SPEC §3 (connect errors, connections broken before headers,
+//! docs/api.md (connect errors, connections broken before headers,
 //! 429/500/502/503; backoff with jitter; `retry-after` honoured up to 60 s;
 //! never once a byte went out).
 //!
@@ -116,7 +116,7 @@ impl Upstream {
         })
     }
 
-    /// Sends `req`, retrying as SPEC §3 says, until `deadline` (the
+    /// Sends `req`, retrying as docs/api.md says, until `deadline` (the
     /// first-byte timeout).
     pub(crate) async fn send(
         &self,

@@ -1,4 +1,4 @@
-//! Spend budgets (SPEC §9): refusal before upstream once spent, hits still
+//! Spend budgets (docs/budgets.md): refusal before upstream once spent, hits still
 //! served, the headers and gauges, spend kept across restarts in the state
 //! file, and one budget for a fleet through Redis.
 
@@ -136,7 +136,7 @@ fn secs_to_next_month_utc() -> u64 {
     next - now
 }
 
-/// `743h59m0s` (SPEC §3's durations) in seconds.
+/// `743h59m0s` (the durations of docs/api.md) in seconds.
 fn duration_secs(d: &str) -> u64 {
     let mut total = 0;
     let mut n = String::new();

@@ -1,4 +1,4 @@
-//! Limits shared by a fleet through Redis (SPEC §8): several replicas (real
+//! Limits shared by a fleet through Redis (docs/redis.md): several replicas (real
 //! `sluice` processes, or gateways in this process) against one
 //! `redis-server` of the test's own, and the faults of that Redis. Each test
 //! starts its own Redis on a free port; without `redis-server` installed the

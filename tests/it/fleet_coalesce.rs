@@ -1,4 +1,4 @@
-//! Coalescing across replicas through Redis (SPEC §8 "Coalescing"): one
+//! Coalescing across replicas through Redis (docs/redis.md, "Coalescing across replicas"): one
 //! upstream call for identical requests on any replica, errors shared,
 //! a dead leader taken over.
 

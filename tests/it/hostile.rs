@@ -1,5 +1,5 @@
 //! Hostile bodies and headers (issue 14): each test sends what a hostile
-//! tenant would and checks the SPEC's answer, and where it makes sense that
+//! tenant would and checks the documented answer, and where it makes sense that
 //! another tenant keeps getting answers while the attack runs.
 
 use std::time::{Duration, Instant};

@@ -1,4 +1,4 @@
-//! The cache shared by replicas through Redis (SPEC §8 "Cache"): gateways
+//! The cache shared by replicas through Redis (docs/redis.md, "Shared cache"): gateways
 //! in this process, one simulator, one `redis-server` of the test's own.
 
 use std::time::{Duration, Instant};

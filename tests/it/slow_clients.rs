@@ -1,4 +1,4 @@
-//! Slow and hostile clients on the response side (SPEC §3 "Slow clients",
+//! Slow and hostile clients on the response side (docs/api.md, "Slow clients and connections",
 //! the usage estimate, the error event): each test reproduces an attack and
 //! checks that another tenant keeps being served meanwhile.
 

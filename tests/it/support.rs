@@ -302,7 +302,7 @@ pub async fn read_rest(parts: http::response::Parts, mut body: Incoming, mut buf
     }
 }
 
-/// A stream that broke after sending events ends with SPEC §3's error
+/// A stream that broke after sending events ends with docs/api.md's error
 /// event, no `[DONE]`, and an aborted transfer.
 pub fn assert_stream_error_end(r: &Resp) {
     let events = r.events();
