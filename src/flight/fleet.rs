@@ -160,13 +160,9 @@ impl Publisher {
         // The log from its start, its end included (even if the flight has
         // ended already: its events go out before the end).
         let mut end = None;
-        let mut pipe = redis::pipe();
-        pipe.cmd("XADD")
-            .arg(&n.log)
-            .arg("*")
-            .arg("h")
-            .arg(head_code(head))
-            .ignore();
+        let mut batch = Batch::new(&fleet, &n);
+        batch.inv.arg("h").arg(head_code(head));
+        batch.entries += 1;
         let mut bytes = 0usize;
         loop {
             // Everything the log has now, without waiting.
@@ -179,27 +175,32 @@ impl Publisher {
                 })
                 .await;
                 match next {
-                    Some(next) => end = add(&mut pipe, &n, next, &mut bytes),
+                    Some(next) => end = batch.add(next, &mut bytes),
                     None => break,
                 }
             }
-            let sent: Result<(), _> = if pipe.cmd_iter().next().is_some() {
-                pipe.cmd("PEXPIRE").arg(&n.log).arg(LOG_TTL_MS).ignore();
-                fleet.redis.pipe(Op::Coalesce, &pipe).await
+            let sent: Result<i64, _> = if batch.entries > 0 {
+                fleet
+                    .redis
+                    .invoke(Op::Coalesce, &fleet.append, &batch.inv)
+                    .await
             } else {
-                Ok(())
+                Ok(0)
             };
+            if sent.is_err() {
+                // Entries may be missing from the log: the flight is not
+                // finished there (a follower would take the rest for the
+                // whole), it is released, so a follower elsewhere that was
+                // sent events ends with the error event and one that was
+                // sent nothing takes the call over at once.
+                fleet.release(&n, &owner).await;
+                return;
+            }
             if let Some(end) = &end {
                 fleet.finish(&n, &owner, end, store).await;
                 return;
             }
-            if sent.is_err() {
-                // Released, so a follower elsewhere is not left waiting for
-                // a claim to lapse: it takes over at once.
-                fleet.release(&n, &owner).await;
-                return;
-            }
-            pipe = redis::pipe();
+            batch = Batch::new(&fleet, &n);
             // Wait for the next entry, renewing the claim meanwhile.
             let next = loop {
                 tokio::select! {
@@ -211,32 +212,40 @@ impl Publisher {
                     }
                 }
             };
-            end = add(&mut pipe, &n, next, &mut bytes);
+            end = batch.add(next, &mut bytes);
         }
     }
 }
 
-/// Adds one entry of the local log to a publishing pipeline; the end it
-/// brings, if any (past the bound, the flight ends as interrupted).
-fn add(pipe: &mut redis::Pipeline, n: &Names, next: Next, bytes: &mut usize) -> Option<End> {
-    match next {
-        Next::Event(ev, mark) => {
-            *bytes += ev.len();
-            if *bytes > FLIGHT_LOG_MAX {
-                return Some(End::Error(GatewayError::StreamInterrupted));
+/// A batch of a leader's entries for its log: one APPEND.
+struct Batch {
+    inv: redis::Cmd,
+    entries: usize,
+}
+
+impl Batch {
+    fn new(fleet: &FleetFlights, n: &Names) -> Batch {
+        let mut inv = fleet.append.call(&[&n.log], 256);
+        inv.arg(LOG_TTL_MS);
+        Batch { inv, entries: 0 }
+    }
+
+    /// Adds one entry of the local log; the end it brings, if any (past
+    /// the bound, the flight ends as interrupted).
+    fn add(&mut self, next: Next, bytes: &mut usize) -> Option<End> {
+        match next {
+            Next::Event(ev, mark) => {
+                *bytes += ev.len();
+                if *bytes > FLIGHT_LOG_MAX {
+                    return Some(End::Error(GatewayError::StreamInterrupted));
+                }
+                self.inv.arg("e").arg(ev.as_ref()).arg(mark_code(mark));
+                self.entries += 1;
+                None
             }
-            pipe.cmd("XADD")
-                .arg(&n.log)
-                .arg("*")
-                .arg("e")
-                .arg(ev.as_ref())
-                .arg("m")
-                .arg(mark_code(mark))
-                .ignore();
-            None
+            Next::End(end) => Some(end),
+            Next::Behind => Some(End::Error(GatewayError::StreamInterrupted)),
         }
-        Next::End(end) => Some(end),
-        Next::Behind => Some(End::Error(GatewayError::StreamInterrupted)),
     }
 }
 
@@ -280,6 +289,7 @@ pub(crate) struct FleetFlights {
     keep: Lua,
     finish: Lua,
     release: Lua,
+    append: Lua,
 }
 
 /// What the fleet said of a cacheable miss.
@@ -326,6 +336,7 @@ impl FleetFlights {
             keep: redis.lua("keep", include_str!("lua/keep.lua")),
             finish: redis.lua("finish", include_str!("lua/finish.lua")),
             release: redis.lua("release", include_str!("lua/release.lua")),
+            append: redis.lua("append", include_str!("lua/append.lua")),
             redis,
         }
     }

@@ -119,8 +119,6 @@ pub(crate) struct Spend {
 struct SpendState {
     /// USD by period key.
     spent: HashMap<String, f64>,
-    /// Spend not yet in Redis (it was unavailable), by period key.
-    unsent: HashMap<String, f64>,
 }
 
 impl Spend {
@@ -143,20 +141,6 @@ impl Spend {
         if fleet > *v {
             *v = fleet;
         }
-    }
-
-    /// Keeps spend Redis did not take, to add when it answers again.
-    pub(crate) fn defer(&self, key: &str, usd: f64) {
-        *self.lock().unsent.entry(key.to_string()).or_insert(0.0) += usd;
-    }
-
-    /// Takes the spend waiting for Redis.
-    pub(crate) fn take_unsent(&self) -> Vec<(String, f64)> {
-        self.lock().unsent.drain().collect()
-    }
-
-    pub(crate) fn has_unsent(&self) -> bool {
-        !self.lock().unsent.is_empty()
     }
 }
 

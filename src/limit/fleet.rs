@@ -1,13 +1,21 @@
-//! The Redis backend of the limiter (docs/redis.md): every replica that uses the
-//! same Redis and `key_prefix` shares each tenant's request bucket, token
+//! The Redis backend of the limiter (docs/redis.md): every replica that
+//! uses the same Redis and `key_prefix` shares each tenant's request bucket, token
 //! bucket and concurrency count.
 //!
 //! - One script decides a request (`ADMIT`): the request bucket (GCRA on a
 //!   theoretical arrival time), a concurrency slot, and the token balance,
 //!   returned with the standings for the headers. One round trip.
-//! - One script settles it after the answer (`SETTLE`): the token debit and
-//!   this replica's new in-flight count. Sent by a task fed through a
-//!   bounded queue, so nothing on the response path waits for it.
+//! - One script settles it after the answer (`SETTLE`): the token debit,
+//!   the spend and this replica's new in-flight count. Sent by a task fed
+//!   through a bounded queue, so nothing on the response path waits for it.
+//! - Charges are exactly once (`Ledger`): a replica's ledger of a tenant
+//!   holds cumulative totals, and Redis applies a total only past the last
+//!   one it applied from that ledger. A settlement that times out, fails or
+//!   never fits the queue is not lost (the next totals carry it) and one
+//!   sent twice is not charged twice; unconfirmed totals are sent again
+//!   every `RETRY_EVERY`, and at shutdown (`Fleet::drain`). A count that may
+//!   be wrong on Redis (an admission or release whose round trip failed) is
+//!   reported again at once rather than at the next renewal.
 //! - Concurrency is a hash of in-flight counts per replica: +1 when Redis
 //!   admits, -1 when settled, and every few seconds an absolute report that
 //!   repairs what an outage lost. Each change carries a version that only
@@ -39,8 +47,8 @@ use crate::shared::{Lua, Op, Redis, Unavailable};
 const LEASE_TTL: Duration = Duration::from_secs(15);
 /// How often a running replica renews its counts.
 const RENEW_EVERY: Duration = Duration::from_secs(5);
-/// Settlements waiting for Redis; past this they are dropped (the local
-/// state already changed, and the next report of a count supersedes it).
+/// Settlements waiting for the settler; past this one is not queued (its
+/// charge is in the ledger all the same, and its count is reported again).
 const QUEUE: usize = 8192;
 
 /// ADMIT's reply, decoded (admit.lua says what each item is).
@@ -98,15 +106,125 @@ pub(super) struct SpendCharge {
 /// How long a period's spend outlives the period in Redis.
 const SPEND_KEPT_AFTER: i64 = 7 * 86_400;
 
-/// One settlement on its way to Redis.
+/// One settlement on its way to Redis: a tenant whose ledger has charges
+/// to send, and what happened to this replica's count of its requests.
 struct Settle {
     tenant: Arc<TenantLimits>,
-    tokens: u64,
     count: CountChange,
-    spend: Option<SpendCharge>,
 }
 
-/// A tenant's Redis keys, and the queue its settlements go through.
+/// What one tenant's limits charged on this replica, as cumulative totals,
+/// and how much of each Redis confirmed. SETTLE applies a total past the
+/// last one it applied, so sending the same totals again, out of order, or
+/// after a round trip that timed out but ran on Redis, charges nothing
+/// twice; and a charge that could not be sent (queue full, Redis slow or
+/// away) rides the next totals sent: nothing is lost either.
+pub(super) struct Ledger {
+    /// `prefix:{tenant}:charged:<replica>.<n>`: one per `TenantLimits`, so a
+    /// reload that makes new limits starts a ledger of its own.
+    key: String,
+    /// The tenant's name, for the log line of what shutdown could not send.
+    tenant: String,
+    state: Mutex<LedgerState>,
+}
+
+#[derive(Default)]
+struct LedgerState {
+    tokens: u64,
+    tokens_confirmed: u64,
+    /// By period.
+    spend: std::collections::BTreeMap<String, PeriodSpend>,
+    /// The count on Redis may be wrong (a release or an admission whose
+    /// outcome is unknown): an absolute report is due.
+    report_due: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct PeriodSpend {
+    usd: f64,
+    confirmed: f64,
+    /// When the period ends (Unix seconds).
+    end: i64,
+}
+
+/// A ledger's totals as sent in one SETTLE.
+#[derive(Debug, Clone, Default)]
+struct Totals {
+    tokens: u64,
+    tokens_confirmed: u64,
+    /// The periods not confirmed whole (at most a few: the current one, and
+    /// one that ended while Redis was away).
+    spend: Vec<(String, PeriodSpend)>,
+}
+
+impl Ledger {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LedgerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn charge(&self, tokens: u64, spend: Option<&SpendCharge>) {
+        let mut s = self.lock();
+        s.tokens = s.tokens.saturating_add(tokens);
+        if let Some(c) = spend {
+            let p = s.spend.entry(c.period.clone()).or_default();
+            p.usd += c.usd;
+            p.end = c.end;
+        }
+    }
+
+    fn report_due(&self) {
+        self.lock().report_due = true;
+    }
+
+    /// Takes the due report, if any.
+    fn take_report(&self) -> bool {
+        std::mem::take(&mut self.lock().report_due)
+    }
+
+    fn totals(&self) -> Totals {
+        let s = self.lock();
+        Totals {
+            tokens: s.tokens,
+            tokens_confirmed: s.tokens_confirmed,
+            spend: s
+                .spend
+                .iter()
+                .filter(|(_, p)| p.usd > p.confirmed)
+                .map(|(k, p)| (k.clone(), *p))
+                .collect(),
+        }
+    }
+
+    /// Whether Redis has not confirmed everything charged.
+    fn unconfirmed(&self) -> bool {
+        let s = self.lock();
+        s.tokens > s.tokens_confirmed || s.spend.values().any(|p| p.usd > p.confirmed)
+    }
+
+    /// Redis applied `sent` (tokens, and the spend of `period` if any).
+    fn confirm(&self, sent: &Totals, period: Option<&(String, PeriodSpend)>) {
+        let mut s = self.lock();
+        s.tokens_confirmed = s.tokens_confirmed.max(sent.tokens);
+        if let Some((key, p)) = period {
+            if let Some(mine) = s.spend.get_mut(key) {
+                mine.confirmed = mine.confirmed.max(p.usd);
+            }
+        }
+        // A period confirmed whole and over for a day is not sent again.
+        let day_ago = unix_now() - 86_400;
+        s.spend
+            .retain(|_, p| p.usd > p.confirmed || p.end > day_ago);
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A tenant's Redis keys, its ledger, and the queue its settlements go
+/// through.
 pub(crate) struct Keys {
     req: String,
     tok: String,
@@ -114,6 +232,7 @@ pub(crate) struct Keys {
     live: String,
     /// `prefix:{tenant}:spend:`, followed by the period.
     spend_prefix: String,
+    ledger: Ledger,
     queue: mpsc::Sender<Settle>,
     /// The version of the count last renewed, so an idle tenant is not
     /// reported again.
@@ -121,7 +240,7 @@ pub(crate) struct Keys {
 }
 
 impl Keys {
-    /// Queues the Redis side of a settlement; never waits.
+    /// Charges the ledger at once and queues the Redis side; never waits.
     pub(super) fn settle(
         &self,
         tenant: &Arc<TenantLimits>,
@@ -130,23 +249,28 @@ impl Keys {
         spend: Option<SpendCharge>,
     ) {
         let debit = tokens > 0 && tenant.spec.tokens_per_minute > 0;
-        if !debit && matches!(count, CountChange::None) && spend.is_none() {
+        if debit || spend.is_some() {
+            self.ledger
+                .charge(if debit { tokens } else { 0 }, spend.as_ref());
+        } else if matches!(count, CountChange::None) {
             return;
         }
         let msg = Settle {
             tenant: Arc::clone(tenant),
-            tokens: if debit { tokens } else { 0 },
             count,
-            spend,
         };
-        if let Err(e) = self.queue.try_send(msg) {
-            // Spend is never dropped: it waits for the next flush.
-            let msg = e.into_inner();
-            if let (Some(s), Some(b)) = (&msg.spend, &tenant.budget) {
-                b.spend.defer(&s.period, s.usd);
-            }
-            tracing::debug!("settlement queue full; the next count report supersedes it");
+        if self.queue.try_send(msg).is_err() {
+            // Nothing is lost: the charge is in the ledger, sent with the
+            // next totals, and the count is reported again.
+            self.ledger.report_due();
+            tracing::debug!("settlement queue full; the ledger keeps the charge");
         }
+    }
+
+    /// Admission's outcome on Redis is unknown (its round trip failed):
+    /// the count there may hold a slot for nothing until reported.
+    pub(super) fn count_unsure(&self) {
+        self.ledger.report_due();
     }
 
     /// The Redis key of a period's spend.
@@ -161,9 +285,12 @@ pub(crate) struct Fleet {
     pub(crate) on_error: OnError,
     scripts: Arc<Scripts>,
     queue: mpsc::Sender<Settle>,
-    /// Tenants with a concurrency cap, for renewal; touched at config load
-    /// and by the renewal tick, never per request.
+    /// Tenants with limits shared here, for renewal and for charges to
+    /// send again; touched at config load and by the settler's ticks, never
+    /// per request.
     tracked: Arc<Mutex<Vec<Weak<TenantLimits>>>>,
+    /// Ledgers made, so each has a name of its own.
+    ledgers: AtomicU64,
 }
 
 impl Fleet {
@@ -198,6 +325,7 @@ impl Fleet {
             scripts,
             queue,
             tracked,
+            ledgers: AtomicU64::new(0),
         }
     }
 
@@ -212,18 +340,71 @@ impl Fleet {
             conc: r.tenant_key(tenant, "conc"),
             live: r.tenant_key(tenant, "live"),
             spend_prefix: r.tenant_key(tenant, "spend:"),
+            ledger: Ledger {
+                key: r.tenant_key(
+                    tenant,
+                    &format!(
+                        "charged:{}.{}",
+                        r.replica(),
+                        self.ledgers.fetch_add(1, Ordering::Relaxed)
+                    ),
+                ),
+                tenant: tenant.to_string(),
+                state: Mutex::default(),
+            },
             queue: self.queue.clone(),
             renewed: AtomicU64::new(0),
         }
     }
 
     pub(crate) fn track(&self, tenant: &Arc<TenantLimits>) {
-        if tenant.spec.max_concurrent == 0 && tenant.budget.is_none() {
+        if tenant.keys.is_none() {
             return;
         }
         let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
         tracked.retain(|w| w.strong_count() > 0);
         tracked.push(Arc::downgrade(tenant));
+    }
+
+    /// At shutdown: sends what Redis has not confirmed until it has, or
+    /// until `within` runs out; what is left is logged at error with its
+    /// totals per tenant, so an operator can reconcile.
+    pub(crate) async fn drain(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let owing: Vec<Arc<TenantLimits>> = live(&self.tracked)
+                .into_iter()
+                .filter(|t| t.keys.as_ref().is_some_and(|k| k.ledger.unconfirmed()))
+                .collect();
+            if owing.is_empty() {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                for keys in owing.iter().filter_map(|t| t.keys.as_ref()) {
+                    let totals = keys.ledger.totals();
+                    let usd: Vec<String> = totals
+                        .spend
+                        .iter()
+                        .map(|(period, p)| format!("{period}={:.9}", p.usd - p.confirmed))
+                        .collect();
+                    tracing::error!(
+                        tenant = %keys.ledger.tenant,
+                        tokens = totals.tokens - totals.tokens_confirmed.min(totals.tokens),
+                        usd = %usd.join(","),
+                        "charges not in Redis at shutdown: add them to the tenant's totals by hand"
+                    );
+                }
+                return;
+            }
+            let sends = owing
+                .iter()
+                .map(|t| send(&self.redis, &self.scripts, t, CountChange::None));
+            let sent = futures_util::future::join_all(sends).await;
+            if sent.iter().any(Result::is_err) {
+                let next = tokio::time::Instant::now() + Duration::from_millis(200);
+                tokio::time::sleep_until(next.min(deadline)).await;
+            }
+        }
     }
 
     /// One round trip decides the request. `Err(Unavailable)`: Redis did
@@ -286,6 +467,8 @@ impl Fleet {
             Err(e) => {
                 if slot == Slot::Held {
                     t.in_flight.release();
+                    // Redis may have counted it all the same.
+                    keys.count_unsure();
                 }
                 return Err(e);
             }
@@ -327,9 +510,18 @@ impl Fleet {
     }
 }
 
+/// How often charges Redis has not confirmed, and due count reports, are
+/// sent again.
+const RETRY_EVERY: Duration = Duration::from_millis(500);
+/// How long a ledger outlives its last charge in Redis (a replica retries
+/// a charge within seconds; an idle ledger's totals are all confirmed).
+const LEDGER_TTL: Duration = Duration::from_secs(3600);
+
 /// Sends settlements as they come (all that are waiting at once, so they
-/// share the connection's pipeline), and every `RENEW_EVERY` reports the
-/// count of each tenant with requests in flight, keeping its lease alive.
+/// share the connection's pipeline); every `RETRY_EVERY`, the charges Redis
+/// has not confirmed and the counts that may be wrong there; and every
+/// `RENEW_EVERY` the count of each tenant with requests in flight, keeping
+/// its lease alive.
 async fn settler(
     redis: Arc<Redis>,
     scripts: Arc<Scripts>,
@@ -338,7 +530,12 @@ async fn settler(
 ) {
     let mut renew = tokio::time::interval(RENEW_EVERY);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry = tokio::time::interval(RETRY_EVERY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(64);
+    // Tenants whose charges failed to reach Redis, held until confirmed
+    // even if a reload dropped them meanwhile.
+    let mut owing: Vec<Arc<TenantLimits>> = Vec::new();
     loop {
         tokio::select! {
             got = rx.recv_many(&mut batch, 64) => {
@@ -346,81 +543,130 @@ async fn settler(
                     return;
                 }
             }
+            _ = retry.tick() => {
+                owing.retain(|t| t.keys.as_ref().is_some_and(|k| k.ledger.unconfirmed()));
+                for t in live(&tracked).into_iter().chain(owing.iter().cloned()) {
+                    let Some(keys) = &t.keys else { continue };
+                    if keys.ledger.take_report() {
+                        let count = CountChange::Report(t.in_flight.now());
+                        batch.push(Settle { tenant: Arc::clone(&t), count });
+                    } else if keys.ledger.unconfirmed() {
+                        batch.push(Settle { tenant: Arc::clone(&t), count: CountChange::None });
+                    }
+                }
+            }
             _ = renew.tick() => {
-                let tenants: Vec<Arc<TenantLimits>> = tracked
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .filter_map(Weak::upgrade)
-                    .collect();
-                for t in tenants {
+                for t in live(&tracked) {
                     let Some(keys) = &t.keys else { continue };
                     if t.spec.max_concurrent > 0 {
                         let count = t.in_flight.now();
                         let last = keys.renewed.swap(count.version, Ordering::AcqRel);
                         if count.count > 0 || count.version != last {
-                            batch.push(Settle { tenant: Arc::clone(&t), tokens: 0, count: CountChange::Report(count), spend: None });
-                        }
-                    }
-                    // Spend Redis missed while it was away.
-                    if let Some(b) = t.budget.as_ref().filter(|b| redis.is_up() && b.spend.has_unsent()) {
-                        for (period, usd) in b.spend.take_unsent() {
-                            let end = b.now().0.end.max(0);
-                            batch.push(Settle { tenant: Arc::clone(&t), tokens: 0, count: CountChange::None, spend: Some(SpendCharge { period, end, usd }) });
+                            batch.push(Settle { tenant: Arc::clone(&t), count: CountChange::Report(count) });
                         }
                     }
                 }
             }
         }
         let sends = batch.drain(..).map(|s| {
-            let redis = &redis;
-            let scripts = &scripts;
+            let (redis, scripts) = (&redis, &scripts);
             async move {
-                let Some(keys) = &s.tenant.keys else { return };
-                let (what, c) = match s.count {
-                    CountChange::None => (
-                        "",
-                        Count {
-                            version: 0,
-                            count: 0,
-                        },
-                    ),
-                    CountChange::Release(c) => ("release", c),
-                    CountChange::Report(c) => ("report", c),
-                };
-                let spend_key = s.spend.as_ref().map(|c| keys.spend_key(&c.period));
-                let (usd, expire_ms) = s
-                    .spend
-                    .as_ref()
-                    .map_or((0.0, 0), |c| (c.usd, (c.end + SPEND_KEPT_AFTER) * 1000));
-                let mut inv = scripts.settle.call(
-                    &[
-                        &keys.tok,
-                        &keys.conc,
-                        &keys.live,
-                        spend_key.as_ref().unwrap_or(&keys.tok),
-                    ],
-                    128,
-                );
-                inv.arg(s.tenant.spec.tokens_per_minute)
-                    .arg(s.tokens)
-                    .arg(redis.replica())
-                    .arg(what)
-                    .arg(c.version)
-                    .arg(c.count)
-                    .arg(LEASE_TTL.as_millis() as u64)
-                    .arg(format!("{usd:.9}"))
-                    .arg(expire_ms);
-                let sent: Result<i64, Unavailable> =
-                    redis.invoke(Op::Limits, &scripts.settle, &inv).await;
-                if sent.is_err() {
-                    // Added when Redis is back, never lost.
-                    if let (Some(c), Some(b)) = (&s.spend, &s.tenant.budget) {
-                        b.spend.defer(&c.period, c.usd);
-                    }
-                }
+                let sent = send(redis, scripts, &s.tenant, s.count).await;
+                (s, sent)
             }
         });
-        futures_util::future::join_all(sends).await;
+        for (s, sent) in futures_util::future::join_all(sends).await {
+            if sent.is_err() && !owing.iter().any(|t| Arc::ptr_eq(t, &s.tenant)) {
+                owing.push(s.tenant);
+            }
+        }
     }
+}
+
+/// The tracked tenants still in use.
+fn live(tracked: &Mutex<Vec<Weak<TenantLimits>>>) -> Vec<Arc<TenantLimits>> {
+    tracked
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect()
+}
+
+/// Sends one settlement: the count change with the ledger's totals (one
+/// SETTLE a period whose spend is not confirmed, or one without spend).
+/// A failure leaves the charges unconfirmed and a report of the count due.
+async fn send(
+    redis: &Redis,
+    scripts: &Scripts,
+    tenant: &Arc<TenantLimits>,
+    count: CountChange,
+) -> Result<(), Unavailable> {
+    let Some(keys) = &tenant.keys else {
+        return Ok(());
+    };
+    let totals = keys.ledger.totals();
+    let periods: Vec<Option<&(String, PeriodSpend)>> = if totals.spend.is_empty() {
+        vec![None]
+    } else {
+        totals.spend.iter().map(Some).collect()
+    };
+    let mut result = Ok(());
+    for (i, period) in periods.into_iter().enumerate() {
+        // The count changes once, with the first call.
+        let count = if i == 0 { count } else { CountChange::None };
+        let (what, c) = match count {
+            CountChange::None => (
+                "",
+                Count {
+                    version: 0,
+                    count: 0,
+                },
+            ),
+            CountChange::Release(c) => ("release", c),
+            CountChange::Report(c) => ("report", c),
+        };
+        let spend_key = period.map(|(key, _)| keys.spend_key(key));
+        let mut inv = scripts.settle.call(
+            &[
+                &keys.tok,
+                &keys.conc,
+                &keys.live,
+                spend_key.as_ref().unwrap_or(&keys.tok),
+                &keys.ledger.key,
+            ],
+            192,
+        );
+        let (key, usd, confirmed, expire_ms) = period.map_or(("", 0.0, 0.0, 0), |(key, p)| {
+            (
+                key.as_str(),
+                p.usd,
+                p.confirmed,
+                (p.end + SPEND_KEPT_AFTER) * 1000,
+            )
+        });
+        inv.arg(tenant.spec.tokens_per_minute)
+            .arg(redis.replica())
+            .arg(what)
+            .arg(c.version)
+            .arg(c.count)
+            .arg(LEASE_TTL.as_millis() as u64)
+            .arg(totals.tokens)
+            .arg(totals.tokens_confirmed)
+            .arg(key)
+            .arg(format!("{usd:.9}"))
+            .arg(format!("{confirmed:.9}"))
+            .arg(expire_ms)
+            .arg(LEDGER_TTL.as_millis() as u64);
+        match redis.invoke::<i64>(Op::Limits, &scripts.settle, &inv).await {
+            Ok(_) => keys.ledger.confirm(&totals, period),
+            Err(e) => {
+                if !matches!(count, CountChange::None) {
+                    keys.ledger.report_due();
+                }
+                result = Err(e);
+            }
+        }
+    }
+    result
 }

@@ -299,6 +299,14 @@ impl Limiter {
         }
     }
 
+    /// At shutdown: sends the charges Redis has not confirmed, within
+    /// `within` (see `fleet::Fleet::drain`).
+    pub(crate) async fn drain(&self, within: Duration) {
+        if let Some(fleet) = &self.fleet {
+            fleet.drain(within).await;
+        }
+    }
+
     /// Writes the spend state file now (at shutdown).
     pub(crate) fn flush(&self) {
         if let Err(e) = self.budgets.persist() {
@@ -523,13 +531,14 @@ impl Lease {
             fleet::CountChange::None
         };
         if let Some(keys) = &t.keys {
-            // Spend reaches Redis whoever decided the admission: spend made
-            // while Redis was away is added when it is back.
-            if self.decided == Decided::InRedis {
-                keys.settle(t, tokens, count, spend);
-            } else if spend.is_some() {
-                keys.settle(t, 0, fleet::CountChange::None, spend);
-            }
+            // Charges reach Redis whoever decided the admission: what was
+            // charged while Redis was away is added when it is back. The
+            // count there changes only for a request Redis counted.
+            let count = match self.decided {
+                Decided::InRedis => count,
+                Decided::Locally => fleet::CountChange::None,
+            };
+            keys.settle(t, tokens, count, spend);
         }
     }
 }

@@ -80,9 +80,11 @@ impl LogBody {
                         // Only the tokens of a completed answer count as saved.
                         saved.inc_by(entry.usage.map_or(0, |u| u.total));
                     }
+                    // A stream is whole only with its `[DONE]`: an end
+                    // without it (a log cut short) is a break.
                     let clean = self.done_sent
                         || match end {
-                            End::Done(_) => true,
+                            End::Done(_) => self.opts.raw,
                             End::Response { .. } => self.opts.raw,
                             End::Error(_) | End::Lost => false,
                         };

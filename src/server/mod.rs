@@ -166,6 +166,7 @@ impl Gateway {
             "shutting down: draining in-flight requests"
         );
         stop.send_replace(true);
+        let began = tokio::time::Instant::now();
         tokio::select! {
             () = open.wait_below(1) => {}
             () = tokio::time::sleep(grace) => {
@@ -176,6 +177,10 @@ impl Gateway {
         }
         poller.abort();
         admin_task.abort();
+        // Charges Redis has not confirmed go there within the grace (at
+        // least a moment, when the streams took all of it).
+        let left = grace.saturating_sub(began.elapsed());
+        app.limiter.drain(left.max(Duration::from_secs(2))).await;
         // Spend recorded during the drain is in the state file too.
         app.limiter.flush();
         tracing::info!("stopped");

@@ -301,18 +301,6 @@ impl Redis {
         .await
     }
 
-    /// Runs a pipeline within `timeout_ms`.
-    pub(crate) async fn pipe<T: FromRedisValue>(
-        &self,
-        op: Op,
-        pipe: &Pipeline,
-    ) -> Result<T, Unavailable> {
-        self.run(op, None, |mut conn| async move {
-            pipe.query_async(&mut conn).await
-        })
-        .await
-    }
-
     /// A connection of its own, for a command that blocks (a blocking read
     /// on the shared connection would hold up every request behind it).
     pub(crate) async fn dedicated(&self) -> Result<Dedicated, Unavailable> {

@@ -62,6 +62,8 @@ if maxc > 0 then
   if not counted then change(KEYS[3], replica, version, 1, base, newest) end
   -- Renewal keeps a reporting replica alive; one Redis has not heard a
   -- report from (new, or Redis restarted) registers here.
-  if base < 0 then alive(KEYS[3], KEYS[4], replica, tonumber(ARGV[7])) end
+  if base < 0 or redis.call('PTTL', KEYS[3]) < 0 then
+    alive(KEYS[3], KEYS[4], replica, tonumber(ARGV[7]))
+  end
 end
 return {0, 0, remaining, reset, tokens, spent}

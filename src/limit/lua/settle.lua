@@ -1,38 +1,73 @@
--- SETTLE: a settled request's token debit and spend, and this replica's
--- in-flight count (one fewer, or an absolute report that also renews its
--- lease).
+-- SETTLE: a tenant's charges on one replica, exactly once, and that
+-- replica's in-flight count (one fewer, or an absolute report that also
+-- renews its lease).
+--
+-- Charges travel as cumulative totals of one ledger (a replica's record of
+-- one tenant's limits): the tokens it debited and the USD it spent in a
+-- period since it started, and how much of each Redis has confirmed. The
+-- ledger's key remembers the last total applied, so a total sent again
+-- (a retry after a round trip that timed out but ran here) or out of order
+-- adds nothing, and one sent after failures adds everything they carried.
+-- A ledger Redis no longer knows (expired, or Redis restarted empty) adds
+-- what its replica has not had confirmed.
 --
 -- KEYS[1] token bucket   KEYS[2] concurrency hash   KEYS[3] live set
--- KEYS[4] spend of a period
--- ARGV[1] tokens_per_minute   ARGV[2] tokens to debit   ARGV[3] replica
--- ARGV[4] what to do with the count: "" nothing, "release" one fewer,
---         "report" the count is ARGV[6]
--- ARGV[5] version   ARGV[6] count   ARGV[7] lease ttl_ms
--- ARGV[8] USD to add to the spend   ARGV[9] when the spend key expires (Unix ms)
+-- KEYS[4] spend of ARGV[9]'s period (the token bucket again without one)
+-- KEYS[5] the ledger (hash: "tok" and "usd:<period>" -> last total applied)
+-- ARGV[1] tokens_per_minute
+-- ARGV[2] replica
+-- ARGV[3] what to do with the count: "" nothing, "release" one fewer,
+--         "report" the count is ARGV[5]
+-- ARGV[4] version   ARGV[5] count   ARGV[6] lease ttl_ms
+-- ARGV[7] tokens debited in all   ARGV[8] of which confirmed
+-- ARGV[9] period ("" none)   ARGV[10] USD spent in it in all
+-- ARGV[11] of which confirmed   ARGV[12] when the spend key expires (Unix ms)
+-- ARGV[13] the ledger's ttl_ms
 --
 -- Returns 1.
-assert(#KEYS == 4, 'SETTLE takes 4 keys')
-assert(#ARGV == 9, 'SETTLE takes 9 arguments')
-local usd = tonumber(ARGV[8])
-if usd > 0 then
-  redis.call('INCRBYFLOAT', KEYS[4], ARGV[8])
-  redis.call('PEXPIREAT', KEYS[4], ARGV[9])
+assert(#KEYS == 5, 'SETTLE takes 5 keys')
+assert(#ARGV == 13, 'SETTLE takes 13 arguments')
+
+-- What a total adds: past the last one applied, or past what was
+-- confirmed when the ledger is unknown here.
+local function added(field, total, confirmed)
+  local t = tonumber(total)
+  local last = tonumber(redis.call('HGET', KEYS[5], field) or '')
+  local base = last or tonumber(confirmed)
+  if last == nil or t > last then redis.call('HSET', KEYS[5], field, total) end
+  if t > base then return t - base end
+  return 0
 end
-local tpm, used = tonumber(ARGV[1]), tonumber(ARGV[2])
+
+local tpm = tonumber(ARGV[1])
+local used = added('tok', ARGV[7], ARGV[8])
 if tpm > 0 and used > 0 then
   local b = math.max(balance(KEYS[1], tpm) - used, -tpm * 1440)
   redis.call('HSET', KEYS[1], 'b', string.format('%.3f', b), 't', string.format('%.0f', now))
   redis.call('PEXPIRE', KEYS[1], math.ceil((tpm - b) * 60000 / tpm) + 1000)
 end
-local replica, what, version = ARGV[3], ARGV[4], tonumber(ARGV[5])
+if ARGV[9] ~= '' then
+  local usd = added('usd:' .. ARGV[9], ARGV[10], ARGV[11])
+  if usd > 0 then
+    redis.call('INCRBYFLOAT', KEYS[4], string.format('%.9f', usd))
+    redis.call('PEXPIREAT', KEYS[4], ARGV[12])
+  end
+end
+redis.call('PEXPIRE', KEYS[5], ARGV[13])
+
+local replica, what, version = ARGV[2], ARGV[3], tonumber(ARGV[4])
 if what == 'release' then
   local base, newest = marks(KEYS[2], replica)
   change(KEYS[2], replica, version, -1, base, newest)
+  -- A release may find the hash gone (expired): never leave it without one.
+  if redis.call('PTTL', KEYS[2]) < 0 then
+    redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[6]) * 2)
+  end
 elseif what == 'report' then
   local base, newest = marks(KEYS[2], replica)
   if version > base and version >= newest then
-    redis.call('HSET', KEYS[2], replica, ARGV[6], replica .. ':b', string.format('%.0f', version))
+    redis.call('HSET', KEYS[2], replica, ARGV[5], replica .. ':b', string.format('%.0f', version))
   end
-  alive(KEYS[2], KEYS[3], replica, tonumber(ARGV[7]))
+  alive(KEYS[2], KEYS[3], replica, tonumber(ARGV[6]))
 end
 return 1
