@@ -161,55 +161,68 @@ pub(crate) fn completion_text_chars(body: &[u8]) -> u64 {
 /// it is valid JSON at all, an error object, the usage-only chunk, and its
 /// usage. Used when the stream is not being assembled for the cache.
 pub fn inspect(data: &[u8]) -> Result<ChunkInfo, serde_json::Error> {
+    use serde_json::value::RawValue;
     #[derive(Deserialize)]
-    struct Light<C> {
+    struct Light<'a, C> {
         #[serde(default = "none")]
         choices: Option<Vec<C>>,
-        #[serde(default)]
-        usage: Option<RawUsage>,
+        #[serde(default, borrow)]
+        usage: Option<&'a RawValue>,
         #[serde(default)]
         error: Option<serde::de::IgnoredAny>,
     }
     fn none<C>() -> Option<Vec<C>> {
         None
     }
+    let error = ChunkInfo {
+        is_error: true,
+        ..ChunkInfo::default()
+    };
+    // A chunk is an object: valid JSON of another type is an error chunk
+    // (serde would read a struct from an array), anything else is no JSON.
+    if trim_leading_ws(data).first() != Some(&b'{') {
+        serde_json::from_slice::<serde::de::IgnoredAny>(data)?;
+        return Ok(error);
+    }
     // Read with the text counted; a chunk whose choices have an odd shape
     // is read again without (it carries no text Sluice can count).
-    let light: Light<TextChoice> = match serde_json::from_slice(data) {
+    let light: Light<'_, TextChoice> = match serde_json::from_slice(data) {
         Ok(l) => l,
-        Err(e) if e.is_data() => match serde_json::from_slice::<Light<serde::de::IgnoredAny>>(data)
-        {
-            Ok(l) => Light {
-                choices: l
-                    .choices
-                    .map(|c| c.iter().map(|_| TextChoice::default()).collect()),
-                usage: l.usage,
-                error: l.error,
-            },
-            Err(e) if e.is_data() => {
-                return Ok(ChunkInfo {
-                    is_error: true,
-                    ..ChunkInfo::default()
-                })
-            }
-            Err(e) => return Err(e),
-        },
-        // Valid JSON that is not an object (or has odd field types).
         Err(e) if e.is_data() => {
-            return Ok(ChunkInfo {
-                is_error: true,
-                ..ChunkInfo::default()
-            })
+            match serde_json::from_slice::<Light<'_, serde::de::IgnoredAny>>(data) {
+                Ok(l) => Light {
+                    choices: l
+                        .choices
+                        .map(|c| c.iter().map(|_| TextChoice::default()).collect()),
+                    usage: l.usage,
+                    error: l.error,
+                },
+                // Odd field types: an error chunk.
+                Err(e) if e.is_data() => return Ok(error),
+                Err(e) => return Err(e),
+            }
         }
         Err(e) => return Err(e),
     };
-    let usage = light.usage.map(Usage::from_raw);
+    if light.error.is_some() {
+        return Ok(error);
+    }
+    let usage = light.usage.and_then(usage_of_raw);
     Ok(ChunkInfo {
         usage_only: light.choices.as_ref().is_none_or(Vec::is_empty) && usage.is_some(),
         usage,
-        is_error: light.error.is_some(),
+        is_error: false,
         text_chars: light.choices.iter().flatten().map(TextChoice::chars).sum(),
     })
+}
+
+/// A `usage` object as upstream meant it: typed, or, when the typed read
+/// refuses it (a repeated field), read as a tree (the last value wins).
+fn usage_of_raw(raw: &serde_json::value::RawValue) -> Option<Usage> {
+    serde_json::from_str::<RawUsage>(raw.get())
+        .ok()
+        .map(Usage::from_raw)
+        .or_else(|| Usage::from_value(&serde_json::from_str(raw.get()).ok()?))
 }
 
 /// Assembles stream chunks into the completion they amount to: content,
@@ -220,6 +233,9 @@ pub struct Assembler {
     head: Map<String, Value>,
     choices: BTreeMap<u64, ChoiceAcc>,
     usage: Option<Value>,
+    /// A chunk `inspect` read could not be assembled (a number out of a
+    /// tree's range): the answer is relayed as it came, but not whole here.
+    broken: bool,
 }
 
 impl Assembler {
@@ -229,25 +245,33 @@ impl Assembler {
             head: Map::new(),
             choices: BTreeMap::new(),
             usage: None,
+            broken: false,
         }
     }
 
-    /// Takes in one chunk's JSON. `Err` if it is not JSON at all.
+    /// Whether every chunk pushed was assembled (`finish` is the answer).
+    pub fn is_whole(&self) -> bool {
+        !self.broken
+    }
+
+    /// Takes in one chunk's JSON. The chunk is read by `inspect`, as when
+    /// nothing is assembled, so the cache on and off judge an event alike:
+    /// `Err` if it is not JSON at all, an error chunk for what `inspect`
+    /// calls one; what it accepts is then assembled.
     pub fn push(&mut self, data: &[u8]) -> Result<ChunkInfo, serde_json::Error> {
-        let chars = |s: &str| s.chars().count() as u64;
-        let mut v: Value = serde_json::from_slice(data)?;
-        let Some(obj) = v.as_object_mut() else {
-            return Ok(ChunkInfo {
-                is_error: true,
-                ..ChunkInfo::default()
-            });
-        };
-        if obj.contains_key("error") {
-            return Ok(ChunkInfo {
-                is_error: true,
-                ..ChunkInfo::default()
-            });
+        let info = inspect(data)?;
+        if info.is_error || self.broken {
+            return Ok(info);
         }
+        match serde_json::from_slice::<Value>(data) {
+            Ok(Value::Object(obj)) => self.absorb(obj),
+            Ok(_) | Err(_) => self.broken = true,
+        }
+        Ok(info)
+    }
+
+    /// Assembles one chunk that `inspect` accepted.
+    fn absorb(&mut self, mut obj: Map<String, Value>) {
         for key in ["id", "created", "model", "system_fingerprint"] {
             if !self.head.contains_key(key) {
                 if let Some(val) = obj.get(key) {
@@ -255,16 +279,13 @@ impl Assembler {
                 }
             }
         }
-        let mut info = ChunkInfo::default();
         if let Some(u) = obj.get_mut("usage").filter(|u| u.is_object()) {
-            info.usage = Usage::from_value(u);
             self.usage = Some(u.take());
         }
         let choices = match obj.get_mut("choices") {
             Some(Value::Array(c)) => std::mem::take(c),
             _ => Vec::new(),
         };
-        info.usage_only = choices.is_empty() && info.usage.is_some();
         for mut choice in choices {
             let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
             let acc = self.choices.entry(index).or_default();
@@ -278,7 +299,6 @@ impl Assembler {
                 acc.logprobs.get_or_insert_with(Vec::new).append(items);
             }
             if let Some(Value::String(t)) = choice.get("text") {
-                info.text_chars += chars(t);
                 acc.text.push_str(t);
             }
             let Some(delta) = choice.get_mut("delta").and_then(Value::as_object_mut) else {
@@ -288,11 +308,9 @@ impl Assembler {
                 acc.role = Some(r.clone());
             }
             if let Some(Value::String(c)) = delta.get("content") {
-                info.text_chars += chars(c);
                 acc.content.get_or_insert_with(String::new).push_str(c);
             }
             if let Some(Value::String(r)) = delta.get("reasoning_content") {
-                info.text_chars += chars(r);
                 acc.reasoning.get_or_insert_with(String::new).push_str(r);
             }
             if let Some(Value::Array(calls)) = delta.get("tool_calls") {
@@ -310,14 +328,12 @@ impl Assembler {
                             tool.name.push_str(n);
                         }
                         if let Some(Value::String(a)) = f.get("arguments") {
-                            info.text_chars += chars(a);
                             tool.arguments.push_str(a);
                         }
                     }
                 }
             }
         }
-        Ok(info)
     }
 
     /// The assembled completion, as the non-streaming endpoint would have
@@ -440,12 +456,7 @@ pub(crate) fn completion_facts(body: &[u8]) -> Option<Completion> {
     }
     // Read as a tree only if the typed read refuses it (a repeated field),
     // so the usage is what `Usage::from_value` reads from the whole answer.
-    let usage = facts.usage.and_then(|raw| {
-        serde_json::from_str::<RawUsage>(raw.get())
-            .ok()
-            .map(Usage::from_raw)
-            .or_else(|| Usage::from_value(&serde_json::from_str(raw.get()).ok()?))
-    });
+    let usage = facts.usage.and_then(usage_of_raw);
     Some(Completion { usage })
 }
 
@@ -723,5 +734,52 @@ mod tests {
             a.push(&d).expect("json");
         }
         assert_eq!(a.finish(), completion);
+    }
+    #[test]
+    fn inspect_and_the_assembler_read_every_event_alike() {
+        // The fuzz-found disagreements (FUZZING.md), and their neighbours.
+        let events: [&[u8]; 9] = [
+            b"1 x",
+            b"[]",
+            br#"[null, {"prompt_tokens":5}]"#,
+            b"42",
+            b"not json",
+            br#"{"choices":5}"#,
+            br#"{"error":{"message":"overloaded"}}"#,
+            br#"{"choices":[{"index":0,"delta":{"content":"hi"}}]}"#,
+            br#"{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5}}"#,
+        ];
+        for ev in events {
+            let light = inspect(ev);
+            let mut a = Assembler::new(Shape::Chat);
+            let full = a.push(ev);
+            let shown = String::from_utf8_lossy(ev);
+            match (&light, &full) {
+                (Err(_), Err(_)) => {}
+                (Ok(l), Ok(f)) => {
+                    assert_eq!(l.is_error, f.is_error, "{shown}");
+                    assert_eq!(l.usage, f.usage, "{shown}");
+                    assert_eq!(l.usage_only, f.usage_only, "{shown}");
+                    assert_eq!(l.text_chars, f.text_chars, "{shown}");
+                }
+                _ => panic!("{shown}: {light:?} against {full:?}"),
+            }
+        }
+        // Not JSON at all, and JSON that is no object: no event is both.
+        assert!(inspect(b"1 x").is_err());
+        assert!(inspect(b"[]").expect("json").is_error);
+        assert!(inspect(br#"[null, {"prompt_tokens":5}]"#)
+            .expect("json")
+            .usage
+            .is_none());
+    }
+
+    #[test]
+    fn a_repeated_usage_field_in_a_chunk_is_read_as_upstream_meant_it() {
+        let chunk = br#"{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5,"total_tokens":5}}"#;
+        let info = inspect(chunk).expect("json");
+        assert!(!info.is_error);
+        assert_eq!(info.usage.map(|u| u.total), Some(5));
+        assert!(info.usage_only);
     }
 }

@@ -391,7 +391,17 @@ impl FleetFlights {
     /// another one leads it: one round trip.
     pub(crate) async fn lookup(self: &Arc<Self>, key: &Key) -> Result<Lookup, Unavailable> {
         let owner = self.owner();
-        let looked = self.look_up(key, &owner).await?;
+        let looked = match self.look_up(key, &owner).await {
+            Ok(looked) => looked,
+            Err(e) => {
+                // The script may have run and claimed the call for a
+                // request that now goes on alone: let it go, so followers
+                // elsewhere are not held by a claim nobody publishes.
+                let (fleet, n) = (Arc::clone(self), self.names(key, &owner));
+                tokio::spawn(async move { fleet.release(&n, &owner).await });
+                return Err(e);
+            }
+        };
         if self.read_cache && !matches!(looked, LookedUp::Cached(_)) {
             self.cache.shared_missed();
         }
@@ -571,7 +581,14 @@ impl FleetFlights {
                         Ok(LookedUp::Taken(Some(other))) => {
                             reader.join(self.names(key, &other), other);
                         }
-                        Ok(LookedUp::Taken(None)) => {}
+                        // Held, by a leader that did not say who: wait a
+                        // read's time before asking again (never a loop of
+                        // round trips).
+                        Ok(LookedUp::Taken(None)) => {
+                            let wait = BLOCK
+                                .min(reader.first_byte.saturating_duration_since(Instant::now()));
+                            tokio::time::sleep(wait).await;
+                        }
                         Err(_) => return Remote::Alone(leader),
                     }
                 }

@@ -6,7 +6,6 @@
 //! request may go upstream.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use http::{header, HeaderMap, HeaderValue, Response};
 
@@ -181,8 +180,10 @@ impl Ctx {
                 Ok(Coalesced::Lead(leader, fill))
             }
             Ok(Lookup::Claimed(owner)) => {
+                // One deadline from the request's arrival, however often
+                // it asks again.
                 let upstream = &self.snap.config.upstream;
-                let deadline = Instant::now() + upstream.first_byte_timeout;
+                let deadline = self.record.start + upstream.first_byte_timeout;
                 match fleet
                     .follow(key, owner, leader, deadline, upstream.idle_timeout)
                     .await

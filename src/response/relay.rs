@@ -529,7 +529,7 @@ impl Relay {
                 // An upstream error event before `[DONE]` went to the client
                 // as it came, and the stream is over; it is not cached.
                 let entry = assembler
-                    .filter(|_| clean)
+                    .filter(|a| clean && a.is_whole())
                     .and_then(|a| Entry::from_assembled(&a.finish()));
                 self.deliver(entry.map(Arc::new), None);
             }
