@@ -1,11 +1,18 @@
-//! Sluice's own errors (the table in docs/api.md): status, OpenAI-shaped body, and the
-//! `retry-after` headers of a refusal. The only place error bodies are built;
-//! upstream errors are forwarded, never wrapped, so they never come here.
+//! Sluice's own errors (the table in docs/api.md): status, OpenAI-shaped
+//! body, `x-sluice-error`, `x-should-retry` and the `retry-after` headers of
+//! a refusal. The only place error bodies are built; upstream errors are
+//! forwarded, never wrapped, so they never come here.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Response, StatusCode};
+
+use super::headers::X_SHOULD_RETRY;
+
+/// The code of an error Sluice made itself, on every such response (an
+/// error passed through from upstream has none).
+static X_SLUICE_ERROR: HeaderName = HeaderName::from_static("x-sluice-error");
 
 /// Which tenant limit refused a request (the vocabulary of 429 and 402
 /// refusals and of the `limit` metric label).
@@ -14,7 +21,7 @@ pub enum Limit {
     Requests,
     Tokens,
     Concurrency,
-    /// The tenant's spend budget for the period (SPEC §9).
+    /// The tenant's spend budget for the period (docs/budgets.md).
     Budget,
 }
 
@@ -136,6 +143,34 @@ impl GatewayError {
         }
     }
 
+    /// Whether an SDK should be told not to retry (`x-should-retry: false`):
+    /// a request that cannot succeed as sent (400, 401, 402, 403, 404, 405,
+    /// 413), and a 502 or 504 that come only once Sluice's own retries are
+    /// spent or `first_byte_timeout_secs` has passed, so an SDK's retries
+    /// don't multiply Sluice's.
+    fn retry_cannot_help(&self) -> bool {
+        match self {
+            GatewayError::InvalidJson
+            | GatewayError::DuplicateKey(_)
+            | GatewayError::MissingField(_)
+            | GatewayError::InvalidApiKey
+            | GatewayError::BudgetExceeded { .. }
+            | GatewayError::ModelNotAllowed
+            | GatewayError::NotFound
+            | GatewayError::MethodNotAllowed
+            | GatewayError::BodyTooLarge
+            | GatewayError::UpstreamUnreachable
+            | GatewayError::UpstreamTimeout => true,
+            // A stalled body, a limit, Redis unavailable, a coalesced call
+            // that broke, a fault of Sluice's own: a retry may well succeed.
+            GatewayError::BodyTimeout
+            | GatewayError::RateLimited { .. }
+            | GatewayError::SharedStateUnavailable
+            | GatewayError::StreamInterrupted
+            | GatewayError::Internal => false,
+        }
+    }
+
     /// Server and upstream faults are worth a warning; client faults are not.
     pub fn is_server_fault(&self) -> bool {
         matches!(
@@ -171,6 +206,10 @@ impl GatewayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        h.insert(&X_SLUICE_ERROR, HeaderValue::from_static(self.code()));
+        if self.retry_cannot_help() {
+            h.insert(&X_SHOULD_RETRY, HeaderValue::from_static("false"));
+        }
         if let GatewayError::SharedStateUnavailable = self {
             h.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
         }
@@ -179,7 +218,6 @@ impl GatewayError {
                 header::RETRY_AFTER,
                 HeaderValue::from(retry_after.as_secs().max(1)),
             );
-            h.insert("x-should-retry", HeaderValue::from_static("false"));
         }
         if let GatewayError::RateLimited { retry_after, .. } = self {
             let ms = retry_after.as_millis().max(1);
@@ -314,6 +352,49 @@ mod tests {
         };
         let r = e.into_response();
         assert_eq!(r.headers()["retry-after"], "1");
+    }
+
+    #[test]
+    fn own_errors_carry_their_code_and_whether_to_retry() {
+        let limited = |limit| GatewayError::RateLimited {
+            limit,
+            retry_after: Duration::from_secs(1),
+        };
+        let cases = [
+            (GatewayError::InvalidJson, true),
+            (GatewayError::DuplicateKey("model".into()), true),
+            (GatewayError::MissingField("x"), true),
+            (GatewayError::InvalidApiKey, true),
+            (
+                GatewayError::BudgetExceeded {
+                    retry_after: Duration::from_secs(60),
+                },
+                true,
+            ),
+            (GatewayError::ModelNotAllowed, true),
+            (GatewayError::NotFound, true),
+            (GatewayError::MethodNotAllowed, true),
+            (GatewayError::BodyTooLarge, true),
+            (GatewayError::UpstreamUnreachable, true),
+            (GatewayError::UpstreamTimeout, true),
+            (GatewayError::BodyTimeout, false),
+            (limited(Limit::Requests), false),
+            (limited(Limit::Tokens), false),
+            (limited(Limit::Concurrency), false),
+            (GatewayError::SharedStateUnavailable, false),
+            (GatewayError::StreamInterrupted, false),
+            (GatewayError::Internal, false),
+        ];
+        for (e, no_retry) in cases {
+            let code = e.code();
+            let r = e.into_response();
+            assert_eq!(r.headers()["x-sluice-error"], code);
+            assert_eq!(
+                r.headers().get("x-should-retry").map(|v| v.as_bytes()),
+                no_retry.then_some(&b"false"[..]),
+                "{code}"
+            );
+        }
     }
 
     #[test]

@@ -82,11 +82,9 @@ impl Upstream {
                 let mut roots = rustls::RootCertStore {
                     roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
                 };
-                for cert in crate::config::read_ca_file(path).map_err(std::io::Error::other)? {
-                    roots.add(cert).map_err(|e| {
-                        std::io::Error::other(format!("upstream.ca_file: {}: {e}", path.display()))
-                    })?;
-                }
+                roots
+                    .roots
+                    .extend(crate::config::read_ca_file(path).map_err(std::io::Error::other)?);
                 let tls = rustls::ClientConfig::builder_with_provider(provider)
                     .with_safe_default_protocol_versions()
                     .map_err(std::io::Error::other)?

@@ -137,6 +137,45 @@ fn start_up_fails_without_the_upstream_key() {
 }
 
 #[test]
+fn a_ca_file_certificate_that_does_not_parse_is_a_config_error() {
+    // A PEM block labelled CERTIFICATE whose contents are not an X.509
+    // certificate: check-config and start-up refuse the config, naming the
+    // key, rather than start-up failing later in the TLS setup.
+    let ca = TempFile::new(
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+    );
+    let cfg = temp_config(&config_text("https://localhost:1", "").replace(
+        "[upstream]\n",
+        &format!("[upstream]\nca_file = \"{}\"\n", ca.0.display()),
+    ));
+    let out = sluice()
+        .args(["check-config", "--config"])
+        .arg(&cfg.0)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("invalid config"), "{err}");
+    assert!(
+        err.contains("upstream.ca_file") && err.contains("does not parse"),
+        "{err}"
+    );
+
+    let out = sluice()
+        .arg("--config")
+        .arg(&cfg.0)
+        .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("invalid config") && err.contains("upstream.ca_file"),
+        "{err}"
+    );
+}
+
+#[test]
 fn start_up_without_a_config_says_where_to_mount_one() {
     // The container image holds no config: started bare, it must exit 1 and
     // say where the config goes.

@@ -7,6 +7,7 @@ mod binary;
 mod budgets;
 mod cache;
 mod connections;
+mod errors;
 mod faults;
 mod fleet;
 mod fleet_coalesce;
