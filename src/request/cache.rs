@@ -253,11 +253,11 @@ impl Ctx {
                     .as_deref()
                     .unwrap_or(crate::metrics::OTHER);
                 let saved = tenant.usage(model).saved.clone();
-                return Ok(Coalesced::Answer(stream_follower(
-                    saved,
-                    reader,
-                    api.include_usage,
-                )));
+                let opts = LogOpts {
+                    raw: false,
+                    include_usage: api.include_usage,
+                };
+                return Ok(Coalesced::Answer(stream_follower(saved, reader, opts)));
             }
             if let Some(end) = end {
                 if matches!(end, End::Lost) {
@@ -300,15 +300,7 @@ impl Ctx {
 /// A streaming follower's response: the flight's log, read at the
 /// follower's pace; the log is shared, so a slow follower costs no more
 /// memory than the log already holds.
-fn stream_follower(
-    saved: prometheus::IntCounter,
-    reader: Reader,
-    include_usage: bool,
-) -> Response<Body> {
-    let opts = LogOpts {
-        raw: false,
-        include_usage,
-    };
+fn stream_follower(saved: prometheus::IntCounter, reader: Reader, opts: LogOpts) -> Response<Body> {
     let mut resp = Response::new(Body::log(LogBody::new(reader, opts, Some(saved))));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

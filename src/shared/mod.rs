@@ -509,7 +509,9 @@ impl Redis {
 fn is_an_answer(e: &redis::RedisError) -> bool {
     use redis::{ErrorKind, ServerErrorKind};
     match e.kind() {
-        ErrorKind::Parse | ErrorKind::UnexpectedReturnType => true,
+        // A reply that does not decode, or an error reply of a code the
+        // client does not know (a script's `WRONGTYPE`, say).
+        ErrorKind::Parse | ErrorKind::UnexpectedReturnType | ErrorKind::Extension => true,
         ErrorKind::Server(kind) => matches!(
             kind,
             ServerErrorKind::ResponseError

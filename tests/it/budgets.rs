@@ -381,3 +381,53 @@ async fn start_up_says_when_spend_is_not_kept_or_redis_is_away() {
     let r = call(&shared.url("/v1/chat/completions"), TEAM, &chat("x"), &[]).await;
     assert_eq!(r.status, 200, "served with local limits");
 }
+
+/// The rolling-upgrade rule (docs/redis.md, "Upgrading a fleet"): a
+/// tenant's spend is one key per period under the same name in every
+/// version, a plain number; a replica honours what another wrote there.
+#[tokio::test]
+async fn spend_another_replica_wrote_is_honoured() {
+    let Some(redis) = RedisServer::start("spend_another_replica_wrote_is_honoured") else {
+        return;
+    };
+    let sim = sluice::simulator::Simulator::start(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("sim");
+    let text = config_text(
+        &sim.base_url(),
+        &format!(
+            "{}[redis]\nurl = \"{}\"\n",
+            budgeted(0.002, "day"),
+            redis.url()
+        ),
+    );
+    let replica = Replica::start(&text).await;
+    let url = replica.url("/v1/chat/completions");
+    let first = call(
+        &url,
+        TEAM,
+        &chat("one"),
+        &[USAGE, ("cache-control", "no-store")],
+    )
+    .await;
+    assert_eq!(first.status, 200);
+    let keys = redis.cli(&["--scan", "--pattern", "sluice:{team}:spend:day:*"]);
+    let key = keys
+        .lines()
+        .next()
+        .expect("the day's spend key")
+        .trim()
+        .to_string();
+    // As a replica of another version would add its charges.
+    redis.cli(&["INCRBYFLOAT", &key, "0.01"]);
+    let r = call(
+        &url,
+        TEAM,
+        &chat("two"),
+        &[USAGE, ("cache-control", "no-store")],
+    )
+    .await;
+    assert_eq!(r.status, 402, "{}", r.text());
+    assert_eq!(r.error_code(), "budget_exceeded");
+    assert_eq!(sim.calls(), 1);
+}

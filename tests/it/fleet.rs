@@ -664,3 +664,67 @@ async fn reload_keeps_shared_state_unless_the_limits_change() {
         "changed limits start afresh"
     );
 }
+
+#[tokio::test]
+async fn a_script_that_fails_is_counted_and_logged_not_an_outage() {
+    let Some(redis) = RedisServer::start("a_script_that_fails_is_counted_and_logged") else {
+        return;
+    };
+    let sim = simulator().await;
+    let extra = format!(
+        "{}{}",
+        tenant(6000, 100, 1_000_000, 0),
+        redis_section(&redis.url(), "")
+    );
+    let mut replica = Replica::start(&config_text(&sim.base_url(), &extra)).await;
+    let url = replica.url("/v1/chat/completions");
+    let ok = call(&url, FLEET, &chat("before"), &[]).await;
+    assert_eq!(ok.status, 200);
+    // The tenant's token bucket becomes a key of the wrong type: ADMIT
+    // fails on Redis (a script error, an answer), Redis itself is fine.
+    let bucket = "sluice:{fleet}:tok:1000000";
+    assert!(
+        !redis.cli(&["TYPE", bucket]).trim().eq("none"),
+        "the bucket exists"
+    );
+    redis.cli(&["DEL", bucket]);
+    redis.cli(&["SET", bucket, "not a hash"]);
+    let r = call(&url, FLEET, &chat("broken key"), &[]).await;
+    assert_eq!(r.status, 200, "decided without Redis: {}", r.text());
+    assert_eq!(
+        replica
+            .metric("sluice_limits_local_fallback_total", &[])
+            .await,
+        1.0
+    );
+    assert_eq!(
+        replica.metric("sluice_redis_up", &[]).await,
+        1.0,
+        "an answer is not an outage"
+    );
+    assert!(
+        replica
+            .metric(
+                "sluice_redis_operations_total",
+                &[("op", "limits"), ("result", "error")]
+            )
+            .await
+            >= 1.0
+    );
+    // Logged, naming the script, never the data.
+    let failed = replica.wait_log("a Redis command failed").await;
+    assert_eq!(failed["script"], "admit", "{failed}");
+    assert!(!failed.to_string().contains("not a hash"));
+    // The next request after the key is repaired goes to Redis again, at
+    // once: nothing waited for a prober.
+    redis.cli(&["DEL", bucket]);
+    let r = call(&url, FLEET, &chat("repaired"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        replica
+            .metric("sluice_limits_local_fallback_total", &[])
+            .await,
+        1.0,
+        "decided by Redis again"
+    );
+}
