@@ -7,6 +7,7 @@ mod binary;
 mod budgets;
 mod cache;
 mod connections;
+mod fault_proxy;
 mod faults;
 mod fleet;
 mod fleet_coalesce;
