@@ -7,6 +7,7 @@ mod binary;
 mod budgets;
 mod cache;
 mod connections;
+mod exactly_once;
 mod fault_proxy;
 mod faults;
 mod fleet;
