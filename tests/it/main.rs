@@ -8,6 +8,8 @@ mod budgets;
 mod cache;
 mod connections;
 mod errors;
+mod exactly_once;
+mod fault_proxy;
 mod faults;
 mod fleet;
 mod fleet_coalesce;
