@@ -182,7 +182,7 @@ impl Publisher {
             let sent: Result<i64, _> = if batch.entries > 0 {
                 fleet
                     .redis
-                    .invoke(Op::Coalesce, &fleet.append, &batch.inv)
+                    .invoke_in_background(Op::Coalesce, &fleet.append, &batch.inv)
                     .await
             } else {
                 Ok(0)
@@ -464,7 +464,7 @@ impl FleetFlights {
         };
         if self
             .redis
-            .invoke::<i64>(op, &self.finish, &inv)
+            .invoke_in_background::<i64>(op, &self.finish, &inv)
             .await
             .is_err()
         {

@@ -16,14 +16,15 @@
 //!   every `RETRY_EVERY`, and at shutdown (`Fleet::drain`). A count that may
 //!   be wrong on Redis (an admission or release whose round trip failed) is
 //!   reported again at once rather than at the next renewal.
-//! - Concurrency is a hash of in-flight counts per replica: +1 when Redis
-//!   admits, -1 when settled, and every few seconds an absolute report that
-//!   repairs what an outage lost. Each change carries a version that only
-//!   grows on its replica, so a report never undoes a newer change and a
-//!   change already in a report is not applied twice. A replica's entry
-//!   lives as long as its lease in a sorted set, renewed by those reports;
-//!   one that dies stops renewing and its count is dropped within
-//!   `LEASE_TTL`.
+//! - Concurrency is a hash of in-flight counts per replica. Every change a
+//!   replica sends (an admission, a release, a report every few seconds)
+//!   carries the replica's whole count after it and a version that only
+//!   grows on that replica, and Redis keeps the newest: a change lost or
+//!   timed out (an admission Redis ran though Sluice gave up on it) is made
+//!   good by the next one, and a late one never undoes a newer one. A
+//!   replica's entry lives as long as its lease in a sorted set, renewed by
+//!   its reports; one that dies stops renewing and its count is dropped
+//!   within `LEASE_TTL`.
 //! - Time is Redis's (`TIME`), so replicas with skewed clocks agree.
 //! - Every key carries the tenant as a cluster hash tag (`prefix:{tenant}:…`)
 //!   and every key expires. The request and token keys name the limits they
@@ -450,7 +451,8 @@ impl Fleet {
             .arg(self.redis.replica())
             .arg(count.version)
             .arg(LEASE_TTL.as_millis() as u64)
-            .arg(if budget.is_some() { "1" } else { "0" });
+            .arg(if budget.is_some() { "1" } else { "0" })
+            .arg(count.count);
         let reply: Result<AdmitReply, _> = self
             .redis
             .invoke(Op::Limits, &self.scripts.admit, &inv)

@@ -230,6 +230,8 @@ pub(crate) struct Redis {
 /// host, a GC pause) only sends its own request to the local limits; a
 /// Redis that stays slow stops being asked after this many.
 const SLOW_IN_A_ROW: u32 = 3;
+/// The longest a round trip no request waits on may take.
+const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Redis {
     /// Connects (waiting at most a second, so a replica whose Redis is down
@@ -274,7 +276,30 @@ impl Redis {
         script: &Lua,
         call: &Cmd,
     ) -> Result<T, Unavailable> {
-        self.run(op, Some(script.name), |mut conn| async move {
+        self.invoke_within(op, script, call, self.cfg.timeout).await
+    }
+
+    /// `invoke` for work no request waits on (a flight's publisher): it
+    /// may take up to `BACKGROUND_TIMEOUT` (or `timeout_ms`, if longer),
+    /// so a large batch on a busy Redis is not taken for a failure.
+    pub(crate) async fn invoke_in_background<T: FromRedisValue>(
+        &self,
+        op: Op,
+        script: &Lua,
+        call: &Cmd,
+    ) -> Result<T, Unavailable> {
+        let within = self.cfg.timeout.max(BACKGROUND_TIMEOUT);
+        self.invoke_within(op, script, call, within).await
+    }
+
+    async fn invoke_within<T: FromRedisValue>(
+        &self,
+        op: Op,
+        script: &Lua,
+        call: &Cmd,
+        within: Duration,
+    ) -> Result<T, Unavailable> {
+        self.run(op, Some(script.name), within, |mut conn| async move {
             match call.query_async(&mut conn).await {
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
@@ -295,7 +320,7 @@ impl Redis {
         op: Op,
         cmd: &Cmd,
     ) -> Result<T, Unavailable> {
-        self.run(op, None, |mut conn| async move {
+        self.run(op, None, self.cfg.timeout, |mut conn| async move {
             cmd.query_async(&mut conn).await
         })
         .await
@@ -319,6 +344,7 @@ impl Redis {
         &self,
         op: Op,
         script: Option<&'static str>,
+        within: Duration,
         call: F,
     ) -> Result<T, Unavailable>
     where
@@ -332,7 +358,7 @@ impl Redis {
             return Err(Unavailable);
         };
         let start = Instant::now();
-        let result = tokio::time::timeout(self.cfg.timeout, call(Conn::clone(&conn))).await;
+        let result = tokio::time::timeout(within, call(Conn::clone(&conn))).await;
         self.metrics
             .duration(op)
             .observe(start.elapsed().as_secs_f64());

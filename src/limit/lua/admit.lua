@@ -9,12 +9,14 @@
 -- ARGV[3] tokens_per_minute     ARGV[4] max_concurrent
 -- ARGV[5] replica               ARGV[6] version of this change
 -- ARGV[7] lease ttl_ms          ARGV[8] budgeted ("1" / "0")
+-- ARGV[9] this replica's count of the tenant's requests in flight, this
+--         one included (as of ARGV[6])
 --
 -- Returns {verdict (0 admitted, 1 requests, 2 concurrency), wait_us,
 -- requests remaining, requests reset_us, token balance ("" = no limit),
 -- spend ("" = no budget)}.
 assert(#KEYS == 5, 'ADMIT takes 5 keys')
-assert(#ARGV == 8, 'ADMIT takes 8 arguments')
+assert(#ARGV == 9, 'ADMIT takes 9 arguments')
 local rpm, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tpm, maxc = tonumber(ARGV[3]), tonumber(ARGV[4])
 local tokens = ''
@@ -36,33 +38,35 @@ if rpm > 0 then
   reset = math.ceil(next_tat - now)
 end
 if maxc > 0 then
-  local replica, version = ARGV[5], tonumber(ARGV[6])
+  local replica, version, mine = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[9])
   local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', string.format('%.0f', now))
   for _, r in ipairs(dead) do
-    redis.call('HDEL', KEYS[3], r, r .. ':m', r .. ':b')
+    redis.call('HDEL', KEYS[3], r, r .. ':v', r .. ':m', r .. ':b')
     redis.call('ZREM', KEYS[4], r)
   end
-  -- One read gives every replica's count and this replica's marks.
+  -- One read gives every replica's count and this replica's version.
   local all = redis.call('HGETALL', KEYS[3])
-  local total, base, newest = 0, -1, -1
-  local b_field, m_field = replica .. ':b', replica .. ':m'
+  local others, here, newest = 0, 0, -1
+  local v_field = replica .. ':v'
   for i = 1, #all, 2 do
     local f = all[i]
-    if f == b_field then base = tonumber(all[i + 1])
-    elseif f == m_field then newest = tonumber(all[i + 1])
-    elseif not string.find(f, ':', 1, true) then total = total + tonumber(all[i + 1]) end
+    if f == v_field then newest = tonumber(all[i + 1])
+    elseif f == replica then here = tonumber(all[i + 1])
+    elseif not string.find(f, ':', 1, true) then others = others + tonumber(all[i + 1]) end
   end
-  -- An absolute report newer than this admission already counted it.
-  local counted = version <= base
-  if not counted then total = total + 1 end
-  if total > maxc then
-    if counted then redis.call('HINCRBY', KEYS[3], replica, -1) end
+  -- A newer change of this replica is there already (it counts this
+  -- request); else this admission's count is the replica's.
+  local fresh = version > newest
+  if fresh then here = mine end
+  if others + here > maxc then
+    -- Refused: the replica's count without this request.
+    if fresh then set_count(KEYS[3], replica, version, mine - 1) end
     return {2, 1000000, remaining, reset, tokens, spent}
   end
-  if not counted then change(KEYS[3], replica, version, 1, base, newest) end
-  -- Renewal keeps a reporting replica alive; one Redis has not heard a
-  -- report from (new, or Redis restarted) registers here.
-  if base < 0 or redis.call('PTTL', KEYS[3]) < 0 then
+  if fresh then set_count(KEYS[3], replica, version, mine) end
+  -- A replica Redis has not heard from (new, or Redis restarted empty)
+  -- registers its lease here; renewal keeps it.
+  if newest < 0 or redis.call('PTTL', KEYS[3]) < 0 then
     alive(KEYS[3], KEYS[4], replica, tonumber(ARGV[7]))
   end
 end

@@ -1,24 +1,21 @@
 -- Shared by ADMIT and SETTLE (prepended to each): Redis's time, a
--- tenant's token balance, and the bookkeeping of one replica's in-flight
--- count in the concurrency hash. Per replica R the hash holds `R` (the
--- count), `R:m` (the newest version of a +1/-1 applied) and `R:b` (the
--- version of the last absolute report). A change is applied only if it is
--- newer than the last absolute report (which already includes it); an
--- absolute report only if no newer change was applied. So the count is
--- exact whatever order reports arrive in.
+-- tenant's token balance, and one replica's in-flight count in the
+-- concurrency hash. Per replica R the hash holds `R` (the count) and `R:v`
+-- (the version of the replica's change it is). Every change a replica
+-- sends (an admission, a release, a report) carries its count after the
+-- change and a version that only grows on that replica, and is applied
+-- only if it is newer than the one applied: a count is absolute, so a
+-- change lost or timed out is made good by the next one, and one that
+-- arrives late never undoes a newer one.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function marks(conc, replica)
-  local v = redis.call('HMGET', conc, replica .. ':b', replica .. ':m')
-  return tonumber(v[1]) or -1, tonumber(v[2]) or -1
-end
-local function change(conc, replica, version, by, base, newest)
-  if version <= base then return end
-  local n = redis.call('HINCRBY', conc, replica, by)
-  if n < 0 then redis.call('HSET', conc, replica, 0) end
-  if version > newest then
-    redis.call('HSET', conc, replica .. ':m', string.format('%.0f', version))
-  end
+-- Sets R's count as of `version`, unless a newer change is there; true
+-- if it did.
+local function set_count(conc, replica, version, count)
+  local newest = tonumber(redis.call('HGET', conc, replica .. ':v') or '') or -1
+  if version <= newest then return false end
+  redis.call('HSET', conc, replica, count, replica .. ':v', string.format('%.0f', version))
+  return true
 end
 local function alive(conc, live, replica, ttl_ms)
   redis.call('ZADD', live, string.format('%.0f', now + ttl_ms * 1000), replica)

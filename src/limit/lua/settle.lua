@@ -16,8 +16,8 @@
 -- KEYS[5] the ledger (hash: "tok" and "usd:<period>" -> last total applied)
 -- ARGV[1] tokens_per_minute
 -- ARGV[2] replica
--- ARGV[3] what to do with the count: "" nothing, "release" one fewer,
---         "report" the count is ARGV[5]
+-- ARGV[3] what to do with the count: "" nothing; "release" (one fewer)
+--         or "report" (renewing the lease): the count is ARGV[5]
 -- ARGV[4] version   ARGV[5] count   ARGV[6] lease ttl_ms
 -- ARGV[7] tokens debited in all   ARGV[8] of which confirmed
 -- ARGV[9] period ("" none)   ARGV[10] USD spent in it in all
@@ -56,18 +56,13 @@ end
 redis.call('PEXPIRE', KEYS[5], ARGV[13])
 
 local replica, what, version = ARGV[2], ARGV[3], tonumber(ARGV[4])
-if what == 'release' then
-  local base, newest = marks(KEYS[2], replica)
-  change(KEYS[2], replica, version, -1, base, newest)
-  -- A release may find the hash gone (expired): never leave it without one.
-  if redis.call('PTTL', KEYS[2]) < 0 then
+if what ~= '' then
+  set_count(KEYS[2], replica, version, ARGV[5])
+  if what == 'report' then
+    alive(KEYS[2], KEYS[3], replica, tonumber(ARGV[6]))
+  elseif redis.call('PTTL', KEYS[2]) < 0 then
+    -- A release may find the hash gone (expired): never leave it without one.
     redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[6]) * 2)
   end
-elseif what == 'report' then
-  local base, newest = marks(KEYS[2], replica)
-  if version > base and version >= newest then
-    redis.call('HSET', KEYS[2], replica, ARGV[5], replica .. ':b', string.format('%.0f', version))
-  end
-  alive(KEYS[2], KEYS[3], replica, tonumber(ARGV[6]))
 end
 return 1
