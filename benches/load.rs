@@ -89,13 +89,22 @@ fn distinct_body(tag: &str, n: u64) -> String {
 
 struct Proc {
     child: Child,
-    name: &'static str,
+    name: String,
 }
 
 impl Drop for Proc {
+    /// Kills the process and its children (nginx's worker would outlive a
+    /// killed master).
     fn drop(&mut self) {
+        let children = children(self.pid());
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for pid in children {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 
@@ -131,8 +140,12 @@ fn cpu_ticks(pid: u32) -> u64 {
     // majflt cmajflt utime stime.
     let f: Vec<&str> = after.split_whitespace().collect();
     let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let own = num(11) + num(12);
-    let children: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+    num(11) + num(12) + children(pid).into_iter().map(cpu_ticks).sum::<u64>()
+}
+
+/// The live child processes of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
         .flatten()
         .flatten()
@@ -142,9 +155,7 @@ fn cpu_ticks(pid: u32) -> u64 {
                 .filter_map(|p| p.parse::<u32>().ok())
                 .collect::<Vec<_>>()
         })
-        .map(cpu_ticks)
-        .sum();
-    own + children
+        .collect()
 }
 
 /// Busy fraction of each core over a closure, from /proc/stat.
@@ -177,7 +188,7 @@ fn core_busy<R>(f: impl FnOnce() -> R) -> (R, Vec<f64>) {
 }
 
 fn spawn(
-    name: &'static str,
+    name: &str,
     core: &str,
     args: &[&str],
     env: &[(&str, &str)],
@@ -198,7 +209,14 @@ fn spawn(
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
     let err = BufReader::new(child.stderr.take().expect("stderr"));
     let out = BufReader::new(child.stdout.take().expect("stdout"));
-    (Proc { child, name }, err, out)
+    (
+        Proc {
+            child,
+            name: name.to_string(),
+        },
+        err,
+        out,
+    )
 }
 
 fn wait_line(r: &mut impl BufRead, needle: &str) -> String {
@@ -230,39 +248,58 @@ const NO_LIMITS: &str = "requests_per_minute = 0
 tokens_per_minute = 0
 max_concurrent = 0";
 
-/// A Sluice under test. `limits` sets the tenant's limits (`BENCH_LIMITS`);
-/// `redis` (a port) shares them through that Redis.
-fn start_sluice(
-    name: &'static str,
-    upstream: &str,
-    cache: bool,
-    limits: bool,
-    redis: Option<u16>,
-    tmp: &std::path::Path,
-) -> Sluice {
-    start_sluice_bin(
-        env!("CARGO_BIN_EXE_sluice"),
-        name,
-        upstream,
-        cache,
-        limits,
-        redis,
-        tmp,
-    )
+/// A build of Sluice under test: this tree's (HEAD), or another one
+/// (`SLUICE_BENCH_BASELINE_BIN`) whose rows run interleaved with HEAD's.
+struct Build {
+    bin: String,
+    /// After a row's name: "" for HEAD, "@base" for the baseline.
+    suffix: &'static str,
+    /// The Redis database of its Sluices, so that two builds never read
+    /// each other's keys (whose layout may differ between them).
+    db: u8,
 }
 
-/// `start_sluice` with another build of Sluice (`SLUICE_BENCH_ALT_BIN`).
-fn start_sluice_bin(
-    bin: &str,
-    name: &'static str,
+impl Build {
+    fn head() -> Build {
+        Build {
+            bin: env!("CARGO_BIN_EXE_sluice").to_string(),
+            suffix: "",
+            db: 0,
+        }
+    }
+    fn baseline(bin: String) -> Build {
+        assert!(
+            std::path::Path::new(&bin).is_file(),
+            "SLUICE_BENCH_BASELINE_BIN: no file at {bin}"
+        );
+        Build {
+            bin,
+            suffix: "@base",
+            db: 1,
+        }
+    }
+    fn is_baseline(&self) -> bool {
+        !self.suffix.is_empty()
+    }
+    fn label(&self, name: &str) -> String {
+        format!("{name}{}", self.suffix)
+    }
+}
+
+/// A Sluice of `build` under test. `limits` sets the tenant's limits
+/// (`BENCH_LIMITS`); `redis` (a port) shares them through that Redis.
+fn start_sluice(
+    build: &Build,
+    name: &str,
     upstream: &str,
     cache: bool,
     limits: bool,
     redis: Option<u16>,
     tmp: &std::path::Path,
 ) -> Sluice {
+    let name = build.label(name);
     let redis_section = redis.map_or(String::new(), |port| {
-        format!("[redis]\nurl = \"redis://127.0.0.1:{port}/0\"\n")
+        format!("[redis]\nurl = \"redis://127.0.0.1:{port}/{}\"\n", build.db)
     });
     let cfg = format!(
         r#"
@@ -289,9 +326,9 @@ key_sha256 = ["{}"]
     let path = tmp.join(format!("{name}.toml"));
     std::fs::write(&path, cfg).expect("write config");
     let (p, mut err, out) = spawn(
-        name,
+        &name,
         "0",
-        &[bin, "--config", path.to_str().expect("path")],
+        &[&build.bin, "--config", path.to_str().expect("path")],
         &[
             ("SLUICE_LOG_FORMAT", "json"),
             ("RUST_LOG", "warn,sluice=info,sluice::access=off"),
@@ -817,6 +854,22 @@ struct StreamTimes {
     lone: Vec<Duration>,
 }
 
+impl StreamTimes {
+    /// The stream table's figures (of sorted times).
+    fn figures(&self) -> Vec<Figure> {
+        [
+            ("first event p50 ms, 32 concurrent", &self.first, 0.5),
+            ("first event p99 ms, 32 concurrent", &self.first, 0.99),
+            ("whole stream p50 ms, 32 concurrent", &self.total, 0.5),
+            ("first event p50 ms, one at a time", &self.lone, 0.5),
+            ("first event p99 ms, one at a time", &self.lone, 0.99),
+        ]
+        .into_iter()
+        .map(|(what, times, p)| Figure::ms(what, percentile(times, p)))
+        .collect()
+    }
+}
+
 /// `rounds` rounds; in each, every target in turn gets 32 concurrent streams
 /// of 20 chunks 5 ms apart, then 10 streams one at a time. Targets are
 /// interleaved round by round, so drift on a shared machine hits them alike.
@@ -976,6 +1029,288 @@ fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1000.0)
 }
 
+/// One figure of a row, for its table and the comparison with the baseline.
+struct Figure {
+    what: &'static str,
+    value: f64,
+    decimals: usize,
+}
+
+impl Figure {
+    fn ms(what: &'static str, d: Duration) -> Figure {
+        Figure {
+            what,
+            value: d.as_secs_f64() * 1000.0,
+            decimals: 3,
+        }
+    }
+    fn show(&self) -> String {
+        if self.value.is_nan() {
+            "-".into()
+        } else {
+            format!("{:.*}", self.decimals, self.value)
+        }
+    }
+}
+
+/// A row's figures in the main table.
+struct Res {
+    name: &'static str,
+    baseline: bool,
+    rps: f64,
+    cpu: Option<f64>,
+    p50: Duration,
+    p99: Duration,
+    /// Peak RSS, MiB.
+    rss: Option<f64>,
+}
+
+impl Res {
+    fn figures(&self) -> Vec<Figure> {
+        vec![
+            Figure {
+                what: "req/s @64 conns",
+                value: self.rps,
+                decimals: 0,
+            },
+            Figure {
+                what: "CPU µs/req",
+                value: self.cpu.unwrap_or(f64::NAN),
+                decimals: 2,
+            },
+            Figure::ms("p50 ms @500 rps", self.p50),
+            Figure::ms("p99 ms @500 rps", self.p99),
+            Figure {
+                what: "peak RSS MiB",
+                value: self.rss.unwrap_or(f64::NAN),
+                decimals: 1,
+            },
+        ]
+    }
+}
+
+/// A row of HEAD's figures beside the baseline's, by name.
+type Pair = (&'static str, Vec<Figure>, Vec<Figure>);
+
+/// The closing table: each Sluice row's figures by HEAD and by the
+/// baseline, and HEAD's over the baseline's.
+fn print_comparison(pairs: &[Pair]) {
+    println!("\n| HEAD against baseline | figure | HEAD | baseline | HEAD/baseline |");
+    println!("|---|---|---|---|---|");
+    for (name, head, base) in pairs {
+        for (h, b) in head.iter().zip(base) {
+            println!(
+                "| {name} | {} | {} | {} | {:.3} |",
+                h.what,
+                h.show(),
+                b.show(),
+                h.value / b.value
+            );
+        }
+    }
+}
+
+/// A target of the main table.
+struct Row<'a> {
+    /// What the row measures: the same for HEAD's and the baseline's.
+    name: &'static str,
+    /// Its name in the tables: `name`, and `@base` after the baseline's.
+    label: String,
+    baseline: bool,
+    proc_: Option<&'a Proc>,
+    addr: SocketAddr,
+    /// Admin address, for the Redis rows' round-trip counts.
+    admin: Option<SocketAddr>,
+    bodies: Bodies,
+    /// Bodies a closed-loop pass may use (the remote-hit row).
+    window: Option<u64>,
+}
+
+impl<'a> Row<'a> {
+    /// A target that is not a Sluice: direct, nginx.
+    fn other(name: &'static str, proc_: Option<&'a Proc>, addr: SocketAddr) -> Row<'a> {
+        Row {
+            name,
+            label: name.to_string(),
+            baseline: false,
+            proc_,
+            addr,
+            admin: None,
+            bodies: Bodies::Fixed,
+            window: None,
+        }
+    }
+}
+
+/// What every Sluice under test is started against.
+struct TestBed<'a> {
+    sim_url: &'a str,
+    redis_port: Option<u16>,
+    tmp: &'a std::path::Path,
+    rt: &'a tokio::runtime::Runtime,
+    /// Distinct answers the remote-hit row reads in a closed-loop pass.
+    remote_pass: u64,
+    /// Distinct answers a filler stores in Redis for the remote-hit row.
+    fill_n: u64,
+}
+
+/// One build's Sluices: one for each Sluice row of the main table (for the
+/// Redis rows only with Redis); the miss row's serves the stream row too.
+struct Sluices {
+    build: Build,
+    miss: Sluice,
+    limited: Sluice,
+    cached: Sluice,
+    hit: Sluice,
+    shared: Option<Sluice>,
+    cached_redis: Option<Sluice>,
+    hit_local: Option<Sluice>,
+    hit_remote: Option<Sluice>,
+    /// The remote-hit row's bodies: the answers its filler stored.
+    remote_bodies: Bodies,
+    remote_pass: u64,
+}
+
+impl Sluices {
+    fn start(build: Build, bed: &TestBed) -> Sluices {
+        let start = |name, cache, limits, redis| {
+            start_sluice(&build, name, bed.sim_url, cache, limits, redis, bed.tmp)
+        };
+        let redis_row = |name, cache, limits| {
+            bed.redis_port
+                .map(|port| start(name, cache, limits, Some(port)))
+        };
+        let miss = start("sluice-miss", false, false, None);
+        let limited = start("sluice-miss-limits", false, true, None);
+        let hit = start("sluice-hit", true, false, None);
+        let cached = start("sluice-miss-cache", true, false, None);
+        let shared = redis_row("sluice-miss-redis", false, true);
+        let cached_redis = redis_row("sluice-miss-redis-cache", true, false);
+        let hit_local = redis_row("sluice-hit-redis-local", true, false);
+        // Hits from Redis: a replica of this build (the filler) stores
+        // distinct answers `#r0`, `#r1`, … in Redis; a replica started after
+        // it (its memory empty) reads each of them once, each pass a window
+        // of its own, so every request misses its memory and is answered by
+        // one Redis GET.
+        let hit_remote = redis_row("sluice-filler", true, false).map(|filler| {
+            fill_redis(&filler, bed);
+            drop(filler);
+            start("sluice-hit-redis-remote", true, false, bed.redis_port)
+        });
+        Sluices {
+            build,
+            miss,
+            limited,
+            cached,
+            hit,
+            shared,
+            cached_redis,
+            hit_local,
+            hit_remote,
+            remote_bodies: Bodies::distinct("r", 0, 0),
+            remote_pass: bed.remote_pass,
+        }
+    }
+
+    /// This build's rows of the main table, in their order.
+    fn rows(&self) -> Vec<Row<'_>> {
+        let distinct = |tag| Bodies::distinct(tag, 0, u64::MAX);
+        [
+            ("sluice-miss", Some(&self.miss), Bodies::Fixed),
+            ("sluice-miss-limits", Some(&self.limited), Bodies::Fixed),
+            ("sluice-miss-cache", Some(&self.cached), distinct("c")),
+            ("sluice-miss-redis", self.shared.as_ref(), Bodies::Fixed),
+            (
+                "sluice-miss-redis-cache",
+                self.cached_redis.as_ref(),
+                distinct("m"),
+            ),
+            ("sluice-hit", Some(&self.hit), Bodies::Fixed),
+            (
+                "sluice-hit-redis-local",
+                self.hit_local.as_ref(),
+                Bodies::Fixed,
+            ),
+            (
+                "sluice-hit-redis-remote",
+                self.hit_remote.as_ref(),
+                self.remote_bodies.clone(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, s, bodies)| {
+            s.map(|s| Row {
+                name,
+                label: self.build.label(name),
+                baseline: self.build.is_baseline(),
+                proc_: Some(&s.proc_),
+                addr: s.addr,
+                admin: Some(s.admin),
+                window: (name == "sluice-hit-redis-remote").then_some(self.remote_pass),
+                bodies,
+            })
+        })
+        .collect()
+    }
+
+    /// The hit rows' addresses, whose one entry is warmed before the run.
+    fn hit_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        [Some(&self.hit), self.hit_local.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|s| s.addr)
+    }
+
+    fn procs(&self) -> impl Iterator<Item = &Proc> {
+        [&self.miss, &self.limited, &self.hit, &self.cached]
+            .into_iter()
+            .chain(
+                [
+                    &self.shared,
+                    &self.cached_redis,
+                    &self.hit_local,
+                    &self.hit_remote,
+                ]
+                .into_iter()
+                .flatten(),
+            )
+            .map(|s| &s.proc_)
+    }
+}
+
+/// Stores `bed.fill_n` distinct answers (`#r0`, `#r1`, …) in Redis through
+/// `filler`, and waits until its last stores have reached Redis.
+fn fill_redis(filler: &Sluice, bed: &TestBed) {
+    let t0 = Instant::now();
+    let pass = bed.rt.block_on(throughput(
+        filler.addr,
+        64,
+        Duration::from_secs(3600),
+        &Bodies::distinct("r", 0, bed.fill_n),
+    ));
+    // Stores reach Redis from tasks: wait for the last ones.
+    let stored = |m: &BTreeMap<String, f64>| -> f64 {
+        m.iter()
+            .filter(|(k, _)| k.contains("op=\"cache_put\""))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let mut puts = 0.0;
+    for _ in 0..50 {
+        puts = stored(&sluice_redis_metrics(filler.admin));
+        if puts >= bed.fill_n as f64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "filled Redis through one replica ({}): {} distinct answers in {:.1} s, {puts} stores sent",
+        filler.proc_.name,
+        pass.done,
+        t0.elapsed().as_secs_f64()
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument "quick" shortens runs.
     let quick = std::env::args().any(|a| a == "quick");
@@ -1018,156 +1353,52 @@ fn main() {
         .expect("runtime");
     const REPS: usize = 3;
     const RATE: u64 = 500;
-    let miss = start_sluice("sluice-miss", &sim_url, false, false, None, &tmp);
-    let miss_addr = miss.addr;
-    let limited = start_sluice("sluice-miss-limits", &sim_url, false, true, None, &tmp);
-    // SLUICE_BENCH_ALT_BIN=path: the miss row again with another build, for
-    // a side-by-side of one change (benches/README.md says which).
-    let alt = std::env::var("SLUICE_BENCH_ALT_BIN")
-        .ok()
-        .map(|bin| start_sluice_bin(&bin, "sluice-miss-alt", &sim_url, false, false, None, &tmp));
-    let hit = start_sluice("sluice-hit", &sim_url, true, false, None, &tmp);
-    let cached = start_sluice("sluice-miss-cache", &sim_url, true, false, None, &tmp);
     let nginx = start_nginx(sim_addr, &tmp);
     let redis = start_redis(&tmp);
-    let redis_port = redis.as_ref().ok().map(|r| r.port);
-    let start_redis_row = |name: &'static str, cache: bool, limits: bool| {
-        redis_port.map(|port| start_sluice(name, &sim_url, cache, limits, Some(port), &tmp))
-    };
-    let shared = start_redis_row("sluice-miss-redis", false, true);
-    let cached_redis = start_redis_row("sluice-miss-redis-cache", true, false);
-    let hit_local = start_redis_row("sluice-hit-redis-local", true, false);
-    // Hits from Redis: one replica (the filler) stores distinct answers
-    // `#r0`, `#r1`, … in Redis; a replica started after it (its memory
-    // empty) reads each of them once, each pass a window of its own, so
-    // every request misses its memory and is answered by one Redis GET.
     let remote_pass: u64 = std::env::var("SLUICE_BENCH_REMOTE_KEYS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if quick { 8_000 } else { 25_000 });
     let fixed_n = RATE * dur.as_secs() + FIXED_RATE_WARM;
-    let fill_n = remote_pass * REPS as u64 + fixed_n;
-    let remote_bodies = Bodies::distinct("r", 0, 0);
-    let hit_remote = redis_port.map(|port| {
-        let filler = start_sluice("sluice-filler", &sim_url, true, false, Some(port), &tmp);
-        let t0 = Instant::now();
-        let pass = rt.block_on(throughput(
-            filler.addr,
-            64,
-            Duration::from_secs(3600),
-            &Bodies::distinct("r", 0, fill_n),
-        ));
-        // Stores reach Redis from tasks: wait for the last ones.
-        let stored = |m: &BTreeMap<String, f64>| -> f64 {
-            m.iter()
-                .filter(|(k, _)| k.contains("op=\"cache_put\""))
-                .map(|(_, v)| v)
-                .sum()
-        };
-        let mut puts = 0.0;
-        for _ in 0..50 {
-            puts = stored(&sluice_redis_metrics(filler.admin));
-            if puts >= fill_n as f64 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        println!(
-            "filled Redis through one replica: {} distinct answers in {:.1} s, {puts} stores sent",
-            pass.done,
-            t0.elapsed().as_secs_f64()
-        );
-        drop(filler);
-        start_sluice(
-            "sluice-hit-redis-remote",
-            &sim_url,
-            true,
-            false,
-            Some(port),
-            &tmp,
-        )
-    });
+    let bed = TestBed {
+        sim_url: &sim_url,
+        redis_port: redis.as_ref().ok().map(|r| r.port),
+        tmp: &tmp,
+        rt: &rt,
+        remote_pass,
+        fill_n: remote_pass * REPS as u64 + fixed_n,
+    };
+    let head = Sluices::start(Build::head(), &bed);
+    // SLUICE_BENCH_BASELINE_BIN=path (older name: SLUICE_BENCH_ALT_BIN):
+    // every Sluice row again with that build, right after HEAD's in every
+    // pass, and a closing table of HEAD's figures against the baseline's
+    // (benches/README.md, "Comparing with a baseline").
+    let baseline = ["SLUICE_BENCH_BASELINE_BIN", "SLUICE_BENCH_ALT_BIN"]
+        .into_iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        .map(|bin| {
+            println!("baseline build: {bin}");
+            Sluices::start(Build::baseline(bin), &bed)
+        });
+    let builds: Vec<&Sluices> = std::iter::once(&head).chain(&baseline).collect();
 
-    struct Row<'a> {
-        name: &'static str,
-        proc_: Option<&'a Proc>,
-        addr: SocketAddr,
-        /// Admin address, for the Redis rows' round-trip counts.
-        admin: Option<SocketAddr>,
-        bodies: Bodies,
-        /// Bodies a closed-loop pass may use (the remote-hit row).
-        window: Option<u64>,
-    }
-    fn row<'a>(name: &'static str, s: &'a Sluice, bodies: Bodies) -> Row<'a> {
-        Row {
-            name,
-            proc_: Some(&s.proc_),
-            addr: s.addr,
-            admin: Some(s.admin),
-            bodies,
-            window: None,
-        }
-    }
-    let mut rows: Vec<Row> = Vec::new();
-    rows.push(Row {
-        name: "direct",
-        proc_: None,
-        addr: sim_addr,
-        admin: None,
-        bodies: Bodies::Fixed,
-        window: None,
-    });
+    let mut rows = vec![Row::other("direct", None, sim_addr)];
     match &nginx {
-        Ok((p, addr)) => rows.push(Row {
-            name: "nginx",
-            proc_: Some(p),
-            addr: *addr,
-            admin: None,
-            bodies: Bodies::Fixed,
-            window: None,
-        }),
+        Ok((p, addr)) => rows.push(Row::other("nginx", Some(p), *addr)),
         Err(reason) => println!("nginx row skipped: {reason}"),
     }
-    rows.push(row("sluice-miss", &miss, Bodies::Fixed));
-    if let Some(alt) = &alt {
-        rows.push(row("sluice-miss-alt", alt, Bodies::Fixed));
+    if let Err(reason) = &redis {
+        println!("Redis rows (sluice-miss-redis, sluice-miss-redis-cache, sluice-hit-redis-*) skipped: {reason}");
     }
-    rows.push(row("sluice-miss-limits", &limited, Bodies::Fixed));
-    rows.push(row(
-        "sluice-miss-cache",
-        &cached,
-        Bodies::distinct("c", 0, u64::MAX),
-    ));
-    let redis_rows = [
-        (&shared, "sluice-miss-redis", Bodies::Fixed),
-        (
-            &cached_redis,
-            "sluice-miss-redis-cache",
-            Bodies::distinct("m", 0, u64::MAX),
-        ),
-    ];
-    for (s, name, bodies) in redis_rows {
-        match s {
-            Some(s) => rows.push(row(name, s, bodies)),
-            None => println!(
-                "{name} row skipped: {}",
-                redis.as_ref().err().map_or("", String::as_str)
-            ),
-        }
-    }
-    rows.push(row("sluice-hit", &hit, Bodies::Fixed));
-    for (s, name) in [
-        (&hit_local, "sluice-hit-redis-local"),
-        (&hit_remote, "sluice-hit-redis-remote"),
-    ] {
-        if let Some(s) = s {
-            let mut r = row(name, s, Bodies::Fixed);
-            if name == "sluice-hit-redis-remote" {
-                r.bodies = remote_bodies.clone();
-                r.window = Some(remote_pass);
-            }
-            rows.push(r);
-        }
+    // Each of HEAD's Sluice rows, then the baseline's of the same name.
+    let mut twins = baseline
+        .as_ref()
+        .map(Sluices::rows)
+        .unwrap_or_default()
+        .into_iter();
+    for row in head.rows() {
+        rows.push(row);
+        rows.extend(twins.next());
     }
     // SLUICE_BENCH_ROWS=a,b: only these rows (and direct, the baseline).
     if let Ok(only) = std::env::var("SLUICE_BENCH_ROWS") {
@@ -1175,10 +1406,7 @@ fn main() {
         rows.retain(|r| r.name == "direct" || only.contains(&r.name));
     }
     // Warm the hit rows' one entry.
-    for addr in [Some(hit.addr), hit_local.as_ref().map(|s| s.addr)]
-        .into_iter()
-        .flatten()
-    {
+    for addr in builds.iter().flat_map(|s| s.hit_addrs()) {
         rt.block_on(async {
             let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
             let r = client
@@ -1235,13 +1463,6 @@ fn main() {
             }
         }
     }
-    struct Res {
-        name: &'static str,
-        rps: f64,
-        cpu: Option<f64>,
-        p50: Duration,
-        p99: Duration,
-    }
     let mut results = Vec::new();
     for ((row, sum), tally) in rows.iter().zip(&sums).zip(&mut tallies) {
         let cpu = row.proc_.map(|_| sum.cpu_us as f64 / sum.pass.done as f64);
@@ -1260,7 +1481,7 @@ fn main() {
         let rss = row.proc_.map(|p| p.rss_kib().0 as f64 / 1024.0);
         println!(
             "| {} | {rps:.0} | {} | {:.0}% / {:.0}% | {} | {} | {} |",
-            row.name,
+            row.label,
             cpu.map_or("-".into(), |c| format!("{c:.1}")),
             sum.busy.first().unwrap_or(&0.0) * 100.0,
             sum.busy.get(1).unwrap_or(&0.0) * 100.0,
@@ -1270,10 +1491,12 @@ fn main() {
         );
         results.push(Res {
             name: row.name,
+            baseline: row.baseline,
             rps,
             cpu,
             p50,
             p99,
+            rss,
         });
     }
     println!();
@@ -1281,19 +1504,20 @@ fn main() {
         if row.name.contains("cache") || row.name.contains("hit") {
             println!(
                 "{}: {} of {} closed-loop answers were x-sluice-cache: hit ({:.2}%)",
-                row.name,
+                row.label,
                 sum.pass.hits,
                 sum.pass.done,
                 sum.pass.hits as f64 * 100.0 / sum.pass.done.max(1) as f64
             );
         }
     }
-    let base = |n: &str| results.iter().find(|r| r.name == n);
+    // HEAD's row of that name.
+    let base = |n: &str| results.iter().find(|r| r.name == n && !r.baseline);
     let cpu_of = |r: &Res| r.cpu.unwrap_or(f64::NAN);
     let met = |ok: bool| if ok { "met" } else { "NOT met" };
     let tally = |n: &str| {
         rows.iter()
-            .position(|r| r.name == n)
+            .position(|r| r.name == n && !r.baseline)
             .and_then(|i| tallies.get(i))
             .filter(|_| redis_ok.is_some())
     };
@@ -1315,15 +1539,6 @@ fn main() {
         }
         if let Some(hit) = base("sluice-hit") {
             println!("sluice-hit: {:.2}× direct req/s", hit.rps / direct.rps);
-        }
-        if let Some(alt) = base("sluice-miss-alt") {
-            println!(
-                "sluice-miss-alt vs sluice-miss: req/s {:.2}×, CPU/req {:.3}×, p50 {} vs {} ms",
-                alt.rps / miss.rps,
-                cpu_of(alt) / cpu_of(miss),
-                ms(alt.p50),
-                ms(miss.p50)
-            );
         }
         if let Some(lim) = base("sluice-miss-limits") {
             println!(
@@ -1393,33 +1608,42 @@ fn main() {
         }
     }
     println!();
-    for row in rows.iter().filter(|r| is_redis_row(r)) {
-        if let Some(t) = tally(row.name) {
-            t.report(row.name);
+    for (row, t) in rows.iter().zip(&tallies) {
+        if is_redis_row(row) && redis_ok.is_some() {
+            t.report(&row.label);
         }
     }
+    // Each baseline row beside HEAD's, for the closing table.
+    let mut comparison: Vec<Pair> = results
+        .iter()
+        .filter(|r| r.baseline)
+        .filter_map(|b| base(b.name).map(|h| (b.name, h.figures(), b.figures())))
+        .collect();
 
     println!("\n| streams (32 concurrent, 20 chunks 5 ms apart) | first event p50 ms | first event p99 ms | whole stream p50 ms | one stream at a time: first event p50 ms | p99 ms |");
     println!("|---|---|---|---|---|---|");
     let rounds = if quick { 5 } else { 20 };
-    let mut stream_rows = vec![("direct", sim_addr), ("sluice-stream", miss_addr)];
+    let mut stream_rows = vec![("direct".to_string(), sim_addr)];
     if let Ok((_, addr)) = &nginx {
-        stream_rows.insert(1, ("nginx", *addr));
+        stream_rows.push(("nginx".into(), *addr));
     }
+    let sluice_at = stream_rows.len();
+    stream_rows.extend(
+        builds
+            .iter()
+            .map(|s| (s.build.label("sluice-stream"), s.miss.addr)),
+    );
     let addrs: Vec<SocketAddr> = stream_rows.iter().map(|r| r.1).collect();
     let times = rt.block_on(streams(&addrs, rounds));
-    for ((name, _), t) in stream_rows.iter().zip(&times) {
-        println!(
-            "| {name} | {} | {} | {} | {} | {} |",
-            ms(percentile(&t.first, 0.5)),
-            ms(percentile(&t.first, 0.99)),
-            ms(percentile(&t.total, 0.5)),
-            ms(percentile(&t.lone, 0.5)),
-            ms(percentile(&t.lone, 0.99))
-        );
+    for ((label, _), t) in stream_rows.iter().zip(&times) {
+        let cells: Vec<String> = t.figures().iter().map(Figure::show).collect();
+        println!("| {label} | {} |", cells.join(" | "));
+    }
+    if let [head_t, base_t] = &times[sluice_at..] {
+        comparison.push(("sluice-stream", head_t.figures(), base_t.figures()));
     }
 
-    if let (Some(a), Some(b)) = (&cached_redis, &hit_local) {
+    if let (Some(a), Some(b)) = (&head.cached_redis, &head.hit_local) {
         let rounds = if quick { 40 } else { 200 };
         let (first, all, alone) = rt.block_on(fleet_follow(a.addr, b.addr, rounds));
         if first.is_empty() {
@@ -1439,23 +1663,33 @@ fn main() {
     }
 
     if idle_n > 0 {
-        let (opened, rss) = rt.block_on(idle_streams(miss_addr, &miss.proc_, idle_n));
+        let (opened, rss) = rt.block_on(idle_streams(head.miss.addr, &head.miss.proc_, idle_n));
         println!(
             "\nidle streams held open through sluice: {opened} of {idle_n}, RSS {:.1} MiB",
             rss as f64 / 1024.0
         );
     }
-    for p in [&miss, &limited, &hit, &cached]
-        .into_iter()
-        .chain(
-            [&shared, &cached_redis, &hit_local, &hit_remote]
-                .into_iter()
-                .flatten(),
-        )
-        .map(|s| &s.proc_)
-    {
+    for p in builds.iter().flat_map(|s| s.procs()) {
         let (hwm, _) = p.rss_kib();
         println!("{} peak RSS: {:.1} MiB", p.name, hwm as f64 / 1024.0);
+    }
+    if !comparison.is_empty() {
+        print_comparison(&comparison);
+        let twin = results
+            .iter()
+            .find(|r| r.name == "sluice-miss" && r.baseline);
+        if let (Some(h), Some(b)) = (base("sluice-miss"), twin) {
+            println!(
+                "\nsluice-miss, HEAD/baseline: CPU/req {:.3}× ({:.2} vs {:.2} µs), req/s {:.3}×, \
+                 p50 {:.3}×, p99 {:.3}×",
+                cpu_of(h) / cpu_of(b),
+                cpu_of(h),
+                cpu_of(b),
+                h.rps / b.rps,
+                h.p50.as_secs_f64() / b.p50.as_secs_f64(),
+                h.p99.as_secs_f64() / b.p99.as_secs_f64()
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -8,9 +8,10 @@
 # SLUICE_BENCH_IDLE_STREAMS=0 skips the 10 000 idle streams.
 # SLUICE_BENCH_ROWS=sluice-miss,sluice-miss-cache runs only those rows of the
 # main table (and direct); for profiling one path, not for the figures.
-# SLUICE_BENCH_ALT_BIN=path/to/sluice adds a row sluice-miss-alt: the miss
-# row with that build, interleaved with the others, for a side-by-side of
-# one change.
+# SLUICE_BENCH_BASELINE_BIN=path/to/sluice (older name SLUICE_BENCH_ALT_BIN)
+# runs every Sluice row again with that build (rows named ...@base), each
+# right after HEAD's in every pass, and ends with a table of HEAD's figures
+# over the baseline's; benches/compare.sh REV builds REV and does this.
 # SLUICE_BENCH_REMOTE_KEYS=N: distinct answers the sluice-hit-redis-remote row
 # reads a pass (default 8 000 quick, 25 000 full; Redis is filled with three
 # passes' worth plus the fixed-rate phase's before the run).
