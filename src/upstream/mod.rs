@@ -465,8 +465,10 @@ pub(crate) async fn read_small(
     }
 }
 
+/// Upstream statuses worth another attempt: rate limited, and the server
+/// errors that say it is busy or broken for now (529: overloaded).
 fn retryable(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 429 | 500 | 502 | 503)
+    matches!(status.as_u16(), 429 | 500 | 502 | 503 | 529)
 }
 
 /// Exponential backoff from 100 ms, doubling, capped at 5 s, with full

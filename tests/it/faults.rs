@@ -32,6 +32,29 @@ async fn retries_get_through_a_flaky_upstream() {
 }
 
 #[tokio::test]
+async fn an_overloaded_upstream_is_retried() {
+    let gw = TestGateway::start("").await;
+    let r = call(
+        &gw.url("/v1/chat/completions"),
+        ALPHA,
+        &chat("overloaded"),
+        &[
+            ("x-sim-status", "529"),
+            ("x-sim-fail-first", "1"),
+            ("x-sim-key", "overloaded-1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(gw.sim.calls(), 2);
+    assert_eq!(
+        gw.metric("sluice_upstream_requests_total", &[("status", "529")])
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
 async fn connections_broken_before_headers_are_retried() {
     let gw = TestGateway::start("").await;
     let url = gw.url("/v1/chat/completions");
