@@ -782,4 +782,30 @@ mod tests {
         assert_eq!(info.usage.map(|u| u.total), Some(5));
         assert!(info.usage_only);
     }
+    #[test]
+    fn floats_survive_storing_and_replay_exactly() {
+        // FUZZING.md finding 3: `2.0000000000000002e102` came back `2e102`.
+        let completion = json!({
+            "id": "x", "object": "chat.completion", "created": 1, "model": "deepseek-chat",
+            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": [
+                {"token": "a", "logprob": 2.0000000000000002e102, "top_logprobs": []},
+                {"token": "b", "logprob": -1.474927536723323e-236, "top_logprobs": []},
+                {"token": "c", "logprob": 0.1, "top_logprobs": []},
+                {"token": "d", "logprob": -9.5367431640625e-7, "top_logprobs": []}
+            ]}, "message": {"role": "assistant", "content": "abcd"}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}
+        });
+        let stored = completion.to_string();
+        let mut a = Assembler::new(Shape::Chat);
+        for ev in chunks_of(&serde_json::from_str(&stored).expect("json")) {
+            let EventData::Data(d) = event_data(&ev) else {
+                panic!("data")
+            };
+            a.push(&d).expect("json");
+        }
+        let again = a.finish();
+        assert_eq!(again, completion);
+        assert_eq!(again.to_string(), stored, "byte for byte");
+    }
+
 }
