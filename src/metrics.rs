@@ -40,6 +40,10 @@ pub struct Metrics {
     pub(crate) auth_failures: IntCounter,
     pub(crate) usage_estimated: IntCounterVec,
     pub(crate) inflight: IntGaugeVec,
+    /// Time waiting for a full upstream's slot, per tenant.
+    pub(crate) upstream_queue: HistogramVec,
+    /// Requests waiting for a full upstream's slot, per tenant.
+    pub(crate) upstream_waiting: IntGaugeVec,
     pub(crate) cache_entries: IntGauge,
     pub(crate) cache_bytes: IntGauge,
     pub(crate) balance: GaugeVec,
@@ -101,6 +105,16 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(cost.clone())).expect("unique metric");
+        let upstream_waiting = IntGaugeVec::new(
+            Opts::new(
+                "sluice_upstream_waiting",
+                "Requests waiting for a slot of a full upstream (max_concurrent).",
+            ),
+            &["tenant"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(upstream_waiting.clone()))
+            .expect("unique metric");
         let inflight = IntGaugeVec::new(
             Opts::new(
                 "sluice_inflight_requests",
@@ -206,6 +220,13 @@ impl Metrics {
                 "Requests metered by estimate because upstream usage never arrived.",
                 &["tenant", "model"],
             ),
+            upstream_queue: histogram(
+                &r,
+                "sluice_upstream_queue_seconds",
+                "Time a request waited for a slot of a full upstream (max_concurrent), waits that ended in a 504 included.",
+                &["tenant"],
+            ),
+            upstream_waiting,
             inflight,
             cache_entries,
             cache_bytes,

@@ -36,6 +36,8 @@ pub struct Tenant {
     /// Empty = any model.
     pub(crate) models: Vec<String>,
     pub(crate) cache: bool,
+    /// Its share of a full upstream's slots while its requests wait.
+    pub(crate) weight: u32,
     pub(crate) limits: Arc<TenantLimits>,
     pub(crate) inflight: IntGauge,
     /// Usage metric handles per model label, resolved on first use.
@@ -73,6 +75,7 @@ impl Tenant {
             name: Arc::from(config.name.as_str()),
             models: config.models.clone(),
             cache: config.cache,
+            weight: config.weight,
             limits,
             inflight: metrics.inflight.with_label_values(&[&config.name]),
             usage: models

@@ -807,5 +807,4 @@ mod tests {
         assert_eq!(again, completion);
         assert_eq!(again.to_string(), stored, "byte for byte");
     }
-
 }

@@ -204,6 +204,9 @@ pub struct TenantConfig {
     pub cache: bool,
     /// `None` = no spend cap.
     pub budget: Option<BudgetSpec>,
+    /// The tenant's share of a full upstream's slots while its requests
+    /// wait for them (at least 1).
+    pub weight: u32,
 }
 
 /// A calendar period in UTC (docs/budgets.md).

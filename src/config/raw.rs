@@ -160,6 +160,12 @@ pub(super) struct RawTenant {
     pub(super) budget_usd: f64,
     #[serde(default = "default_period")]
     pub(super) budget_period: String,
+    #[serde(default = "default_weight")]
+    pub(super) weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 fn default_period() -> String {

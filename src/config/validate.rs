@@ -226,6 +226,9 @@ fn tenants(
         if t.models.iter().any(|m| m.is_empty()) {
             errs.push(format!("{at}.models: model names must not be empty"));
         }
+        if t.weight == 0 {
+            errs.push(format!("{at}.weight: must be at least 1"));
+        }
         let budget = tenant_budget(&at, &t, pricing, errs);
         tenants.push(TenantConfig {
             name: t.name,
@@ -239,6 +242,7 @@ fn tenants(
             models: t.models,
             cache: t.cache,
             budget,
+            weight: t.weight.max(1),
         });
     }
     tenants

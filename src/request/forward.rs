@@ -79,6 +79,10 @@ impl Ctx {
             },
             sink,
         };
+        let (name, weight) = (
+            Arc::clone(&plan.meter.tenant.name),
+            plan.meter.tenant.weight,
+        );
         let (sent, plan) = if plan.sink.leader.is_some() {
             // A flight's leader: the call is owned (boxed), so that if this
             // client leaves before the headers while followers wait, it goes
@@ -91,7 +95,8 @@ impl Ctx {
                         .choose()
                         .and_then(|peer| peer.target(path))
                         .ok_or(GatewayError::UpstreamUnreachable)?;
-                    let outbound = Outbound::new(Method::POST, target, headers, body);
+                    let outbound = Outbound::new(Method::POST, target, headers, body)
+                        .for_tenant(&name, weight);
                     let cfg = &snap.config.upstream;
                     app.upstream
                         .send(cfg, &app.metrics, deadline, &outbound)
@@ -101,7 +106,8 @@ impl Ctx {
             let launch = Launch::new(call, plan);
             launch.await?
         } else {
-            let outbound = Outbound::new(Method::POST, target, headers, body);
+            let outbound =
+                Outbound::new(Method::POST, target, headers, body).for_tenant(&name, weight);
             let sent = self
                 .app
                 .upstream

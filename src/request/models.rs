@@ -35,7 +35,8 @@ impl Ctx {
             target,
             upstream_headers(headers, peer, &self.record.request_id),
             Bytes::new(),
-        );
+        )
+        .for_tenant(&tenant.name, tenant.weight);
         let deadline = self.record.start + cfg.first_byte_timeout;
         let sent = self
             .app

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, StatusCode};
 use http_body::Body as _;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
 use tokio::time::Sleep;
 
 use crate::api::openai::{self, Assembler, Shape};
@@ -46,6 +46,7 @@ use crate::response::log::LogOpts;
 use crate::response::record::{Outcome, RelaySummary};
 use crate::response::BoxError;
 use crate::tenant::Tenant;
+use crate::upstream::fair::Slot;
 use crate::upstream::{Sent, UpstreamBody};
 
 /// Who pays for the tokens of this upstream call, and at what price.
@@ -128,7 +129,7 @@ pub(crate) struct Relay {
     charged: bool,
     meter: Meter,
     sink: Sink,
-    slot: Option<OwnedSemaphorePermit>,
+    slot: Option<Slot>,
     response_bytes: usize,
     /// Characters of generated text relayed, for the usage estimate.
     completion_chars: u64,
@@ -162,7 +163,7 @@ pub(crate) struct Answer {
     pub(crate) status: StatusCode,
     pub(crate) content_type: Option<HeaderValue>,
     /// The upstream concurrency slot the call holds until it is done.
-    pub(crate) slot: Option<OwnedSemaphorePermit>,
+    pub(crate) slot: Option<Slot>,
 }
 
 impl Answer {

@@ -30,12 +30,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use rand::Rng;
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
 pub(crate) mod balance;
+pub(crate) mod fair;
 pub(crate) mod pool;
 
+use fair::{Claimant, FairGate, Slot};
 use pool::{Origin, Target};
 
 use crate::config::UpstreamConfig;
@@ -49,15 +50,15 @@ pub(crate) struct Upstream {
     /// For the TCP connect and the TLS handshake together.
     connect_timeout: Duration,
     pool: Arc<Pool>,
-    /// `upstream.max_concurrent`; tokio's semaphore is fair (FIFO).
-    slots: Option<Arc<Semaphore>>,
+    /// `upstream.max_concurrent`, shared fairly between tenants.
+    slots: Option<Arc<FairGate>>,
 }
 
 /// A response whose headers arrived, with the upstream slot it holds until
 /// its body is done.
 pub(crate) struct Sent {
     pub(crate) response: Response<UpstreamBody>,
-    pub(crate) slot: Option<OwnedSemaphorePermit>,
+    pub(crate) slot: Option<Slot>,
 }
 
 /// The longest `retry-after` Sluice waits out for a client.
@@ -110,7 +111,7 @@ impl Upstream {
             connector,
             connect_timeout: cfg.connect_timeout,
             pool,
-            slots: (cfg.max_concurrent > 0).then(|| Arc::new(Semaphore::new(cfg.max_concurrent))),
+            slots: (cfg.max_concurrent > 0).then(|| FairGate::new(cfg.max_concurrent)),
         })
     }
 
@@ -128,12 +129,10 @@ impl Upstream {
         loop {
             let slot = match &self.slots {
                 None => None,
-                Some(s) => {
-                    match tokio::time::timeout_at(deadline, Arc::clone(s).acquire_owned()).await {
-                        Ok(Ok(permit)) => Some(permit),
-                        Ok(Err(_)) | Err(_) => return Err(GatewayError::UpstreamTimeout),
-                    }
-                }
+                Some(gate) => Some(match gate.try_take() {
+                    Some(slot) => slot,
+                    None => wait_for_slot(gate, &req.claimant, metrics, deadline).await?,
+                }),
             };
             let started = Instant::now();
             let result = tokio::time::timeout_at(deadline, self.exchange(req)).await;
@@ -247,6 +246,8 @@ pub(crate) struct Outbound<'a> {
     target: &'a Target,
     headers: HeaderMap,
     body: Bytes,
+    /// Whose request it is, for its place when the upstream is full.
+    claimant: Claimant,
 }
 
 impl<'a> Outbound<'a> {
@@ -271,7 +272,20 @@ impl<'a> Outbound<'a> {
             target,
             headers,
             body,
+            claimant: Claimant {
+                tenant: Arc::from(""),
+                weight: 1,
+            },
         }
+    }
+
+    /// The request is `tenant`'s, with its weight for a full upstream.
+    pub(crate) fn for_tenant(mut self, tenant: &Arc<str>, weight: u32) -> Self {
+        self.claimant = Claimant {
+            tenant: Arc::clone(tenant),
+            weight,
+        };
+        self
     }
 
     fn attempt(&self) -> Request<Full<Bytes>> {
@@ -463,6 +477,31 @@ pub(crate) async fn read_small(
         Ok(Err(_)) => Err(GatewayError::UpstreamUnreachable),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
+}
+
+/// Waits for a slot of a full upstream, in its fair order, until
+/// `deadline` (then 504); the wait is observed per tenant either way.
+async fn wait_for_slot(
+    gate: &Arc<FairGate>,
+    who: &Claimant,
+    metrics: &Metrics,
+    deadline: tokio::time::Instant,
+) -> Result<Slot, GatewayError> {
+    let tenant: &str = if who.tenant.is_empty() {
+        "-"
+    } else {
+        &who.tenant
+    };
+    let waiting = metrics.upstream_waiting.with_label_values(&[tenant]);
+    waiting.inc();
+    let started = Instant::now();
+    let got = tokio::time::timeout_at(deadline, gate.acquire(who)).await;
+    waiting.dec();
+    metrics
+        .upstream_queue
+        .with_label_values(&[tenant])
+        .observe(started.elapsed().as_secs_f64());
+    got.map_err(|_| GatewayError::UpstreamTimeout)
 }
 
 /// Upstream statuses worth another attempt: rate limited, and the server

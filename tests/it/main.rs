@@ -9,6 +9,7 @@ mod cache;
 mod connections;
 mod errors;
 mod exactly_once;
+mod fair_share;
 mod fault_proxy;
 mod faults;
 mod fleet;

@@ -1,0 +1,318 @@
+//! A weighted fair share of an upstream's concurrency slots
+//! (`max_concurrent`) between tenants. While a slot is free and nobody
+//! waits, a request takes one at once (two atomics, no lock). When the
+//! upstream is full, requests wait; the next slot that frees goes to the
+//! waiting tenant that has had the least of the slots relative to its
+//! `weight` since it began waiting (start-time fair queueing: each waiting
+//! request gets a start tag `max(now, its tenant's previous finish tag)`,
+//! a finish tag `start + 1/weight`, and the smallest start tag is served
+//! next; virtual time is the start tag last served). No credit for time
+//! spent idle, no debt for slots used before a tenant began waiting; first
+//! come, first served within a tenant. So a tenant with a hundred requests
+//! waiting delays another tenant's one request by about one slot's
+//! turnover, and two tenants that both keep requests waiting get slots in
+//! the ratio of their weights.
+//!
+//! Written by hand: tokio's semaphore is FIFO across all waiters, and no
+//! maintained crate offers weighted fair queueing of permits.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+/// A fair share of one upstream's slots.
+pub(crate) struct FairGate {
+    capacity: usize,
+    in_use: AtomicUsize,
+    /// Requests waiting (read without the lock by the fast paths).
+    waiting: AtomicUsize,
+    queue: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// The start tag last served.
+    now: f64,
+    next_id: u64,
+    flows: HashMap<Arc<str>, Flow>,
+}
+
+/// One tenant's waiting requests.
+struct Flow {
+    /// Finish tag of the last request queued.
+    finish: f64,
+    weight: f64,
+    waiters: VecDeque<Waiter>,
+}
+
+struct Waiter {
+    id: u64,
+    start: f64,
+    grant: oneshot::Sender<Slot>,
+}
+
+/// One of an upstream's slots, freed when dropped.
+pub(crate) struct Slot {
+    gate: Arc<FairGate>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.gate.release();
+    }
+}
+
+/// Who asks for a slot: a tenant's name and weight.
+#[derive(Debug, Clone)]
+pub(crate) struct Claimant {
+    pub(crate) tenant: Arc<str>,
+    pub(crate) weight: u32,
+}
+
+impl FairGate {
+    pub(crate) fn new(capacity: usize) -> Arc<FairGate> {
+        Arc::new(FairGate {
+            capacity,
+            in_use: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            queue: Mutex::new(Queue::default()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a free slot when nobody waits for one.
+    pub(crate) fn try_take(self: &Arc<Self>) -> Option<Slot> {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        self.take_free().then(|| Slot {
+            gate: Arc::clone(self),
+        })
+    }
+
+    /// Counts one more slot in use, if one is free.
+    fn take_free(&self) -> bool {
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.capacity).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// A slot for `who`: at once when one is free and nobody waits, else
+    /// after the requests the fair order puts first. The caller bounds the
+    /// wait (dropping the future gives the place up).
+    pub(crate) async fn acquire(self: &Arc<Self>, who: &Claimant) -> Slot {
+        if let Some(slot) = self.try_take() {
+            return slot;
+        }
+        let (grant, granted) = oneshot::channel();
+        let id = {
+            let mut q = self.lock();
+            q.next_id += 1;
+            let id = q.next_id;
+            let now = q.now;
+            let weight = f64::from(who.weight.max(1));
+            let flow = q.flows.entry(Arc::clone(&who.tenant)).or_insert(Flow {
+                finish: now,
+                weight,
+                waiters: VecDeque::new(),
+            });
+            // A tenant that was not waiting starts at the present: no
+            // credit for idle time, no debt from before.
+            if flow.waiters.is_empty() {
+                flow.finish = now;
+            }
+            flow.weight = weight;
+            let start = flow.finish.max(now);
+            flow.finish = start + 1.0 / weight;
+            flow.waiters.push_back(Waiter { id, start, grant });
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+            // A slot may have freed between the fast path and the queue.
+            self.dispatch(&mut q);
+            id
+        };
+        let mut cancel = Cancel {
+            gate: self,
+            tenant: &who.tenant,
+            id,
+            armed: true,
+        };
+        let slot = granted.await;
+        cancel.armed = false;
+        match slot {
+            Ok(slot) => slot,
+            // The gate never drops a waiter's sender without a slot while
+            // the waiter waits; a closed channel cannot happen, but is no
+            // reason to go without one.
+            Err(_) => Box::pin(self.acquire(who)).await,
+        }
+    }
+
+    /// Hands free slots to the waiters the fair order puts first.
+    fn dispatch(self: &Arc<Self>, q: &mut Queue) {
+        while self.waiting.load(Ordering::Acquire) > 0 {
+            let Some(tenant) = q
+                .flows
+                .iter()
+                .filter_map(|(t, f)| f.waiters.front().map(|w| (t, w.start)))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(t, _)| Arc::clone(t))
+            else {
+                return;
+            };
+            if !self.take_free() {
+                return;
+            }
+            let Some(flow) = q.flows.get_mut(&tenant) else {
+                self.in_use.fetch_sub(1, Ordering::AcqRel);
+                return;
+            };
+            let Some(waiter) = flow.waiters.pop_front() else {
+                self.in_use.fetch_sub(1, Ordering::AcqRel);
+                return;
+            };
+            if flow.waiters.is_empty() {
+                q.flows.remove(&tenant);
+            }
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            q.now = q.now.max(waiter.start);
+            let slot = Slot {
+                gate: Arc::clone(self),
+            };
+            // A waiter that has just gone away gives the slot back (its
+            // drop runs `release`, which needs the lock: not while held).
+            if let Err(slot) = waiter.grant.send(slot) {
+                std::mem::forget(slot);
+                self.in_use.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    fn release(self: &Arc<Self>) {
+        self.in_use.fetch_sub(1, Ordering::AcqRel);
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            let mut q = self.lock();
+            self.dispatch(&mut q);
+        }
+    }
+
+    /// Requests waiting now.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+}
+
+/// Takes a waiter out of the queue when its wait is given up (a timeout,
+/// the client gone).
+struct Cancel<'a> {
+    gate: &'a Arc<FairGate>,
+    tenant: &'a Arc<str>,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for Cancel<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut q = self.gate.lock();
+        let Some(flow) = q.flows.get_mut(self.tenant) else {
+            return;
+        };
+        let before = flow.waiters.len();
+        flow.waiters.retain(|w| w.id != self.id);
+        if flow.waiters.len() < before {
+            self.gate.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+        if flow.waiters.is_empty() {
+            q.flows.remove(self.tenant);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(tenant: &str, weight: u32) -> Claimant {
+        Claimant {
+            tenant: Arc::from(tenant),
+            weight,
+        }
+    }
+
+    /// The order in which requests queued in `arrivals` order (tenant,
+    /// weight) are served, one slot, for the first `served` of them.
+    async fn order(arrivals: &[(&str, u32)], served: usize) -> Vec<String> {
+        let gate = FairGate::new(1);
+        let held = gate.acquire(&who("holder", 1)).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for (i, (tenant, weight)) in arrivals.iter().enumerate() {
+            let (gate2, tx, c) = (Arc::clone(&gate), tx.clone(), who(tenant, *weight));
+            tokio::spawn(async move {
+                let slot = gate2.acquire(&c).await;
+                let _ = tx.send((c.tenant.to_string(), slot));
+            });
+            // Queued in this order.
+            while gate.waiting() <= i {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(held);
+        let mut out = Vec::new();
+        while out.len() < served {
+            let (tenant, slot) = rx.recv().await.expect("served");
+            out.push(tenant);
+            drop(slot);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn one_request_waits_one_turn_behind_a_hundred() {
+        let mut arrivals = vec![("batch", 1); 100];
+        arrivals.push(("interactive", 1));
+        let served = order(&arrivals, 5).await;
+        let at = served.iter().position(|t| t == "interactive");
+        assert!(at.is_some_and(|i| i <= 1), "{served:?}");
+    }
+
+    #[tokio::test]
+    async fn backlogged_tenants_share_by_weight() {
+        // Interleaved arrivals: FIFO would serve them 1:1.
+        let arrivals: Vec<(&str, u32)> = (0..120)
+            .map(|i| if i % 2 == 0 { ("a", 3) } else { ("b", 1) })
+            .collect();
+        let served = order(&arrivals, 40).await;
+        let a = served.iter().filter(|t| *t == "a").count();
+        assert!((28..=32).contains(&a), "{a} of 40: {served:?}");
+    }
+
+    #[tokio::test]
+    async fn a_wait_given_up_leaves_the_queue() {
+        let gate = FairGate::new(1);
+        let held = gate.acquire(&who("a", 1)).await;
+        let gave_up = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            gate.acquire(&who("b", 1)),
+        )
+        .await;
+        assert!(gave_up.is_err());
+        assert_eq!(gate.waiting(), 0);
+        drop(held);
+        let again = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            gate.acquire(&who("c", 1)),
+        )
+        .await;
+        assert!(again.is_ok(), "the slot came back");
+    }
+}
