@@ -111,7 +111,9 @@ impl Publisher {
         let first = first.await;
         if let Ok((head, Some(end))) = &first {
             if *head != Some(Head::Stream) {
-                fleet.finish(&n, &owner, end, store).await;
+                fleet
+                    .finish(&n, &owner, end, store, reader.flight().upstream())
+                    .await;
                 return;
             }
         }
@@ -150,7 +152,9 @@ impl Publisher {
                 };
                 if let (None, Some(end)) = (head, &end) {
                     // An answer that never began: its end is all there is.
-                    fleet.finish(&n, &owner, end, store).await;
+                    fleet
+                        .finish(&n, &owner, end, store, reader.flight().upstream())
+                        .await;
                     return;
                 }
                 head
@@ -161,7 +165,12 @@ impl Publisher {
         // ended already: its events go out before the end).
         let mut end = None;
         let mut batch = Batch::new(&fleet, &n);
-        batch.inv.arg("h").arg(head_code(head));
+        let upstream = reader.flight().upstream();
+        batch
+            .inv
+            .arg("h")
+            .arg(head_code(head))
+            .arg(upstream.as_deref().unwrap_or(""));
         batch.entries += 1;
         let mut bytes = 0usize;
         loop {
@@ -197,7 +206,9 @@ impl Publisher {
                 return;
             }
             if let Some(end) = &end {
-                fleet.finish(&n, &owner, end, store).await;
+                fleet
+                    .finish(&n, &owner, end, store, reader.flight().upstream())
+                    .await;
                 return;
             }
             batch = Batch::new(&fleet, &n);
@@ -250,12 +261,14 @@ impl Batch {
 }
 
 /// An end's fields in the log, after FINISH's first three arguments; a
-/// done end's answer is the first value (the cache's store reuses it).
-fn end_fields(inv: &mut redis::Cmd, end: &End) {
+/// done end's answer is the first value (the cache's store reuses it), and
+/// the upstream that answered follows it.
+fn end_fields(inv: &mut redis::Cmd, end: &End, upstream: Option<&str>) {
     match end {
         End::Done(entry) => {
             inv.arg("d");
             tiered::encode_into(entry, &mut inv.writer_for_next_arg());
+            inv.arg("u").arg(upstream.unwrap_or(""));
         }
         End::Response {
             status,
@@ -267,7 +280,9 @@ fn end_fields(inv: &mut redis::Cmd, end: &End) {
                 .arg("c")
                 .arg(content_type.as_ref().map_or(&b""[..], |c| c.as_bytes()))
                 .arg("b")
-                .arg(body.as_ref());
+                .arg(body.as_ref())
+                .arg("u")
+                .arg(upstream.unwrap_or(""));
         }
         End::Error(e) => {
             inv.arg("x").arg(e.code());
@@ -439,7 +454,14 @@ impl FleetFlights {
     }
 
     /// The end of a led flight: FINISH.
-    async fn finish(&self, n: &Names, owner: &str, end: &End, store: Option<SharedFill>) {
+    async fn finish(
+        &self,
+        n: &Names,
+        owner: &str,
+        end: &End,
+        store: Option<SharedFill>,
+        upstream: Option<Arc<str>>,
+    ) {
         let answer_len = match end {
             End::Done(entry) => Some(tiered::encoded_len(entry)),
             _ => None,
@@ -456,7 +478,7 @@ impl FleetFlights {
             owner.len() + answer_len.unwrap_or(0) + 64,
         );
         inv.arg(owner).arg(LOG_TTL_MS).arg(cache_ttl);
-        end_fields(&mut inv, end);
+        end_fields(&mut inv, end, upstream.as_deref());
         let op = if cache_ttl > 0 {
             Op::CachePut
         } else {
@@ -783,6 +805,12 @@ impl Reader {
                     _ => None,
                 }
             };
+            if let Some(u) = field("u").filter(|u| !u.is_empty()) {
+                // The upstream that answers, named with the head and the end.
+                if let Ok(u) = std::str::from_utf8(&u) {
+                    leader.flight.set_upstream(&Arc::from(u));
+                }
+            }
             if let Some(h) = field("h") {
                 if self.head {
                     // A second head: the leader died and another replica

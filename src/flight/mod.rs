@@ -85,6 +85,8 @@ impl RelayHandle {
 #[derive(Default)]
 struct FlightState {
     head: Option<Head>,
+    /// The upstream the leader's call went to.
+    upstream: Option<Arc<str>>,
     /// The log: raw upstream events, oldest first; `events[0]` is event
     /// number `base` of the answer.
     events: VecDeque<(Bytes, Mark)>,
@@ -157,6 +159,16 @@ impl Flight {
 
     pub(crate) fn set_head(&self, head: Head) {
         self.update(|s| s.head = Some(head));
+    }
+
+    /// Names the upstream the leader's call went to.
+    pub(crate) fn set_upstream(&self, upstream: &Arc<str>) {
+        self.with(|s| s.upstream = Some(Arc::clone(upstream)));
+    }
+
+    /// The upstream the leader's call went to, once known.
+    pub(crate) fn upstream(&self) -> Option<Arc<str>> {
+        self.with(|s| s.upstream.clone())
     }
 
     /// Appends one entry to the log; past `FLIGHT_LOG_MAX` the oldest leave.

@@ -246,6 +246,7 @@ impl Ctx {
         let mut until = Until::HeadOrEnd;
         loop {
             let (head, end) = reader.changed(until).await;
+            self.record.upstream = reader.flight().upstream();
             if api.stream && head == Some(Head::Stream) {
                 let model = self
                     .record

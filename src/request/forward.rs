@@ -43,7 +43,11 @@ impl Ctx {
             .upstreams
             .choose()
             .ok_or(GatewayError::UpstreamUnreachable)?;
-        self.record.upstream = Some(peer.name());
+        self.record.upstream = Some(Arc::clone(peer.name()));
+        if let Some(leader) = &sink.leader {
+            // Its followers' answers name it too.
+            leader.flight.set_upstream(peer.name());
+        }
         let path = endpoint.upstream_path();
         let target = peer.target(path).ok_or(GatewayError::UpstreamUnreachable)?;
         let body = if api.stream {

@@ -51,6 +51,7 @@ use validate::ApiRequest;
 
 // Parsed once: a `&str` name is parsed and validated on every use.
 static X_SLUICE_CACHE: HeaderName = HeaderName::from_static("x-sluice-cache");
+static X_SLUICE_UPSTREAM: HeaderName = HeaderName::from_static("x-sluice-upstream");
 
 /// One request's state, handed from phase to phase.
 pub(crate) struct Ctx {
@@ -143,6 +144,15 @@ pub(crate) async fn handle(
     }
     if let Some(cache) = record.cache {
         h.insert(&X_SLUICE_CACHE, HeaderValue::from_static(cache.label()));
+    }
+    // Every answer that came from an upstream call names the upstream (a
+    // coalesced one, its leader's); hits and Sluice's own refusals do not.
+    let from_upstream =
+        record.upstream_status.is_some() || record.cache == Some(crate::api::CacheState::Coalesced);
+    if let Some(name) = record.upstream.as_deref().filter(|_| from_upstream) {
+        if let Ok(v) = HeaderValue::from_str(name) {
+            h.insert(&X_SLUICE_UPSTREAM, v);
+        }
     }
     resp.body_mut().set_record(record);
     Ok(resp)

@@ -4,6 +4,7 @@
 //! a peer and never names an upstream itself.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Uri};
@@ -15,7 +16,7 @@ use crate::config::Secret;
 /// One upstream: its name, where each path of it is, and the shared key's
 /// `Authorization` it is sent.
 pub(crate) struct Peer {
-    name: &'static str,
+    name: Arc<str>,
     /// Targets per upstream path, parsed once.
     targets: HashMap<&'static str, Target>,
     /// `Bearer <upstream key>`; `None` for a keyless upstream.
@@ -24,8 +25,8 @@ pub(crate) struct Peer {
 
 impl Peer {
     /// The name of this upstream (`default` for the one `[upstream]`).
-    pub(crate) fn name(&self) -> &'static str {
-        self.name
+    pub(crate) fn name(&self) -> &Arc<str> {
+        &self.name
     }
 
     /// Where `path` (an endpoint's upstream path, or `/user/balance`) is.
@@ -70,7 +71,7 @@ impl Pool {
             .collect();
         Pool {
             peers: vec![Peer {
-                name: "default",
+                name: Arc::from("default"),
                 targets,
                 auth,
             }],

@@ -176,6 +176,7 @@ async fn an_upstream_error_reaches_every_follower_and_is_not_stored() {
     assert_eq!(lead.status, 400);
     assert_eq!(f.status, 400);
     assert_eq!(f.header("x-sluice-cache"), "coalesced");
+    assert_eq!(f.header("x-sluice-upstream"), "default", "its leader's");
     assert_eq!(f.body, lead.body, "the same body");
     // Nothing was stored: the next one goes upstream.
     let again = call(
@@ -354,6 +355,7 @@ async fn a_follower_whose_client_leaves_does_not_fail_the_others_on_its_replica(
         .expect("task");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-sluice-cache"), "coalesced");
+    assert_eq!(r.header("x-sluice-upstream"), "default", "its leader's");
     assert_eq!(lead.await.expect("lead").status, 200);
     assert_eq!(
         gws[0].sim.calls() + gws[1].sim.calls(),

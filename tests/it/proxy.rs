@@ -499,3 +499,40 @@ async fn a_request_trickled_byte_by_byte_is_served() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("chat.completion"), "{text}");
 }
+
+#[tokio::test]
+async fn answers_from_upstream_name_it_and_hits_do_not() {
+    let gw = TestGateway::start("").await;
+    let url = gw.url("/v1/chat/completions");
+    let miss = call(&url, ALPHA, &chat("named"), &[]).await;
+    assert_eq!(miss.header("x-sluice-cache"), "miss");
+    assert_eq!(miss.header("x-sluice-upstream"), "default");
+    let hit = call(&url, ALPHA, &chat("named"), &[]).await;
+    assert_eq!(hit.header("x-sluice-cache"), "hit");
+    assert!(hit.headers.get("x-sluice-upstream").is_none());
+    // Upstream's own errors came from an upstream call too; Sluice's own do
+    // not.
+    let err = call(&url, ALPHA, &chat("err"), &[("x-sim-status", "400")]).await;
+    assert_eq!(err.status, 400);
+    assert_eq!(err.header("x-sluice-upstream"), "default");
+    let refused = call(&url, "sk-nobody", &chat("x"), &[]).await;
+    assert_eq!(refused.status, 401);
+    assert!(refused.headers.get("x-sluice-upstream").is_none());
+    // A coalesced answer names its leader's upstream.
+    let lead = tokio::spawn({
+        let url = url.clone();
+        async move { call(&url, ALPHA, &chat("shared"), &[("x-sim-latency-ms", "300")]).await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while gw.sim.calls() < 3 {
+        assert!(std::time::Instant::now() < deadline, "the leader's call");
+        tokio::task::yield_now().await;
+    }
+    let follower = call(&url, ALPHA, &chat("shared"), &[]).await;
+    assert_eq!(follower.header("x-sluice-cache"), "coalesced");
+    assert_eq!(follower.header("x-sluice-upstream"), "default");
+    assert_eq!(
+        lead.await.expect("lead").header("x-sluice-upstream"),
+        "default"
+    );
+}

@@ -4,7 +4,7 @@
 --
 -- KEYS[1] the leader's log
 -- ARGV[1] log ttl_ms
--- ARGV[2..] entries: "h", head code | "e", event bytes, mark code
+-- ARGV[2..] entries: "h", head code, upstream name | "e", event bytes, mark code
 --
 -- Returns the number of entries added.
 assert(#KEYS == 1, 'APPEND takes 1 key')
@@ -12,8 +12,8 @@ assert(#ARGV >= 3, 'APPEND takes a ttl and at least one entry')
 local i, n = 2, 0
 while i <= #ARGV do
   if ARGV[i] == 'h' then
-    redis.call('XADD', KEYS[1], '*', 'h', ARGV[i + 1])
-    i = i + 2
+    redis.call('XADD', KEYS[1], '*', 'h', ARGV[i + 1], 'u', ARGV[i + 2])
+    i = i + 3
   else
     redis.call('XADD', KEYS[1], '*', 'e', ARGV[i + 1], 'm', ARGV[i + 2])
     i = i + 3

@@ -9,7 +9,7 @@
 -- KEYS[4] the answer in the shared cache
 -- ARGV[1] owner   ARGV[2] log ttl_ms   ARGV[3] cache ttl_ms (0: not stored)
 -- ARGV[4..] the end's fields and values (ARGV[4] = 'd': a done end, whose
---           answer is ARGV[5])
+--           answer is ARGV[5], and 'u', the upstream that answered)
 --
 -- Returns 1.
 assert(#KEYS == 4, 'FINISH takes 4 keys')
