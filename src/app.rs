@@ -59,7 +59,7 @@ impl Snapshot {
             }
             by_name.insert(t.name.clone(), tenant);
         }
-        let upstreams = Pool::new(&config, key);
+        let upstreams = Pool::new(&config, key, metrics);
         Snapshot {
             upstreams,
             models,

@@ -32,7 +32,11 @@ pub struct Metrics {
     pub(crate) request_duration: HistogramVec,
     pub(crate) ttft: HistogramVec,
     pub(crate) upstream_requests: IntCounterVec,
-    pub(crate) upstream_duration: Histogram,
+    pub(crate) upstream_duration: HistogramVec,
+    /// This replica's calls in flight, per upstream.
+    pub(crate) upstream_inflight: IntGaugeVec,
+    /// 1 while an upstream takes requests, 0 while it rests.
+    pub(crate) upstream_available: IntGaugeVec,
     pub(crate) tokens: IntCounterVec,
     pub(crate) tokens_saved: IntCounterVec,
     pub(crate) cost: prometheus::CounterVec,
@@ -54,6 +58,12 @@ fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterV
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
     r.register(Box::new(c.clone())).expect("unique metric");
     c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -79,16 +89,6 @@ impl Metrics {
     )]
     pub fn new() -> Self {
         let r = Registry::new();
-        let upstream_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "sluice_upstream_duration_seconds",
-                "Time from sending an upstream request to its response headers, per attempt.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .expect("valid metric");
-        r.register(Box::new(upstream_duration.clone()))
-            .expect("unique metric");
         let auth_failures = IntCounter::new(
             "sluice_auth_failures_total",
             "Requests refused for a missing or unknown key.",
@@ -136,9 +136,9 @@ impl Metrics {
         let balance = GaugeVec::new(
             Opts::new(
                 "sluice_upstream_balance",
-                "The shared upstream account's total balance.",
+                "An upstream account's total balance.",
             ),
-            &["currency"],
+            &["upstream", "currency"],
         )
         .expect("valid metric");
         r.register(Box::new(balance.clone()))
@@ -191,9 +191,26 @@ impl Metrics {
                 &r,
                 "sluice_upstream_requests_total",
                 "Upstream attempts, retries included.",
-                &["status"],
+                &["upstream", "status"],
             ),
-            upstream_duration,
+            upstream_duration: histogram(
+                &r,
+                "sluice_upstream_duration_seconds",
+                "Time from sending an upstream request to its response headers, per attempt.",
+                &["upstream"],
+            ),
+            upstream_inflight: gauge_vec(
+                &r,
+                "sluice_upstream_inflight",
+                "This replica's calls in flight, per upstream (from the request sent to the answer's end).",
+                &["upstream"],
+            ),
+            upstream_available: gauge_vec(
+                &r,
+                "sluice_upstream_available",
+                "1 while an upstream takes new requests, 0 while it is ejected.",
+                &["upstream"],
+            ),
             tokens: counter(
                 &r,
                 "sluice_tokens_total",

@@ -54,7 +54,10 @@ pub(crate) async fn fetch(
             None => None,
         };
         if let Some(total) = total {
-            metrics.balance.with_label_values(&[currency]).set(total);
+            metrics
+                .balance
+                .with_label_values(&[&**peer.name(), currency])
+                .set(total);
         }
     }
     Ok(())

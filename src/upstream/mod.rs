@@ -134,36 +134,28 @@ impl Upstream {
                     None => wait_for_slot(gate, &req.claimant, metrics, deadline).await?,
                 }),
             };
+            let stats = &req.target.stats;
+            let call = stats.in_flight();
             let started = Instant::now();
             let result = tokio::time::timeout_at(deadline, self.exchange(req)).await;
-            metrics
-                .upstream_duration
-                .observe(started.elapsed().as_secs_f64());
+            let took = started.elapsed().as_secs_f64();
             let retry_in = match result {
                 Err(_) => {
-                    metrics
-                        .upstream_requests
-                        .with_label_values(&["timeout"])
-                        .inc();
+                    stats.attempt("timeout", took);
                     return Err(GatewayError::UpstreamTimeout);
                 }
                 Ok(Err(e)) => {
-                    metrics
-                        .upstream_requests
-                        .with_label_values(&["error"])
-                        .inc();
+                    stats.attempt("error", took);
                     tracing::debug!(error = %e, attempt, "upstream request failed");
                     if attempt >= cfg.max_retries {
                         return Err(GatewayError::UpstreamUnreachable);
                     }
                     backoff(attempt)
                 }
-                Ok(Ok(response)) => {
+                Ok(Ok(mut response)) => {
                     let status = response.status();
-                    metrics
-                        .upstream_requests
-                        .with_label_values(&[status.as_str()])
-                        .inc();
+                    stats.attempt(status.as_str(), took);
+                    response.body_mut().call = call;
                     if !retryable(status) || attempt >= cfg.max_retries {
                         return Ok(Sent { response, slot });
                     }
@@ -387,6 +379,7 @@ impl Pool {
             link: Some(link),
             pool: Arc::clone(self),
             complete: false,
+            call: None,
         })
     }
 }
@@ -421,6 +414,8 @@ pub(crate) struct UpstreamBody {
     link: Option<Box<Link>>,
     pool: Arc<Pool>,
     complete: bool,
+    /// The call counted in flight on its upstream until the body is done.
+    call: Option<pool::InFlight>,
 }
 
 impl Body for UpstreamBody {

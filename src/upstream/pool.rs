@@ -12,6 +12,7 @@ use http::{HeaderValue, Uri};
 use crate::api::Endpoint;
 use crate::config::Config;
 use crate::config::Secret;
+use crate::metrics::Metrics;
 
 /// One upstream: its name, where each path of it is, and the shared key's
 /// `Authorization` it is sent.
@@ -40,6 +41,69 @@ impl Peer {
     }
 }
 
+/// An upstream's metric handles: its name, its attempts' duration and its
+/// calls in flight, made once per configuration so an attempt looks no
+/// label up but its status's.
+pub(crate) struct PeerStats {
+    pub(super) name: Arc<str>,
+    pub(super) requests: Option<prometheus::IntCounterVec>,
+    pub(super) duration: Option<prometheus::Histogram>,
+    pub(super) inflight: Option<prometheus::IntGauge>,
+}
+
+impl PeerStats {
+    fn new(name: &Arc<str>, metrics: &Metrics) -> PeerStats {
+        // Available until ejection (which rests an upstream) exists.
+        metrics
+            .upstream_available
+            .with_label_values(&[&**name])
+            .set(1);
+        PeerStats {
+            name: Arc::clone(name),
+            requests: Some(metrics.upstream_requests.clone()),
+            duration: Some(metrics.upstream_duration.with_label_values(&[&**name])),
+            inflight: Some(metrics.upstream_inflight.with_label_values(&[&**name])),
+        }
+    }
+
+    /// A target parsed on its own, counted nowhere.
+    fn unnamed() -> PeerStats {
+        PeerStats {
+            name: Arc::from(""),
+            requests: None,
+            duration: None,
+            inflight: None,
+        }
+    }
+
+    /// Counts an attempt's outcome (an HTTP status, `error` or `timeout`).
+    pub(super) fn attempt(&self, status: &str, took: f64) {
+        if let Some(d) = &self.duration {
+            d.observe(took);
+        }
+        if let Some(r) = &self.requests {
+            r.with_label_values(&[&*self.name, status]).inc();
+        }
+    }
+
+    /// A call in flight until the guard is dropped.
+    pub(super) fn in_flight(&self) -> Option<InFlight> {
+        self.inflight.as_ref().map(|g| {
+            g.inc();
+            InFlight(g.clone())
+        })
+    }
+}
+
+/// One call in flight on an upstream.
+pub(crate) struct InFlight(prometheus::IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// The upstreams of one configuration.
 pub(crate) struct Pool {
     peers: Vec<Peer>,
@@ -50,7 +114,9 @@ pub(crate) const BALANCE_PATH: &str = "/user/balance";
 
 impl Pool {
     /// The pool of a configuration, with the shared key.
-    pub(crate) fn new(config: &Config, key: &Secret) -> Pool {
+    pub(crate) fn new(config: &Config, key: &Secret, metrics: &Metrics) -> Pool {
+        let name: Arc<str> = Arc::from("default");
+        let stats = Arc::new(PeerStats::new(&name, metrics));
         let auth = (!key.is_empty())
             .then(|| HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok())
             .flatten()
@@ -63,15 +129,14 @@ impl Pool {
             .map(Endpoint::upstream_path)
             .chain([BALANCE_PATH])
             .filter_map(|path| {
-                Some((
-                    path,
-                    Target::parse(&format!("{}{path}", config.upstream.base_url))?,
-                ))
+                let mut target = Target::parse(&format!("{}{path}", config.upstream.base_url))?;
+                target.stats = Arc::clone(&stats);
+                Some((path, target))
             })
             .collect();
         Pool {
             peers: vec![Peer {
-                name: Arc::from("default"),
+                name,
                 targets,
                 auth,
             }],
@@ -88,6 +153,8 @@ impl Pool {
 /// authority pick and open the connection, the origin-form target goes on
 /// the request line, and `Host` names the authority.
 pub(crate) struct Target {
+    /// The upstream's metric handles, made once per configuration.
+    pub(super) stats: Arc<PeerStats>,
     pub(super) origin: Origin,
     pub(super) connect: Uri,
     pub(super) path: Uri,
@@ -118,6 +185,7 @@ impl Target {
             _ => authority.host().to_string(),
         };
         Some(Target {
+            stats: Arc::new(PeerStats::unnamed()),
             host: HeaderValue::from_str(&host).ok()?,
             origin: Origin { scheme, authority },
             connect,

@@ -197,3 +197,31 @@ async fn balance_is_polled_from_upstream() {
     gw.wait_metric("sluice_upstream_balance", &[("currency", "CNY")], 110.0)
         .await;
 }
+
+#[tokio::test]
+async fn upstream_metrics_name_the_upstream() {
+    let gw = TestGateway::start("").await;
+    let r = call(&gw.url("/v1/chat/completions"), ALPHA, &chat("x"), &[]).await;
+    assert_eq!(r.status, 200);
+    let default = [("upstream", "default")];
+    assert_eq!(
+        gw.metric(
+            "sluice_upstream_requests_total",
+            &[("upstream", "default"), ("status", "200")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("sluice_upstream_duration_seconds_count", &default)
+            .await,
+        1.0
+    );
+    assert_eq!(gw.metric("sluice_upstream_available", &default).await, 1.0);
+    // The answer has ended: nothing in flight.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while gw.metric("sluice_upstream_inflight", &default).await != 0.0 {
+        assert!(std::time::Instant::now() < deadline, "a call stays in flight");
+        tokio::task::yield_now().await;
+    }
+}
