@@ -14,6 +14,7 @@ mod fault_proxy;
 mod faults;
 mod fleet;
 mod fleet_coalesce;
+mod flight_faults;
 mod hostile;
 mod limits;
 mod metrics;
