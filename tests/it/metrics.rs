@@ -221,7 +221,10 @@ async fn upstream_metrics_name_the_upstream() {
     // The answer has ended: nothing in flight.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while gw.metric("sluice_upstream_inflight", &default).await != 0.0 {
-        assert!(std::time::Instant::now() < deadline, "a call stays in flight");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a call stays in flight"
+        );
         tokio::task::yield_now().await;
     }
 }
