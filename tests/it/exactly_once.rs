@@ -902,6 +902,7 @@ async fn exactly_once(test: &str, plan: Plan) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_without_faults() {
+    let _one_at_a_time = heavy().await;
     exactly_once(
         "exactly_once_without_faults",
         Plan {
@@ -919,6 +920,7 @@ async fn exactly_once_without_faults() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_under_latency() {
+    let _one_at_a_time = heavy().await;
     exactly_once(
         "exactly_once_under_latency",
         Plan {
@@ -934,6 +936,7 @@ async fn exactly_once_under_latency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_under_resets_partition_and_pause() {
+    let _one_at_a_time = heavy().await;
     exactly_once(
         "exactly_once_under_resets_partition_and_pause",
         Plan {
@@ -949,6 +952,7 @@ async fn exactly_once_under_resets_partition_and_pause() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_when_a_replica_stops_after_faults() {
+    let _one_at_a_time = heavy().await;
     exactly_once(
         "exactly_once_when_a_replica_stops_after_faults",
         Plan {
@@ -969,6 +973,7 @@ async fn exactly_once_when_a_replica_stops_after_faults() {
 /// and once the replicas have settled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_every_key_expires_after_faults() {
+    let _one_at_a_time = heavy().await;
     let test = "exactly_once_every_key_expires_after_faults";
     let Some(mut f) = Fleet::start(test, TIMEOUT_MS).await else {
         return;

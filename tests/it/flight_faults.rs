@@ -569,6 +569,7 @@ async fn stream_round(
 /// on its own, and identical requests on its replica follow it there.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_stream_is_whole_or_ends_with_the_error_event_under_redis_faults() {
+    let _one_at_a_time = heavy().await;
     let test = "a_follower_stream_is_whole_or_ends_with_the_error_event";
     let Some(f) = Fleet::start(
         test,
@@ -711,6 +712,7 @@ async fn followers_get_whole_answers_when_redis_fails(test: &str, outage: Outage
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_sent_nothing_yet_gets_a_whole_answer_when_redis_is_partitioned() {
+    let _one_at_a_time = heavy().await;
     followers_get_whole_answers_when_redis_fails(
         "a_follower_sent_nothing_yet_gets_a_whole_answer_when_redis_is_partitioned",
         Outage::Partition,
@@ -720,6 +722,7 @@ async fn a_follower_sent_nothing_yet_gets_a_whole_answer_when_redis_is_partition
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_sent_nothing_yet_gets_a_whole_answer_when_redis_is_paused() {
+    let _one_at_a_time = heavy().await;
     followers_get_whole_answers_when_redis_fails(
         "a_follower_sent_nothing_yet_gets_a_whole_answer_when_redis_is_paused",
         Outage::Pause,
@@ -754,6 +757,7 @@ fn assert_timed_out(who: &str, r: &Resp, took: Duration, bound: Duration) {
 ///   from the takeover (that would be 4.8 s or more).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_deadline_a_follower_times_out_once_from_its_arrival() {
+    let _one_at_a_time = heavy().await;
     let test = "one_deadline_a_follower_times_out_once_from_its_arrival";
     let Some(f) = Fleet::start(
         test,
@@ -828,6 +832,7 @@ async fn one_deadline_a_follower_times_out_once_from_its_arrival() {
 /// upstream call in all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orphan_claim_holds_followers_at_most_one_claim_lease() {
+    let _one_at_a_time = heavy().await;
     let test = "an_orphan_claim_holds_followers_at_most_one_claim_lease";
     let Some(f) = Fleet::start(
         test,
@@ -918,6 +923,7 @@ async fn an_orphan_claim_holds_followers_at_most_one_claim_lease() {
 /// ran. A busy loop would be hundreds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_follower_touches_redis_at_most_a_few_times_per_wait() {
+    let _one_at_a_time = heavy().await;
     let test = "a_waiting_follower_touches_redis_at_most_a_few_times_per_wait";
     let Some(f) = Fleet::start(
         test,

@@ -707,3 +707,13 @@ impl Replica {
         .unwrap_or_else(|_| panic!("no log line {want:?}"))
     }
 }
+
+/// The tests that run three replicas against Redis through a fault proxy
+/// take one turn each: run together, they load a small machine enough to
+/// push the timing of other tests (and their own) past what they check.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Waits for the heavy tests' turn; held for the whole test.
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().await
+}
