@@ -170,7 +170,7 @@ impl Publisher {
             .inv
             .arg("h")
             .arg(head_code(head))
-            .arg(upstream.as_deref().unwrap_or(""));
+            .arg(upstream.as_ref().map_or(&b""[..], HeaderValue::as_bytes));
         batch.entries += 1;
         let mut bytes = 0usize;
         loop {
@@ -263,12 +263,12 @@ impl Batch {
 /// An end's fields in the log, after FINISH's first three arguments; a
 /// done end's answer is the first value (the cache's store reuses it), and
 /// the upstream that answered follows it.
-fn end_fields(inv: &mut redis::Cmd, end: &End, upstream: Option<&str>) {
+fn end_fields(inv: &mut redis::Cmd, end: &End, upstream: Option<&[u8]>) {
     match end {
         End::Done(entry) => {
             inv.arg("d");
             tiered::encode_into(entry, &mut inv.writer_for_next_arg());
-            inv.arg("u").arg(upstream.unwrap_or(""));
+            inv.arg("u").arg(upstream.unwrap_or(b""));
         }
         End::Response {
             status,
@@ -282,7 +282,7 @@ fn end_fields(inv: &mut redis::Cmd, end: &End, upstream: Option<&str>) {
                 .arg("b")
                 .arg(body.as_ref())
                 .arg("u")
-                .arg(upstream.unwrap_or(""));
+                .arg(upstream.unwrap_or(b""));
         }
         End::Error(e) => {
             inv.arg("x").arg(e.code());
@@ -460,7 +460,7 @@ impl FleetFlights {
         owner: &str,
         end: &End,
         store: Option<SharedFill>,
-        upstream: Option<Arc<str>>,
+        upstream: Option<HeaderValue>,
     ) {
         let answer_len = match end {
             End::Done(entry) => Some(tiered::encoded_len(entry)),
@@ -478,7 +478,7 @@ impl FleetFlights {
             owner.len() + answer_len.unwrap_or(0) + 64,
         );
         inv.arg(owner).arg(LOG_TTL_MS).arg(cache_ttl);
-        end_fields(&mut inv, end, upstream.as_deref());
+        end_fields(&mut inv, end, upstream.as_ref().map(HeaderValue::as_bytes));
         let op = if cache_ttl > 0 {
             Op::CachePut
         } else {
@@ -807,8 +807,8 @@ impl Reader {
             };
             if let Some(u) = field("u").filter(|u| !u.is_empty()) {
                 // The upstream that answers, named with the head and the end.
-                if let Ok(u) = std::str::from_utf8(&u) {
-                    leader.flight.set_upstream(&Arc::from(u));
+                if let Ok(u) = HeaderValue::from_bytes(&u) {
+                    leader.flight.set_upstream(&u);
                 }
             }
             if let Some(h) = field("h") {

@@ -86,7 +86,7 @@ impl RelayHandle {
 struct FlightState {
     head: Option<Head>,
     /// The upstream the leader's call went to.
-    upstream: Option<Arc<str>>,
+    upstream: Option<HeaderValue>,
     /// The log: raw upstream events, oldest first; `events[0]` is event
     /// number `base` of the answer.
     events: VecDeque<(Bytes, Mark)>,
@@ -162,12 +162,12 @@ impl Flight {
     }
 
     /// Names the upstream the leader's call went to.
-    pub(crate) fn set_upstream(&self, upstream: &Arc<str>) {
-        self.with(|s| s.upstream = Some(Arc::clone(upstream)));
+    pub(crate) fn set_upstream(&self, upstream: &HeaderValue) {
+        self.with(|s| s.upstream = Some(upstream.clone()));
     }
 
     /// The upstream the leader's call went to, once known.
-    pub(crate) fn upstream(&self) -> Option<Arc<str>> {
+    pub(crate) fn upstream(&self) -> Option<HeaderValue> {
         self.with(|s| s.upstream.clone())
     }
 

@@ -43,10 +43,10 @@ impl Ctx {
             .upstreams
             .choose()
             .ok_or(GatewayError::UpstreamUnreachable)?;
-        self.record.upstream = Some(Arc::clone(peer.name()));
+        self.record.upstream = Some(peer.header().clone());
         if let Some(leader) = &sink.leader {
             // Its followers' answers name it too.
-            leader.flight.set_upstream(peer.name());
+            leader.flight.set_upstream(peer.header());
         }
         let path = endpoint.upstream_path();
         let target = peer.target(path).ok_or(GatewayError::UpstreamUnreachable)?;

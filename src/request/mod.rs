@@ -149,10 +149,8 @@ pub(crate) async fn handle(
     // coalesced one, its leader's); hits and Sluice's own refusals do not.
     let from_upstream =
         record.upstream_status.is_some() || record.cache == Some(crate::api::CacheState::Coalesced);
-    if let Some(name) = record.upstream.as_deref().filter(|_| from_upstream) {
-        if let Ok(v) = HeaderValue::from_str(name) {
-            h.insert(&X_SLUICE_UPSTREAM, v);
-        }
+    if let Some(name) = record.upstream.clone().filter(|_| from_upstream) {
+        h.insert(&X_SLUICE_UPSTREAM, name);
     }
     resp.body_mut().set_record(record);
     Ok(resp)

@@ -26,7 +26,7 @@ impl Ctx {
             .upstreams
             .choose()
             .ok_or(GatewayError::UpstreamUnreachable)?;
-        self.record.upstream = Some(Arc::clone(peer.name()));
+        self.record.upstream = Some(peer.header().clone());
         let target = peer
             .target(Endpoint::Models.upstream_path())
             .ok_or(GatewayError::UpstreamUnreachable)?;

@@ -62,7 +62,7 @@ pub(crate) struct Record {
     /// `None` until the request reaches the cache step.
     pub(crate) cache: Option<CacheState>,
     /// The upstream of the last attempt.
-    pub(crate) upstream: Option<Arc<str>>,
+    pub(crate) upstream: Option<http::HeaderValue>,
     pub(crate) upstream_status: Option<u16>,
     pub(crate) usage: Option<Usage>,
     /// Tokens answered without going upstream (hits, coalesced).
@@ -177,7 +177,7 @@ impl Drop for Record {
             usage_estimated = self.estimated,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             ttft_ms = ttft.map(|t| t.as_secs_f64() * 1000.0),
-            upstream = self.upstream.as_deref(),
+            upstream = self.upstream.as_ref().and_then(|u| u.to_str().ok()),
             upstream_status = self.upstream_status,
             outcome = self.outcome.label(),
             error = self.error,

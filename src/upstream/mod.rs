@@ -131,7 +131,7 @@ impl Upstream {
                 None => None,
                 Some(gate) => Some(match gate.try_take() {
                     Some(slot) => slot,
-                    None => wait_for_slot(gate, &req.claimant, metrics, deadline).await?,
+                    None => wait_for_slot(gate, req.claimant.as_ref(), metrics, deadline).await?,
                 }),
             };
             let stats = &req.target.stats;
@@ -238,8 +238,9 @@ pub(crate) struct Outbound<'a> {
     target: &'a Target,
     headers: HeaderMap,
     body: Bytes,
-    /// Whose request it is, for its place when the upstream is full.
-    claimant: Claimant,
+    /// Whose request it is, for its place when the upstream is full
+    /// (`None`: Sluice's own, such as a balance poll).
+    claimant: Option<Claimant>,
 }
 
 impl<'a> Outbound<'a> {
@@ -264,19 +265,16 @@ impl<'a> Outbound<'a> {
             target,
             headers,
             body,
-            claimant: Claimant {
-                tenant: Arc::from(""),
-                weight: 1,
-            },
+            claimant: None,
         }
     }
 
     /// The request is `tenant`'s, with its weight for a full upstream.
     pub(crate) fn for_tenant(mut self, tenant: &Arc<str>, weight: u32) -> Self {
-        self.claimant = Claimant {
+        self.claimant = Some(Claimant {
             tenant: Arc::clone(tenant),
             weight,
-        };
+        });
         self
     }
 
@@ -478,15 +476,23 @@ pub(crate) async fn read_small(
 /// `deadline` (then 504); the wait is observed per tenant either way.
 async fn wait_for_slot(
     gate: &Arc<FairGate>,
-    who: &Claimant,
+    who: Option<&Claimant>,
     metrics: &Metrics,
     deadline: tokio::time::Instant,
 ) -> Result<Slot, GatewayError> {
-    let tenant: &str = if who.tenant.is_empty() {
-        "-"
-    } else {
-        &who.tenant
+    // Sluice's own requests wait as a tenant of their own, `-`.
+    let own;
+    let who = match who {
+        Some(who) => who,
+        None => {
+            own = Claimant {
+                tenant: Arc::from("-"),
+                weight: 1,
+            };
+            &own
+        }
     };
+    let tenant: &str = &who.tenant;
     let waiting = metrics.upstream_waiting.with_label_values(&[tenant]);
     waiting.inc();
     let started = Instant::now();

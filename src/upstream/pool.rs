@@ -18,6 +18,8 @@ use crate::metrics::Metrics;
 /// `Authorization` it is sent.
 pub(crate) struct Peer {
     name: Arc<str>,
+    /// Its name as `x-sluice-upstream` says it, made once.
+    header: HeaderValue,
     /// Targets per upstream path, parsed once.
     targets: HashMap<&'static str, Target>,
     /// `Bearer <upstream key>`; `None` for a keyless upstream.
@@ -28,6 +30,11 @@ impl Peer {
     /// The name of this upstream (`default` for the one `[upstream]`).
     pub(crate) fn name(&self) -> &Arc<str> {
         &self.name
+    }
+
+    /// Its name as a header value (`x-sluice-upstream`, a flight's log).
+    pub(crate) fn header(&self) -> &HeaderValue {
+        &self.header
     }
 
     /// Where `path` (an endpoint's upstream path, or `/user/balance`) is.
@@ -136,6 +143,7 @@ impl Pool {
             .collect();
         Pool {
             peers: vec![Peer {
+                header: HeaderValue::from_static("default"),
                 name,
                 targets,
                 auth,
