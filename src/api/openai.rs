@@ -662,6 +662,18 @@ mod tests {
         frame_all(&[&all])
     }
 
+    /// A completion replayed as chunks, assembled again.
+    fn replayed_and_assembled(completion: &Value, shape: Shape) -> Value {
+        let mut a = Assembler::new(shape);
+        for ev in chunks_of(completion) {
+            let EventData::Data(d) = event_data(&ev) else {
+                panic!("data")
+            };
+            a.push(&d).expect("json");
+        }
+        a.finish()
+    }
+
     #[test]
     fn usage_is_found_past_content_that_mentions_it() {
         let body = br#"{"choices":[{"message":{"content":"say \"usage\": {\"prompt_tokens\": 999}"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
@@ -683,14 +695,8 @@ mod tests {
             }}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
         });
-        let mut a = Assembler::new(Shape::Chat);
-        for ev in chunks_of(&completion) {
-            let EventData::Data(d) = event_data(&ev) else {
-                panic!("data")
-            };
-            a.push(&d).expect("json");
-        }
-        assert_eq!(a.finish(), completion);
+        let assembled = replayed_and_assembled(&completion, Shape::Chat);
+        assert_eq!(assembled, completion);
     }
 
     #[test]
@@ -726,14 +732,8 @@ mod tests {
             "choices": [{"index": 0, "text": "fn main() {}", "logprobs": null, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
         });
-        let mut a = Assembler::new(Shape::Text);
-        for ev in chunks_of(&completion) {
-            let EventData::Data(d) = event_data(&ev) else {
-                panic!("data")
-            };
-            a.push(&d).expect("json");
-        }
-        assert_eq!(a.finish(), completion);
+        let assembled = replayed_and_assembled(&completion, Shape::Text);
+        assert_eq!(assembled, completion);
     }
     #[test]
     fn inspect_and_the_assembler_read_every_event_alike() {
@@ -796,14 +796,9 @@ mod tests {
             "usage": {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}
         });
         let stored = completion.to_string();
-        let mut a = Assembler::new(Shape::Chat);
-        for ev in chunks_of(&serde_json::from_str(&stored).expect("json")) {
-            let EventData::Data(d) = event_data(&ev) else {
-                panic!("data")
-            };
-            a.push(&d).expect("json");
-        }
-        let again = a.finish();
+        let assembled =
+            replayed_and_assembled(&serde_json::from_str(&stored).expect("json"), Shape::Chat);
+        let again = assembled;
         assert_eq!(again, completion);
         assert_eq!(again.to_string(), stored, "byte for byte");
     }
