@@ -14,7 +14,7 @@ use sluice::api::openai::{Assembler, Shape};
 use sluice::api::sse::{event_data, EventData, Framer};
 use sluice::app::Snapshot;
 use sluice::cache::{self, Entry, Store};
-use sluice::config::{Config, LimitSpec, Secret};
+use sluice::config::{Config, LimitSpec};
 use sluice::limit::{Limiter, Standings};
 use sluice::metrics::Metrics;
 
@@ -75,7 +75,7 @@ fn auth(c: &mut Criterion) {
     for tenants in [1usize, 1000] {
         let snap = Snapshot::build(
             config_with(tenants),
-            &Secret::default(),
+            &sluice::Keys::default(),
             None,
             &Limiter::local(),
             &metrics,

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use crate::cache::tiered::CacheStore;
 use crate::cache::Store;
-use crate::config::{CacheScope, Config, Pricing, RedisConfig, Secret};
+use crate::config::{CacheScope, Config, Keys, Pricing, RedisConfig};
 use crate::flight::fleet::FleetFlights;
 use crate::flight::Flights;
 use crate::limit::budget::{Budgets, SystemClock};
@@ -39,7 +39,7 @@ impl Snapshot {
     /// limiter state of `previous`, so a reload grants no free burst.
     pub fn build(
         config: Config,
-        key: &Secret,
+        keys: &Keys,
         previous: Option<&Snapshot>,
         limiter: &Limiter,
         metrics: &Arc<Metrics>,
@@ -59,7 +59,7 @@ impl Snapshot {
             }
             by_name.insert(t.name.clone(), tenant);
         }
-        let upstreams = Pool::new(&config, key, metrics);
+        let upstreams = Pool::new(&config, keys, metrics, previous.map(|p| &p.upstreams));
         Snapshot {
             upstreams,
             models,
@@ -142,9 +142,13 @@ impl App {
     /// The process-wide state. With `[redis]`, connects to Redis (a Redis
     /// that does not answer is logged and retried in the background, never
     /// a start-up failure).
-    pub(crate) async fn new(config: Config, key: &Secret) -> Result<App, std::io::Error> {
+    pub(crate) async fn new(config: Config, keys: &Keys) -> Result<App, std::io::Error> {
         let metrics = Arc::new(Metrics::new());
-        let upstream = Upstream::new(&config.upstream)?;
+        // Each upstream's CA file makes a TLS setup, or Sluice does not start.
+        for u in &config.upstreams {
+            crate::upstream::connector(config.upstream.connect_timeout, u.ca_file.as_deref())?;
+        }
+        let upstream = Upstream::new(config.upstream.connect_timeout);
         let store = Store::new(config.cache.max_bytes, config.cache.ttl);
         let redis = match &config.redis {
             Some(cfg) => Some(Redis::start(cfg, metrics.registry()).await),
@@ -168,7 +172,7 @@ impl App {
                 "tenants have budgets but neither [redis] nor budgets.state_path keeps their spend: a restart resets it"
             );
         }
-        let snapshot = Snapshot::build(config, key, None, &limiter, &metrics);
+        let snapshot = Snapshot::build(config, keys, None, &limiter, &metrics);
         Ok(App {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
@@ -189,14 +193,14 @@ impl App {
     /// change to it is logged at warn naming each key, and the keys are
     /// returned so the caller never reports them applied. Everything else
     /// applies to new connections and requests.
-    pub(crate) fn reload(&self, mut config: Config, key: &Secret) -> Vec<&'static str> {
+    pub(crate) fn reload(&self, mut config: Config, keys: &Keys) -> Vec<String> {
         let current = self.snapshot.load();
         let old = &current.config;
         let mut ignored = Vec::new();
         macro_rules! fixed {
             ($name:literal, $($field:tt).+) => {
                 if config.$($field).+ != old.$($field).+ {
-                    ignored.push($name);
+                    ignored.push($name.to_string());
                     config.$($field).+ = old.$($field).+.clone();
                 }
             };
@@ -206,12 +210,34 @@ impl App {
         fixed!("cache.max_bytes", cache.max_bytes);
         fixed!("cache.ttl_secs", cache.ttl);
         fixed!("upstream.connect_timeout_secs", upstream.connect_timeout);
-        fixed!("upstream.max_concurrent", upstream.max_concurrent);
-        fixed!("upstream.ca_file", upstream.ca_file);
+        // An upstream that stays keeps its slots and TLS setup.
+        for u in &mut config.upstreams {
+            let Some(running) = current
+                .upstreams
+                .peers()
+                .iter()
+                .find(|p| **p.name() == *u.name)
+            else {
+                continue;
+            };
+            let at = config_path(old, &u.name);
+            if u.max_concurrent != running.state.max_concurrent {
+                ignored.push(format!("{at}.max_concurrent"));
+                u.max_concurrent = running.state.max_concurrent;
+            }
+            if u.ca_file != running.state.ca_file {
+                ignored.push(format!("{at}.ca_file"));
+                u.ca_file.clone_from(&running.state.ca_file);
+            }
+        }
         // The spend state file is opened once, at start.
         fixed!("budgets.state_path", budgets.state_path);
         if config.redis != old.redis {
-            ignored.extend(redis_changes(old.redis.as_ref(), config.redis.as_ref()));
+            ignored.extend(
+                redis_changes(old.redis.as_ref(), config.redis.as_ref())
+                    .into_iter()
+                    .map(String::from),
+            );
             config.redis = old.redis.clone();
         }
         if !ignored.is_empty() {
@@ -220,10 +246,23 @@ impl App {
                 "these settings cannot change in a running process; the change is ignored until a restart"
             );
         }
-        let next = Snapshot::build(config, key, Some(&current), &self.limiter, &self.metrics);
+        let next = Snapshot::build(config, keys, Some(&current), &self.limiter, &self.metrics);
         self.snapshot.store(Arc::new(next));
         ignored
     }
+}
+
+/// Where an upstream's keys were written in the running config: `upstream`
+/// for the one `[upstream]`, `upstreams.<name>` otherwise.
+fn config_path(running: &Config, name: &str) -> String {
+    running
+        .upstreams
+        .iter()
+        .find(|u| u.name == name)
+        .map_or_else(
+            || format!("upstreams.{name}"),
+            |u| running.upstream_key_path(u),
+        )
 }
 
 /// The `[redis]` keys a reload would change (the URL by name only: it may

@@ -45,5 +45,5 @@ pub mod simulator;
 pub mod tenant;
 pub(crate) mod upstream;
 
-pub use config::{Config, ConfigError, Secret};
+pub use config::{Config, ConfigError, Keys, Secret};
 pub use server::{Gateway, Handle};

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sluice::{tenant, Config, Gateway, Secret};
+use sluice::{tenant, Config, Gateway, Keys};
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +51,9 @@ enum Command {
     Simulate {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+        /// Its name: `x-sim-upstream: NAME` aims the fault headers at it.
+        #[arg(long, default_value = "")]
+        name: String,
     },
 }
 
@@ -69,9 +72,9 @@ fn main() -> ExitCode {
             let _logs = init_logging();
             runtime().block_on(demo())
         }
-        Some(Command::Simulate { listen }) => {
+        Some(Command::Simulate { listen, name }) => {
             let _logs = init_logging();
-            runtime().block_on(simulate(listen))
+            runtime().block_on(simulate(listen, &name))
         }
         None => {
             let _logs = init_logging();
@@ -174,8 +177,10 @@ fn check_config(path: &Path) -> ExitCode {
     match Config::load(path, env) {
         Ok(config) => {
             out(&format!("{}: valid\n{config}", path.display()));
-            if let Err(e) = config.upstream_key(env) {
-                eprintln!("warning: {e}");
+            if let Err(e) = config.upstream_keys(env) {
+                for problem in &e.0 {
+                    eprintln!("warning: {problem}");
+                }
             }
             ExitCode::SUCCESS
         }
@@ -228,27 +233,27 @@ fn healthcheck(admin: Option<SocketAddr>, path: &Path) -> ExitCode {
     }
 }
 
-fn load(path: &Path) -> Result<(Config, Secret), String> {
+fn load(path: &Path) -> Result<(Config, Keys), String> {
     let config =
         Config::load(path, env).map_err(|e| format!("invalid config {}: {e}", path.display()))?;
-    let key = config.upstream_key(env).map_err(|e| e.to_string())?;
-    Ok((config, key))
+    let keys = config.upstream_keys(env).map_err(|e| e.to_string())?;
+    Ok((config, keys))
 }
 
 async fn run(path: PathBuf) -> ExitCode {
-    let (config, key) = match load(&path) {
+    let (config, keys) = match load(&path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
     };
-    serve(config, key, Some(path)).await
+    serve(config, keys, Some(path)).await
 }
 
 /// Runs a gateway until SIGTERM/SIGINT; SIGHUP reloads `path`.
-async fn serve(config: Config, key: Secret, path: Option<PathBuf>) -> ExitCode {
-    let gateway = match Gateway::bind(config, key).await {
+async fn serve(config: Config, keys: Keys, path: Option<PathBuf>) -> ExitCode {
+    let gateway = match Gateway::bind(config, keys).await {
         Ok(g) => g,
         Err(e) => {
             tracing::error!("cannot start: {e}");
@@ -298,8 +303,8 @@ async fn reload_on_sighup(handle: sluice::Handle, path: PathBuf) {
     };
     while hup.recv().await.is_some() {
         match load(&path) {
-            Ok((config, key)) => {
-                let ignored = handle.reload(config, &key);
+            Ok((config, keys)) => {
+                let ignored = handle.reload(config, keys);
                 if ignored.is_empty() {
                     tracing::info!(path = %path.display(), "config reloaded");
                 } else {
@@ -319,8 +324,8 @@ async fn reload_on_sighup(handle: sluice::Handle, path: PathBuf) {
     }
 }
 
-async fn simulate(listen: SocketAddr) -> ExitCode {
-    let sim = match sluice::simulator::Simulator::start(listen).await {
+async fn simulate(listen: SocketAddr, name: &str) -> ExitCode {
+    let sim = match sluice::simulator::Simulator::start_named(listen, name).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("cannot listen on {listen}: {e}");
@@ -333,10 +338,15 @@ async fn simulate(listen: SocketAddr) -> ExitCode {
 }
 
 async fn demo() -> ExitCode {
-    let sim = match sluice::simulator::Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0))).await
-    {
-        Ok(s) => s,
-        Err(e) => {
+    // Two simulated accounts, so failover and ejection can be tried too
+    // (`x-sim-upstream: sim-a` aims a fault header at one of them).
+    let local = SocketAddr::from(([127, 0, 0, 1], 0));
+    let sims = match (
+        sluice::simulator::Simulator::start_named(local, "sim-a").await,
+        sluice::simulator::Simulator::start_named(local, "sim-b").await,
+    ) {
+        (Ok(a), Ok(b)) => [a, b],
+        (Err(e), _) | (_, Err(e)) => {
             tracing::error!("cannot start the simulator: {e}");
             return ExitCode::FAILURE;
         }
@@ -350,6 +360,17 @@ admin_listen = "127.0.0.1:9090"
 shutdown_grace_secs = 5
 
 [upstream]
+eject_after = 3
+eject_secs = 10
+
+[[upstreams]]
+name = "sim-a"
+base_url = "{}"
+api_key_env = ""
+balance_poll_secs = 30
+
+[[upstreams]]
+name = "sim-b"
 base_url = "{}"
 api_key_env = ""
 balance_poll_secs = 30
@@ -366,7 +387,8 @@ input_cache_hit = 0.028
 input_cache_miss = 0.28
 output = 0.42
 "#,
-        sim.base_url(),
+        sims[0].base_url(),
+        sims[1].base_url(),
         hex::encode(tenant::key_sha256(key.as_bytes()))
     );
     // The env overrides apply; the upstream stays the simulator.
@@ -383,7 +405,7 @@ output = 0.42
             return ExitCode::FAILURE;
         }
     };
-    let gateway = match Gateway::bind(config, Secret::default()).await {
+    let gateway = match Gateway::bind(config, Keys::default()).await {
         Ok(g) => g,
         Err(e) => {
             tracing::error!("cannot start: {e}");
@@ -398,7 +420,7 @@ output = 0.42
     };
     let base = format!("http://{host}:{}/v1", addr.port());
     out(&format!(
-        "Sluice demo: a simulated DeepSeek upstream behind the gateway.\n\n\
+        "Sluice demo: two simulated DeepSeek accounts (sim-a, sim-b) behind the gateway.\n\n\
          key:      {key}\n\
          base URL: {base}\n\
          metrics:  http://{}/metrics\n\n\
@@ -409,6 +431,6 @@ output = 0.42
         gateway.admin_addr()
     ));
     let code = serve_on_worker(gateway).await;
-    drop(sim);
+    drop(sims);
     code
 }

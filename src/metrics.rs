@@ -37,6 +37,10 @@ pub struct Metrics {
     pub(crate) upstream_inflight: IntGaugeVec,
     /// 1 while an upstream takes requests, 0 while it rests.
     pub(crate) upstream_available: IntGaugeVec,
+    /// Upstreams rested, per upstream and reason.
+    pub(crate) upstream_ejections: IntCounterVec,
+    /// Attempts moved off an upstream to another, per upstream left.
+    pub(crate) upstream_failovers: IntCounterVec,
     pub(crate) tokens: IntCounterVec,
     pub(crate) tokens_saved: IntCounterVec,
     pub(crate) cost: prometheus::CounterVec,
@@ -209,6 +213,18 @@ impl Metrics {
                 &r,
                 "sluice_upstream_available",
                 "1 while an upstream takes new requests, 0 while it is ejected.",
+                &["upstream"],
+            ),
+            upstream_ejections: counter(
+                &r,
+                "sluice_upstream_ejections_total",
+                "Times an upstream was ejected (rested), by reason: errors, rate_limited, auth.",
+                &["upstream", "reason"],
+            ),
+            upstream_failovers: counter(
+                &r,
+                "sluice_upstream_failovers_total",
+                "Attempts failed over to another upstream, by the upstream failed over from.",
                 &["upstream"],
             ),
             tokens: counter(

@@ -26,6 +26,7 @@
 //! | `x-sim-linger: 1` | the stream stays open after `data: [DONE]` |
 //! | `x-sim-error-event: N` | after N events, an error event and `data: [DONE]` end the stream |
 //! | `x-sim-close: 1` | the failing calls close the connection without answering |
+//! | `x-sim-upstream: NAME` | the other `x-sim-*` faults apply only on the simulator of that name (`sluice simulate --name`) |
 //! | `x-sim-account-headers: 1` | answers carry the shared account's headers (`set-cookie`, `openai-organization`, `openai-project`, `x-ratelimit-*`) and a harmless `x-upstream-note` |
 //!
 //! `GET /sim/stats` reports the number of completion calls and of
@@ -64,6 +65,9 @@ pub(crate) struct SimStats {
     ids: AtomicU64,
     last: Mutex<Option<(HeaderMap, Bytes)>>,
     failures: Mutex<HashMap<String, u32>>,
+    /// Its name, for `x-sim-upstream` (several simulators behind one
+    /// gateway).
+    name: String,
 }
 
 /// A running simulator; stops when dropped.
@@ -75,9 +79,18 @@ pub struct Simulator {
 
 impl Simulator {
     pub async fn start(addr: SocketAddr) -> std::io::Result<Simulator> {
+        Self::start_named(addr, "").await
+    }
+
+    /// A simulator whose faults apply only to requests whose
+    /// `x-sim-upstream` names it (or that name none).
+    pub async fn start_named(addr: SocketAddr, name: &str) -> std::io::Result<Simulator> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let stats = Arc::new(SimStats::default());
+        let stats = Arc::new(SimStats {
+            name: name.to_string(),
+            ..SimStats::default()
+        });
         let task = tokio::spawn(serve(listener, Arc::clone(&stats)));
         Ok(Simulator { addr, stats, task })
     }
@@ -343,7 +356,16 @@ async fn answer(
 ) -> Result<Response<SimBody>, std::io::Error> {
     *stats.last.lock().unwrap_or_else(|e| e.into_inner()) =
         Some((parts.headers.clone(), body.clone()));
-    let faults = Faults::of(&parts.headers);
+    // Faults aimed at another simulator are not this one's.
+    let aimed_elsewhere = parts
+        .headers
+        .get("x-sim-upstream")
+        .is_some_and(|v| v.as_bytes() != stats.name.as_bytes());
+    let faults = if aimed_elsewhere {
+        Faults::of(&HeaderMap::new())
+    } else {
+        Faults::of(&parts.headers)
+    };
     let mut r = answer_with(stats, endpoint, body, &faults).await?;
     if faults.account_headers {
         let h = r.headers_mut();

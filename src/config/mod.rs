@@ -52,11 +52,51 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The upstream keys, by upstream name: read from the environment at
+/// start and at each reload. `Debug` never shows them.
+#[derive(Clone, Default)]
+pub struct Keys {
+    by_name: std::collections::HashMap<String, Secret>,
+    /// The key of an upstream not named (every one, for `From<Secret>`).
+    every: Secret,
+}
+
+impl Keys {
+    /// The key `upstream` is sent.
+    pub fn get(&self, upstream: &str) -> &Secret {
+        self.by_name.get(upstream).unwrap_or(&self.every)
+    }
+
+    /// These keys with `upstream`'s set to `key`.
+    pub fn with(mut self, upstream: &str, key: Secret) -> Keys {
+        self.by_name.insert(upstream.to_string(), key);
+        self
+    }
+}
+
+impl From<Secret> for Keys {
+    /// The same key for every upstream.
+    fn from(every: Secret) -> Keys {
+        Keys {
+            by_name: Default::default(),
+            every,
+        }
+    }
+}
+
+impl fmt::Debug for Keys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("*****")
+    }
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
+    /// At least one; in the order written.
+    pub upstreams: Vec<PeerConfig>,
     pub cache: CacheConfig,
     pub tenants: Vec<TenantConfig>,
     pub pricing: BTreeMap<String, Pricing>,
@@ -150,16 +190,39 @@ pub struct ServerConfig {
     pub max_connections: usize,
 }
 
+/// `[upstream]`: the settings every upstream shares.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
-    /// Scheme, authority and optional path prefix, without a trailing slash.
-    pub base_url: String,
-    pub api_key_env: String,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_retries: u32,
-    /// 0 = unlimited.
+    /// Consecutive failed attempts that rest an upstream (at least 1).
+    pub eject_after: u32,
+    /// How long the first rest lasts (doubling, at most 300 s).
+    pub eject_for: Duration,
+}
+
+/// One upstream: an account behind a URL (`[[upstreams]]`, or the
+/// `[upstream]` of a config without them, named `default`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerConfig {
+    /// `[a-z0-9_-]+`, unique.
+    pub name: String,
+    /// Scheme, authority and optional path prefix, without a trailing slash.
+    pub base_url: String,
+    /// Where its Messages API is; `None`: it serves none.
+    pub anthropic_base_url: Option<String>,
+    pub api_key_env: String,
+    /// Its share of its tier's traffic (at least 1).
+    pub weight: u32,
+    /// Lower first.
+    pub tier: u32,
+    /// The models it serves, as clients name them; empty = any.
+    pub models: Vec<String>,
+    /// Client model name → the name this upstream gets.
+    pub model_map: BTreeMap<String, String>,
+    /// The account's in-flight cap; 0 = unlimited.
     pub max_concurrent: usize,
     /// `None` = balance polling off.
     pub balance_poll: Option<Duration>,
@@ -281,18 +344,17 @@ impl Config {
         })?;
         let mut config = Self::parse(&text, env)?;
         let dir = path.parent().unwrap_or(Path::new(""));
-        for p in [
-            config.budgets.state_path.as_mut(),
-            config.upstream.ca_file.as_mut(),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        let paths = config
+            .upstreams
+            .iter_mut()
+            .filter_map(|u| u.ca_file.as_mut())
+            .chain(config.budgets.state_path.as_mut());
+        for p in paths {
             if p.is_relative() {
                 *p = dir.join(&*p);
             }
         }
-        if let Some(ca) = &config.upstream.ca_file {
+        for ca in config.upstreams.iter().filter_map(|u| u.ca_file.as_ref()) {
             read_ca_file(ca).map_err(|e| ConfigError(vec![e]))?;
         }
         Ok(config)
@@ -309,7 +371,14 @@ impl Config {
             raw.server.admin_listen = v;
         }
         if let Some(v) = env("SLUICE_UPSTREAM_URL") {
-            raw.upstream.base_url = v;
+            if !raw.upstreams.is_empty() {
+                return Err(ConfigError(vec![
+                    "SLUICE_UPSTREAM_URL: overrides upstream.base_url, which a config with \
+                     [[upstreams]] does not have (set each upstream's base_url instead)"
+                        .into(),
+                ]));
+            }
+            raw.upstream.base_url = Some(v);
         }
         // With no [redis] section, the env var turns it on with the defaults.
         if let Some(v) = env("SLUICE_REDIS_URL") {
@@ -318,22 +387,42 @@ impl Config {
         validate(raw)
     }
 
-    /// Reads the upstream key from the env var that `upstream.api_key_env`
-    /// names. An unset or empty variable is an error unless the name is "".
-    pub fn upstream_key(
-        &self,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Secret, ConfigError> {
-        let name = &self.upstream.api_key_env;
-        if name.is_empty() {
-            return Ok(Secret::default());
+    /// Reads each upstream's key from the env var its `api_key_env` names.
+    /// An unset or empty variable is an error unless the name is "".
+    pub fn upstream_keys(&self, env: impl Fn(&str) -> Option<String>) -> Result<Keys, ConfigError> {
+        let mut keys = Keys::default();
+        let mut errs = Vec::new();
+        for u in &self.upstreams {
+            let name = &u.api_key_env;
+            if name.is_empty() {
+                keys.by_name.insert(u.name.clone(), Secret::default());
+                continue;
+            }
+            match env(name) {
+                Some(v) if !v.trim().is_empty() => {
+                    keys.by_name.insert(u.name.clone(), Secret::new(v.trim()));
+                }
+                _ => errs.push(format!(
+                    "{}.api_key_env: environment variable {name} is unset or empty \
+                     (set api_key_env = \"\" for an upstream that takes no key)",
+                    self.upstream_key_path(u)
+                )),
+            }
         }
-        match env(name) {
-            Some(v) if !v.trim().is_empty() => Ok(Secret::new(v.trim())),
-            _ => Err(ConfigError(vec![format!(
-                "upstream.api_key_env: environment variable {name} is unset or empty \
-                 (set api_key_env = \"\" for an upstream that takes no key)"
-            )])),
+        if errs.is_empty() {
+            Ok(keys)
+        } else {
+            Err(ConfigError(errs))
+        }
+    }
+
+    /// Where an upstream's keys are written: `upstream` for the one
+    /// `[upstream]`, `upstreams.<name>` otherwise.
+    pub(crate) fn upstream_key_path(&self, u: &PeerConfig) -> String {
+        if self.upstreams.len() == 1 && u.name == "default" {
+            "upstream".into()
+        } else {
+            format!("upstreams.{}", u.name)
         }
     }
 
@@ -347,6 +436,9 @@ impl Config {
             models.extend(t.models.iter().cloned());
         }
         models.extend(self.pricing.keys().cloned());
+        for u in &self.upstreams {
+            models.extend(u.models.iter().cloned());
+        }
         models
     }
 }
@@ -420,22 +512,48 @@ mod tests {
         let c = Config::parse(&tenant(""), env).expect("valid");
         assert_eq!(c.server.listen.port(), 1);
         assert_eq!(c.server.admin_listen.port(), 2);
-        assert_eq!(c.upstream.base_url, "http://127.0.0.1:3");
+        assert_eq!(c.upstreams[0].base_url, "http://127.0.0.1:3");
     }
 
     #[test]
     fn upstream_key_from_env() {
         let c = Config::parse(&tenant(""), no_env).expect("valid");
-        assert!(c.upstream_key(no_env).is_err());
-        assert!(c.upstream_key(|_| Some("  ".into())).is_err());
-        let key = c.upstream_key(|_| Some("sk-x".into())).expect("set");
-        assert_eq!(key.expose(), "sk-x");
-        assert_eq!(format!("{key:?}"), "*****");
+        let err = c.upstream_keys(no_env).expect_err("unset");
+        assert!(err.0[0].starts_with("upstream.api_key_env: environment variable DEEPSEEK_API_KEY"));
+        assert!(c.upstream_keys(|_| Some("  ".into())).is_err());
+        let keys = c.upstream_keys(|_| Some("sk-x".into())).expect("set");
+        assert_eq!(keys.get("default").expose(), "sk-x");
+        assert_eq!(format!("{keys:?}"), "*****");
         let open = Config::parse(
             &format!("[upstream]\napi_key_env = \"\"\n{}", tenant("")),
             no_env,
         )
         .expect("valid");
-        assert!(open.upstream_key(no_env).expect("no key needed").is_empty());
+        assert!(open
+            .upstream_keys(no_env)
+            .expect("no key needed")
+            .get("default")
+            .is_empty());
+    }
+
+    #[test]
+    fn each_upstream_has_its_own_key() {
+        let text = format!(
+            "[[upstreams]]\nname = \"a\"\nbase_url = \"http://a\"\napi_key_env = \"KEY_A\"\n\
+             [[upstreams]]\nname = \"b\"\nbase_url = \"http://b\"\napi_key_env = \"KEY_B\"\n{}",
+            tenant("")
+        );
+        let c = Config::parse(&text, no_env).expect("valid");
+        let only_a = |k: &str| (k == "KEY_A").then(|| "sk-a".to_string());
+        let err = c.upstream_keys(only_a).expect_err("KEY_B unset");
+        assert_eq!(err.0.len(), 1);
+        assert!(
+            err.0[0].starts_with("upstreams.b.api_key_env: environment variable KEY_B"),
+            "{err}"
+        );
+        let both = |k: &str| Some(format!("sk-{k}"));
+        let keys = c.upstream_keys(both).expect("both set");
+        assert_eq!(keys.get("a").expose(), "sk-KEY_A");
+        assert_eq!(keys.get("b").expose(), "sk-KEY_B");
     }
 }

@@ -16,6 +16,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) upstream: RawUpstream,
     #[serde(default)]
+    pub(super) upstreams: Vec<RawPeer>,
+    #[serde(default)]
     pub(super) cache: RawCache,
     #[serde(default)]
     pub(super) tenants: Vec<RawTenant>,
@@ -90,29 +92,104 @@ impl Default for RawServer {
     }
 }
 
+/// `[upstream]`. The keys of one account (`None` when not written) are
+/// the one upstream's without `[[upstreams]]`, and an error beside them.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawUpstream {
-    pub(super) base_url: String,
-    pub(super) api_key_env: String,
+    pub(super) base_url: Option<String>,
+    pub(super) api_key_env: Option<String>,
+    pub(super) anthropic_base_url: Option<String>,
+    pub(super) max_concurrent: Option<u64>,
+    pub(super) balance_poll_secs: Option<u64>,
+    pub(super) ca_file: Option<String>,
     pub(super) connect_timeout_secs: u64,
     pub(super) first_byte_timeout_secs: u64,
     pub(super) idle_timeout_secs: u64,
     pub(super) max_retries: u32,
-    pub(super) max_concurrent: u64,
-    pub(super) balance_poll_secs: u64,
-    pub(super) ca_file: String,
+    pub(super) eject_after: u32,
+    pub(super) eject_secs: u64,
 }
 
 impl Default for RawUpstream {
     fn default() -> Self {
         Self {
-            base_url: "https://api.deepseek.com".into(),
-            api_key_env: "DEEPSEEK_API_KEY".into(),
+            base_url: None,
+            api_key_env: None,
+            anthropic_base_url: None,
+            max_concurrent: None,
+            balance_poll_secs: None,
+            ca_file: None,
             connect_timeout_secs: 5,
             first_byte_timeout_secs: 600,
             idle_timeout_secs: 120,
             max_retries: 2,
+            eject_after: 3,
+            eject_secs: 10,
+        }
+    }
+}
+
+impl RawUpstream {
+    /// The account keys written in `[upstream]`, by name.
+    pub(super) fn account_keys(&self) -> Vec<&'static str> {
+        [
+            ("base_url", self.base_url.is_some()),
+            ("api_key_env", self.api_key_env.is_some()),
+            ("anthropic_base_url", self.anthropic_base_url.is_some()),
+            ("max_concurrent", self.max_concurrent.is_some()),
+            ("balance_poll_secs", self.balance_poll_secs.is_some()),
+            ("ca_file", self.ca_file.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect()
+    }
+
+    /// The one upstream, `default`, of a config without `[[upstreams]]`.
+    pub(super) fn as_peer(&self) -> RawPeer {
+        let d = RawPeer::default();
+        RawPeer {
+            name: "default".into(),
+            base_url: self.base_url.clone().unwrap_or(d.base_url),
+            api_key_env: self.api_key_env.clone().unwrap_or(d.api_key_env),
+            anthropic_base_url: self.anthropic_base_url.clone(),
+            max_concurrent: self.max_concurrent.unwrap_or(d.max_concurrent),
+            balance_poll_secs: self.balance_poll_secs.unwrap_or(d.balance_poll_secs),
+            ca_file: self.ca_file.clone().unwrap_or(d.ca_file),
+            ..d
+        }
+    }
+}
+
+/// One `[[upstreams]]` entry: an account behind a URL.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawPeer {
+    pub(super) name: String,
+    pub(super) base_url: String,
+    pub(super) api_key_env: String,
+    pub(super) anthropic_base_url: Option<String>,
+    pub(super) weight: i64,
+    pub(super) tier: i64,
+    pub(super) models: Vec<String>,
+    pub(super) model_map: BTreeMap<String, String>,
+    pub(super) max_concurrent: u64,
+    pub(super) balance_poll_secs: u64,
+    pub(super) ca_file: String,
+}
+
+impl Default for RawPeer {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            base_url: "https://api.deepseek.com".into(),
+            api_key_env: "DEEPSEEK_API_KEY".into(),
+            anthropic_base_url: None,
+            weight: 1,
+            tier: 0,
+            models: Vec::new(),
+            model_map: BTreeMap::new(),
             max_concurrent: 0,
             balance_poll_secs: 300,
             ca_file: String::new(),
@@ -208,8 +285,16 @@ mod tests {
         assert_eq!(c.server.send_timeout, Duration::from_secs(60));
         assert_eq!(c.server.keepalive_timeout, Duration::from_secs(75));
         assert_eq!(c.server.max_connections, 10_000);
-        assert_eq!(c.upstream.base_url, "https://api.deepseek.com");
-        assert_eq!(c.upstream.balance_poll, Some(Duration::from_secs(300)));
+        assert_eq!(c.upstreams.len(), 1);
+        assert_eq!(c.upstreams[0].name, "default");
+        assert_eq!(c.upstreams[0].base_url, "https://api.deepseek.com");
+        assert_eq!(
+            c.upstreams[0].anthropic_base_url.as_deref(),
+            Some("https://api.deepseek.com/anthropic")
+        );
+        assert_eq!(c.upstreams[0].balance_poll, Some(Duration::from_secs(300)));
+        assert_eq!(c.upstream.eject_after, 3);
+        assert_eq!(c.upstream.eject_for, Duration::from_secs(10));
         assert_eq!(c.tenants[0].limits.request_burst, 60);
         assert!(c.cache.enabled);
         assert!(c.tenants[0].cache);

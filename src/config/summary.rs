@@ -1,5 +1,5 @@
 //! The summary `check-config` prints: one line per concern (listeners,
-//! connections, upstream, cache, shared state, pricing) and one per tenant
+//! connections, upstreams, cache, shared state, pricing) and one per tenant
 //! with its limits and budget; the Redis URL is shown without its password.
 
 use std::fmt;
@@ -23,16 +23,55 @@ impl fmt::Display for Config {
         )?;
         writeln!(
             f,
-            "upstream      {} (key from {}, retries {}, max_concurrent {})",
-            u.base_url,
-            if u.api_key_env.is_empty() {
-                "<none>"
-            } else {
-                &u.api_key_env
-            },
+            "upstream      retries {}, connect timeout {}s, first byte timeout {}s, eject after {} failures for {}s",
             u.max_retries,
-            unlimited(u.max_concurrent as u64),
+            u.connect_timeout.as_secs(),
+            u.first_byte_timeout.as_secs(),
+            u.eject_after,
+            u.eject_for.as_secs(),
         )?;
+        writeln!(f, "upstreams     {}", self.upstreams.len())?;
+        for p in &self.upstreams {
+            let models = if p.models.is_empty() {
+                "any".to_string()
+            } else {
+                p.models
+                    .iter()
+                    .map(|m| match p.model_map.get(m) {
+                        Some(to) => format!("{m} (as {to})"),
+                        None => m.clone(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let mapped: Vec<String> = p
+                .model_map
+                .iter()
+                .filter(|(m, _)| p.models.is_empty() || !p.models.contains(m))
+                .map(|(m, to)| format!("{m} as {to}"))
+                .collect();
+            writeln!(
+                f,
+                "  {:<20} {} (key from {}, tier {}, weight {}, max_concurrent {})  models {}{}  messages {}",
+                p.name,
+                p.base_url,
+                if p.api_key_env.is_empty() {
+                    "<none>"
+                } else {
+                    &p.api_key_env
+                },
+                p.tier,
+                p.weight,
+                unlimited(p.max_concurrent as u64),
+                models,
+                if mapped.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", mapped.join(", "))
+                },
+                p.anthropic_base_url.as_deref().unwrap_or("none"),
+            )?;
+        }
         writeln!(
             f,
             "cache         {} (max_bytes {}, ttl {}s, scope {})",

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use super::ca::read_ca_file;
 use super::raw::{
-    KeyList, RawBudgets, RawCache, RawConfig, RawRedis, RawServer, RawTenant, RawUpstream,
+    KeyList, RawBudgets, RawCache, RawConfig, RawPeer, RawRedis, RawServer, RawTenant, RawUpstream,
 };
 use super::{
     redact_url, BudgetPeriod, BudgetSpec, BudgetsConfig, CacheConfig, CacheScope, Config,
-    ConfigError, LimitSpec, OnError, Pricing, RedisConfig, ServerConfig, TenantConfig,
+    ConfigError, LimitSpec, OnError, PeerConfig, Pricing, RedisConfig, ServerConfig, TenantConfig,
     UpstreamConfig,
 };
 
@@ -23,6 +23,7 @@ type Errors = Vec<String>;
 pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let mut errs = Errors::new();
     let server = server(raw.server, &mut errs);
+    let upstreams = peers(&raw.upstream, raw.upstreams, &mut errs);
     let upstream = upstream(raw.upstream, &mut errs);
     let cache = cache(raw.cache, &mut errs);
     let tenants = tenants(raw.tenants, &raw.pricing, &mut errs);
@@ -36,6 +37,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         Ok(Config {
             server,
             upstream,
+            upstreams,
             cache,
             tenants,
             pricing: raw.pricing,
@@ -104,22 +106,9 @@ fn server(raw: RawServer, errs: &mut Errors) -> ServerConfig {
     server
 }
 
-/// `[upstream]`.
+/// `[upstream]`: the settings every upstream shares.
 fn upstream(raw: RawUpstream, errs: &mut Errors) -> UpstreamConfig {
-    let base_url = raw.base_url.trim_end_matches('/').to_string();
-    match base_url.parse::<http::Uri>() {
-        Ok(uri)
-            if matches!(uri.scheme_str(), Some("http" | "https"))
-                && uri.host().is_some_and(|h| !h.is_empty())
-                && uri.query().is_none() => {}
-        _ => errs.push(format!(
-            "upstream.base_url: {:?} is not an http:// or https:// URL",
-            raw.base_url
-        )),
-    }
     let upstream = UpstreamConfig {
-        base_url,
-        api_key_env: raw.api_key_env,
         connect_timeout: positive(
             errs,
             "upstream.connect_timeout_secs",
@@ -132,21 +121,140 @@ fn upstream(raw: RawUpstream, errs: &mut Errors) -> UpstreamConfig {
         ),
         idle_timeout: positive(errs, "upstream.idle_timeout_secs", raw.idle_timeout_secs),
         max_retries: raw.max_retries,
+        eject_after: raw.eject_after,
+        eject_for: positive(errs, "upstream.eject_secs", raw.eject_secs),
+    };
+    if upstream.max_retries > 10 {
+        errs.push("upstream.max_retries: must be at most 10".into());
+    }
+    if upstream.eject_after == 0 {
+        errs.push("upstream.eject_after: must be greater than 0".into());
+    }
+    upstream
+}
+
+/// The upstreams: `[[upstreams]]`, or the one `[upstream]` (`default`).
+fn peers(shared: &RawUpstream, raw: Vec<RawPeer>, errs: &mut Errors) -> Vec<PeerConfig> {
+    if raw.is_empty() {
+        return vec![peer("upstream", shared.as_peer(), errs)];
+    }
+    for key in shared.account_keys() {
+        errs.push(format!(
+            "upstream.{key}: with [[upstreams]], [upstream] holds only the settings all \
+             upstreams share; set {key} on each upstream"
+        ));
+    }
+    if raw.len() > crate::upstream::pool::MAX_PEERS {
+        errs.push(format!(
+            "upstreams: at most {} upstreams",
+            crate::upstream::pool::MAX_PEERS
+        ));
+    }
+    let mut names = HashSet::new();
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let at = if p.name.is_empty() {
+                format!("upstreams[{i}]")
+            } else {
+                format!("upstreams.{}", p.name)
+            };
+            let valid_name = !p.name.is_empty()
+                && p.name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                });
+            if !valid_name {
+                errs.push(format!(
+                    "{at}.name: {:?} must be one or more of a-z, 0-9, _ and -",
+                    p.name
+                ));
+            } else if !names.insert(p.name.clone()) {
+                errs.push(format!("{at}.name: two upstreams are named {:?}", p.name));
+            }
+            peer(&at, p, errs)
+        })
+        .collect()
+}
+
+/// One upstream, its keys named under `at`.
+fn peer(at: &str, raw: RawPeer, errs: &mut Errors) -> PeerConfig {
+    let base_url = raw.base_url.trim_end_matches('/').to_string();
+    if !is_http_url(&base_url) {
+        errs.push(format!(
+            "{at}.base_url: {:?} is not an http:// or https:// URL",
+            raw.base_url
+        ));
+    }
+    let anthropic_base_url = match raw.anthropic_base_url {
+        None => Some(format!("{base_url}/anthropic")),
+        Some(url) if url.is_empty() => None,
+        Some(url) => {
+            let trimmed = url.trim_end_matches('/').to_string();
+            if !is_http_url(&trimmed) {
+                errs.push(format!(
+                    "{at}.anthropic_base_url: {url:?} is not an http:// or https:// URL"
+                ));
+            }
+            Some(trimmed)
+        }
+    };
+    if raw.weight < 1 || raw.weight > i64::from(u32::MAX) {
+        errs.push(format!("{at}.weight: must be at least 1"));
+    }
+    if raw.tier < 0 || raw.tier > i64::from(u32::MAX) {
+        errs.push(format!("{at}.tier: must not be negative"));
+    }
+    if !raw.models.is_empty() {
+        for model in raw.model_map.keys() {
+            if !raw.models.contains(model) {
+                errs.push(format!(
+                    "{at}.model_map: maps {model:?}, which its models list excludes"
+                ));
+            }
+        }
+    }
+    for (from, to) in &raw.model_map {
+        if from.is_empty() || to.is_empty() {
+            errs.push(format!("{at}.model_map: model names must not be empty"));
+        }
+    }
+    let peer = PeerConfig {
+        name: raw.name,
+        base_url,
+        anthropic_base_url,
+        api_key_env: raw.api_key_env,
+        weight: u32::try_from(raw.weight).unwrap_or(1).max(1),
+        tier: u32::try_from(raw.tier).unwrap_or(0),
+        models: raw.models,
+        model_map: raw.model_map,
         max_concurrent: usize::try_from(raw.max_concurrent).unwrap_or(usize::MAX),
-        balance_poll: (raw.balance_poll_secs > 0)
-            .then(|| seconds(errs, "upstream.balance_poll_secs", raw.balance_poll_secs)),
+        balance_poll: (raw.balance_poll_secs > 0).then(|| {
+            seconds(
+                errs,
+                &format!("{at}.balance_poll_secs"),
+                raw.balance_poll_secs,
+            )
+        }),
         ca_file: (!raw.ca_file.is_empty()).then(|| PathBuf::from(&raw.ca_file)),
     };
     // A relative path is checked once `load` knows the file's directory.
-    if let Some(path) = upstream.ca_file.as_deref().filter(|p| p.is_absolute()) {
+    if let Some(path) = peer.ca_file.as_deref().filter(|p| p.is_absolute()) {
         if let Err(e) = read_ca_file(path) {
             errs.push(e);
         }
     }
-    if upstream.max_retries > 10 {
-        errs.push("upstream.max_retries: must be at most 10".into());
+    peer
+}
+
+fn is_http_url(url: &str) -> bool {
+    match url.parse::<http::Uri>() {
+        Ok(uri) => {
+            matches!(uri.scheme_str(), Some("http" | "https"))
+                && uri.host().is_some_and(|h| !h.is_empty())
+                && uri.query().is_none()
+        }
+        Err(_) => false,
     }
-    upstream
 }
 
 /// `[cache]`.
@@ -560,5 +668,84 @@ mod tests {
         );
         let err = Config::parse(&text, no_env).expect_err("invalid");
         assert_eq!(err.0.len(), 2, "{err}");
+    }
+
+    const TWO: &str = "[[upstreams]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:1\"\napi_key_env = \"A\"\n\
+                       [[upstreams]]\nname = \"b\"\nbase_url = \"http://127.0.0.1:2\"\napi_key_env = \"B\"\n";
+
+    #[test]
+    fn several_upstreams() {
+        let text = format!(
+            "[upstream]\neject_after = 5\neject_secs = 7\n{TWO}tier = 1\nweight = 3\n\
+             models = [\"deepseek-chat\"]\nmodel_map = {{ \"deepseek-chat\" = \"ds-v3\" }}\n\
+             anthropic_base_url = \"\"\n{}",
+            tenant("")
+        );
+        let c = Config::parse(&text, no_env).expect("valid");
+        assert_eq!(c.upstream.eject_after, 5);
+        assert_eq!(c.upstream.eject_for, Duration::from_secs(7));
+        let names: Vec<&str> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        let (a, b) = (&c.upstreams[0], &c.upstreams[1]);
+        assert_eq!((a.tier, a.weight, a.models.len()), (0, 1, 0));
+        assert_eq!(
+            a.anthropic_base_url.as_deref(),
+            Some("http://127.0.0.1:1/anthropic")
+        );
+        assert_eq!((b.tier, b.weight), (1, 3));
+        assert_eq!(b.model_map["deepseek-chat"], "ds-v3");
+        assert_eq!(b.anthropic_base_url, None, "\"\" serves no Messages API");
+        let summary = c.to_string();
+        assert!(summary.contains("a "), "{summary}");
+        assert!(summary.contains("tier 1, weight 3"), "{summary}");
+        assert!(
+            summary.contains("models deepseek-chat (as ds-v3)"),
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn invalid_upstreams_name_the_key() {
+        for (extra, key) in [
+            ("[upstream]\nbase_url = \"http://x\"\n", "upstream.base_url"),
+            ("[upstream]\napi_key_env = \"X\"\n", "upstream.api_key_env"),
+            (
+                "[upstream]\nmax_concurrent = 4\n",
+                "upstream.max_concurrent",
+            ),
+            (
+                "[upstream]\nbalance_poll_secs = 0\n",
+                "upstream.balance_poll_secs",
+            ),
+            ("[upstream]\nca_file = \"x.pem\"\n", "upstream.ca_file"),
+            ("[upstream]\neject_after = 0\n", "upstream.eject_after"),
+            ("[upstream]\neject_secs = 0\n", "upstream.eject_secs"),
+            ("[[upstreams]]\nname = \"a\"\n", "upstreams.a.name"),
+            ("[[upstreams]]\nname = \"C\"\n", "upstreams.C.name"),
+            ("[[upstreams]]\nname = \"\"\n", "upstreams[0].name"),
+            (
+                "[[upstreams]]\nname = \"c\"\nweight = 0\n",
+                "upstreams.c.weight",
+            ),
+            (
+                "[[upstreams]]\nname = \"c\"\ntier = -1\n",
+                "upstreams.c.tier",
+            ),
+            (
+                "[[upstreams]]\nname = \"c\"\nbase_url = \"ftp://x\"\n",
+                "upstreams.c.base_url",
+            ),
+            (
+                "[[upstreams]]\nname = \"c\"\nmodels = [\"m\"]\nmodel_map = { \"n\" = \"x\" }\n",
+                "upstreams.c.model_map",
+            ),
+        ] {
+            let text = format!("{extra}{TWO}{}", tenant(""));
+            let err = Config::parse(&text, no_env).expect_err(extra).to_string();
+            assert!(err.contains(key), "{extra:?}: {err}");
+        }
+        let env = |k: &str| (k == "SLUICE_UPSTREAM_URL").then(|| "http://h".to_string());
+        let err = Config::parse(&format!("{TWO}{}", tenant("")), env).expect_err("env");
+        assert!(err.to_string().contains("SLUICE_UPSTREAM_URL"), "{err}");
     }
 }

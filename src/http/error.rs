@@ -52,6 +52,9 @@ pub enum GatewayError {
     ModelNotAllowed,
     #[error("Unknown path.")]
     NotFound,
+    /// No configured upstream serves the requested model.
+    #[error("No upstream serves the requested model.")]
+    ModelNotFound,
     #[error("Method not allowed on this path.")]
     MethodNotAllowed,
     #[error("The request body is larger than this gateway accepts.")]
@@ -83,7 +86,7 @@ impl GatewayError {
             | GatewayError::MissingField(_) => StatusCode::BAD_REQUEST,
             GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             GatewayError::ModelNotAllowed => StatusCode::FORBIDDEN,
-            GatewayError::NotFound => StatusCode::NOT_FOUND,
+            GatewayError::NotFound | GatewayError::ModelNotFound => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -104,6 +107,7 @@ impl GatewayError {
             | GatewayError::DuplicateKey(_)
             | GatewayError::MissingField(_)
             | GatewayError::NotFound
+            | GatewayError::ModelNotFound
             | GatewayError::MethodNotAllowed
             | GatewayError::BodyTooLarge
             | GatewayError::BodyTimeout => "invalid_request_error",
@@ -125,6 +129,7 @@ impl GatewayError {
             GatewayError::InvalidApiKey => "invalid_api_key",
             GatewayError::ModelNotAllowed => "model_not_allowed",
             GatewayError::NotFound => "not_found",
+            GatewayError::ModelNotFound => "model_not_found",
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::BodyTooLarge => "body_too_large",
             GatewayError::BodyTimeout => "request_timeout",
@@ -157,6 +162,7 @@ impl GatewayError {
             | GatewayError::BudgetExceeded { .. }
             | GatewayError::ModelNotAllowed
             | GatewayError::NotFound
+            | GatewayError::ModelNotFound
             | GatewayError::MethodNotAllowed
             | GatewayError::BodyTooLarge
             | GatewayError::UpstreamUnreachable
@@ -279,6 +285,12 @@ mod tests {
                 "not_found",
             ),
             (
+                GatewayError::ModelNotFound,
+                404,
+                "invalid_request_error",
+                "model_not_found",
+            ),
+            (
                 GatewayError::MethodNotAllowed,
                 405,
                 "invalid_request_error",
@@ -373,6 +385,7 @@ mod tests {
             ),
             (GatewayError::ModelNotAllowed, true),
             (GatewayError::NotFound, true),
+            (GatewayError::ModelNotFound, true),
             (GatewayError::MethodNotAllowed, true),
             (GatewayError::BodyTooLarge, true),
             (GatewayError::UpstreamUnreachable, true),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
-use super::validate::{with_include_usage, ApiRequest};
+use super::validate::ApiRequest;
 use super::{Ctx, Served};
 use crate::api::Endpoint;
 use crate::http::error::GatewayError;
@@ -17,7 +17,6 @@ use crate::response::body::Body;
 use crate::response::lead::{Launch, LeadBody};
 use crate::response::relay::{Answer, Meter, Plan, Sink, StreamOpts};
 use crate::tenant::Tenant;
-use crate::upstream::pool::Peer;
 use crate::upstream::Outbound;
 
 /// A validated request, ready to go upstream.
@@ -39,23 +38,12 @@ impl Ctx {
             body,
             api,
         } = call;
-        let peer = snap
-            .upstreams
-            .choose()
-            .ok_or(GatewayError::UpstreamUnreachable)?;
-        self.record.upstream = Some(peer.header().clone());
-        if let Some(leader) = &sink.leader {
-            // Its followers' answers name it too.
-            leader.flight.set_upstream(peer.header());
-        }
+        let mut route = self.route.ok_or(GatewayError::ModelNotFound)?;
+        // The first choice, until the call says where it ended.
+        self.record.upstream = Some(snap.upstreams.peer(route.current()).header().clone());
         let path = endpoint.upstream_path();
-        let target = peer.target(path).ok_or(GatewayError::UpstreamUnreachable)?;
-        let body = if api.stream {
-            with_include_usage(&body, &api)
-        } else {
-            body
-        };
-        let mut headers = upstream_headers(headers, peer, &self.record.request_id);
+        let (body, model_at) = api.upstream_body(&body);
+        let mut headers = upstream_headers(headers, &self.record.request_id);
         headers
             .entry(header::CONTENT_TYPE)
             .or_insert(HeaderValue::from_static("application/json"));
@@ -87,38 +75,57 @@ impl Ctx {
             Arc::clone(&plan.meter.tenant.name),
             plan.meter.tenant.weight,
         );
-        let (sent, plan) = if plan.sink.leader.is_some() {
+        let (sent, plan) = if let Some(leader) = &plan.sink.leader {
             // A flight's leader: the call is owned (boxed), so that if this
             // client leaves before the headers while followers wait, it goes
             // on without it.
             let call = {
                 let (app, snap) = (Arc::clone(&self.app), Arc::clone(&snap));
+                let flight = Arc::clone(&leader.flight);
+                let client_model = api.model;
                 Box::pin(async move {
-                    let target = snap
-                        .upstreams
-                        .choose()
-                        .and_then(|peer| peer.target(path))
-                        .ok_or(GatewayError::UpstreamUnreachable)?;
-                    let outbound = Outbound::new(Method::POST, target, headers, body)
+                    let outbound = Outbound::new(Method::POST, path, headers, body)
+                        .naming(&client_model, model_at)
                         .for_tenant(&name, weight);
                     let cfg = &snap.config.upstream;
-                    app.upstream
-                        .send(cfg, &app.metrics, deadline, &outbound)
-                        .await
+                    let sent = app
+                        .upstream
+                        .send(
+                            &snap.upstreams,
+                            &mut route,
+                            cfg,
+                            &app.metrics,
+                            deadline,
+                            &outbound,
+                        )
+                        .await?;
+                    // Its followers' answers name its upstream too.
+                    flight.set_upstream(&sent.upstream);
+                    Ok(sent)
                 })
             };
             let launch = Launch::new(call, plan);
             launch.await?
         } else {
-            let outbound =
-                Outbound::new(Method::POST, target, headers, body).for_tenant(&name, weight);
+            let outbound = Outbound::new(Method::POST, path, headers, body)
+                .naming(&api.model, model_at)
+                .for_tenant(&name, weight);
             let sent = self
                 .app
                 .upstream
-                .send(cfg, &self.app.metrics, deadline, &outbound)
-                .await?;
-            (sent, plan)
+                .send(
+                    &snap.upstreams,
+                    &mut route,
+                    cfg,
+                    &self.app.metrics,
+                    deadline,
+                    &outbound,
+                )
+                .await;
+            self.record.upstream = Some(snap.upstreams.peer(route.current()).header().clone());
+            (sent?, plan)
         };
+        self.record.upstream = Some(sent.upstream.clone());
         let (parts, answer) = Answer::of(sent);
         self.record.upstream_status = Some(parts.status.as_u16());
         let is_sse = api.stream && parts.status == StatusCode::OK;
@@ -148,17 +155,10 @@ impl Ctx {
 }
 
 /// Headers sent upstream: the client's, less hop-by-hop headers and those
-/// that never go upstream, with the upstream's own `Authorization`.
-/// `Outbound` replaces Host and Content-Length.
-pub(super) fn upstream_headers(
-    mut h: HeaderMap,
-    peer: &Peer,
-    request_id: &HeaderValue,
-) -> HeaderMap {
+/// that never go upstream. `Outbound` sets Host, Content-Length and each
+/// upstream's own `Authorization`.
+pub(super) fn upstream_headers(mut h: HeaderMap, request_id: &HeaderValue) -> HeaderMap {
     headers::clean_request(&mut h);
-    if let Some(auth) = peer.auth() {
-        h.insert(header::AUTHORIZATION, auth.clone());
-    }
     h.insert(&X_REQUEST_ID, request_id.clone());
     h
 }

@@ -22,18 +22,16 @@ impl Ctx {
     pub(super) async fn models(&mut self, tenant: &Tenant, headers: HeaderMap) -> Served {
         let snap = Arc::clone(&self.snap);
         let cfg = &snap.config.upstream;
-        let peer = snap
+        let path = Endpoint::Models.upstream_path();
+        // Chosen as a request without a model would be.
+        let mut route = snap
             .upstreams
-            .choose()
-            .ok_or(GatewayError::UpstreamUnreachable)?;
-        self.record.upstream = Some(peer.header().clone());
-        let target = peer
-            .target(Endpoint::Models.upstream_path())
+            .route(None, path)
             .ok_or(GatewayError::UpstreamUnreachable)?;
         let outbound = Outbound::new(
             Method::GET,
-            target,
-            upstream_headers(headers, peer, &self.record.request_id),
+            path,
+            upstream_headers(headers, &self.record.request_id),
             Bytes::new(),
         )
         .for_tenant(&tenant.name, tenant.weight);
@@ -41,8 +39,17 @@ impl Ctx {
         let sent = self
             .app
             .upstream
-            .send(cfg, &self.app.metrics, deadline, &outbound)
-            .await?;
+            .send(
+                &snap.upstreams,
+                &mut route,
+                cfg,
+                &self.app.metrics,
+                deadline,
+                &outbound,
+            )
+            .await;
+        self.record.upstream = Some(snap.upstreams.peer(route.current()).header().clone());
+        let sent = sent?;
         let (parts, incoming) = sent.response.into_parts();
         self.record.upstream_status = Some(parts.status.as_u16());
         let body = read_small(incoming, 16 << 20, cfg.idle_timeout).await?;

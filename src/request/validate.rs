@@ -22,6 +22,8 @@ pub struct ApiRequest {
     /// scanned, and the scan dropped at once).
     pub key: Option<cache::Key>,
     pub model: String,
+    /// Where `model`'s JSON string is in the client's bytes.
+    model_span: Range<usize>,
     pub stream: bool,
     pub include_usage: bool,
     /// How a stream's body gets `stream_options.include_usage = true`.
@@ -84,13 +86,12 @@ impl ApiRequest {
             json::Invalid::DuplicateKey(k) => GatewayError::DuplicateKey(k.into()),
         })?;
         let starts = |name: &str, c: u8| scan.get(name).is_some_and(|r| r.first() == Some(&c));
-        let model = scan
-            .get("model")
+        let missing_model = GatewayError::MissingField("`model` is required and must be a string.");
+        let model_span = scan.span("model").ok_or(missing_model.clone())?;
+        let model = Some(&bytes[model_span.clone()])
             .filter(|r| r.first() == Some(&b'"'))
             .and_then(|r| serde_json::from_slice::<String>(r).ok())
-            .ok_or(GatewayError::MissingField(
-                "`model` is required and must be a string.",
-            ))?;
+            .ok_or(missing_model)?;
         match endpoint {
             Endpoint::Fim if !starts("prompt", b'"') => {
                 return Err(GatewayError::MissingField(
@@ -147,6 +148,7 @@ impl ApiRequest {
         Ok(ApiRequest {
             key,
             model,
+            model_span,
             stream,
             include_usage: stream && include_usage,
             splice,
@@ -204,6 +206,36 @@ fn open_brace(bytes: &[u8]) -> usize {
     bytes.iter().position(|&b| b == b'{').map_or(0, |i| i + 1)
 }
 
+impl ApiRequest {
+    /// The body sent upstream (for a stream, with `include_usage`; see
+    /// `with_include_usage`) and where the model's JSON string is in it.
+    pub(crate) fn upstream_body(&self, bytes: &Bytes) -> (Bytes, Range<usize>) {
+        if !self.stream {
+            return (bytes.clone(), self.model_span.clone());
+        }
+        let body = with_include_usage(bytes, self);
+        // Every splice is outside the model's string: it moves by the
+        // growth of the splices before it.
+        let grown = body.len() as isize - bytes.len() as isize;
+        let moved = |at: usize| -> usize {
+            let growth = match &self.splice {
+                Splice::Add(p) | Splice::Insert { at: p, .. } if *p <= at => grown,
+                Splice::Replace(r) if r.end <= at => grown,
+                // Each value became `true` (unless all were already).
+                Splice::Set(values) if body.len() != bytes.len() || body != *bytes => values
+                    .iter()
+                    .filter(|r| r.end <= at)
+                    .map(|r| 4 - r.len() as isize)
+                    .sum(),
+                _ => 0,
+            };
+            at.saturating_add_signed(growth)
+        };
+        let span = moved(self.model_span.start)..moved(self.model_span.end);
+        (body, span)
+    }
+}
+
 /// The body sent upstream for a stream: the client's bytes with
 /// `stream_options.include_usage = true`, spliced in so every other byte
 /// (key order, number spelling, whitespace) passes through as it came.
@@ -253,6 +285,26 @@ mod tests {
         let api = ApiRequest::parse(&raw, Endpoint::Chat, Keyed::No).expect("valid");
         assert!(api.stream);
         String::from_utf8(with_include_usage(&raw, &api).to_vec()).expect("utf8")
+    }
+
+    #[test]
+    fn the_model_is_found_in_the_upstream_body() {
+        for raw in [
+            r#"{"model":"mm","messages":[]}"#,
+            r#"{"model":"mm","messages":[],"stream":true}"#,
+            r#"{"stream":true,"stream_options":null,"model":"mm","messages":[]}"#,
+            r#"{"model":"mm","stream":true,"stream_options":null,"messages":[]}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":false},"model":"mm","messages":[]}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":true},"model":"mm","messages":[]}"#,
+            r#"{"stream":true,"stream_options":{"x":1},"model":"mm","messages":[]}"#,
+            r#"{"stream":true,"stream_options":{},"model":"mm","messages":[]}"#,
+            r#"{"stream":true,"model":"mm","stream_options":{"include_usage":false},"messages":[]}"#,
+        ] {
+            let raw = Bytes::copy_from_slice(raw.as_bytes());
+            let api = ApiRequest::parse(&raw, Endpoint::Chat, Keyed::No).expect("valid");
+            let (body, span) = api.upstream_body(&raw);
+            assert_eq!(&body[span], b"\"mm\"", "{raw:?}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The admin listener (`/metrics`, `/healthz`, `/readyz`) and the balance
 //! poller.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,22 +88,37 @@ pub(super) fn admin(
     Ok(resp)
 }
 
-/// Polls each upstream's balance for `sluice_upstream_balance` while
-/// `balance_poll_secs` is set (read again after each poll, so a reload
-/// applies).
+/// Polls each upstream's balance for `sluice_upstream_balance` every
+/// `balance_poll_secs` of its own (the pool is read again after each
+/// poll, so a reload applies).
 pub(super) async fn poll_balance(app: Arc<App>) {
+    // When each upstream, by name, is due next.
+    let mut due: HashMap<Arc<str>, tokio::time::Instant> = HashMap::new();
     loop {
         let snap = app.snapshot.load_full();
-        let Some(every) = snap.config.upstream.balance_poll else {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            continue;
-        };
-        if let Some(peer) = snap.upstreams.choose() {
-            let cfg = &snap.config.upstream;
-            if let Err(e) = balance::fetch(&app.upstream, peer, cfg, &app.metrics).await {
-                tracing::debug!(error = %e, "balance poll failed");
+        let now = tokio::time::Instant::now();
+        let mut next = now + Duration::from_secs(30);
+        for (index, peer) in snap.upstreams.peers().iter().enumerate() {
+            let Some(every) = peer.balance_poll else {
+                continue;
+            };
+            let at = *due.entry(Arc::clone(peer.name())).or_insert(now);
+            if at <= now {
+                let cfg = &snap.config.upstream;
+                if let Err(e) =
+                    balance::fetch(&app.upstream, &snap.upstreams, index, cfg, &app.metrics).await
+                {
+                    tracing::debug!(error = %e, upstream = %peer.name(), "balance poll failed");
+                }
+                let again = tokio::time::Instant::now() + every;
+                due.insert(Arc::clone(peer.name()), again);
+                next = next.min(again);
+            } else {
+                next = next.min(at);
             }
         }
-        tokio::time::sleep(every).await;
+        due.retain(|name, _| snap.upstreams.peers().iter().any(|p| p.name() == name));
+        drop(snap);
+        tokio::time::sleep_until(next).await;
     }
 }

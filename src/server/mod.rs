@@ -18,7 +18,7 @@ mod send_timeout;
 mod stack;
 
 use crate::app::App;
-use crate::config::{Config, Secret};
+use crate::config::{Config, Keys};
 use admin::{poll_balance, serve_admin};
 use conn::{serve_connection, Conn, Connections, Protocols};
 
@@ -39,8 +39,8 @@ impl Handle {
     /// Applies a new, already validated config (SIGHUP). Returns the keys
     /// whose change was ignored (they cannot change in a running process;
     /// each was logged at warn).
-    pub fn reload(&self, config: Config, key: &Secret) -> Vec<&'static str> {
-        let ignored = self.app.reload(config, key);
+    pub fn reload(&self, config: Config, keys: impl Into<Keys>) -> Vec<String> {
+        let ignored = self.app.reload(config, &keys.into());
         self.app
             .metrics
             .config_reloads
@@ -65,10 +65,11 @@ impl Handle {
 
 impl Gateway {
     /// Binds both listeners. Nothing is served until `run`.
-    pub async fn bind(config: Config, key: Secret) -> std::io::Result<Gateway> {
+    pub async fn bind(config: Config, keys: impl Into<Keys>) -> std::io::Result<Gateway> {
+        let keys = keys.into();
         let listener = TcpListener::bind(config.server.listen).await?;
         let admin = TcpListener::bind(config.server.admin_listen).await?;
-        let app = Arc::new(App::new(config, &key).await?);
+        let app = Arc::new(App::new(config, &keys).await?);
         Ok(Gateway {
             app,
             listener,

@@ -5,29 +5,40 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, Method, StatusCode};
+use http::{Method, StatusCode};
 
-use super::pool::{Peer, BALANCE_PATH};
+use super::pool::{Pool, BALANCE_PATH};
 use super::{read_small, Outbound, Upstream};
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 
-/// Asks `peer` for its balance and sets the gauge per currency.
+/// Asks the upstream at `index` of `pool` for its balance and sets the
+/// gauge per currency.
 pub(crate) async fn fetch(
     upstream: &Upstream,
-    peer: &Peer,
+    pool: &Pool,
+    index: usize,
     cfg: &UpstreamConfig,
     metrics: &Metrics,
 ) -> Result<(), String> {
-    let target = peer.target(BALANCE_PATH).ok_or("no upstream URI")?;
-    let mut headers = http::HeaderMap::new();
-    if let Some(auth) = peer.auth() {
-        headers.insert(header::AUTHORIZATION, auth.clone());
-    }
-    let outbound = Outbound::new(Method::GET, target, headers, Bytes::new());
+    let peer = pool.peer(index);
+    let outbound = Outbound::new(
+        Method::GET,
+        BALANCE_PATH,
+        http::HeaderMap::new(),
+        Bytes::new(),
+    );
     let within = cfg.connect_timeout + Duration::from_secs(10);
+    let mut route = Pool::only(index);
     let sent = upstream
-        .send(cfg, metrics, std::time::Instant::now() + within, &outbound)
+        .send(
+            pool,
+            &mut route,
+            cfg,
+            metrics,
+            std::time::Instant::now() + within,
+            &outbound,
+        )
         .await
         .map_err(|e| e.to_string())?;
     if sent.response.status() != StatusCode::OK {

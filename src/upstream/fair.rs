@@ -85,6 +85,12 @@ impl FairGate {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether a slot is free and nobody waits for one.
+    pub(crate) fn has_free(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) == 0
+            && self.in_use.load(Ordering::Acquire) < self.capacity
+    }
+
     /// Takes a free slot when nobody waits for one.
     pub(crate) fn try_take(self: &Arc<Self>) -> Option<Slot> {
         if self.waiting.load(Ordering::Acquire) > 0 {

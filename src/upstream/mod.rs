@@ -18,7 +18,9 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
 use crossbeam_queue::ArrayQueue;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -34,10 +36,12 @@ use tower_service::Service;
 
 pub(crate) mod balance;
 pub(crate) mod fair;
+pub(crate) mod health;
 pub(crate) mod pool;
 
 use fair::{Claimant, FairGate, Slot};
-use pool::{Origin, Target};
+use health::Verdict;
+use pool::{Next, Origin, Peer, Pool, Route, Target};
 
 use crate::config::UpstreamConfig;
 use crate::http::error::GatewayError;
@@ -45,80 +49,89 @@ use crate::metrics::Metrics;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The client: Sluice's own pool of upstream connections, shared by every
+/// upstream (each connection belongs to one origin).
 pub(crate) struct Upstream {
-    connector: HttpsConnector<HttpConnector>,
+    pool: Arc<Links>,
     /// For the TCP connect and the TLS handshake together.
     connect_timeout: Duration,
-    pool: Arc<Pool>,
-    /// `upstream.max_concurrent`, shared fairly between tenants.
-    slots: Option<Arc<FairGate>>,
 }
 
 /// A response whose headers arrived, with the upstream slot it holds until
-/// its body is done.
+/// its body is done, and the upstream that sent it.
 pub(crate) struct Sent {
     pub(crate) response: Response<UpstreamBody>,
     pub(crate) slot: Option<Slot>,
+    pub(crate) upstream: HeaderValue,
 }
 
 /// The longest `retry-after` Sluice waits out for a client.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
+/// The TLS and TCP setup of one upstream: the public web roots, plus the
+/// certificates of `ca_file` when given.
+pub(crate) fn connector(
+    connect_timeout: Duration,
+    ca_file: Option<&std::path::Path>,
+) -> std::io::Result<HttpsConnector<HttpConnector>> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let builder = match ca_file {
+        None => builder
+            .with_provider_and_webpki_roots(provider)
+            .map_err(std::io::Error::other)?,
+        // A private CA: its certificates, in addition to the public web
+        // roots.
+        Some(path) => {
+            let mut roots = rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            };
+            roots
+                .roots
+                .extend(crate::config::read_ca_file(path).map_err(std::io::Error::other)?);
+            let tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(std::io::Error::other)?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            builder.with_tls_config(tls)
+        }
+    };
+    Ok(builder
+        .https_or_http()
+        // HTTP/1.1 only: over HTTP/2 one connection per host would carry
+        // every stream, queued beyond the server's concurrency limit, so
+        // one team's long streams could hold up everyone's first byte.
+        .enable_http1()
+        .wrap_connector(http))
+}
+
 impl Upstream {
-    pub(crate) fn new(cfg: &UpstreamConfig) -> std::io::Result<Upstream> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(cfg.connect_timeout));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = hyper_rustls::HttpsConnectorBuilder::new();
-        let builder = match &cfg.ca_file {
-            None => builder
-                .with_provider_and_webpki_roots(provider)
-                .map_err(std::io::Error::other)?,
-            // A private CA: its certificates, in addition to the public
-            // web roots.
-            Some(path) => {
-                let mut roots = rustls::RootCertStore {
-                    roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-                };
-                roots
-                    .roots
-                    .extend(crate::config::read_ca_file(path).map_err(std::io::Error::other)?);
-                let tls = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .map_err(std::io::Error::other)?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-                builder.with_tls_config(tls)
-            }
-        };
-        let connector = builder
-            .https_or_http()
-            // HTTP/1.1 only: over HTTP/2 one connection per host would carry
-            // every stream, queued beyond the server's concurrency limit, so
-            // one team's long streams could hold up everyone's first byte.
-            .enable_http1()
-            .wrap_connector(http);
-        let pool = Arc::new(Pool {
+    pub(crate) fn new(connect_timeout: Duration) -> Upstream {
+        let pool = Arc::new(Links {
             idle: ArrayQueue::new(MAX_IDLE),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(reap(Arc::downgrade(&pool)));
         }
-        Ok(Upstream {
-            connector,
-            connect_timeout: cfg.connect_timeout,
+        Upstream {
             pool,
-            slots: (cfg.max_concurrent > 0).then(|| FairGate::new(cfg.max_concurrent)),
-        })
+            connect_timeout,
+        }
     }
 
-    /// Sends `req`, retrying as docs/api.md says, until `deadline` (the
-    /// first-byte timeout).
+    /// Sends `req` on `route`, failing over and retrying as
+    /// docs/upstreams.md says, until `deadline` (the first-byte timeout).
+    /// `route` ends naming the upstream of the last attempt.
     pub(crate) async fn send(
         &self,
+        peers: &Pool,
+        route: &mut Route,
         cfg: &UpstreamConfig,
         metrics: &Metrics,
         deadline: Instant,
@@ -127,61 +140,107 @@ impl Upstream {
         let deadline = tokio::time::Instant::from_std(deadline);
         let mut attempt = 0u32;
         loop {
-            let slot = match &self.slots {
+            let peer = peers.peer(route.current());
+            let target = peer
+                .target(req.path)
+                .ok_or(GatewayError::UpstreamUnreachable)?;
+            let state = &peer.state;
+            let slot = match &state.gate {
                 None => None,
                 Some(gate) => Some(match gate.try_take() {
                     Some(slot) => slot,
                     None => wait_for_slot(gate, req.claimant.as_ref(), metrics, deadline).await?,
                 }),
             };
-            let stats = &req.target.stats;
+            let stats = &state.stats;
             let call = stats.in_flight();
             let started = Instant::now();
-            let result = tokio::time::timeout_at(deadline, self.exchange(req)).await;
+            let result = tokio::time::timeout_at(
+                deadline,
+                self.exchange(&state.connector, target, || req.attempt(peer, target)),
+            )
+            .await;
             let took = started.elapsed().as_secs_f64();
-            let retry_in = match result {
+            let (failure, wait) = match result {
                 Err(_) => {
                     stats.attempt("timeout", took);
+                    state.health.observe(Verdict::Failed, cfg);
                     return Err(GatewayError::UpstreamTimeout);
                 }
                 Ok(Err(e)) => {
                     stats.attempt("error", took);
-                    tracing::debug!(error = %e, attempt, "upstream request failed");
+                    state.health.observe(Verdict::Failed, cfg);
+                    tracing::debug!(error = %e, attempt, upstream = %peer.name(), "upstream request failed");
                     if attempt >= cfg.max_retries {
                         return Err(GatewayError::UpstreamUnreachable);
                     }
-                    backoff(attempt)
+                    (None, backoff(attempt))
                 }
                 Ok(Ok(mut response)) => {
                     let status = response.status();
                     stats.attempt(status.as_str(), took);
+                    let rest = rest_asked(response.headers());
+                    state.health.observe(Verdict::of(status, rest), cfg);
                     response.body_mut().call = call;
-                    if !retryable(status) || attempt >= cfg.max_retries {
-                        return Ok(Sent { response, slot });
+                    let auth = route.has_alternatives() && matches!(status.as_u16(), 401 | 402);
+                    if !(retryable(status) || auth) || attempt >= cfg.max_retries {
+                        return Ok(Sent {
+                            response,
+                            slot,
+                            upstream: peer.header().clone(),
+                        });
                     }
-                    let wait = retry_after(response.headers()).unwrap_or_else(|| backoff(attempt));
-                    if tokio::time::Instant::now() + wait >= deadline {
-                        // Waiting would outlast the client's deadline: hand
-                        // upstream's answer over rather than a timeout.
-                        return Ok(Sent { response, slot });
-                    }
-                    wait
+                    let wait = rest
+                        .map(|r| r.min(MAX_RETRY_AFTER))
+                        .unwrap_or_else(|| backoff(attempt));
+                    (Some((response, auth)), wait)
                 }
             };
             drop(slot);
-            attempt += 1;
-            if tokio::time::Instant::now() + retry_in >= deadline {
-                return Err(GatewayError::UpstreamTimeout);
+            let auth = failure.as_ref().is_some_and(|(_, auth)| *auth);
+            let wait = match peers.next(route, auth) {
+                // A failed-over attempt goes at once.
+                Next::Other => Duration::ZERO,
+                Next::Same => wait,
+                Next::Done => {
+                    let (response, _) = failure.expect("only an answer fails over for auth");
+                    return Ok(Sent {
+                        response,
+                        slot: None,
+                        upstream: peer.header().clone(),
+                    });
+                }
+            };
+            if tokio::time::Instant::now() + wait >= deadline {
+                // Waiting would outlast the client's deadline: hand
+                // upstream's answer over rather than a timeout.
+                return match failure {
+                    Some((response, _)) => Ok(Sent {
+                        response,
+                        slot: None,
+                        upstream: peer.header().clone(),
+                    }),
+                    None => Err(GatewayError::UpstreamTimeout),
+                };
             }
-            tokio::time::sleep(retry_in).await;
+            drop(failure);
+            attempt += 1;
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
         }
     }
 
-    /// One request and its response head, on a pooled connection or a new
-    /// one.
-    async fn exchange(&self, req: &Outbound<'_>) -> Result<Response<UpstreamBody>, BoxError> {
-        if let Some(mut link) = self.pool.checkout(&req.target.origin) {
-            match link.round_trip(req.attempt()).await {
+    /// One request (made by `request`) and its response head, on a pooled
+    /// connection or a new one.
+    async fn exchange(
+        &self,
+        connector: &HttpsConnector<HttpConnector>,
+        target: &Target,
+        request: impl Fn() -> Request<Full<Bytes>>,
+    ) -> Result<Response<UpstreamBody>, BoxError> {
+        if let Some(mut link) = self.pool.checkout(&target.origin) {
+            match link.round_trip(request()).await {
                 Ok(resp) => return Ok(self.pool.body(resp, link)),
                 // Closed by upstream while idle, before the request was
                 // written: it cost upstream nothing, so a new connection
@@ -193,51 +252,53 @@ impl Upstream {
         // Boxed (and bound by `let`, so no temporary stays in this future):
         // a new connection is the rare path, and its future, holding a TLS
         // stream, is larger than all the rest of a request's.
-        let connecting = Box::pin(self.connect(req.target));
+        let connecting = Box::pin(connect(connector, target, self.connect_timeout));
         let mut link = connecting.await?;
-        let resp = link.round_trip(req.attempt()).await?;
+        let resp = link.round_trip(request()).await?;
         Ok(self.pool.body(resp, link))
     }
+}
 
-    async fn connect(&self, target: &Target) -> Result<Box<Link>, BoxError> {
-        let mut connector = self.connector.clone();
-        poll_fn(|cx| connector.poll_ready(cx)).await?;
-        // The TLS handshake counts against the connect timeout too.
-        let io = match tokio::time::timeout(
-            self.connect_timeout,
-            connector.call(target.connect.clone()),
-        )
-        .await
-        {
-            Ok(Ok(io)) => io,
-            Ok(Err(e)) => {
-                // A failed TLS handshake (an untrusted certificate, a wrong
-                // name) is an operator's problem: say why, once per attempt.
-                if target.connect.scheme_str() == Some("https") {
-                    tracing::warn!(error = %e, "upstream connection failed");
-                }
-                return Err(e);
+async fn connect(
+    connector: &HttpsConnector<HttpConnector>,
+    target: &Target,
+    timeout: Duration,
+) -> Result<Box<Link>, BoxError> {
+    let mut connector = connector.clone();
+    poll_fn(|cx| connector.poll_ready(cx)).await?;
+    // The TLS handshake counts against the connect timeout too.
+    let io = match tokio::time::timeout(timeout, connector.call(target.connect.clone())).await {
+        Err(_) => return Err("upstream connect timed out".into()),
+        Ok(Ok(io)) => io,
+        Ok(Err(e)) => {
+            // A failed TLS handshake (an untrusted certificate, a wrong
+            // name) is an operator's problem: say why, once per attempt.
+            if target.connect.scheme_str() == Some("https") {
+                tracing::warn!(error = %e, "upstream connection failed");
             }
-            Err(_) => return Err("upstream connect timed out".into()),
-        };
-        let (tx, conn) = http1::handshake(io).await?;
-        Ok(Box::new(Link {
-            tx,
-            conn: Some(conn),
-            origin: target.origin.clone(),
-            idle_since: Instant::now(),
-        }))
-    }
+            return Err(e);
+        }
+    };
+    let (tx, conn) = http1::handshake(io).await?;
+    Ok(Box::new(Link {
+        tx,
+        conn: Some(conn),
+        origin: target.origin.clone(),
+        idle_since: Instant::now(),
+    }))
 }
 
 /// One upstream request, built afresh for each attempt (hyper consumes a
 /// request; the body is a shared `Bytes`, the headers are cloned).
 pub(crate) struct Outbound<'a> {
     method: Method,
-    /// Borrowed from the config snapshot the request holds.
-    target: &'a Target,
+    /// The upstream path (an endpoint's, or the balance's).
+    path: &'static str,
     headers: HeaderMap,
     body: Bytes,
+    /// The client's model name and where its JSON string is in `body`, for
+    /// an upstream whose `model_map` renames it.
+    model: Option<(&'a str, Range<usize>)>,
     /// Whose request it is, for its place when the upstream is full
     /// (`None`: Sluice's own, such as a balance poll).
     claimant: Option<Claimant>,
@@ -247,24 +308,25 @@ impl<'a> Outbound<'a> {
     /// The framing headers are Sluice's own: `Host` names the target, and
     /// `Content-Length` is the body's (set here, hyper would add it to each
     /// attempt's copy of the map and grow it); whatever the client sent for
-    /// them is replaced.
+    /// them is replaced, as is `Authorization` (each upstream's own).
     pub(crate) fn new(
         method: Method,
-        target: &'a Target,
+        path: &'static str,
         mut headers: HeaderMap,
         body: Bytes,
     ) -> Self {
-        headers.insert(header::HOST, target.host.clone());
         if body.is_empty() {
             headers.remove(header::CONTENT_LENGTH);
         } else {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
+        headers.remove(header::AUTHORIZATION);
         Outbound {
             method,
-            target,
+            path,
             headers,
             body,
+            model: None,
             claimant: None,
         }
     }
@@ -278,11 +340,38 @@ impl<'a> Outbound<'a> {
         self
     }
 
-    fn attempt(&self) -> Request<Full<Bytes>> {
-        let mut r = Request::new(Full::new(self.body.clone()));
+    /// The body names `model` at `span` (its JSON string, quotes included).
+    pub(crate) fn naming(mut self, model: &'a str, span: Range<usize>) -> Self {
+        self.model = Some((model, span));
+        self
+    }
+
+    fn attempt(&self, peer: &Peer, target: &Target) -> Request<Full<Bytes>> {
+        let body = match &self.model {
+            Some((model, span)) if span.end <= self.body.len() => match peer.mapped(model) {
+                Some(name) => {
+                    let mut b = BytesMut::with_capacity(self.body.len() + name.len());
+                    b.extend_from_slice(&self.body[..span.start]);
+                    b.extend_from_slice(name);
+                    b.extend_from_slice(&self.body[span.end..]);
+                    b.freeze()
+                }
+                None => self.body.clone(),
+            },
+            _ => self.body.clone(),
+        };
+        let mut headers = self.headers.clone();
+        if body.len() != self.body.len() {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        headers.insert(header::HOST, target.host.clone());
+        if let Some(auth) = peer.auth() {
+            headers.insert(header::AUTHORIZATION, auth.clone());
+        }
+        let mut r = Request::new(Full::new(body));
         *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.target.path.clone();
-        *r.headers_mut() = self.headers.clone();
+        *r.uri_mut() = target.path.clone();
+        *r.headers_mut() = headers;
         r
     }
 }
@@ -346,11 +435,11 @@ impl Link {
     }
 }
 
-struct Pool {
+struct Links {
     idle: ArrayQueue<Box<Link>>,
 }
 
-impl Pool {
+impl Links {
     fn checkout(&self, origin: &Origin) -> Option<Box<Link>> {
         while let Some(mut link) = self.idle.pop() {
             // Links to an origin a reload replaced are closed here.
@@ -371,7 +460,11 @@ impl Pool {
         }
     }
 
-    fn body(self: &Arc<Pool>, resp: Response<Incoming>, link: Box<Link>) -> Response<UpstreamBody> {
+    fn body(
+        self: &Arc<Links>,
+        resp: Response<Incoming>,
+        link: Box<Link>,
+    ) -> Response<UpstreamBody> {
         resp.map(|body| UpstreamBody {
             body,
             link: Some(link),
@@ -384,7 +477,7 @@ impl Pool {
 
 /// Closes connections idle past `IDLE_TIMEOUT` (and those upstream closed),
 /// until the pool is gone.
-async fn reap(pool: Weak<Pool>) {
+async fn reap(pool: Weak<Links>) {
     let mut every = tokio::time::interval(REAP_EVERY);
     every.tick().await;
     loop {
@@ -410,7 +503,7 @@ async fn reap(pool: Weak<Pool>) {
 pub(crate) struct UpstreamBody {
     body: Incoming,
     link: Option<Box<Link>>,
-    pool: Arc<Pool>,
+    pool: Arc<Links>,
     complete: bool,
     /// The call counted in flight on its upstream until the body is done.
     call: Option<pool::InFlight>,
@@ -520,8 +613,16 @@ fn backoff(attempt: u32) -> Duration {
     base.mul_f64(rand::rng().random_range(0.5..=1.0))
 }
 
-/// `retry-after-ms`, else `retry-after` in seconds, capped at 60 s.
+/// `retry-after-ms`, else `retry-after` in seconds, capped at 60 s: how
+/// long Sluice waits before it asks the same upstream again.
+#[cfg(test)]
 fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    rest_asked(h).map(|d| d.min(MAX_RETRY_AFTER))
+}
+
+/// `retry-after-ms`, else `retry-after` in seconds, up to the longest rest:
+/// how long upstream asks to be left alone.
+fn rest_asked(h: &HeaderMap) -> Option<Duration> {
     let num = |name: &str| -> Option<f64> {
         h.get(name)?
             .to_str()
@@ -531,7 +632,7 @@ fn retry_after(h: &HeaderMap) -> Option<Duration> {
             .ok()
             .filter(|v| v.is_finite() && *v >= 0.0)
     };
-    let max = MAX_RETRY_AFTER.as_secs_f64();
+    let max = health::MAX_REST.as_secs_f64();
     let secs = num("retry-after-ms")
         .map(|ms| ms / 1000.0)
         .or_else(|| num(header::RETRY_AFTER.as_str()))?;

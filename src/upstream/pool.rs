@@ -1,21 +1,39 @@
-//! The upstream pool: the upstreams a request may go to, built once per
-//! configuration, and the choice of one for a request. Today the pool holds
-//! the one configured upstream (`default`); the request path asks it for
-//! a peer and never names an upstream itself.
+//! The upstream pool (docs/upstreams.md): the upstreams of one
+//! configuration, each with its targets, key, tier, weight, models and
+//! model map, and the choice of one for a request: by model, then the
+//! lowest tier with an available upstream, then by weight, preferring one
+//! with a free slot; and on a failed attempt, the next (the same tier
+//! first, then the next; the same one when no other is left).
+//!
+//! What outlives a reload (its connector, its fair gate, its health
+//! record, its metric handles) is the upstream's `PeerState`, handed from
+//! one pool to the next for as long as the upstream stays configured.
+//!
+//! A choice is a few bit operations over at most 64 upstreams, one hash
+//! lookup of the model and one random number; it allocates nothing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Uri};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use rand::Rng;
 
+use super::fair::FairGate;
+use super::health::{now_ms, Health};
 use crate::api::Endpoint;
-use crate::config::Config;
-use crate::config::Secret;
+use crate::config::{Config, Keys, PeerConfig};
 use crate::metrics::Metrics;
 
-/// One upstream: its name, where each path of it is, and the shared key's
-/// `Authorization` it is sent.
+/// The most upstreams one configuration may list (a choice is a bit set).
+pub(crate) const MAX_PEERS: usize = 64;
+
+/// One upstream: its name, where each path of it is, the shared key it is
+/// sent, and how requests are shared out to it.
 pub(crate) struct Peer {
     name: Arc<str>,
     /// Its name as `x-sluice-upstream` says it, made once.
@@ -24,6 +42,12 @@ pub(crate) struct Peer {
     targets: HashMap<&'static str, Target>,
     /// `Bearer <upstream key>`; `None` for a keyless upstream.
     auth: Option<HeaderValue>,
+    tier: u32,
+    weight: u32,
+    /// Client model name → the JSON string this upstream gets instead.
+    model_map: HashMap<String, Bytes>,
+    pub(crate) balance_poll: Option<Duration>,
+    pub(crate) state: Arc<PeerState>,
 }
 
 impl Peer {
@@ -46,30 +70,85 @@ impl Peer {
     pub(crate) fn auth(&self) -> Option<&HeaderValue> {
         self.auth.as_ref()
     }
+
+    /// The model name (a JSON string) this upstream gets for `model`, when
+    /// its `model_map` renames it.
+    pub(crate) fn mapped(&self, model: &str) -> Option<&Bytes> {
+        if self.model_map.is_empty() {
+            return None;
+        }
+        self.model_map.get(model)
+    }
+}
+
+/// What an upstream keeps across reloads while it stays configured.
+pub(crate) struct PeerState {
+    /// Its TLS setup (`ca_file`), fixed at start.
+    pub(super) connector: HttpsConnector<HttpConnector>,
+    /// Its `max_concurrent`, shared fairly between tenants; fixed at start.
+    pub(super) gate: Option<Arc<FairGate>>,
+    pub(crate) health: Arc<Health>,
+    pub(super) stats: Arc<PeerStats>,
+    /// What it was started with, so a reload can say it ignored a change.
+    pub(crate) max_concurrent: usize,
+    pub(crate) ca_file: Option<std::path::PathBuf>,
+}
+
+impl PeerState {
+    fn new(
+        cfg: &PeerConfig,
+        name: &Arc<str>,
+        connect_timeout: Duration,
+        metrics: &Metrics,
+    ) -> PeerState {
+        let connector = super::connector(connect_timeout, cfg.ca_file.as_deref())
+            .or_else(|e| {
+                // Start-up refuses such a CA file (`App::new`); a reload
+                // that adds one gets an upstream that trusts the web roots
+                // only, and says so.
+                tracing::error!(upstream = %name, error = %e, "upstream ca_file not usable");
+                super::connector(connect_timeout, None)
+            })
+            .expect("the web roots always make a connector");
+        PeerState {
+            connector,
+            gate: (cfg.max_concurrent > 0).then(|| FairGate::new(cfg.max_concurrent)),
+            health: Arc::new(Health::new(
+                name,
+                metrics.upstream_available.with_label_values(&[&**name]),
+                metrics.upstream_ejections.clone(),
+            )),
+            stats: Arc::new(PeerStats::new(name, metrics)),
+            max_concurrent: cfg.max_concurrent,
+            ca_file: cfg.ca_file.clone(),
+        }
+    }
+
+    /// Whether a request would get one of its slots at once.
+    fn has_free_slot(&self) -> bool {
+        self.gate.as_ref().is_none_or(|g| g.has_free())
+    }
 }
 
 /// An upstream's metric handles: its name, its attempts' duration and its
-/// calls in flight, made once per configuration so an attempt looks no
-/// label up but its status's.
+/// calls in flight, made once so an attempt looks no label up but its
+/// status's.
 pub(crate) struct PeerStats {
     pub(super) name: Arc<str>,
     pub(super) requests: Option<prometheus::IntCounterVec>,
     pub(super) duration: Option<prometheus::Histogram>,
     pub(super) inflight: Option<prometheus::IntGauge>,
+    pub(super) failovers: Option<prometheus::IntCounter>,
 }
 
 impl PeerStats {
     fn new(name: &Arc<str>, metrics: &Metrics) -> PeerStats {
-        // Available until ejection (which rests an upstream) exists.
-        metrics
-            .upstream_available
-            .with_label_values(&[&**name])
-            .set(1);
         PeerStats {
             name: Arc::clone(name),
             requests: Some(metrics.upstream_requests.clone()),
             duration: Some(metrics.upstream_duration.with_label_values(&[&**name])),
             inflight: Some(metrics.upstream_inflight.with_label_values(&[&**name])),
+            failovers: Some(metrics.upstream_failovers.with_label_values(&[&**name])),
         }
     }
 
@@ -80,6 +159,7 @@ impl PeerStats {
             requests: None,
             duration: None,
             inflight: None,
+            failovers: None,
         }
     }
 
@@ -100,6 +180,13 @@ impl PeerStats {
             InFlight(g.clone())
         })
     }
+
+    /// Counts an attempt moved off this upstream to another.
+    pub(super) fn failed_over(&self) {
+        if let Some(f) = &self.failovers {
+            f.inc();
+        }
+    }
 }
 
 /// One call in flight on an upstream.
@@ -111,50 +198,275 @@ impl Drop for InFlight {
     }
 }
 
-/// The upstreams of one configuration.
+/// The upstreams of one configuration, lowest tier first.
 pub(crate) struct Pool {
     peers: Vec<Peer>,
+    /// Upstreams that serve any model.
+    any_model: u64,
+    /// Per model named in some upstream's `models`: the upstreams that
+    /// list it.
+    by_model: HashMap<String, u64>,
+    /// Per upstream path: the upstreams that have it.
+    by_path: HashMap<&'static str, u64>,
 }
 
 /// The path the balance poller asks.
 pub(crate) const BALANCE_PATH: &str = "/user/balance";
 
+/// The upstreams one request may use and those it tried.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Route {
+    allowed: u64,
+    tried: u64,
+    /// The upstream of the current attempt (an index into the pool).
+    current: usize,
+}
+
+impl Route {
+    /// Whether the request may use two or more upstreams.
+    pub(crate) fn has_alternatives(&self) -> bool {
+        self.allowed.count_ones() > 1
+    }
+
+    /// The upstream of the current attempt.
+    pub(crate) fn current(&self) -> usize {
+        self.current
+    }
+}
+
+/// Why the next attempt goes where it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// To an upstream this request has not tried: at once.
+    Other,
+    /// To the same one again (no other is left): after its wait.
+    Same,
+    /// Nowhere (only for an auth failure: every upstream answered one).
+    Done,
+}
+
 impl Pool {
-    /// The pool of a configuration, with the shared key.
-    pub(crate) fn new(config: &Config, key: &Secret, metrics: &Metrics) -> Pool {
-        let name: Arc<str> = Arc::from("default");
-        let stats = Arc::new(PeerStats::new(&name, metrics));
-        let auth = (!key.is_empty())
-            .then(|| HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok())
-            .flatten()
-            .map(|mut v| {
-                v.set_sensitive(true);
-                v
-            });
-        let targets = Endpoint::ALL
-            .into_iter()
-            .map(Endpoint::upstream_path)
-            .chain([BALANCE_PATH])
-            .filter_map(|path| {
-                let mut target = Target::parse(&format!("{}{path}", config.upstream.base_url))?;
-                target.stats = Arc::clone(&stats);
-                Some((path, target))
-            })
-            .collect();
-        Pool {
-            peers: vec![Peer {
-                header: HeaderValue::from_static("default"),
+    /// The pool of a configuration, with each upstream's key. An upstream
+    /// that `previous` has too keeps its state (connector, gate, health).
+    pub(crate) fn new(
+        config: &Config,
+        keys: &Keys,
+        metrics: &Metrics,
+        previous: Option<&Pool>,
+    ) -> Pool {
+        let mut order: Vec<&PeerConfig> = config.upstreams.iter().take(MAX_PEERS).collect();
+        // Lowest tier first; the config's order within a tier.
+        order.sort_by_key(|u| u.tier);
+        let mut pool = Pool {
+            peers: Vec::with_capacity(order.len()),
+            any_model: 0,
+            by_model: HashMap::new(),
+            by_path: HashMap::new(),
+        };
+        for (i, cfg) in order.into_iter().enumerate() {
+            let bit = 1u64 << i;
+            let name: Arc<str> = Arc::from(cfg.name.as_str());
+            let state = match previous.and_then(|p| p.peer_named(&cfg.name)) {
+                Some(old) => Arc::clone(&old.state),
+                None => Arc::new(PeerState::new(
+                    cfg,
+                    &name,
+                    config.upstream.connect_timeout,
+                    metrics,
+                )),
+            };
+            if cfg.models.is_empty() {
+                pool.any_model |= bit;
+            }
+            for m in &cfg.models {
+                *pool.by_model.entry(m.clone()).or_default() |= bit;
+            }
+            let mut targets = HashMap::new();
+            let paths = Endpoint::ALL
+                .into_iter()
+                .map(Endpoint::upstream_path)
+                .chain([BALANCE_PATH]);
+            for path in paths {
+                if let Some(mut target) = Target::parse(&format!("{}{path}", cfg.base_url)) {
+                    target.stats = Arc::clone(&state.stats);
+                    targets.insert(path, target);
+                    *pool.by_path.entry(path).or_default() |= bit;
+                }
+            }
+            let key = keys.get(&cfg.name);
+            let auth = (!key.is_empty())
+                .then(|| HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok())
+                .flatten()
+                .map(|mut v| {
+                    v.set_sensitive(true);
+                    v
+                });
+            let model_map = cfg
+                .model_map
+                .iter()
+                .map(|(from, to)| {
+                    let json = serde_json::to_vec(to).unwrap_or_default();
+                    (from.clone(), Bytes::from(json))
+                })
+                .collect();
+            pool.peers.push(Peer {
+                header: HeaderValue::from_str(&cfg.name)
+                    .unwrap_or_else(|_| HeaderValue::from_static("default")),
                 name,
                 targets,
                 auth,
-            }],
+                tier: cfg.tier,
+                weight: cfg.weight.max(1),
+                model_map,
+                balance_poll: cfg.balance_poll,
+                state,
+            });
+        }
+        pool
+    }
+
+    fn peer_named(&self, name: &str) -> Option<&Peer> {
+        self.peers.iter().find(|p| &*p.name == name)
+    }
+
+    /// Every upstream, lowest tier first.
+    pub(crate) fn peers(&self) -> &[Peer] {
+        &self.peers
+    }
+
+    /// The upstream at `index` (a `Route`'s).
+    pub(crate) fn peer(&self, index: usize) -> &Peer {
+        &self.peers[index]
+    }
+
+    /// The upstreams a request for `model` (`None`: no model, as `GET
+    /// /models`) on `path` may use, and the first of them to try; `None`
+    /// when none serves it.
+    pub(crate) fn route(&self, model: Option<&str>, path: &str) -> Option<Route> {
+        let serving = match model {
+            None => u64::MAX,
+            Some(m) => self.any_model | self.by_model.get(m).copied().unwrap_or(0),
+        };
+        let allowed = serving & self.by_path.get(path).copied().unwrap_or(0);
+        if allowed == 0 {
+            return None;
+        }
+        let mut route = Route {
+            allowed,
+            tried: 0,
+            current: 0,
+        };
+        route.current = self.first(allowed);
+        route.tried = 1 << route.current;
+        Some(route)
+    }
+
+    /// A route to the one upstream at `index` (the balance poll's).
+    pub(crate) fn only(index: usize) -> Route {
+        Route {
+            allowed: 1 << index,
+            tried: 1 << index,
+            current: index,
         }
     }
 
-    /// The upstream a request goes to.
-    pub(crate) fn choose(&self) -> Option<&Peer> {
-        self.peers.first()
+    /// The upstreams of `among` that take requests now.
+    fn available(&self, among: u64) -> u64 {
+        let now = now_ms();
+        bits(among)
+            .filter(|&i| self.peers[i].state.health.available(now))
+            .fold(0, |acc, i| acc | 1 << i)
     }
+
+    /// The lowest tier of `among` (not empty).
+    fn lowest_tier(&self, among: u64) -> u64 {
+        let tier = self.peers[among.trailing_zeros() as usize].tier;
+        bits(among)
+            .filter(|&i| self.peers[i].tier == tier)
+            .fold(0, |acc, i| acc | 1 << i)
+    }
+
+    /// The first upstream for a request: the lowest tier with an available
+    /// one, preferring those with a free slot, by weight; when every one is
+    /// resting, the one whose rest ends first.
+    fn first(&self, allowed: u64) -> usize {
+        let available = self.available(allowed);
+        if available == 0 {
+            return self.rest_ends_first(allowed);
+        }
+        let tier = self.lowest_tier(available);
+        let free = bits(tier)
+            .filter(|&i| self.peers[i].state.has_free_slot())
+            .fold(0, |acc, i| acc | 1 << i);
+        self.by_weight(if free != 0 { free } else { tier })
+    }
+
+    fn rest_ends_first(&self, among: u64) -> usize {
+        bits(among)
+            .min_by_key(|&i| self.peers[i].state.health.rest_ends())
+            .unwrap_or(0)
+    }
+
+    /// One of `among` (not empty), each in proportion to its weight.
+    fn by_weight(&self, among: u64) -> usize {
+        if among.count_ones() == 1 {
+            return among.trailing_zeros() as usize;
+        }
+        let total: u64 = bits(among).map(|i| u64::from(self.peers[i].weight)).sum();
+        let mut pick = rand::rng().random_range(0..total);
+        for i in bits(among) {
+            let w = u64::from(self.peers[i].weight);
+            if pick < w {
+                return i;
+            }
+            pick -= w;
+        }
+        among.trailing_zeros() as usize
+    }
+
+    /// Where a request goes after its current attempt failed: an available
+    /// upstream it has not tried (the same tier first, then the lowest
+    /// other); for an `auth` failure also a resting one it has not tried;
+    /// otherwise the same one again (`Done` for an auth failure).
+    pub(crate) fn next(&self, route: &mut Route, auth: bool) -> Next {
+        let untried = route.allowed & !route.tried;
+        let available = self.available(untried);
+        let tier = self.peers[route.current].tier;
+        let same_tier = bits(available)
+            .filter(|&i| self.peers[i].tier == tier)
+            .fold(0, |acc, i| acc | 1 << i);
+        let pick = if same_tier != 0 {
+            Some(self.by_weight(same_tier))
+        } else if available != 0 {
+            Some(self.by_weight(self.lowest_tier(available)))
+        } else if auth && untried != 0 {
+            Some(self.rest_ends_first(untried))
+        } else {
+            None
+        };
+        match pick {
+            Some(i) => {
+                self.peers[route.current].state.stats.failed_over();
+                route.current = i;
+                route.tried |= 1 << i;
+                Next::Other
+            }
+            None if auth => Next::Done,
+            None => Next::Same,
+        }
+    }
+}
+
+/// The indexes of the set bits of `set`, lowest first.
+fn bits(mut set: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if set == 0 {
+            return None;
+        }
+        let i = set.trailing_zeros() as usize;
+        set &= set - 1;
+        Some(i)
+    })
 }
 
 /// Where one upstream URL is, parsed once per config: the scheme and
@@ -199,5 +511,144 @@ impl Target {
             connect,
             path,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::health::Verdict;
+
+    /// A pool of `upstreams` (TOML), each keyed by its own env var.
+    fn pool(upstreams: &str) -> (Pool, Config) {
+        let text = format!(
+            "[upstream]\neject_after = 1\n{upstreams}\n[[tenants]]\nname = \"t\"\nkey_sha256 = [\"{}\"]\n",
+            "ab".repeat(32)
+        );
+        let config = Config::parse(&text, |_| None).expect("valid");
+        let keys = config
+            .upstream_keys(|name| Some(format!("sk-{name}")))
+            .expect("keys");
+        let pool = Pool::new(&config, &keys, &Metrics::new(), None);
+        (pool, config)
+    }
+
+    fn peer(name: &str, extra: &str) -> String {
+        format!(
+            "[[upstreams]]\nname = \"{name}\"\nbase_url = \"http://{name}.test\"\napi_key_env = \"{}\"\n{extra}\n",
+            name.to_uppercase()
+        )
+    }
+
+    const CHAT: &str = "/chat/completions";
+
+    fn name(pool: &Pool, route: &Route) -> String {
+        pool.peer(route.current()).name().to_string()
+    }
+
+    #[test]
+    fn each_upstream_gets_its_own_key_and_the_default_is_named() {
+        let (pool, _) = pool(&format!("{}{}", peer("a", ""), peer("b", "")));
+        let auth = |i: usize| pool.peer(i).auth().expect("key").to_str().expect("ascii").to_string();
+        assert_eq!(auth(0), "Bearer sk-A");
+        assert_eq!(auth(1), "Bearer sk-B");
+        let text = format!("[[tenants]]\nname = \"t\"\nkey_sha256 = [\"{}\"]\n", "ab".repeat(32));
+        let config = Config::parse(&text, |_| None).expect("valid");
+        let one = Pool::new(&config, &Keys::from(crate::config::Secret::new("k")), &Metrics::new(), None);
+        assert_eq!(&**one.peer(0).name(), "default");
+        assert_eq!(one.peer(0).header(), "default");
+    }
+
+    #[test]
+    fn by_model_then_tier_then_weight() {
+        let (pool, _) = pool(&format!(
+            "{}{}{}",
+            peer("r1", "tier = 1\nmodels = [\"deepseek-chat\", \"only-r\"]"),
+            peer("a", "weight = 3\nmodels = [\"deepseek-chat\", \"deepseek-reasoner\"]"),
+            peer("b", "weight = 1\nmodels = [\"deepseek-chat\"]"),
+        ));
+        assert!(pool.route(Some("unknown"), CHAT).is_none(), "nobody serves it");
+        let r = pool.route(Some("only-r"), CHAT).expect("r1 serves it");
+        assert_eq!(name(&pool, &r), "r1", "a higher tier serves what only it has");
+        let r = pool.route(Some("deepseek-reasoner"), CHAT).expect("a");
+        assert_eq!(name(&pool, &r), "a");
+        let mut a = 0;
+        for _ in 0..4000 {
+            let r = pool.route(Some("deepseek-chat"), CHAT).expect("served");
+            match name(&pool, &r).as_str() {
+                "a" => a += 1,
+                "b" => {}
+                other => panic!("tier 0 is available, yet {other} was chosen"),
+            }
+        }
+        // Weights 3:1: a takes 75 % (within a few percent).
+        assert!((2850..=3150).contains(&a), "a got {a} of 4000");
+    }
+
+    #[test]
+    fn failing_over_goes_to_the_same_tier_first_then_the_next() {
+        let (pool, config) = pool(&format!(
+            "{}{}{}",
+            peer("a", ""),
+            peer("b", ""),
+            peer("c", "tier = 1"),
+        ));
+        let mut r = pool.route(Some("m"), CHAT).expect("route");
+        let first = name(&pool, &r);
+        assert_eq!(pool.next(&mut r, false), Next::Other);
+        let second = name(&pool, &r);
+        assert_ne!(first, second);
+        assert!(second == "a" || second == "b");
+        assert_eq!(pool.next(&mut r, false), Next::Other);
+        assert_eq!(name(&pool, &r), "c", "then the next tier");
+        assert_eq!(pool.next(&mut r, false), Next::Same, "nothing left: the same one");
+        assert_eq!(name(&pool, &r), "c");
+        assert_eq!(pool.next(&mut r, true), Next::Done, "every one answered 401");
+        // An ejected upstream gets no first attempts while another is up.
+        let a = &pool.peer(0).state.health;
+        a.observe(Verdict::Failed, &config.upstream);
+        for _ in 0..100 {
+            let r = pool.route(Some("m"), CHAT).expect("route");
+            assert_eq!(name(&pool, &r), "b");
+        }
+        pool.peer(1).state.health.observe(Verdict::Failed, &config.upstream);
+        let r = pool.route(Some("m"), CHAT).expect("route");
+        assert_eq!(name(&pool, &r), "c", "tier 1 while tier 0 rests");
+        pool.peer(2).state.health.observe(Verdict::Auth, &config.upstream);
+        let r = pool.route(Some("m"), CHAT).expect("route");
+        assert_eq!(name(&pool, &r), "a", "all resting: the one back first");
+    }
+
+    #[test]
+    fn a_reload_keeps_an_upstreams_state() {
+        let (old, config) = pool(&format!("{}{}", peer("a", ""), peer("b", "")));
+        old.peer(0).state.health.observe(Verdict::Failed, &config.upstream);
+        let text = format!(
+            "{}{}[[tenants]]\nname = \"t\"\nkey_sha256 = [\"{}\"]\n",
+            peer("a", "weight = 5"),
+            peer("c", ""),
+            "ab".repeat(32)
+        );
+        let next_config = Config::parse(&text, |_| None).expect("valid");
+        let keys = Keys::from(crate::config::Secret::new("k"));
+        let next = Pool::new(&next_config, &keys, &Metrics::new(), Some(&old));
+        assert!(Arc::ptr_eq(&next.peer(0).state, &old.peer(0).state));
+        assert!(!next.peer(0).state.health.available(now_ms()), "still resting");
+        assert!(!Arc::ptr_eq(&next.peer(1).state, &old.peer(1).state));
+    }
+
+    #[test]
+    fn model_map_renames_only_for_that_upstream() {
+        let (pool, _) = pool(&format!(
+            "{}{}",
+            peer("a", "model_map = { \"deepseek-chat\" = \"ds/V3\" }"),
+            peer("b", "")
+        ));
+        assert_eq!(
+            pool.peer(0).mapped("deepseek-chat").map(|b| &b[..]),
+            Some(&b"\"ds/V3\""[..])
+        );
+        assert_eq!(pool.peer(0).mapped("deepseek-reasoner"), None);
+        assert_eq!(pool.peer(1).mapped("deepseek-chat"), None);
     }
 }

@@ -287,10 +287,10 @@ async fn a_reload_applies_connection_settings_and_names_what_it_cannot() {
         );
     let ignored = gw
         .handle
-        .reload(parse(&changed), &sluice::Secret::new(UPSTREAM_KEY));
+        .reload(parse(&changed), sluice::Secret::new(UPSTREAM_KEY));
     assert_eq!(ignored, vec!["cache.max_bytes", "upstream.max_concurrent"]);
     let running = gw.handle.app().snapshot.load();
-    assert_eq!(running.config.upstream.max_concurrent, 0, "kept");
+    assert_eq!(running.config.upstreams[0].max_concurrent, 0, "kept");
     assert_eq!(
         running.config.server.header_read_timeout,
         Duration::from_secs(1)

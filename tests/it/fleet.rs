@@ -648,7 +648,7 @@ async fn reload_keeps_shared_state_unless_the_limits_change() {
     let reload = |burst| {
         gw.handle.reload(
             parse(&config_text(&gw.sim.base_url(), &text(burst))),
-            &sluice::Secret::new(UPSTREAM_KEY),
+            sluice::Secret::new(UPSTREAM_KEY),
         )
     };
     reload(2);
@@ -683,10 +683,12 @@ async fn a_script_that_fails_is_counted_and_logged_not_an_outage() {
     // The tenant's token bucket becomes a key of the wrong type: ADMIT
     // fails on Redis (a script error, an answer), Redis itself is fine.
     let bucket = "sluice:{fleet}:tok:1000000";
-    assert!(
-        !redis.cli(&["TYPE", bucket]).trim().eq("none"),
-        "the bucket exists"
-    );
+    // The answer's charge is settled after its last byte: wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while redis.cli(&["TYPE", bucket]).trim() == "none" {
+        assert!(std::time::Instant::now() < deadline, "the bucket exists");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     redis.cli(&["DEL", bucket]);
     redis.cli(&["SET", bucket, "not a hash"]);
     let r = call(&url, FLEET, &chat("broken key"), &[]).await;

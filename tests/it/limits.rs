@@ -213,7 +213,7 @@ async fn reload_keeps_unchanged_buckets_applies_new_limits_and_drops_removed_ten
     // Same limits for `limited`, `gone` removed: the spent burst stays spent.
     gw.handle.reload(
         parse(&format!("{base}\n{}", limited(60, 2, 0, 0))),
-        &sluice::Secret::new(UPSTREAM_KEY),
+        sluice::Secret::new(UPSTREAM_KEY),
     );
     let r = call(&url, LIMITED, &chat("r2"), &[]).await;
     assert_eq!(r.status, 429, "no free burst from a reload");
@@ -226,7 +226,7 @@ async fn reload_keeps_unchanged_buckets_applies_new_limits_and_drops_removed_ten
     // Changed limits take effect at once.
     gw.handle.reload(
         parse(&format!("{base}\n{}", limited(600, 5, 0, 0))),
-        &sluice::Secret::new(UPSTREAM_KEY),
+        sluice::Secret::new(UPSTREAM_KEY),
     );
     let r = call(&url, LIMITED, &chat("r3"), &[]).await;
     assert_eq!(r.status, 200);
