@@ -549,12 +549,27 @@ mod tests {
     #[test]
     fn each_upstream_gets_its_own_key_and_the_default_is_named() {
         let (pool, _) = pool(&format!("{}{}", peer("a", ""), peer("b", "")));
-        let auth = |i: usize| pool.peer(i).auth().expect("key").to_str().expect("ascii").to_string();
+        let auth = |i: usize| {
+            pool.peer(i)
+                .auth()
+                .expect("key")
+                .to_str()
+                .expect("ascii")
+                .to_string()
+        };
         assert_eq!(auth(0), "Bearer sk-A");
         assert_eq!(auth(1), "Bearer sk-B");
-        let text = format!("[[tenants]]\nname = \"t\"\nkey_sha256 = [\"{}\"]\n", "ab".repeat(32));
+        let text = format!(
+            "[[tenants]]\nname = \"t\"\nkey_sha256 = [\"{}\"]\n",
+            "ab".repeat(32)
+        );
         let config = Config::parse(&text, |_| None).expect("valid");
-        let one = Pool::new(&config, &Keys::from(crate::config::Secret::new("k")), &Metrics::new(), None);
+        let one = Pool::new(
+            &config,
+            &Keys::from(crate::config::Secret::new("k")),
+            &Metrics::new(),
+            None,
+        );
         assert_eq!(&**one.peer(0).name(), "default");
         assert_eq!(one.peer(0).header(), "default");
     }
@@ -564,12 +579,22 @@ mod tests {
         let (pool, _) = pool(&format!(
             "{}{}{}",
             peer("r1", "tier = 1\nmodels = [\"deepseek-chat\", \"only-r\"]"),
-            peer("a", "weight = 3\nmodels = [\"deepseek-chat\", \"deepseek-reasoner\"]"),
+            peer(
+                "a",
+                "weight = 3\nmodels = [\"deepseek-chat\", \"deepseek-reasoner\"]"
+            ),
             peer("b", "weight = 1\nmodels = [\"deepseek-chat\"]"),
         ));
-        assert!(pool.route(Some("unknown"), CHAT).is_none(), "nobody serves it");
+        assert!(
+            pool.route(Some("unknown"), CHAT).is_none(),
+            "nobody serves it"
+        );
         let r = pool.route(Some("only-r"), CHAT).expect("r1 serves it");
-        assert_eq!(name(&pool, &r), "r1", "a higher tier serves what only it has");
+        assert_eq!(
+            name(&pool, &r),
+            "r1",
+            "a higher tier serves what only it has"
+        );
         let r = pool.route(Some("deepseek-reasoner"), CHAT).expect("a");
         assert_eq!(name(&pool, &r), "a");
         let mut a = 0;
@@ -601,9 +626,17 @@ mod tests {
         assert!(second == "a" || second == "b");
         assert_eq!(pool.next(&mut r, false), Next::Other);
         assert_eq!(name(&pool, &r), "c", "then the next tier");
-        assert_eq!(pool.next(&mut r, false), Next::Same, "nothing left: the same one");
+        assert_eq!(
+            pool.next(&mut r, false),
+            Next::Same,
+            "nothing left: the same one"
+        );
         assert_eq!(name(&pool, &r), "c");
-        assert_eq!(pool.next(&mut r, true), Next::Done, "every one answered 401");
+        assert_eq!(
+            pool.next(&mut r, true),
+            Next::Done,
+            "every one answered 401"
+        );
         // An ejected upstream gets no first attempts while another is up.
         let a = &pool.peer(0).state.health;
         a.observe(Verdict::Failed, &config.upstream);
@@ -611,10 +644,16 @@ mod tests {
             let r = pool.route(Some("m"), CHAT).expect("route");
             assert_eq!(name(&pool, &r), "b");
         }
-        pool.peer(1).state.health.observe(Verdict::Failed, &config.upstream);
+        pool.peer(1)
+            .state
+            .health
+            .observe(Verdict::Failed, &config.upstream);
         let r = pool.route(Some("m"), CHAT).expect("route");
         assert_eq!(name(&pool, &r), "c", "tier 1 while tier 0 rests");
-        pool.peer(2).state.health.observe(Verdict::Auth, &config.upstream);
+        pool.peer(2)
+            .state
+            .health
+            .observe(Verdict::Auth, &config.upstream);
         let r = pool.route(Some("m"), CHAT).expect("route");
         assert_eq!(name(&pool, &r), "a", "all resting: the one back first");
     }
@@ -622,7 +661,10 @@ mod tests {
     #[test]
     fn a_reload_keeps_an_upstreams_state() {
         let (old, config) = pool(&format!("{}{}", peer("a", ""), peer("b", "")));
-        old.peer(0).state.health.observe(Verdict::Failed, &config.upstream);
+        old.peer(0)
+            .state
+            .health
+            .observe(Verdict::Failed, &config.upstream);
         let text = format!(
             "{}{}[[tenants]]\nname = \"t\"\nkey_sha256 = [\"{}\"]\n",
             peer("a", "weight = 5"),
@@ -633,7 +675,10 @@ mod tests {
         let keys = Keys::from(crate::config::Secret::new("k"));
         let next = Pool::new(&next_config, &keys, &Metrics::new(), Some(&old));
         assert!(Arc::ptr_eq(&next.peer(0).state, &old.peer(0).state));
-        assert!(!next.peer(0).state.health.available(now_ms()), "still resting");
+        assert!(
+            !next.peer(0).state.health.available(now_ms()),
+            "still resting"
+        );
         assert!(!Arc::ptr_eq(&next.peer(1).state, &old.peer(1).state));
     }
 

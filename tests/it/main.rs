@@ -23,3 +23,4 @@ mod proxy;
 mod shared_cache;
 mod slow_clients;
 mod tls;
+mod upstreams;

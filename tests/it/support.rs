@@ -116,9 +116,12 @@ impl TestGateway {
     }
 
     pub async fn with(sim: Simulator, config: Config) -> TestGateway {
-        let gateway = Gateway::bind(config, Secret::new(UPSTREAM_KEY))
-            .await
-            .expect("bind");
+        Self::with_keys(sim, config, Secret::new(UPSTREAM_KEY).into()).await
+    }
+
+    /// A gateway with each upstream's key given.
+    pub async fn with_keys(sim: Simulator, config: Config, keys: sluice::Keys) -> TestGateway {
+        let gateway = Gateway::bind(config, keys).await.expect("bind");
         let (tx, rx) = oneshot::channel::<()>();
         let addr = gateway.local_addr();
         let admin = gateway.admin_addr();
