@@ -92,6 +92,42 @@ fn auth(c: &mut Criterion) {
     g.finish();
 }
 
+/// The choice of an upstream for a request: by model, the lowest tier with
+/// an available upstream, a free slot, weight.
+fn upstream_choice(c: &mut Criterion) {
+    let mut g = c.benchmark_group("upstream_choice");
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let one = config_with(1);
+    let three = Config::parse(
+        &format!(
+            "[[upstreams]]\nname = \"a\"\nbase_url = \"http://a\"\nweight = 3\nmax_concurrent = 64\n\
+             [[upstreams]]\nname = \"b\"\nbase_url = \"http://b\"\nmodels = [\"deepseek-chat\", \"deepseek-reasoner\"]\n\
+             [[upstreams]]\nname = \"c\"\nbase_url = \"http://c\"\ntier = 1\n\
+             model_map = {{ \"deepseek-chat\" = \"ds-v3\" }}\n\
+             [[tenants]]\nname = \"t\"\nkey_sha256 = [\"{}\"]\n",
+            "ab".repeat(32)
+        ),
+        |_| None,
+    )
+    .expect("config");
+    for (name, config) in [("1_upstream", one), ("3_upstreams", three)] {
+        let snap = Snapshot::build(
+            config,
+            &sluice::Keys::default(),
+            None,
+            &Limiter::local(),
+            &metrics,
+        );
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                snap.first_upstream(black_box("deepseek-chat"))
+                    .expect("served")
+            })
+        });
+    }
+    g.finish();
+}
+
 fn limiter(c: &mut Criterion) {
     use futures_util::FutureExt;
     let metrics = Metrics::new();
@@ -221,5 +257,13 @@ fn sse(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, cache_key, auth, limiter, cache_hit, sse);
+criterion_group!(
+    benches,
+    cache_key,
+    auth,
+    upstream_choice,
+    limiter,
+    cache_hit,
+    sse
+);
 criterion_main!(benches);

@@ -75,6 +75,14 @@ impl Snapshot {
         self.by_key.get(&key_sha256(key)).cloned()
     }
 
+    /// The upstream a chat request for `model` would be sent to first (the
+    /// choice each request makes), `None` when no upstream serves it.
+    pub fn first_upstream(&self, model: &str) -> Option<&str> {
+        let path = crate::api::Endpoint::Chat.upstream_path();
+        let route = self.upstreams.route(Some(model), path)?;
+        Some(self.upstreams.peer(route.current()).name())
+    }
+
     /// The price of a model: its own, else `[pricing.default]`.
     pub(crate) fn price(&self, model: &str) -> Option<&Pricing> {
         self.config

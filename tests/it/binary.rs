@@ -137,6 +137,73 @@ fn start_up_fails_without_the_upstream_key() {
 }
 
 #[test]
+fn several_upstreams_are_listed_and_each_needs_its_key() {
+    let text = config_text("http://127.0.0.1:1", "").replace(
+        "[upstream]\nbase_url = \"http://127.0.0.1:1\"\napi_key_env = \"TEST_UPSTREAM_KEY\"\n",
+        "[upstream]\n",
+    ) .replace("balance_poll_secs = 0\n", "")
+        + "[[upstreams]]\nname = \"acct-a\"\nbase_url = \"http://127.0.0.1:1\"\napi_key_env = \"KEY_A\"\n\
+           [[upstreams]]\nname = \"reseller\"\nbase_url = \"http://127.0.0.1:2\"\napi_key_env = \"KEY_R\"\n\
+           tier = 1\nweight = 2\nmodels = [\"deepseek-chat\"]\nmodel_map = { \"deepseek-chat\" = \"ds-v3\" }\n";
+    let cfg = temp_config(&text);
+    let out = sluice()
+        .args(["check-config", "--config"])
+        .arg(&cfg.0)
+        .env_remove("KEY_A")
+        .env_remove("KEY_R")
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap_or_else(|| panic!("a line for {name}: {stdout}"))
+            .to_string()
+    };
+    assert!(line("acct-a").contains("tier 0, weight 1"), "{stdout}");
+    let reseller = line("reseller");
+    assert!(reseller.contains("tier 1, weight 2"), "{reseller}");
+    assert!(reseller.contains("deepseek-chat (as ds-v3)"), "{reseller}");
+    let warned = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warned.contains("upstreams.acct-a.api_key_env") && warned.contains("KEY_R"),
+        "{warned}"
+    );
+    // Start-up needs every upstream's key, and names the one missing.
+    let out = sluice()
+        .arg("--config")
+        .arg(&cfg.0)
+        .env("KEY_A", "sk-a")
+        .env_remove("KEY_R")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("upstreams.reseller.api_key_env") && err.contains("KEY_R"),
+        "{err}"
+    );
+    assert!(!err.contains("KEY_A"), "{err}");
+    // SLUICE_UPSTREAM_URL overrides [upstream].base_url only: an error here.
+    let out = sluice()
+        .arg("--config")
+        .arg(&cfg.0)
+        .env("KEY_A", "sk-a")
+        .env("KEY_R", "sk-r")
+        .env("SLUICE_UPSTREAM_URL", "http://127.0.0.1:3")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SLUICE_UPSTREAM_URL"));
+}
+
+#[test]
 fn a_ca_file_certificate_that_does_not_parse_is_a_config_error() {
     // A PEM block labelled CERTIFICATE whose contents are not an X.509
     // certificate: check-config and start-up refuse the config, naming the
@@ -380,6 +447,11 @@ async fn demo_with_workers(workers: &str) -> usize {
     .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
+    let upstream = r.header("x-sluice-upstream");
+    assert!(
+        upstream == "sim-a" || upstream == "sim-b",
+        "two simulated accounts: {upstream:?}"
+    );
     let pid = child.id().expect("pid").to_string();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let threads = field(&status, "Threads:")
