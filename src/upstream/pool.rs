@@ -345,6 +345,7 @@ impl Pool {
     pub(crate) fn route(&self, model: Option<&str>, path: &str) -> Option<Route> {
         let serving = match model {
             None => u64::MAX,
+            Some(_) if self.by_model.is_empty() => self.any_model,
             Some(m) => self.any_model | self.by_model.get(m).copied().unwrap_or(0),
         };
         let allowed = serving & self.by_path.get(path).copied().unwrap_or(0);
@@ -390,6 +391,10 @@ impl Pool {
     /// one, preferring those with a free slot, by weight; when every one is
     /// resting, the one whose rest ends first.
     fn first(&self, allowed: u64) -> usize {
+        if allowed.count_ones() == 1 {
+            // The only one, resting or not.
+            return allowed.trailing_zeros() as usize;
+        }
         let available = self.available(allowed);
         if available == 0 {
             return self.rest_ends_first(allowed);
