@@ -144,12 +144,19 @@ impl App {
     /// a start-up failure).
     pub(crate) async fn new(config: Config, key: &Secret) -> Result<App, std::io::Error> {
         let metrics = Arc::new(Metrics::new());
-        let upstream = Upstream::new(&config.upstream)?;
         let store = Store::new(config.cache.max_bytes, config.cache.ttl);
         let redis = match &config.redis {
             Some(cfg) => Some(Redis::start(cfg, metrics.registry()).await),
             None => None,
         };
+        // With shared limits, the upstream's `max_concurrent` is one count
+        // for the fleet.
+        let shared_cap = redis
+            .as_ref()
+            .zip(config.redis.as_ref())
+            .filter(|(_, c)| c.limits)
+            .map(|(r, _)| (r, "default"));
+        let upstream = Upstream::new(&config.upstream, shared_cap)?;
         let budgets = Budgets::open(config.budgets.state_path.as_deref(), Arc::new(SystemClock))
             .map_err(std::io::Error::other)?;
         let limiter = Limiter::new(redis.as_ref().zip(config.redis.as_ref()), budgets);

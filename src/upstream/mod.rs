@@ -34,6 +34,7 @@ use tower_service::Service;
 
 pub(crate) mod balance;
 pub(crate) mod fair;
+mod fleet_cap;
 pub(crate) mod pool;
 
 use fair::{Claimant, FairGate, Slot};
@@ -42,6 +43,7 @@ use pool::{Origin, Target};
 use crate::config::UpstreamConfig;
 use crate::http::error::GatewayError;
 use crate::metrics::Metrics;
+use crate::shared::Redis;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -50,7 +52,8 @@ pub(crate) struct Upstream {
     /// For the TCP connect and the TLS handshake together.
     connect_timeout: Duration,
     pool: Arc<Pool>,
-    /// `upstream.max_concurrent`, shared fairly between tenants.
+    /// `upstream.max_concurrent`, shared fairly between tenants (and
+    /// counted for the fleet when `shared` was given).
     slots: Option<Arc<FairGate>>,
 }
 
@@ -65,7 +68,13 @@ pub(crate) struct Sent {
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 impl Upstream {
-    pub(crate) fn new(cfg: &UpstreamConfig) -> std::io::Result<Upstream> {
+    /// `shared`: the Redis through which replicas share limits, and this
+    /// upstream's name there; its `max_concurrent` is then one count for
+    /// the fleet.
+    pub(crate) fn new(
+        cfg: &UpstreamConfig,
+        shared: Option<(&Arc<Redis>, &str)>,
+    ) -> std::io::Result<Upstream> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -111,7 +120,10 @@ impl Upstream {
             connector,
             connect_timeout: cfg.connect_timeout,
             pool,
-            slots: (cfg.max_concurrent > 0).then(|| FairGate::new(cfg.max_concurrent)),
+            slots: (cfg.max_concurrent > 0).then(|| match shared {
+                Some((redis, name)) => FairGate::shared(cfg.max_concurrent, redis, name),
+                None => FairGate::new(cfg.max_concurrent),
+            }),
         })
     }
 
@@ -129,10 +141,7 @@ impl Upstream {
         loop {
             let slot = match &self.slots {
                 None => None,
-                Some(gate) => Some(match gate.try_take() {
-                    Some(slot) => slot,
-                    None => wait_for_slot(gate, req.claimant.as_ref(), metrics, deadline).await?,
-                }),
+                Some(gate) => Some(gate.take(req.claimant.as_ref(), metrics, deadline).await?),
             };
             let stats = &req.target.stats;
             let call = stats.in_flight();
@@ -470,39 +479,6 @@ pub(crate) async fn read_small(
         Ok(Err(_)) => Err(GatewayError::UpstreamUnreachable),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
-}
-
-/// Waits for a slot of a full upstream, in its fair order, until
-/// `deadline` (then 504); the wait is observed per tenant either way.
-async fn wait_for_slot(
-    gate: &Arc<FairGate>,
-    who: Option<&Claimant>,
-    metrics: &Metrics,
-    deadline: tokio::time::Instant,
-) -> Result<Slot, GatewayError> {
-    // Sluice's own requests wait as a tenant of their own, `-`.
-    let own;
-    let who = match who {
-        Some(who) => who,
-        None => {
-            own = Claimant {
-                tenant: Arc::from("-"),
-                weight: 1,
-            };
-            &own
-        }
-    };
-    let tenant: &str = &who.tenant;
-    let waiting = metrics.upstream_waiting.with_label_values(&[tenant]);
-    waiting.inc();
-    let started = Instant::now();
-    let got = tokio::time::timeout_at(deadline, gate.acquire(who)).await;
-    waiting.dec();
-    metrics
-        .upstream_queue
-        .with_label_values(&[tenant])
-        .observe(started.elapsed().as_secs_f64());
-    got.map_err(|_| GatewayError::UpstreamTimeout)
 }
 
 /// Upstream statuses worth another attempt: rate limited, and the server
