@@ -43,6 +43,8 @@ pub(crate) struct FairGate {
     counts: AtomicU64,
     /// Requests waiting (read without the lock by the fast paths).
     waiting: AtomicUsize,
+    /// Waiting requests served, ever (the fleet's line reads it).
+    served: AtomicU64,
     queue: Mutex<Queue>,
     /// The fleet's count, for a shared gate.
     fleet: Option<Arc<FleetCap>>,
@@ -133,6 +135,7 @@ impl FairGate {
             capacity,
             counts: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
             queue: Mutex::new(Queue::default()),
             fleet,
         })
@@ -309,9 +312,14 @@ impl FairGate {
             };
             // A waiter that has just gone away gives the slot back (its
             // drop runs `release`, which needs the lock: not while held).
-            if let Err(slot) = waiter.grant.send(slot) {
-                std::mem::forget(slot);
-                self.freed();
+            match waiter.grant.send(slot) {
+                Ok(()) => {
+                    self.served.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(slot) => {
+                    std::mem::forget(slot);
+                    self.freed();
+                }
             }
         }
     }
@@ -342,6 +350,11 @@ impl FairGate {
     /// Requests waiting now.
     pub(super) fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Waiting requests served so far.
+    pub(super) fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
     }
 
     /// Hands slots to waiters in the fair order, within `rule` (the agent:

@@ -11,7 +11,9 @@
 //! otherwise the agent gives it back. Requests that find no held slot free
 //! wait in the gate's queue while the agent asks Redis for as many slots as
 //! wait, one round trip at a time, again every `POLL` (with jitter) until
-//! they are served or leave. Every call states the replica's slots as a
+//! they are served or leave. Between replicas a free slot goes round the
+//! waiting ones in turn: a replica whose requests were served (by Redis or
+//! by its own slots) goes to the back of the fleet's line. Every call states the replica's slots as a
 //! whole and renews its lease, so a call that failed or timed out is made
 //! good by the next, and a replica that died stops renewing: its slots
 //! lapse within `LEASE` (30 s). While Redis is unavailable (or one round
@@ -111,6 +113,8 @@ struct Entry {
     unsure: bool,
     /// Redis holds a want of this gate's.
     wanting: bool,
+    /// The gate's count of requests served, at the last call.
+    served: u64,
     renewed: Instant,
 }
 
@@ -122,6 +126,7 @@ pub(super) async fn agent(gate: Weak<FairGate>, cap: Arc<FleetCap>, capacity: us
         counted: 0,
         unsure: false,
         wanting: false,
+        served: 0,
         renewed: Instant::now(),
     };
     loop {
@@ -130,7 +135,7 @@ pub(super) async fn agent(gate: Weak<FairGate>, cap: Arc<FleetCap>, capacity: us
             None => {
                 if entry.counted > 0 || entry.unsure || entry.wanting {
                     entry.version += 1;
-                    let _ = send(&cap, &entry, 0, 0, capacity).await;
+                    let _ = send(&cap, &entry, 0, 0, capacity, false).await;
                 }
                 return;
             }
@@ -182,7 +187,11 @@ async fn round(
             .max(POLL);
     }
     entry.version += 1;
-    match send(cap, entry, have, want, capacity).await {
+    // Served since the last call (its own slots going round count too):
+    // to the back of the fleet's line.
+    let served = gate.served();
+    let was_served = std::mem::replace(&mut entry.served, served) != served;
+    match send(cap, entry, have, want, capacity, was_served).await {
         Ok(reply) => {
             cap.contended
                 .store(reply.others_waiting > 0, Ordering::Release);
@@ -226,6 +235,7 @@ async fn send(
     have: usize,
     want: usize,
     capacity: usize,
+    served: bool,
 ) -> Result<SlotsReply, Unavailable> {
     let mut call = cap.script.call(&[&cap.key], 64 + cap.holder.len());
     call.arg(&cap.holder)
@@ -234,7 +244,8 @@ async fn send(
         .arg(want)
         .arg(capacity)
         .arg(LEASE.as_millis() as u64)
-        .arg(WANT_LASTS.as_millis() as u64);
+        .arg(WANT_LASTS.as_millis() as u64)
+        .arg(if served { "1" } else { "0" });
     if want > 0 {
         // Requests wait on it: within `timeout_ms`, like their limits.
         cap.redis.invoke(Op::Limits, &cap.script, &call).await

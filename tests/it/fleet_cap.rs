@@ -150,6 +150,47 @@ async fn three_replicas_keep_one_count_of_the_upstreams_slots() {
     }
 }
 
+#[tokio::test]
+async fn one_replicas_backlog_does_not_keep_the_slots_from_another() {
+    let _one_at_a_time = heavy().await;
+    let Some(redis) =
+        RedisServer::start("one_replicas_backlog_does_not_keep_the_slots_from_another")
+    else {
+        return;
+    };
+    let sim = simulator().await;
+    let replicas = fleet(2, &config(&sim, 1, 60, &redis.url(), &prefix())).await;
+    // Replica 0: 30 calls of 200 ms for one slot, a 6 s backlog.
+    let mut backlog = JoinSet::new();
+    for i in 0..30 {
+        slow(
+            &mut backlog,
+            replicas[0].url("/v1/chat/completions"),
+            i,
+            200,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while replicas[0].metric("sluice_upstream_waiting", &[]).await < 20.0 {
+        assert!(Instant::now() < deadline, "the backlog never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Replica 1's one call gets the slot within a few turns, not after
+    // the backlog: replica 0 gives its slot back while replica 1 waits.
+    let started = Instant::now();
+    let mut one = JoinSet::new();
+    slow(&mut one, replicas[1].url("/v1/chat/completions"), 100, 200);
+    assert_eq!(all_ok(one).await, 1);
+    let took = started.elapsed();
+    let left = replicas[0].metric("sluice_upstream_waiting", &[]).await;
+    assert!(
+        took < Duration::from_millis(2500) && left > 0.0,
+        "answered in {took:?}, with {left} of the backlog still waiting"
+    );
+    assert_eq!(all_ok(backlog).await, 30);
+    assert_eq!(sim.max_in_flight(), 1);
+}
+
 /// A holder's entry in the slot hash: (slots, lease end in Unix ms).
 fn entries(redis: &RedisServer, key: &str) -> Vec<(String, u64, u64)> {
     let out = redis.cli(&["HGETALL", key]);
@@ -278,17 +319,20 @@ const KEY: &str = "t:{upstream:default}:slots";
 const CAP: u64 = 2;
 
 /// One SLOTS call of `holder` (with its change's version, the slots it
-/// has and how many more it wants): (granted, other holders waiting,
-/// applied).
+/// has, how many more it wants, and whether its requests were served since
+/// its last call): (granted, other holders waiting, applied).
 fn slots(
     redis: &RedisServer,
     holder: &str,
     version: u64,
     have: u64,
     want: u64,
+    served: bool,
     lease_ms: u64,
 ) -> (u64, u64, u64) {
     let (key, cap) = (KEY, CAP);
+    // Calls a millisecond apart or more, so who waited longer is clear.
+    std::thread::sleep(Duration::from_millis(2));
     let out = redis.cli(&[
         "EVAL",
         SLOTS_LUA,
@@ -301,6 +345,7 @@ fn slots(
         &cap.to_string(),
         &lease_ms.to_string(),
         "1000",
+        if served { "1" } else { "0" },
     ]);
     let n: Vec<u64> = out
         .lines()
@@ -318,20 +363,24 @@ fn the_slot_script_counts_for_the_fleet_and_serves_in_turn() {
     };
     const LEASE: u64 = 30_000;
     // a takes both slots; b and c must wait.
-    assert_eq!(slots(&redis, "a", 1, 0, 2, LEASE), (2, 0, 1));
-    assert_eq!(slots(&redis, "b", 1, 0, 1, LEASE), (0, 0, 1));
-    assert_eq!(slots(&redis, "c", 1, 0, 1, LEASE), (0, 1, 1));
+    assert_eq!(slots(&redis, "a", 1, 0, 2, false, LEASE), (2, 0, 1));
+    assert_eq!(slots(&redis, "b", 1, 0, 1, false, LEASE), (0, 0, 1));
+    assert_eq!(slots(&redis, "c", 1, 0, 1, false, LEASE), (0, 1, 1));
     // a learns that others wait, and gives one back.
-    assert_eq!(slots(&redis, "a", 2, 1, 0, LEASE), (0, 2, 1));
+    assert_eq!(slots(&redis, "a", 2, 1, 0, false, LEASE), (0, 2, 1));
     // c asks first, but b has waited longer: the slot is b's.
-    assert_eq!(slots(&redis, "c", 2, 0, 1, LEASE), (0, 1, 1));
-    assert_eq!(slots(&redis, "b", 2, 0, 1, LEASE), (1, 1, 1));
+    assert_eq!(slots(&redis, "c", 2, 0, 1, false, LEASE), (0, 1, 1));
+    assert_eq!(slots(&redis, "b", 2, 0, 1, false, LEASE), (1, 1, 1));
     // a late change (an older version) changes nothing.
-    assert_eq!(slots(&redis, "a", 1, 0, 2, LEASE).2, 0);
+    assert_eq!(slots(&redis, "a", 1, 0, 2, false, LEASE).2, 0);
     // b gives its slot back while still wanting more: it has been served,
     // so c, waiting longer now, is next.
-    assert_eq!(slots(&redis, "b", 3, 0, 1, LEASE), (0, 1, 1));
-    assert_eq!(slots(&redis, "c", 3, 0, 1, LEASE), (1, 1, 1));
+    assert_eq!(slots(&redis, "b", 3, 0, 1, false, LEASE), (0, 1, 1));
+    assert_eq!(slots(&redis, "c", 3, 0, 1, false, LEASE), (1, 1, 1));
+    // a's own requests were served (one slot going from one to the next)
+    // while it waited: behind b, which has not been.
+    assert_eq!(slots(&redis, "a", 3, 0, 1, true, LEASE), (0, 1, 1));
+    assert_eq!(slots(&redis, "b", 4, 0, 1, false, LEASE), (1, 1, 1));
     // The key expires with the last lease written.
     let ttl: i64 = redis.cli(&["PTTL", KEY]).trim().parse().expect("PTTL");
     assert!(ttl > 0 && ttl <= LEASE as i64, "PTTL {ttl}");
@@ -343,10 +392,10 @@ fn a_holder_whose_lease_lapsed_holds_nothing() {
         return;
     };
     // The dead holder's lease is 50 ms.
-    assert_eq!(slots(&redis, "dead", 1, 0, 2, 50), (2, 0, 1));
-    assert_eq!(slots(&redis, "live", 1, 0, 1, 30_000), (0, 0, 1));
+    assert_eq!(slots(&redis, "dead", 1, 0, 2, false, 50), (2, 0, 1));
+    assert_eq!(slots(&redis, "live", 1, 0, 1, false, 30_000), (0, 0, 1));
     std::thread::sleep(Duration::from_millis(60));
-    assert_eq!(slots(&redis, "live", 2, 0, 2, 30_000), (2, 0, 1));
+    assert_eq!(slots(&redis, "live", 2, 0, 2, false, 30_000), (2, 0, 1));
     assert!(
         !redis
             .cli(&["HKEYS", KEY])

@@ -12,19 +12,21 @@
 -- holder's lease; a holder whose lease lapsed (it died) is dropped, with
 -- its slots. It grants up to ARGV[4] more slots out of what the other
 -- holders leave free, after the wants of the holders that have waited
--- longer: a holder granted slots goes to the back of the line, so a free
--- slot goes round the waiting replicas in turn.
+-- longer: a holder whose requests were served (by Redis, or by its own
+-- slots going from one request to the next) goes to the back of the line,
+-- so a free slot goes round the waiting replicas in turn.
 --
 -- KEYS[1] the upstream's slot hash
 -- ARGV[1] holder                 ARGV[2] version of this change
 -- ARGV[3] slots it holds now     ARGV[4] more it wants (0: a report)
 -- ARGV[5] max_concurrent         ARGV[6] lease ttl_ms
 -- ARGV[7] how long a want lasts unless asked again (ms)
+-- ARGV[8] "1" if the holder's requests were served since its last call
 --
 -- Returns {slots granted, other holders waiting, 1 if applied (0: older
 -- than a change applied)}.
 assert(#KEYS == 1, 'SLOTS takes 1 key')
-assert(#ARGV == 7, 'SLOTS takes 7 arguments')
+assert(#ARGV == 8, 'SLOTS takes 8 arguments')
 local key, me = KEYS[1], ARGV[1]
 local version, have, want = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local cap, ttl, want_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -51,12 +53,14 @@ local others, waiting, ahead = 0, 0, 0
 for h, s in pairs(held) do
   if h ~= me then others = others + s[1] end
 end
+-- Served (or new in the line): behind everyone waiting already.
+local served = ARGV[8] == '1' or not waits[me]
 local since = now
-if waits[me] then since = waits[me][1] end
+if not served then since = waits[me][1] end
 for h, w in pairs(waits) do
   if h ~= me then
     waiting = waiting + 1
-    if w[1] < since or (w[1] == since and h < me) then ahead = ahead + w[2] end
+    if w[1] < since or (w[1] == since and (served or h < me)) then ahead = ahead + w[2] end
   end
 end
 
