@@ -246,14 +246,10 @@ async fn send(
         .arg(LEASE.as_millis() as u64)
         .arg(WANT_LASTS.as_millis() as u64)
         .arg(if served { "1" } else { "0" });
-    if want > 0 {
-        // Requests wait on it: within `timeout_ms`, like their limits.
-        cap.redis.invoke(Op::Limits, &cap.script, &call).await
-    } else {
-        cap.redis
-            .invoke_in_background(Op::Limits, &cap.script, &call)
-            .await
-    }
+    // Within `timeout_ms` even when no request waits on this call: a
+    // request that comes meanwhile waits for it to end before its own.
+    // A report that times out is sent again, whole.
+    cap.redis.invoke(Op::Limits, &cap.script, &call).await
 }
 
 /// `POLL`, with jitter so replicas that wait do not ask in step.
