@@ -1,6 +1,6 @@
 //! A weighted fair share of an upstream's concurrency slots
 //! (`max_concurrent`) between tenants. While a slot is free and nobody
-//! waits, a request takes one at once (one atomic, no lock). When the
+//! waits, a request takes one at once (two atomics, no lock). When the
 //! upstream is full, requests wait; the next slot that frees goes to the
 //! waiting tenant that has had the least of the slots relative to its
 //! `weight` since it began waiting (start-time fair queueing: each waiting

@@ -312,6 +312,45 @@ async fn with_redis_down_each_replica_keeps_its_own_cap() {
     assert_eq!(sim.max_in_flight(), 2);
 }
 
+#[tokio::test]
+async fn a_request_waiting_for_the_fleet_is_served_when_redis_goes_away() {
+    let _one_at_a_time = heavy().await;
+    let Some(mut redis) =
+        RedisServer::start("a_request_waiting_for_the_fleet_is_served_when_redis_goes_away")
+    else {
+        return;
+    };
+    let sim = simulator().await;
+    let replicas = fleet(2, &config(&sim, 1, 60, &redis.url(), &prefix())).await;
+    // Replica 0 holds the fleet's one slot; replica 1's request waits.
+    let mut hung = JoinSet::new();
+    slow(
+        &mut hung,
+        replicas[0].url("/v1/chat/completions"),
+        0,
+        30_000,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sim.calls() < 1 {
+        assert!(Instant::now() < deadline, "the long call never went out");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut waiting = JoinSet::new();
+    slow(&mut waiting, replicas[1].url("/v1/chat/completions"), 1, 0);
+    wait_metric(&replicas[1], "sluice_upstream_waiting", 1.0).await;
+    assert_eq!(sim.calls(), 1, "served past a full fleet");
+    // Redis goes away: replica 1 keeps its own cap, and has a slot free.
+    let started = Instant::now();
+    redis.kill();
+    assert_eq!(all_ok(waiting).await, 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "served {:?} after Redis went away",
+        started.elapsed()
+    );
+    hung.abort_all();
+}
+
 // ---- the script on its own ------------------------------------------------------
 
 /// The slot hash the script tests use, of an upstream with 2 slots.
