@@ -22,13 +22,12 @@
 //! maintained crate offers weighted fair queueing of permits.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
-use super::fleet_cap::{self, FleetCap};
 use crate::http::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::shared::Redis;
@@ -47,7 +46,32 @@ pub(crate) struct FairGate {
     served: AtomicU64,
     queue: Mutex<Queue>,
     /// The fleet's count, for a shared gate.
-    fleet: Option<Arc<FleetCap>>,
+    fleet: Option<Arc<FleetLink>>,
+}
+
+/// What a shared gate reads of the fleet's count on its own paths, and how
+/// it wakes the task that talks to Redis (`fleet_cap.rs`, which makes it).
+pub(super) struct FleetLink {
+    pub(super) redis: Arc<Redis>,
+    /// Something for the agent: a request waits, or a slot is spare.
+    pub(super) wake: Notify,
+    /// The last answer said another replica waits for a slot.
+    pub(super) contended: AtomicBool,
+}
+
+impl FleetLink {
+    /// Whether the fleet's count is in use (else the gate decides alone).
+    fn is_up(&self) -> bool {
+        self.redis.is_up()
+    }
+
+    fn contended(&self) -> bool {
+        self.contended.load(Ordering::Acquire)
+    }
+
+    fn wake(&self) {
+        self.wake.notify_one();
+    }
 }
 
 const IN_USE: u64 = 1;
@@ -120,17 +144,9 @@ impl FairGate {
         Self::build(capacity, None)
     }
 
-    /// A gate whose `capacity` is one count for every replica that shares
-    /// `redis` (docs/redis.md): `upstream` names the count. While Redis is
-    /// unavailable it decides alone, within `capacity`.
-    pub(crate) fn shared(capacity: usize, redis: &Arc<Redis>, upstream: &str) -> Arc<FairGate> {
-        let cap = Arc::new(FleetCap::new(redis, upstream));
-        let gate = Self::build(capacity, Some(Arc::clone(&cap)));
-        tokio::spawn(fleet_cap::agent(Arc::downgrade(&gate), cap, capacity));
-        gate
-    }
-
-    fn build(capacity: usize, fleet: Option<Arc<FleetCap>>) -> Arc<FairGate> {
+    /// A gate; a shared one (`fleet`) is made by `FairGate::shared`
+    /// (`fleet_cap.rs`).
+    pub(super) fn build(capacity: usize, fleet: Option<Arc<FleetLink>>) -> Arc<FairGate> {
         Arc::new(FairGate {
             capacity,
             counts: AtomicU64::new(0),

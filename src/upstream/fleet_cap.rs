@@ -1,8 +1,9 @@
 //! One count of an upstream's `max_concurrent` for the whole fleet
 //! (docs/redis.md, "An upstream's concurrency"): the Redis side of a
-//! shared `FairGate`. It owns the upstream's slot hash in Redis and the one
-//! task per gate (`agent`) that alone talks to it; the gate's fair order,
-//! its waiters and its counts stay in `fair.rs`.
+//! shared `FairGate` (made here, by `FairGate::shared`). It owns the
+//! upstream's slot hash in Redis and the one task per gate (`agent`) that
+//! alone talks to it; the gate's fair order, its waiters and its counts
+//! stay in `fair.rs`, which does not know this module.
 //!
 //! A replica holds fleet slots only for its calls in flight. A slot that
 //! frees while the replica's own requests wait goes to the next of them in
@@ -27,7 +28,7 @@ use rand::Rng;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::fair::{FairGate, Rule};
+use super::fair::{FairGate, FleetLink, Rule};
 use crate::shared::{Lua, Op, Redis, Unavailable};
 
 /// A holder's slots outlive its last call by this long: a replica that
@@ -44,46 +45,36 @@ const WANT_LASTS: Duration = Duration::from_secs(1);
 /// How often a report Redis may not have applied is sent again.
 const RETRY_EVERY: Duration = Duration::from_millis(500);
 
-/// The gate's link to Redis: what the gate reads on its paths (is Redis
-/// up, does another replica wait) and how it wakes the agent.
-pub(super) struct FleetCap {
-    redis: Arc<Redis>,
+impl FairGate {
+    /// A gate whose `capacity` is one count for every replica that shares
+    /// `redis` (docs/redis.md): `upstream` names the count. While Redis is
+    /// unavailable it decides alone, within `capacity`.
+    pub(crate) fn shared(capacity: usize, redis: &Arc<Redis>, upstream: &str) -> Arc<FairGate> {
+        let link = Arc::new(FleetLink {
+            redis: Arc::clone(redis),
+            wake: Notify::new(),
+            contended: AtomicBool::new(false),
+        });
+        let cap = FleetCap {
+            script: redis.lua("upstream_slots", include_str!("lua/slots.lua")),
+            key: format!("{}:{{upstream:{upstream}}}:slots", redis.key_prefix()),
+            holder: format!("{}.{:08x}", redis.replica(), rand::random::<u32>()),
+            link: Arc::clone(&link),
+        };
+        let gate = FairGate::build(capacity, Some(link));
+        tokio::spawn(agent(Arc::downgrade(&gate), cap, capacity));
+        gate
+    }
+}
+
+/// The agent's side of a shared gate: the script and the names it writes.
+struct FleetCap {
     script: Lua,
     /// `prefix:{upstream:<name>}:slots`.
     key: String,
     /// `<replica>.<gate>`: this gate's name in the hash.
     holder: String,
-    wake: Notify,
-    /// The last answer said another replica waits for a slot.
-    contended: AtomicBool,
-}
-
-impl FleetCap {
-    pub(super) fn new(redis: &Arc<Redis>, upstream: &str) -> FleetCap {
-        FleetCap {
-            script: redis.lua("upstream_slots", include_str!("lua/slots.lua")),
-            key: format!("{}:{{upstream:{upstream}}}:slots", redis.key_prefix()),
-            holder: format!("{}.{:08x}", redis.replica(), rand::random::<u32>()),
-            redis: Arc::clone(redis),
-            wake: Notify::new(),
-            contended: AtomicBool::new(false),
-        }
-    }
-
-    /// Whether the fleet's count is in use (else the gate decides alone).
-    pub(super) fn is_up(&self) -> bool {
-        self.redis.is_up()
-    }
-
-    /// Whether another replica waits for one of the fleet's slots.
-    pub(super) fn contended(&self) -> bool {
-        self.contended.load(Ordering::Acquire)
-    }
-
-    /// Something for the agent: a request waits, or a slot is spare.
-    pub(super) fn wake(&self) {
-        self.wake.notify_one();
-    }
+    link: Arc<FleetLink>,
 }
 
 /// SLOTS's reply, decoded (slots.lua says what each item is).
@@ -120,7 +111,7 @@ struct Entry {
 
 /// The gate's one task that talks to Redis. Ends when the gate is
 /// dropped, after telling Redis it holds nothing.
-pub(super) async fn agent(gate: Weak<FairGate>, cap: Arc<FleetCap>, capacity: usize) {
+async fn agent(gate: Weak<FairGate>, cap: FleetCap, capacity: usize) {
     let mut entry = Entry {
         version: 0,
         counted: 0,
@@ -142,7 +133,7 @@ pub(super) async fn agent(gate: Weak<FairGate>, cap: Arc<FleetCap>, capacity: us
         };
         // A wake-up that came during the round is kept by `Notify`, so
         // this returns at once for it.
-        let _ = tokio::time::timeout(pause, cap.wake.notified()).await;
+        let _ = tokio::time::timeout(pause, cap.link.wake.notified()).await;
     }
 }
 
@@ -154,7 +145,7 @@ async fn round(
     capacity: usize,
     entry: &mut Entry,
 ) -> Duration {
-    if !cap.is_up() {
+    if !cap.link.redis.is_up() {
         // Redis is unavailable: the replica keeps the per-replica cap, and
         // what Redis counts is made good once it answers.
         if gate.waiting() > 0 {
@@ -170,7 +161,7 @@ async fn round(
     }
     // A spare slot goes to this replica's own waiters first, unless
     // another replica waits: then it goes back to the fleet's line.
-    if gate.waiting() > 0 && !cap.contended() {
+    if gate.waiting() > 0 && !cap.link.contended.load(Ordering::Acquire) {
         gate.hand_out(Rule::Held);
     }
     let have = gate.shrink();
@@ -193,7 +184,8 @@ async fn round(
     let was_served = std::mem::replace(&mut entry.served, served) != served;
     match send(cap, entry, have, want, capacity, was_served).await {
         Ok(reply) => {
-            cap.contended
+            cap.link
+                .contended
                 .store(reply.others_waiting > 0, Ordering::Release);
             entry.unsure = !reply.applied;
             entry.renewed = Instant::now();
@@ -249,7 +241,7 @@ async fn send(
     // Within `timeout_ms` even when no request waits on this call: a
     // request that comes meanwhile waits for it to end before its own.
     // A report that times out is sent again, whole.
-    cap.redis.invoke(Op::Limits, &cap.script, &call).await
+    cap.link.redis.invoke(Op::Limits, &cap.script, &call).await
 }
 
 /// `POLL`, with jitter so replicas that wait do not ask in step.
