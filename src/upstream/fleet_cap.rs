@@ -14,11 +14,12 @@
 //! wait, one round trip at a time, again every `POLL` (with jitter) until
 //! they are served or leave. Between replicas a free slot goes round the
 //! waiting ones in turn: a replica whose requests were served (by Redis or
-//! by its own slots) goes to the back of the fleet's line. Every call states the replica's slots as a
-//! whole and renews its lease, so a call that failed or timed out is made
-//! good by the next, and a replica that died stops renewing: its slots
-//! lapse within `LEASE` (30 s). While Redis is unavailable (or one round
-//! trip fails) the gate decides alone, within the per-replica cap.
+//! by its own slots) goes to the back of the fleet's line. Every call
+//! states the replica's slots as a whole and renews its lease, so a call
+//! that failed or timed out is made good by the next, and a replica that
+//! died stops renewing: its slots lapse within `LEASE` (30 s). While Redis
+//! is unavailable (or one round trip fails) the gate decides alone, within
+//! the per-replica cap.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
