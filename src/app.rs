@@ -59,7 +59,13 @@ impl Snapshot {
             }
             by_name.insert(t.name.clone(), tenant);
         }
-        let upstreams = Pool::new(&config, keys, metrics, previous.map(|p| &p.upstreams));
+        let upstreams = Pool::new(
+            &config,
+            keys,
+            metrics,
+            previous.map(|p| &p.upstreams),
+            limiter.shared_redis(),
+        );
         Snapshot {
             upstreams,
             models,

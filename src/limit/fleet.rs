@@ -330,6 +330,10 @@ impl Fleet {
         }
     }
 
+    pub(crate) fn redis(&self) -> &Arc<Redis> {
+        &self.redis
+    }
+
     pub(crate) fn keys(&self, tenant: &str, spec: LimitSpec) -> Keys {
         let r = &self.redis;
         Keys {

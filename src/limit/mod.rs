@@ -271,6 +271,12 @@ pub struct Limiter {
 }
 
 impl Limiter {
+    /// The Redis through which limits are shared, if they are (an
+    /// upstream's `max_concurrent` is then counted for the fleet too).
+    pub(crate) fn shared_redis(&self) -> Option<&Arc<Redis>> {
+        self.fleet.as_ref().map(fleet::Fleet::redis)
+    }
+
     /// The in-memory limiter: every replica on its own, spend in memory.
     pub fn local() -> Limiter {
         Self::build(None, Budgets::memory(Arc::new(budget::SystemClock)))

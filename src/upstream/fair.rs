@@ -13,22 +13,89 @@
 //! turnover, and two tenants that both keep requests waiting get slots in
 //! the ratio of their weights.
 //!
+//! A shared gate (`FairGate::shared`) counts `max_concurrent` once for the
+//! fleet: its slots are the fleet's slots this replica holds, which
+//! `fleet_cap.rs` gets from and gives back to Redis; the fair order stays
+//! this replica's own.
+//!
 //! Written by hand: tokio's semaphore is FIFO across all waiters, and no
 //! maintained crate offers weighted fair queueing of permits.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
+
+use crate::http::error::GatewayError;
+use crate::metrics::Metrics;
+use crate::shared::Redis;
 
 /// A fair share of one upstream's slots.
 pub(crate) struct FairGate {
     capacity: usize,
-    in_use: AtomicUsize,
+    /// Slots in use (low 32 bits) and, for a shared gate, the fleet's
+    /// slots this replica holds (high 32 bits): one atomic, so a slot is
+    /// taken only within what is held, whatever the agent gives back at
+    /// the same moment.
+    counts: AtomicU64,
     /// Requests waiting (read without the lock by the fast paths).
     waiting: AtomicUsize,
+    /// Waiting requests served, ever (the fleet's line reads it).
+    served: AtomicU64,
     queue: Mutex<Queue>,
+    /// The fleet's count, for a shared gate.
+    fleet: Option<Arc<FleetLink>>,
+}
+
+/// What a shared gate reads of the fleet's count on its own paths, and how
+/// it wakes the task that talks to Redis (`fleet_cap.rs`, which makes it).
+pub(super) struct FleetLink {
+    pub(super) redis: Arc<Redis>,
+    /// Something for the agent: a request waits, or a slot is spare.
+    pub(super) wake: Notify,
+    /// The last answer said another replica waits for a slot.
+    pub(super) contended: AtomicBool,
+}
+
+impl FleetLink {
+    /// Whether the fleet's count is in use (else the gate decides alone).
+    fn is_up(&self) -> bool {
+        self.redis.is_up()
+    }
+
+    fn contended(&self) -> bool {
+        self.contended.load(Ordering::Acquire)
+    }
+
+    fn wake(&self) {
+        self.wake.notify_one();
+    }
+}
+
+const IN_USE: u64 = 1;
+const HELD: u64 = 1 << 32;
+
+fn in_use(counts: u64) -> usize {
+    (counts & (HELD - 1)) as usize
+}
+
+fn held(counts: u64) -> usize {
+    (counts >> 32) as usize
+}
+
+/// What a slot may be taken within.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Rule {
+    /// `capacity`, for a gate of this replica alone.
+    Local,
+    /// `capacity`, for a shared gate that decides alone (Redis
+    /// unavailable): the slot is counted as held, so Redis learns of it
+    /// once it answers.
+    Capacity,
+    /// The fleet's slots this replica holds.
+    Held,
 }
 
 #[derive(Default)]
@@ -72,12 +139,21 @@ pub(crate) struct Claimant {
 }
 
 impl FairGate {
+    /// A gate of this replica alone: `capacity` slots.
     pub(crate) fn new(capacity: usize) -> Arc<FairGate> {
+        Self::build(capacity, None)
+    }
+
+    /// A gate; a shared one (`fleet`) is made by `FairGate::shared`
+    /// (`fleet_cap.rs`).
+    pub(super) fn build(capacity: usize, fleet: Option<Arc<FleetLink>>) -> Arc<FairGate> {
         Arc::new(FairGate {
             capacity,
-            in_use: AtomicUsize::new(0),
+            counts: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
             queue: Mutex::new(Queue::default()),
+            fleet,
         })
     }
 
@@ -85,27 +161,87 @@ impl FairGate {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether a slot is free and nobody waits for one.
+    /// Whether a slot is free here and nobody waits for one (a hint for
+    /// choosing between upstreams; taking one may still wait).
     pub(crate) fn has_free(&self) -> bool {
         self.waiting.load(Ordering::Acquire) == 0
-            && self.in_use.load(Ordering::Acquire) < self.capacity
+            && in_use(self.counts.load(Ordering::Acquire)) < self.capacity
+    }
+
+    /// A slot for `who` (`None`: Sluice's own request, which waits as a
+    /// tenant of its own, `-`): at once when one is free and nobody waits,
+    /// else in the fair order, until `deadline` (then 504). A wait is
+    /// observed per tenant, whichever way it ends.
+    pub(crate) async fn take(
+        self: &Arc<Self>,
+        who: Option<&Claimant>,
+        metrics: &Metrics,
+        deadline: tokio::time::Instant,
+    ) -> Result<Slot, GatewayError> {
+        if let Some(slot) = self.try_take() {
+            return Ok(slot);
+        }
+        let own;
+        let who = match who {
+            Some(who) => who,
+            None => {
+                own = Claimant {
+                    tenant: Arc::from("-"),
+                    weight: 1,
+                };
+                &own
+            }
+        };
+        let tenant: &str = &who.tenant;
+        let waiting = metrics.upstream_waiting.with_label_values(&[tenant]);
+        waiting.inc();
+        let started = Instant::now();
+        let got = tokio::time::timeout_at(deadline, self.acquire(who)).await;
+        waiting.dec();
+        metrics
+            .upstream_queue
+            .with_label_values(&[tenant])
+            .observe(started.elapsed().as_secs_f64());
+        got.map_err(|_| GatewayError::UpstreamTimeout)
+    }
+
+    /// How a request or a freed slot may take a slot without the agent:
+    /// `None` while another replica waits for the fleet's slots (a spare
+    /// one goes back to the fleet's line then).
+    fn own_rule(&self) -> Option<Rule> {
+        match &self.fleet {
+            None => Some(Rule::Local),
+            Some(fleet) if !fleet.is_up() => Some(Rule::Capacity),
+            Some(fleet) if fleet.contended() => None,
+            Some(_) => Some(Rule::Held),
+        }
     }
 
     /// Takes a free slot when nobody waits for one.
-    pub(crate) fn try_take(self: &Arc<Self>) -> Option<Slot> {
+    fn try_take(self: &Arc<Self>) -> Option<Slot> {
         if self.waiting.load(Ordering::Acquire) > 0 {
             return None;
         }
-        self.take_free().then(|| Slot {
+        let rule = self.own_rule()?;
+        self.take_free(rule).then(|| Slot {
             gate: Arc::clone(self),
         })
     }
 
-    /// Counts one more slot in use, if one is free.
-    fn take_free(&self) -> bool {
-        self.in_use
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.capacity).then_some(n + 1)
+    /// Counts one more slot in use, if `rule` leaves one free.
+    fn take_free(&self, rule: Rule) -> bool {
+        self.counts
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                let (used, held) = (in_use(c), held(c));
+                if used >= self.capacity {
+                    return None;
+                }
+                match rule {
+                    Rule::Local => Some(c + IN_USE),
+                    Rule::Capacity if used < held => Some(c + IN_USE),
+                    Rule::Capacity => Some(c + IN_USE + HELD),
+                    Rule::Held => (used < held).then_some(c + IN_USE),
+                }
             })
             .is_ok()
     }
@@ -113,7 +249,7 @@ impl FairGate {
     /// A slot for `who`: at once when one is free and nobody waits, else
     /// after the requests the fair order puts first. The caller bounds the
     /// wait (dropping the future gives the place up).
-    pub(crate) async fn acquire(self: &Arc<Self>, who: &Claimant) -> Slot {
+    async fn acquire(self: &Arc<Self>, who: &Claimant) -> Slot {
         if let Some(slot) = self.try_take() {
             return slot;
         }
@@ -140,9 +276,15 @@ impl FairGate {
             flow.waiters.push_back(Waiter { id, start, grant });
             self.waiting.fetch_add(1, Ordering::AcqRel);
             // A slot may have freed between the fast path and the queue.
-            self.dispatch(&mut q);
+            if let Some(rule) = self.own_rule() {
+                self.dispatch(&mut q, rule);
+            }
             id
         };
+        if let Some(fleet) = &self.fleet {
+            // The fleet's slots are the agent's to ask for.
+            fleet.wake();
+        }
         let mut cancel = Cancel {
             gate: self,
             tenant: &who.tenant,
@@ -161,7 +303,7 @@ impl FairGate {
     }
 
     /// Hands free slots to the waiters the fair order puts first.
-    fn dispatch(self: &Arc<Self>, q: &mut Queue) {
+    fn dispatch(self: &Arc<Self>, q: &mut Queue, rule: Rule) {
         while self.waiting.load(Ordering::Acquire) > 0 {
             let Some(tenant) = q
                 .flows
@@ -172,15 +314,15 @@ impl FairGate {
             else {
                 return;
             };
-            if !self.take_free() {
+            if !self.take_free(rule) {
                 return;
             }
             let Some(flow) = q.flows.get_mut(&tenant) else {
-                self.in_use.fetch_sub(1, Ordering::AcqRel);
+                self.freed();
                 return;
             };
             let Some(waiter) = flow.waiters.pop_front() else {
-                self.in_use.fetch_sub(1, Ordering::AcqRel);
+                self.freed();
                 return;
             };
             if flow.waiters.is_empty() {
@@ -193,25 +335,88 @@ impl FairGate {
             };
             // A waiter that has just gone away gives the slot back (its
             // drop runs `release`, which needs the lock: not while held).
-            if let Err(slot) = waiter.grant.send(slot) {
-                std::mem::forget(slot);
-                self.in_use.fetch_sub(1, Ordering::AcqRel);
+            match waiter.grant.send(slot) {
+                Ok(()) => {
+                    self.served.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(slot) => {
+                    std::mem::forget(slot);
+                    self.freed();
+                }
             }
         }
     }
 
     fn release(self: &Arc<Self>) {
-        self.in_use.fetch_sub(1, Ordering::AcqRel);
+        self.counts.fetch_sub(IN_USE, Ordering::AcqRel);
         if self.waiting.load(Ordering::Acquire) > 0 {
-            let mut q = self.lock();
-            self.dispatch(&mut q);
+            if let Some(rule) = self.own_rule() {
+                let mut q = self.lock();
+                self.dispatch(&mut q, rule);
+            }
+        }
+        if let Some(fleet) = &self.fleet {
+            if self.spare() {
+                fleet.wake();
+            }
+        }
+    }
+
+    /// One slot fewer in use, taken back before anyone had it.
+    fn freed(&self) {
+        self.counts.fetch_sub(IN_USE, Ordering::AcqRel);
+        if let Some(fleet) = &self.fleet {
+            fleet.wake();
         }
     }
 
     /// Requests waiting now.
-    #[cfg(test)]
-    fn waiting(&self) -> usize {
+    pub(super) fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Waiting requests served so far.
+    pub(super) fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Hands slots to waiters in the fair order, within `rule` (the agent:
+    /// after Redis granted slots, or deciding alone).
+    pub(super) fn hand_out(self: &Arc<Self>, rule: Rule) {
+        let mut q = self.lock();
+        self.dispatch(&mut q, rule);
+    }
+
+    /// Whether this replica holds a fleet slot that no request uses.
+    pub(super) fn spare(&self) -> bool {
+        let c = self.counts.load(Ordering::Acquire);
+        held(c) > in_use(c)
+    }
+
+    /// Gives up the held slots no request uses; the slots held after.
+    pub(super) fn shrink(&self) -> usize {
+        let before = self
+            .counts
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                let used = in_use(c) as u64;
+                (held(c) as u64 != used).then_some(used * HELD + used)
+            })
+            .unwrap_or_else(|c| c);
+        in_use(before)
+    }
+
+    /// Redis granted `n` more slots.
+    pub(super) fn add_held(&self, n: usize) {
+        self.counts.fetch_add(n as u64 * HELD, Ordering::AcqRel);
+    }
+}
+
+impl Drop for FairGate {
+    fn drop(&mut self) {
+        if let Some(fleet) = &self.fleet {
+            // The agent ends, telling Redis this gate holds nothing.
+            fleet.wake();
+        }
     }
 }
 
@@ -300,6 +505,25 @@ mod tests {
         let served = order(&arrivals, 40).await;
         let a = served.iter().filter(|t| *t == "a").count();
         assert!((28..=32).contains(&a), "{a} of 40: {served:?}");
+    }
+
+    #[test]
+    fn a_shared_gate_takes_only_the_slots_it_holds() {
+        let gate = FairGate::new(3);
+        assert!(!gate.take_free(Rule::Held));
+        gate.add_held(2);
+        assert!(gate.take_free(Rule::Held));
+        assert!(gate.spare());
+        assert_eq!(gate.shrink(), 1, "the spare slot goes back");
+        assert!(!gate.spare());
+        assert!(!gate.take_free(Rule::Held));
+        // Deciding alone, within capacity, a slot taken is counted as
+        // held, so Redis learns of it.
+        assert!(gate.take_free(Rule::Capacity));
+        assert!(gate.take_free(Rule::Capacity));
+        assert!(!gate.take_free(Rule::Capacity), "capacity");
+        assert!(!gate.spare());
+        assert_eq!(gate.shrink(), 3);
     }
 
     #[tokio::test]

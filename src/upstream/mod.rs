@@ -36,10 +36,11 @@ use tower_service::Service;
 
 pub(crate) mod balance;
 pub(crate) mod fair;
+mod fleet_cap;
 pub(crate) mod health;
 pub(crate) mod pool;
 
-use fair::{Claimant, FairGate, Slot};
+use fair::{Claimant, Slot};
 use health::Verdict;
 use pool::{Next, Origin, Peer, Pool, Route, Target};
 
@@ -147,10 +148,7 @@ impl Upstream {
             let state = &peer.state;
             let slot = match &state.gate {
                 None => None,
-                Some(gate) => Some(match gate.try_take() {
-                    Some(slot) => slot,
-                    None => wait_for_slot(gate, req.claimant.as_ref(), metrics, deadline).await?,
-                }),
+                Some(gate) => Some(gate.take(req.claimant.as_ref(), metrics, deadline).await?),
             };
             let stats = &state.stats;
             let call = stats.in_flight();
@@ -563,39 +561,6 @@ pub(crate) async fn read_small(
         Ok(Err(_)) => Err(GatewayError::UpstreamUnreachable),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
-}
-
-/// Waits for a slot of a full upstream, in its fair order, until
-/// `deadline` (then 504); the wait is observed per tenant either way.
-async fn wait_for_slot(
-    gate: &Arc<FairGate>,
-    who: Option<&Claimant>,
-    metrics: &Metrics,
-    deadline: tokio::time::Instant,
-) -> Result<Slot, GatewayError> {
-    // Sluice's own requests wait as a tenant of their own, `-`.
-    let own;
-    let who = match who {
-        Some(who) => who,
-        None => {
-            own = Claimant {
-                tenant: Arc::from("-"),
-                weight: 1,
-            };
-            &own
-        }
-    };
-    let tenant: &str = &who.tenant;
-    let waiting = metrics.upstream_waiting.with_label_values(&[tenant]);
-    waiting.inc();
-    let started = Instant::now();
-    let got = tokio::time::timeout_at(deadline, gate.acquire(who)).await;
-    waiting.dec();
-    metrics
-        .upstream_queue
-        .with_label_values(&[tenant])
-        .observe(started.elapsed().as_secs_f64());
-    got.map_err(|_| GatewayError::UpstreamTimeout)
 }
 
 /// Upstream statuses worth another attempt: rate limited, and the server

@@ -28,6 +28,7 @@ use super::health::{now_ms, Health};
 use crate::api::Endpoint;
 use crate::config::{Config, Keys, PeerConfig};
 use crate::metrics::Metrics;
+use crate::shared::Redis;
 
 /// The most upstreams one configuration may list (a choice is a bit set).
 pub(crate) const MAX_PEERS: usize = 64;
@@ -100,6 +101,7 @@ impl PeerState {
         name: &Arc<str>,
         connect_timeout: Duration,
         metrics: &Metrics,
+        shared: Option<&Arc<Redis>>,
     ) -> PeerState {
         let connector = super::connector(connect_timeout, cfg.ca_file.as_deref())
             .or_else(|e| {
@@ -112,7 +114,12 @@ impl PeerState {
             .expect("the web roots always make a connector");
         PeerState {
             connector,
-            gate: (cfg.max_concurrent > 0).then(|| FairGate::new(cfg.max_concurrent)),
+            // With shared limits, the account's cap is one count for the
+            // fleet.
+            gate: (cfg.max_concurrent > 0).then(|| match shared {
+                Some(redis) => FairGate::shared(cfg.max_concurrent, redis, name),
+                None => FairGate::new(cfg.max_concurrent),
+            }),
             health: Arc::new(Health::new(
                 name,
                 metrics.upstream_available.with_label_values(&[&**name]),
@@ -253,6 +260,7 @@ impl Pool {
         keys: &Keys,
         metrics: &Metrics,
         previous: Option<&Pool>,
+        shared: Option<&Arc<Redis>>,
     ) -> Pool {
         let mut order: Vec<&PeerConfig> = config.upstreams.iter().take(MAX_PEERS).collect();
         // Lowest tier first; the config's order within a tier.
@@ -273,6 +281,7 @@ impl Pool {
                     &name,
                     config.upstream.connect_timeout,
                     metrics,
+                    shared,
                 )),
             };
             if cfg.models.is_empty() {
@@ -534,7 +543,7 @@ mod tests {
         let keys = config
             .upstream_keys(|name| Some(format!("sk-{name}")))
             .expect("keys");
-        let pool = Pool::new(&config, &keys, &Metrics::new(), None);
+        let pool = Pool::new(&config, &keys, &Metrics::new(), None, None);
         (pool, config)
     }
 
@@ -573,6 +582,7 @@ mod tests {
             &config,
             &Keys::from(crate::config::Secret::new("k")),
             &Metrics::new(),
+            None,
             None,
         );
         assert_eq!(&**one.peer(0).name(), "default");
@@ -678,7 +688,7 @@ mod tests {
         );
         let next_config = Config::parse(&text, |_| None).expect("valid");
         let keys = Keys::from(crate::config::Secret::new("k"));
-        let next = Pool::new(&next_config, &keys, &Metrics::new(), Some(&old));
+        let next = Pool::new(&next_config, &keys, &Metrics::new(), Some(&old), None);
         assert!(Arc::ptr_eq(&next.peer(0).state, &old.peer(0).state));
         assert!(
             !next.peer(0).state.health.available(now_ms()),

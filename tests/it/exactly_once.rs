@@ -115,7 +115,8 @@ const SETTLE: Duration = Duration::from_secs(12);
 /// replica) has settled, right or wrong.
 const STABLE: Duration = Duration::from_secs(6);
 
-fn config(sim: &str, redis_url: &str, prefix: &str, timeout_ms: u64) -> String {
+/// `upstream_cap`: the upstream's `max_concurrent` (0: none).
+fn config(sim: &str, redis_url: &str, prefix: &str, timeout_ms: u64, upstream_cap: u32) -> String {
     let mut extra = String::new();
     for t in &TENANTS {
         extra += &tenant_with_limits(t.name, t.key, RPM, BURST, TPM, MAX_CONCURRENT);
@@ -126,7 +127,10 @@ fn config(sim: &str, redis_url: &str, prefix: &str, timeout_ms: u64) -> String {
     extra += &format!(
         "[redis]\nurl = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\ntimeout_ms = {timeout_ms}\nlimits = true\n"
     );
-    let text = config_text(sim, &extra);
+    let text = config_text(sim, &extra).replace(
+        "max_retries = 2\n",
+        &format!("max_retries = 2\nmax_concurrent = {upstream_cap}\n"),
+    );
     let prices = "input_cache_hit = 0.1\ninput_cache_miss = 1.0\noutput = 2.0";
     assert!(text.contains(prices), "the default test pricing moved");
     text.replace(
@@ -154,6 +158,11 @@ struct Fleet {
 
 impl Fleet {
     async fn start(test: &str, timeout_ms: u64) -> Option<Fleet> {
+        Self::start_capped(test, timeout_ms, 0).await
+    }
+
+    /// With the upstream's `max_concurrent` at `upstream_cap`.
+    async fn start_capped(test: &str, timeout_ms: u64, upstream_cap: u32) -> Option<Fleet> {
         let redis = RedisServer::start(test)?;
         let proxy = FaultProxy::start(([127, 0, 0, 1], redis.port).into());
         let sim = Simulator::start(([127, 0, 0, 1], 0).into())
@@ -165,6 +174,7 @@ impl Fleet {
             &format!("redis://{}/0", proxy.addr),
             &prefix,
             timeout_ms,
+            upstream_cap,
         );
         let mut replicas = Vec::with_capacity(REPLICAS);
         for _ in 0..REPLICAS {
@@ -975,7 +985,9 @@ async fn exactly_once_when_a_replica_stops_after_faults() {
 async fn exactly_once_every_key_expires_after_faults() {
     let _one_at_a_time = heavy().await;
     let test = "exactly_once_every_key_expires_after_faults";
-    let Some(mut f) = Fleet::start(test, TIMEOUT_MS).await else {
+    // The upstream's cap too, well above the load, so its count is
+    // written (and walked) without holding anyone up.
+    let Some(mut f) = Fleet::start_capped(test, TIMEOUT_MS, 64).await else {
         return;
     };
     let urls = Arc::new(
@@ -1026,6 +1038,11 @@ async fn exactly_once_every_key_expires_after_faults() {
     };
     let mut forever = no_ttl(&f, "right after the run");
     assert!(!f.ttls().is_empty(), "the run wrote no key");
+    let slots = format!("{}:{{upstream:default}}:slots", f.prefix);
+    assert!(
+        f.ttls().iter().any(|(k, _)| *k == slots),
+        "the upstream's slot count was not written"
+    );
 
     // Redis restarts empty while a request of eo-c is in flight upstream;
     // nothing else of eo-c runs, so its settlement is the first write to

@@ -15,6 +15,11 @@ const BATCH: &str = "sk-batch-0123456789";
 const INTERACTIVE: &str = "sk-interactive-0123456789";
 
 async fn one_slot(batch_weight: u32, interactive_weight: u32) -> TestGateway {
+    one_slot_with(batch_weight, interactive_weight, "").await
+}
+
+/// `extra`: more config (a `[redis]` section).
+async fn one_slot_with(batch_weight: u32, interactive_weight: u32, extra: &str) -> TestGateway {
     let tenants = format!(
         "[[tenants]]\nname = \"batch\"\nkey_sha256 = [\"{}\"]\nrequests_per_minute = 0\ntokens_per_minute = 0\nmax_concurrent = 0\nweight = {batch_weight}\n\
          [[tenants]]\nname = \"interactive\"\nkey_sha256 = [\"{}\"]\nrequests_per_minute = 0\ntokens_per_minute = 0\nmax_concurrent = 0\nweight = {interactive_weight}\n",
@@ -28,6 +33,7 @@ async fn one_slot(batch_weight: u32, interactive_weight: u32) -> TestGateway {
                 "first_byte_timeout_secs = 30",
             )
             + &tenants
+            + extra
     })
     .await
 }
@@ -73,7 +79,31 @@ async fn until_waiting(gw: &TestGateway, tenant: &str, n: f64) {
 
 #[tokio::test]
 async fn one_request_waits_about_one_turn_behind_another_tenants_hundred() {
-    let gw = one_slot(1, 1).await;
+    one_behind_a_hundred(one_slot(1, 1).await).await;
+}
+
+/// The same with the slot counted for a fleet in Redis: the replica's own
+/// order holds.
+#[tokio::test]
+async fn one_request_waits_about_one_turn_behind_a_hundred_with_a_fleet_count() {
+    let Some(redis) =
+        RedisServer::start("one_request_waits_about_one_turn_behind_a_hundred_with_a_fleet_count")
+    else {
+        return;
+    };
+    let extra = format!("[redis]\nurl = \"{}\"\ntimeout_ms = 500\n", redis.url());
+    let gw = one_slot_with(1, 1, &extra).await;
+    gw.wait_metric("sluice_redis_up", &[], 1.0).await;
+    one_behind_a_hundred(gw).await;
+    assert!(
+        redis
+            .cli(&["--scan", "--pattern", "sluice:{upstream:default}:*"])
+            .contains("slots"),
+        "the slot was counted in Redis"
+    );
+}
+
+async fn one_behind_a_hundred(gw: TestGateway) {
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut set = JoinSet::new();
     for i in 0..100 {

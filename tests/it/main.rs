@@ -13,6 +13,7 @@ mod fair_share;
 mod fault_proxy;
 mod faults;
 mod fleet;
+mod fleet_cap;
 mod fleet_coalesce;
 mod flight_faults;
 mod hostile;
