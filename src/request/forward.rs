@@ -98,14 +98,24 @@ impl Ctx {
                             deadline,
                             &outbound,
                         )
-                        .await?;
-                    // Its followers' answers name its upstream too.
-                    flight.set_upstream(&sent.upstream);
-                    Ok(sent)
+                        .await;
+                    // Its followers' answers (and this request's log line,
+                    // should the call fail) name its last upstream.
+                    flight.set_upstream(snap.upstreams.peer(route.current()).header());
+                    sent
                 })
             };
+            let flight = Arc::clone(&leader.flight);
             let launch = Launch::new(call, plan);
-            launch.await?
+            match launch.await {
+                Ok(launched) => launched,
+                Err(e) => {
+                    if let Some(at) = flight.upstream() {
+                        self.record.upstream = Some(at);
+                    }
+                    return Err(e);
+                }
+            }
         } else {
             let outbound = Outbound::new(Method::POST, path, headers, body)
                 .naming(&api.model, model_at)

@@ -331,6 +331,10 @@ async fn runs_logs_json_reloads_on_sighup_and_stops_on_sigterm() {
     }
     assert_eq!(access["tenant"], "alpha");
     assert_eq!(access["status"], 200);
+    assert_eq!(
+        access["upstream"], "default",
+        "the upstream of the last attempt"
+    );
     let line = access.to_string();
     assert!(
         !line.contains("secret prompt") && !line.contains(ALPHA) && !line.contains(UPSTREAM_KEY)
