@@ -38,9 +38,10 @@ impl Ctx {
             body,
             api,
         } = call;
-        let mut route = self.route.ok_or(GatewayError::ModelNotFound)?;
-        // The first choice, until the call says where it ended.
-        self.record.upstream = Some(snap.upstreams.peer(route.current()).header().clone());
+        let serving = self.serving.ok_or(GatewayError::ModelNotFound)?;
+        // Chosen now, just before the call.
+        let mut route = snap.upstreams.start(serving);
+        let first = route.current();
         let path = endpoint.upstream_path();
         let (body, model_at) = api.upstream_body(&body);
         let mut headers = upstream_headers(headers, &self.record.request_id);
@@ -85,6 +86,7 @@ impl Ctx {
                 let client_model = api.model;
                 Box::pin(async move {
                     let outbound = Outbound::new(Method::POST, path, headers, body)
+                        .to(first, snap.upstreams.peer(first))
                         .naming(&client_model, model_at)
                         .for_tenant(&name, weight);
                     let cfg = &snap.config.upstream;
@@ -118,6 +120,7 @@ impl Ctx {
             }
         } else {
             let outbound = Outbound::new(Method::POST, path, headers, body)
+                .to(first, snap.upstreams.peer(first))
                 .naming(&api.model, model_at)
                 .for_tenant(&name, weight);
             let sent = self
@@ -132,7 +135,9 @@ impl Ctx {
                     &outbound,
                 )
                 .await;
-            self.record.upstream = Some(snap.upstreams.peer(route.current()).header().clone());
+            if sent.is_err() {
+                self.record.upstream = Some(snap.upstreams.peer(route.current()).header().clone());
+            }
             (sent?, plan)
         };
         self.record.upstream = Some(sent.upstream.clone());

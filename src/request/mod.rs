@@ -47,7 +47,7 @@ use crate::limit::{Admission, Standings, UpstreamCheck};
 use crate::response::body::Body;
 use crate::response::record::Record;
 use crate::tenant::Tenant;
-use crate::upstream::pool::Route;
+use crate::upstream::pool::Serving;
 use validate::ApiRequest;
 
 // Parsed once: a `&str` name is parsed and validated on every use.
@@ -67,8 +67,9 @@ pub(crate) struct Ctx {
     /// The budget and token check admission prepared, made (and so taken)
     /// once, only before this request may go upstream.
     upstream_check: Option<UpstreamCheck>,
-    /// The upstreams this request may use (chosen when its model is known).
-    route: Option<Route>,
+    /// The upstreams that serve this request (known with its model; one
+    /// is chosen when it is sent).
+    serving: Option<Serving>,
 }
 
 /// A routed request's head, detached from the connection's read buffer.
@@ -101,7 +102,7 @@ pub(crate) async fn handle(
         record,
         standings: Standings::default(),
         upstream_check: None,
-        route: None,
+        serving: None,
     };
     // The rest of the path is boxed: hyper keeps the slot of a connection's
     // in-flight service future for the connection's lifetime, so an unboxed
@@ -247,10 +248,10 @@ impl Ctx {
         if !tenant.allows(&api.model) {
             return Err(GatewayError::ModelNotAllowed);
         }
-        self.route = Some(
+        self.serving = Some(
             self.snap
                 .upstreams
-                .route(Some(&api.model), routed.endpoint.upstream_path())
+                .serving(Some(&api.model), routed.endpoint.upstream_path())
                 .ok_or(GatewayError::ModelNotFound)?,
         );
         self.record.cache = Some(mode.state());

@@ -47,6 +47,7 @@ use crate::response::record::{Outcome, RelaySummary};
 use crate::response::BoxError;
 use crate::tenant::Tenant;
 use crate::upstream::fair::Slot;
+use crate::upstream::health::{Health, Verdict};
 use crate::upstream::{Sent, UpstreamBody};
 
 /// Who pays for the tokens of this upstream call, and at what price.
@@ -130,6 +131,9 @@ pub(crate) struct Relay {
     meter: Meter,
     sink: Sink,
     slot: Option<Slot>,
+    /// The upstream's health: a stream whose first event never comes
+    /// counts against it, as a first-byte timeout does.
+    health: Option<Arc<Health>>,
     response_bytes: usize,
     /// Characters of generated text relayed, for the usage estimate.
     completion_chars: u64,
@@ -164,6 +168,7 @@ pub(crate) struct Answer {
     pub(crate) content_type: Option<HeaderValue>,
     /// The upstream concurrency slot the call holds until it is done.
     pub(crate) slot: Option<Slot>,
+    pub(crate) health: Option<Arc<Health>>,
 }
 
 impl Answer {
@@ -175,6 +180,7 @@ impl Answer {
             status: parts.status,
             content_type: parts.headers.get(http::header::CONTENT_TYPE).cloned(),
             slot: sent.slot,
+            health: sent.health,
         };
         (parts, answer)
     }
@@ -196,6 +202,7 @@ impl Plan {
             status,
             content_type,
             slot,
+            health,
         } = answer;
         if status != StatusCode::OK {
             sink.fill = None;
@@ -256,6 +263,7 @@ impl Plan {
             meter,
             sink,
             slot,
+            health,
             response_bytes: 0,
             completion_chars: 0,
             summary: RelaySummary {
@@ -330,6 +338,12 @@ impl Relay {
             }
             if timer.as_mut().poll(cx).is_ready() {
                 tracing::warn!("upstream went quiet past its timeout");
+                if self.summary.first_event_at.is_none() && matches!(self.mode, Mode::Sse { .. }) {
+                    // The first-byte timeout of a stream.
+                    if let Some(h) = &self.health {
+                        h.observe(Verdict::Failed);
+                    }
+                }
                 self.fail();
                 continue;
             }

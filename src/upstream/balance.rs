@@ -30,6 +30,7 @@ pub(crate) async fn fetch(
     );
     let within = cfg.connect_timeout + Duration::from_secs(10);
     let mut route = Pool::only(index);
+    let outbound = outbound.to(index, peer);
     let sent = upstream
         .send(
             pool,

@@ -164,8 +164,16 @@ impl FairGate {
     /// Whether a slot is free here and nobody waits for one (a hint for
     /// choosing between upstreams; taking one may still wait).
     pub(crate) fn has_free(&self) -> bool {
-        self.waiting.load(Ordering::Acquire) == 0
-            && in_use(self.counts.load(Ordering::Acquire)) < self.capacity
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let c = self.counts.load(Ordering::Acquire);
+        match &self.fleet {
+            // Counted for the fleet: free only within what this replica
+            // holds, and while no other replica waits.
+            Some(fleet) if fleet.is_up() => !fleet.contended() && held(c) > in_use(c),
+            _ => in_use(c) < self.capacity,
+        }
     }
 
     /// A slot for `who` (`None`: Sluice's own request, which waits as a

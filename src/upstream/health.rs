@@ -7,14 +7,12 @@
 //! has it a record to clear); only failures and the answers that clear
 //! them take the record's lock.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use prometheus::{IntCounterVec, IntGauge};
-
-use crate::config::UpstreamConfig;
 
 /// The longest rest, however often an upstream fails.
 pub(crate) const MAX_REST: Duration = Duration::from_secs(300);
@@ -82,6 +80,9 @@ pub(crate) struct Health {
     /// first answer after a rest still to come).
     troubled: AtomicBool,
     record: Mutex<Record>,
+    /// `eject_after` and `eject_secs` (in ms), as last configured.
+    eject_after: AtomicU32,
+    eject_for_ms: AtomicU64,
     available: IntGauge,
     ejections: IntCounterVec,
 }
@@ -106,9 +107,20 @@ impl Health {
             until: AtomicU64::new(0),
             troubled: AtomicBool::new(false),
             record: Mutex::new(Record::default()),
+            eject_after: AtomicU32::new(3),
+            eject_for_ms: AtomicU64::new(10_000),
             available,
             ejections,
         }
+    }
+
+    /// Takes the configuration's `eject_after` and `eject_secs` (at start
+    /// and at each reload).
+    pub(crate) fn configure(&self, eject_after: u32, eject_for: Duration) {
+        self.eject_after
+            .store(eject_after.max(1), Ordering::Release);
+        let ms = u64::try_from(eject_for.as_millis()).unwrap_or(u64::MAX);
+        self.eject_for_ms.store(ms, Ordering::Release);
     }
 
     /// Whether it takes new requests at `now` (`now_ms`).
@@ -128,50 +140,64 @@ impl Health {
 
     /// Takes an attempt's verdict into its record, ejecting it when the
     /// record says so.
-    pub(crate) fn observe(self: &Arc<Self>, verdict: Verdict, cfg: &UpstreamConfig) {
+    pub(crate) fn observe(self: &Arc<Self>, verdict: Verdict) {
+        self.observe_at(verdict, now_ms());
+    }
+
+    fn observe_at(self: &Arc<Self>, verdict: Verdict, now: u64) {
+        let resting = !self.available(now);
         match verdict {
             Verdict::Neither => {}
             Verdict::Healthy => {
                 if self.troubled.load(Ordering::Acquire) {
                     let mut r = self.lock();
                     *r = Record {
-                        generation: r.generation,
+                        generation: r.generation + 1,
                         ..Record::default()
                     };
                     self.troubled.store(false, Ordering::Release);
+                    // It answered well: it takes requests again at once.
+                    if self.until.swap(0, Ordering::AcqRel) != 0 {
+                        self.available.set(1);
+                    }
                 }
             }
+            // Failures of calls sent before or during a rest say nothing
+            // new: only the answers after it decide.
+            Verdict::Failed if resting => {}
             Verdict::Failed => {
                 let mut r = self.lock();
                 r.failures = r.failures.saturating_add(1);
                 self.troubled.store(true, Ordering::Release);
-                if r.on_probation || r.failures >= cfg.eject_after {
-                    let rest = cfg
-                        .eject_for
-                        .saturating_mul(1 << r.rests.min(16))
-                        .min(MAX_REST);
+                if r.on_probation || r.failures >= self.eject_after.load(Ordering::Acquire) {
+                    let first = Duration::from_millis(self.eject_for_ms.load(Ordering::Acquire));
+                    let rest = first.saturating_mul(1 << r.rests.min(16)).min(MAX_REST);
                     r.rests = r.rests.saturating_add(1);
-                    self.eject(&mut r, rest, Reason::Errors);
+                    self.eject(&mut r, now, rest, Reason::Errors);
                 }
             }
             Verdict::RateLimited(rest) => {
                 let mut r = self.lock();
                 self.troubled.store(true, Ordering::Release);
-                self.eject(&mut r, rest.min(MAX_REST), Reason::RateLimited);
+                self.eject(&mut r, now, rest.min(MAX_REST), Reason::RateLimited);
             }
             Verdict::Auth => {
                 let mut r = self.lock();
                 self.troubled.store(true, Ordering::Release);
-                self.eject(&mut r, MAX_REST, Reason::Auth);
+                self.eject(&mut r, now, MAX_REST, Reason::Auth);
             }
         }
     }
 
-    fn eject(self: &Arc<Self>, r: &mut Record, rest: Duration, reason: Reason) {
+    /// Rests it until `now + rest`, unless it already rests longer.
+    fn eject(self: &Arc<Self>, r: &mut Record, now: u64, rest: Duration, reason: Reason) {
+        let until = now + u64::try_from(rest.as_millis()).unwrap_or(u64::MAX / 2);
+        if until <= self.until.load(Ordering::Acquire) {
+            return;
+        }
         r.failures = 0;
         r.on_probation = true;
         r.generation += 1;
-        let until = now_ms() + u64::try_from(rest.as_millis()).unwrap_or(u64::MAX / 2);
         self.until.store(until, Ordering::Release);
         self.available.set(0);
         self.ejections
@@ -184,7 +210,7 @@ impl Health {
             "upstream ejected"
         );
         // The gauge says "available" again when the rest is over (unless
-        // it was ejected anew meanwhile).
+        // it was ejected anew, or cleared, meanwhile).
         let generation = r.generation;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let me = Arc::downgrade(self);
@@ -204,18 +230,7 @@ impl Health {
 mod tests {
     use super::*;
 
-    fn cfg(after: u32, secs: u64) -> UpstreamConfig {
-        UpstreamConfig {
-            connect_timeout: Duration::from_secs(1),
-            first_byte_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(1),
-            max_retries: 2,
-            eject_after: after,
-            eject_for: Duration::from_secs(secs),
-        }
-    }
-
-    fn health() -> (Arc<Health>, IntGauge, IntCounterVec) {
+    fn health(after: u32, secs: u64) -> (Arc<Health>, IntGauge, IntCounterVec) {
         let gauge = IntGauge::new("available", "h").expect("gauge");
         let ejections = IntCounterVec::new(
             prometheus::Opts::new("ejections", "h"),
@@ -227,62 +242,78 @@ mod tests {
             gauge.clone(),
             ejections.clone(),
         ));
+        h.configure(after, Duration::from_secs(secs));
         (h, gauge, ejections)
     }
 
-    /// The length of the current rest, in whole seconds.
-    fn rest_secs(h: &Health) -> u64 {
-        (h.rest_ends().saturating_sub(now_ms()) + 500) / 1000
+    /// The length of the rest that began at `now`, in whole seconds.
+    fn rest_secs(h: &Health, now: u64) -> u64 {
+        (h.rest_ends().saturating_sub(now) + 500) / 1000
     }
 
     #[test]
     fn consecutive_failures_eject_and_rests_double() {
-        let (h, gauge, ejections) = health();
-        let c = cfg(3, 10);
-        h.observe(Verdict::Failed, &c);
-        h.observe(Verdict::Failed, &c);
-        h.observe(Verdict::Healthy, &c);
-        h.observe(Verdict::Failed, &c);
-        h.observe(Verdict::Failed, &c);
-        assert!(
-            h.available(now_ms()),
-            "a success in between resets the count"
-        );
-        h.observe(Verdict::Failed, &c);
-        assert!(!h.available(now_ms()));
+        let (h, gauge, ejections) = health(3, 10);
+        let mut now = 1_000;
+        h.observe_at(Verdict::Failed, now);
+        h.observe_at(Verdict::Failed, now);
+        h.observe_at(Verdict::Healthy, now);
+        h.observe_at(Verdict::Failed, now);
+        h.observe_at(Verdict::Failed, now);
+        assert!(h.available(now), "a success in between resets the count");
+        h.observe_at(Verdict::Failed, now);
+        assert!(!h.available(now));
         assert_eq!(gauge.get(), 0);
-        assert_eq!(rest_secs(&h), 10);
+        assert_eq!(rest_secs(&h, now), 10);
+        // Calls still in flight that fail meanwhile change nothing.
+        for _ in 0..20 {
+            h.observe_at(Verdict::Failed, now + 1);
+        }
+        assert_eq!(rest_secs(&h, now), 10);
+        assert_eq!(ejections.with_label_values(&["a", "errors"]).get(), 1);
         // Back, and its first answer fails: out again, for twice as long.
-        h.observe(Verdict::Failed, &c);
-        assert_eq!(rest_secs(&h), 20);
-        h.observe(Verdict::Failed, &c);
-        assert_eq!(rest_secs(&h), 40);
-        for _ in 0..10 {
-            h.observe(Verdict::Failed, &c);
+        let mut rest = 10;
+        for _ in 0..8 {
+            now = h.rest_ends();
+            assert!(h.available(now));
+            h.observe_at(Verdict::Failed, now);
+            rest = (rest * 2).min(300);
+            assert_eq!(rest_secs(&h, now), rest);
         }
-        assert_eq!(rest_secs(&h), 300, "at most 300 s");
-        assert_eq!(ejections.with_label_values(&["a", "errors"]).get(), 13);
+        assert_eq!(rest, 300, "at most 300 s");
+        assert_eq!(ejections.with_label_values(&["a", "errors"]).get(), 9);
         // A success clears the record: the next rest is the first again.
-        h.observe(Verdict::Healthy, &c);
+        now = h.rest_ends();
+        h.observe_at(Verdict::Healthy, now);
         for _ in 0..3 {
-            h.observe(Verdict::Failed, &c);
+            h.observe_at(Verdict::Failed, now);
         }
-        assert_eq!(rest_secs(&h), 10);
+        assert_eq!(rest_secs(&h, now), 10);
+    }
+
+    #[test]
+    fn a_success_while_resting_ends_the_rest() {
+        let (h, gauge, _) = health(1, 10);
+        h.observe_at(Verdict::Failed, 1_000);
+        assert!(!h.available(2_000));
+        h.observe_at(Verdict::Healthy, 2_000);
+        assert!(h.available(2_000));
+        assert_eq!(gauge.get(), 1);
     }
 
     #[test]
     fn rate_limits_and_auth_rest_for_their_own_time() {
-        let (h, _, ejections) = health();
-        let c = cfg(3, 10);
-        h.observe(Verdict::Neither, &c);
-        assert!(
-            h.available(now_ms()),
-            "a 429 without retry-after says nothing"
-        );
-        h.observe(Verdict::RateLimited(Duration::from_secs(7)), &c);
-        assert_eq!(rest_secs(&h), 7);
-        h.observe(Verdict::Auth, &c);
-        assert_eq!(rest_secs(&h), 300);
+        let (h, _, ejections) = health(3, 10);
+        let now = 1_000;
+        h.observe_at(Verdict::Neither, now);
+        assert!(h.available(now), "a 429 without retry-after says nothing");
+        h.observe_at(Verdict::RateLimited(Duration::from_secs(7)), now);
+        assert_eq!(rest_secs(&h, now), 7);
+        h.observe_at(Verdict::Auth, now);
+        assert_eq!(rest_secs(&h, now), 300);
+        // A shorter rest never cuts a longer one short.
+        h.observe_at(Verdict::RateLimited(Duration::from_secs(1)), now);
+        assert_eq!(rest_secs(&h, now), 300);
         assert_eq!(ejections.with_label_values(&["a", "rate_limited"]).get(), 1);
         assert_eq!(ejections.with_label_values(&["a", "auth"]).get(), 1);
     }

@@ -41,7 +41,7 @@ pub(crate) mod health;
 pub(crate) mod pool;
 
 use fair::{Claimant, Slot};
-use health::Verdict;
+use health::{Health, Verdict};
 use pool::{Next, Origin, Peer, Pool, Route, Target};
 
 use crate::config::UpstreamConfig;
@@ -64,6 +64,8 @@ pub(crate) struct Sent {
     pub(crate) response: Response<UpstreamBody>,
     pub(crate) slot: Option<Slot>,
     pub(crate) upstream: HeaderValue,
+    /// Its health, told if a stream's first event never comes.
+    pub(crate) health: Option<Arc<Health>>,
 }
 
 /// The longest `retry-after` Sluice waits out for a client.
@@ -139,35 +141,44 @@ impl Upstream {
         req: &Outbound<'_>,
     ) -> Result<Sent, GatewayError> {
         let deadline = tokio::time::Instant::from_std(deadline);
+        // Sluice's own requests (balance polls) take no tenant's slot and
+        // say nothing of an upstream's health.
+        let own = req.claimant.is_none();
         let mut attempt = 0u32;
         loop {
-            let peer = peers.peer(route.current());
+            let index = route.current();
+            let peer = peers.peer(index);
             let target = peer
                 .target(req.path)
                 .ok_or(GatewayError::UpstreamUnreachable)?;
             let state = &peer.state;
             let slot = match &state.gate {
-                None => None,
-                Some(gate) => Some(gate.take(req.claimant.as_ref(), metrics, deadline).await?),
+                Some(gate) if !own => {
+                    Some(gate.take(req.claimant.as_ref(), metrics, deadline).await?)
+                }
+                _ => None,
             };
+            let health = (!own).then_some(&state.health);
             let stats = &state.stats;
             let call = stats.in_flight();
             let started = Instant::now();
             let result = tokio::time::timeout_at(
                 deadline,
-                self.exchange(&state.connector, target, || req.attempt(peer, target)),
+                self.exchange(&state.connector, target, || {
+                    req.attempt(index, peer, target)
+                }),
             )
             .await;
             let took = started.elapsed().as_secs_f64();
             let (failure, wait) = match result {
                 Err(_) => {
                     stats.attempt("timeout", took);
-                    state.health.observe(Verdict::Failed, cfg);
+                    health.inspect(|h| h.observe(Verdict::Failed));
                     return Err(GatewayError::UpstreamTimeout);
                 }
                 Ok(Err(e)) => {
                     stats.attempt("error", took);
-                    state.health.observe(Verdict::Failed, cfg);
+                    health.inspect(|h| h.observe(Verdict::Failed));
                     tracing::debug!(error = %e, attempt, upstream = %peer.name(), "upstream request failed");
                     if attempt >= cfg.max_retries {
                         return Err(GatewayError::UpstreamUnreachable);
@@ -178,14 +189,17 @@ impl Upstream {
                     let status = response.status();
                     stats.attempt(status.as_str(), took);
                     let rest = rest_asked(response.headers());
-                    state.health.observe(Verdict::of(status, rest), cfg);
+                    health.inspect(|h| h.observe(Verdict::of(status, rest)));
                     response.body_mut().call = call;
+                    // An upstream's broken key or account is failed over
+                    // to every other one, beyond the retries.
                     let auth = route.has_alternatives() && matches!(status.as_u16(), 401 | 402);
-                    if !(retryable(status) || auth) || attempt >= cfg.max_retries {
+                    if !(auth || retryable(status) && attempt < cfg.max_retries) {
                         return Ok(Sent {
                             response,
                             slot,
                             upstream: peer.header().clone(),
+                            health: health.cloned(),
                         });
                     }
                     let wait = rest
@@ -206,6 +220,7 @@ impl Upstream {
                         response,
                         slot: None,
                         upstream: peer.header().clone(),
+                        health: health.cloned(),
                     });
                 }
             };
@@ -217,12 +232,15 @@ impl Upstream {
                         response,
                         slot: None,
                         upstream: peer.header().clone(),
+                        health: health.cloned(),
                     }),
                     None => Err(GatewayError::UpstreamTimeout),
                 };
             }
             drop(failure);
-            attempt += 1;
+            if !auth {
+                attempt += 1;
+            }
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
@@ -300,6 +318,8 @@ pub(crate) struct Outbound<'a> {
     /// Whose request it is, for its place when the upstream is full
     /// (`None`: Sluice's own, such as a balance poll).
     claimant: Option<Claimant>,
+    /// The upstream whose `Host` and `Authorization` `headers` hold.
+    prepared: Option<usize>,
 }
 
 impl<'a> Outbound<'a> {
@@ -326,7 +346,22 @@ impl<'a> Outbound<'a> {
             body,
             model: None,
             claimant: None,
+            prepared: None,
         }
+    }
+
+    /// Writes the `Host` and `Authorization` of the upstream at `index`
+    /// (the route's first) into the headers once, so its attempt copies
+    /// them as they are.
+    pub(crate) fn to(mut self, index: usize, peer: &Peer) -> Self {
+        if let Some(target) = peer.target(self.path) {
+            self.headers.insert(header::HOST, target.host.clone());
+            if let Some(auth) = peer.auth() {
+                self.headers.insert(header::AUTHORIZATION, auth.clone());
+            }
+            self.prepared = Some(index);
+        }
+        self
     }
 
     /// The request is `tenant`'s, with its weight for a full upstream.
@@ -344,7 +379,7 @@ impl<'a> Outbound<'a> {
         self
     }
 
-    fn attempt(&self, peer: &Peer, target: &Target) -> Request<Full<Bytes>> {
+    fn attempt(&self, index: usize, peer: &Peer, target: &Target) -> Request<Full<Bytes>> {
         let body = match &self.model {
             Some((model, span)) if span.end <= self.body.len() => match peer.mapped(model) {
                 Some(name) => {
@@ -362,9 +397,12 @@ impl<'a> Outbound<'a> {
         if body.len() != self.body.len() {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
-        headers.insert(header::HOST, target.host.clone());
-        if let Some(auth) = peer.auth() {
-            headers.insert(header::AUTHORIZATION, auth.clone());
+        if self.prepared != Some(index) {
+            headers.insert(header::HOST, target.host.clone());
+            match peer.auth() {
+                Some(auth) => headers.insert(header::AUTHORIZATION, auth.clone()),
+                None => headers.remove(header::AUTHORIZATION),
+            };
         }
         let mut r = Request::new(Full::new(body));
         *r.method_mut() = self.method.clone();

@@ -39,8 +39,9 @@ pub(crate) struct Peer {
     name: Arc<str>,
     /// Its name as `x-sluice-upstream` says it, made once.
     header: HeaderValue,
-    /// Targets per upstream path, parsed once.
-    targets: HashMap<&'static str, Target>,
+    /// Targets per upstream path, parsed once (a handful: looked up by a
+    /// scan, cheaper than hashing the path).
+    targets: Vec<(&'static str, Target)>,
     /// `Bearer <upstream key>`; `None` for a keyless upstream.
     auth: Option<HeaderValue>,
     tier: u32,
@@ -64,12 +65,28 @@ impl Peer {
 
     /// Where `path` (an endpoint's upstream path, or `/user/balance`) is.
     pub(crate) fn target(&self, path: &str) -> Option<&Target> {
-        self.targets.get(path)
+        self.targets
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map(|(_, t)| t)
     }
 
     /// The `Authorization` this upstream gets.
     pub(crate) fn auth(&self) -> Option<&HeaderValue> {
         self.auth.as_ref()
+    }
+
+    /// Whether its `model_map` renames any model.
+    pub(crate) fn has_model_map(&self) -> bool {
+        !self.model_map.is_empty()
+    }
+
+    /// The client's name of a model this upstream calls `upstream_name`
+    /// (its `model_map` read backwards).
+    pub(crate) fn client_name(&self, upstream_name: &str) -> Option<&str> {
+        self.model_map.iter().find_map(|(client, json)| {
+            (serde_json::from_slice::<&str>(json).ok()? == upstream_name).then_some(client.as_str())
+        })
     }
 
     /// The model name (a JSON string) this upstream gets for `model`, when
@@ -214,7 +231,7 @@ pub(crate) struct Pool {
     /// list it.
     by_model: HashMap<String, u64>,
     /// Per upstream path: the upstreams that have it.
-    by_path: HashMap<&'static str, u64>,
+    by_path: Vec<(&'static str, u64)>,
 }
 
 /// The path the balance poller asks.
@@ -225,6 +242,8 @@ pub(crate) const BALANCE_PATH: &str = "/user/balance";
 pub(crate) struct Route {
     allowed: u64,
     tried: u64,
+    /// Those that answered 401 or 402.
+    refused: u64,
     /// The upstream of the current attempt (an index into the pool).
     current: usize,
 }
@@ -240,6 +259,10 @@ impl Route {
         self.current
     }
 }
+
+/// The upstreams that serve a request (chosen among when it is sent).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Serving(u64);
 
 /// Why the next attempt goes where it goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,7 +292,7 @@ impl Pool {
             peers: Vec::with_capacity(order.len()),
             any_model: 0,
             by_model: HashMap::new(),
-            by_path: HashMap::new(),
+            by_path: Vec::new(),
         };
         for (i, cfg) in order.into_iter().enumerate() {
             let bit = 1u64 << i;
@@ -284,13 +307,16 @@ impl Pool {
                     shared,
                 )),
             };
+            state
+                .health
+                .configure(config.upstream.eject_after, config.upstream.eject_for);
             if cfg.models.is_empty() {
                 pool.any_model |= bit;
             }
             for m in &cfg.models {
                 *pool.by_model.entry(m.clone()).or_default() |= bit;
             }
-            let mut targets = HashMap::new();
+            let mut targets = Vec::new();
             let paths = Endpoint::ALL
                 .into_iter()
                 .map(Endpoint::upstream_path)
@@ -298,8 +324,11 @@ impl Pool {
             for path in paths {
                 if let Some(mut target) = Target::parse(&format!("{}{path}", cfg.base_url)) {
                     target.stats = Arc::clone(&state.stats);
-                    targets.insert(path, target);
-                    *pool.by_path.entry(path).or_default() |= bit;
+                    targets.push((path, target));
+                    match pool.by_path.iter_mut().find(|(p, _)| *p == path) {
+                        Some((_, set)) => *set |= bit,
+                        None => pool.by_path.push((path, bit)),
+                    }
                 }
             }
             let key = keys.get(&cfg.name);
@@ -319,8 +348,13 @@ impl Pool {
                 })
                 .collect();
             pool.peers.push(Peer {
-                header: HeaderValue::from_str(&cfg.name)
-                    .unwrap_or_else(|_| HeaderValue::from_static("default")),
+                // `default` without an allocation (cloned per request).
+                header: if cfg.name == "default" {
+                    HeaderValue::from_static("default")
+                } else {
+                    HeaderValue::from_str(&cfg.name)
+                        .unwrap_or_else(|_| HeaderValue::from_static("default"))
+                },
                 name,
                 targets,
                 auth,
@@ -331,11 +365,27 @@ impl Pool {
                 state,
             });
         }
+        // An upstream no longer configured leaves the availability gauge
+        // (it would read 0 forever if it went while resting).
+        for gone in previous
+            .into_iter()
+            .flat_map(|p| p.peers.iter())
+            .filter(|old| pool.peer_named(old.name()).is_none())
+        {
+            let _ = metrics
+                .upstream_available
+                .remove_label_values(&[&**gone.name()]);
+        }
         pool
     }
 
     fn peer_named(&self, name: &str) -> Option<&Peer> {
         self.peers.iter().find(|p| &*p.name == name)
+    }
+
+    /// Whether some upstream serves any model (its `models` is empty).
+    pub(crate) fn serves_every_model(&self) -> bool {
+        self.any_model != 0
     }
 
     /// Every upstream, lowest tier first.
@@ -349,26 +399,36 @@ impl Pool {
     }
 
     /// The upstreams a request for `model` (`None`: no model, as `GET
-    /// /models`) on `path` may use, and the first of them to try; `None`
-    /// when none serves it.
-    pub(crate) fn route(&self, model: Option<&str>, path: &str) -> Option<Route> {
+    /// /models`) on `path` may use; `None` when none serves it.
+    pub(crate) fn serving(&self, model: Option<&str>, path: &str) -> Option<Serving> {
         let serving = match model {
             None => u64::MAX,
             Some(_) if self.by_model.is_empty() => self.any_model,
             Some(m) => self.any_model | self.by_model.get(m).copied().unwrap_or(0),
         };
-        let allowed = serving & self.by_path.get(path).copied().unwrap_or(0);
-        if allowed == 0 {
-            return None;
+        let on_path = self
+            .by_path
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map_or(0, |(_, set)| *set);
+        Some(Serving(serving & on_path)).filter(|s| s.0 != 0)
+    }
+
+    /// A request's route among `serving`, with its first upstream chosen
+    /// now (just before the call: availability changes meanwhile).
+    pub(crate) fn start(&self, serving: Serving) -> Route {
+        let current = self.first(serving.0);
+        Route {
+            allowed: serving.0,
+            tried: 1 << current,
+            refused: 0,
+            current,
         }
-        let mut route = Route {
-            allowed,
-            tried: 0,
-            current: 0,
-        };
-        route.current = self.first(allowed);
-        route.tried = 1 << route.current;
-        Some(route)
+    }
+
+    /// `serving` and `start` in one.
+    pub(crate) fn route(&self, model: Option<&str>, path: &str) -> Option<Route> {
+        self.serving(model, path).map(|s| self.start(s))
     }
 
     /// A route to the one upstream at `index` (the balance poll's).
@@ -376,6 +436,7 @@ impl Pool {
         Route {
             allowed: 1 << index,
             tried: 1 << index,
+            refused: 0,
             current: index,
         }
     }
@@ -440,21 +501,28 @@ impl Pool {
 
     /// Where a request goes after its current attempt failed: an available
     /// upstream it has not tried (the same tier first, then the lowest
-    /// other); for an `auth` failure also a resting one it has not tried;
-    /// otherwise the same one again (`Done` for an auth failure).
+    /// other); otherwise the same one again. After an `auth` failure (401,
+    /// 402): also a resting one it has not tried, then one it tried that
+    /// did not answer 401 or 402; `Done` when every one did.
     pub(crate) fn next(&self, route: &mut Route, auth: bool) -> Next {
+        if auth {
+            route.refused |= 1 << route.current;
+        }
         let untried = route.allowed & !route.tried;
         let available = self.available(untried);
         let tier = self.peers[route.current].tier;
         let same_tier = bits(available)
             .filter(|&i| self.peers[i].tier == tier)
             .fold(0, |acc, i| acc | 1 << i);
+        let not_refused = route.allowed & !route.refused;
         let pick = if same_tier != 0 {
             Some(self.by_weight(same_tier))
         } else if available != 0 {
             Some(self.by_weight(self.lowest_tier(available)))
         } else if auth && untried != 0 {
             Some(self.rest_ends_first(untried))
+        } else if auth && not_refused != 0 {
+            Some(self.first(not_refused))
         } else {
             None
         };
@@ -627,7 +695,7 @@ mod tests {
 
     #[test]
     fn failing_over_goes_to_the_same_tier_first_then_the_next() {
-        let (pool, config) = pool(&format!(
+        let (pool, _) = pool(&format!(
             "{}{}{}",
             peer("a", ""),
             peer("b", ""),
@@ -647,6 +715,10 @@ mod tests {
             "nothing left: the same one"
         );
         assert_eq!(name(&pool, &r), "c");
+        // c answers 401: back to one that did not (a and b answered 503).
+        assert_eq!(pool.next(&mut r, true), Next::Other);
+        assert_ne!(name(&pool, &r), "c");
+        assert_eq!(pool.next(&mut r, true), Next::Other);
         assert_eq!(
             pool.next(&mut r, true),
             Next::Done,
@@ -654,32 +726,23 @@ mod tests {
         );
         // An ejected upstream gets no first attempts while another is up.
         let a = &pool.peer(0).state.health;
-        a.observe(Verdict::Failed, &config.upstream);
+        a.observe(Verdict::Failed);
         for _ in 0..100 {
             let r = pool.route(Some("m"), CHAT).expect("route");
             assert_eq!(name(&pool, &r), "b");
         }
-        pool.peer(1)
-            .state
-            .health
-            .observe(Verdict::Failed, &config.upstream);
+        pool.peer(1).state.health.observe(Verdict::Failed);
         let r = pool.route(Some("m"), CHAT).expect("route");
         assert_eq!(name(&pool, &r), "c", "tier 1 while tier 0 rests");
-        pool.peer(2)
-            .state
-            .health
-            .observe(Verdict::Auth, &config.upstream);
+        pool.peer(2).state.health.observe(Verdict::Auth);
         let r = pool.route(Some("m"), CHAT).expect("route");
         assert_eq!(name(&pool, &r), "a", "all resting: the one back first");
     }
 
     #[test]
     fn a_reload_keeps_an_upstreams_state() {
-        let (old, config) = pool(&format!("{}{}", peer("a", ""), peer("b", "")));
-        old.peer(0)
-            .state
-            .health
-            .observe(Verdict::Failed, &config.upstream);
+        let (old, _) = pool(&format!("{}{}", peer("a", ""), peer("b", "")));
+        old.peer(0).state.health.observe(Verdict::Failed);
         let text = format!(
             "{}{}[[tenants]]\nname = \"t\"\nkey_sha256 = [\"{}\"]\n",
             peer("a", "weight = 5"),

@@ -41,6 +41,11 @@ fn server() -> &'static str {
 
 impl Fleet {
     async fn start(upstreams: &[(&str, &str)]) -> Fleet {
+        Self::start_with(SHARED, upstreams).await
+    }
+
+    /// With `shared` as the `[upstream]` section.
+    async fn start_with(shared: &str, upstreams: &[(&str, &str)]) -> Fleet {
         let mut sims = Vec::new();
         for (name, _) in upstreams {
             let sim = Simulator::start_named(([127, 0, 0, 1], 0).into(), name)
@@ -48,7 +53,7 @@ impl Fleet {
                 .expect("simulator");
             sims.push((name.to_string(), sim));
         }
-        let text = Self::text(&sims, upstreams);
+        let text = Self::text(&sims, upstreams).replace(SHARED, shared);
         // The gateway's own simulator is unused: every upstream is named.
         let unused = Simulator::start(([127, 0, 0, 1], 0).into())
             .await
@@ -369,6 +374,11 @@ async fn a_reload_adds_and_removes_upstreams_and_keeps_records() {
     );
     let ignored = f.gw.handle.reload(parse(&text), keys(&f.sims));
     assert_eq!(ignored, vec!["upstreams.a.max_concurrent"]);
+    let text = f.gw.metrics_text().await;
+    assert!(
+        !text.contains("sluice_upstream_available{upstream=\"b\"}"),
+        "a removed upstream leaves the gauge"
+    );
     let before_b = f.calls("b");
     for i in 0..5 {
         let r = f.ask(&format!("reloaded {i}"), &[]).await;
@@ -393,4 +403,58 @@ async fn models_listing_goes_to_one_upstream() {
     .await;
     assert_eq!(r.status, 200);
     assert_eq!(upstream_of(&r), "a", "the lowest tier");
+}
+
+#[tokio::test]
+async fn a_stream_whose_first_event_never_comes_counts_against_its_upstream() {
+    let shared = SHARED.replace("first_byte_timeout_secs = 5", "first_byte_timeout_secs = 1");
+    let f = Fleet::start_with(&shared, &[("a", ""), ("b", "tier = 1")]).await;
+    let r = call(
+        &f.url(),
+        ALPHA,
+        &chat_stream("silent"),
+        &[
+            ("cache-control", "no-store"),
+            ("x-sim-upstream", "a"),
+            ("x-sim-hang", "body"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "the headers came");
+    assert_stream_error_end(&r);
+    f.gw.wait_metric(
+        "sluice_upstream_ejections_total",
+        &[("upstream", "a"), ("reason", "errors")],
+        1.0,
+    )
+    .await;
+    let r = f.ask("next", &[]).await;
+    assert_eq!(upstream_of(&r), "b", "a rests");
+}
+
+#[tokio::test]
+async fn the_model_list_shows_the_clients_names() {
+    // a is sent `deepseek-chat` for the clients' `team-chat`, and serves
+    // nothing else: the list names `team-chat` and leaves out what no
+    // upstream serves.
+    let f = Fleet::start(&[(
+        "a",
+        "models = [\"team-chat\"]\nmodel_map = { \"team-chat\" = \"deepseek-chat\" }",
+    )])
+    .await;
+    let r = send(
+        Request::get(f.gw.url("/v1/models"))
+            .header("authorization", format!("Bearer {ALPHA}"))
+            .body(Full::new(bytes::Bytes::new()))
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let ids: Vec<String> = r.json()["data"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(ids, ["team-chat"]);
 }
