@@ -3,8 +3,18 @@
 
 use http::Method;
 
-use crate::api::Endpoint;
+use crate::api::{Endpoint, Format};
 use crate::http::error::GatewayError;
+
+/// The API format a path speaks, for answers made before (or without) a
+/// route: every path under `/anthropic/` or `/v1/messages` is Anthropic's.
+pub(crate) fn format_of(path: &str) -> Format {
+    if path.starts_with("/anthropic/") || path.starts_with("/v1/messages") {
+        Format::Anthropic
+    } else {
+        Format::OpenAi
+    }
+}
 
 /// Resolves a request line. A known path with the wrong method is 405; an
 /// unknown path is 404. A trailing slash is tolerated.

@@ -67,6 +67,7 @@ impl Ctx {
             .unwrap_or_else(|| Arc::from(crate::metrics::OTHER));
         // Made before the call: a leader's call may outlive this request.
         let plan = Plan {
+            format: endpoint.format(),
             stream: api.stream.then(|| StreamOpts {
                 shape: endpoint.shape(),
                 client_wants_usage: api.include_usage,

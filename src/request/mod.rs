@@ -37,7 +37,7 @@ use std::time::Instant;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 
-use crate::api::Endpoint;
+use crate::api::{Endpoint, Format};
 use crate::app::{App, Snapshot};
 use crate::http::error::{GatewayError, Limit};
 use crate::http::headers::detach_headers;
@@ -66,6 +66,9 @@ pub(crate) struct Ctx {
     /// The budget and token check admission prepared, made (and so taken)
     /// once, only before this request may go upstream.
     upstream_check: Option<UpstreamCheck>,
+    /// The API format the client speaks (known from the path, before the
+    /// route is resolved): the shape of Sluice's own errors and headers.
+    format: Format,
 }
 
 /// A routed request's head, detached from the connection's read buffer.
@@ -98,6 +101,7 @@ pub(crate) async fn handle(
         record,
         standings: Standings::default(),
         upstream_check: None,
+        format: routes::format_of(parts.uri.path()),
     };
     // The rest of the path is boxed: hyper keeps the slot of a connection's
     // in-flight service future for the connection's lifetime, so an unboxed
@@ -285,6 +289,7 @@ impl Ctx {
                 .with_label_values(&[&t.name, limit])
                 .inc();
         }
-        e.into_response().map(Body::full)
+        e.into_response(self.format, record.request_id.to_str().ok())
+            .map(Body::full)
     }
 }
