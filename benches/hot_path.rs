@@ -87,7 +87,10 @@ fn auth(c: &mut Criterion) {
             HeaderValue::from_str(&format!("Bearer sk-key-{}", tenants / 2)).expect("v"),
         );
         g.bench_function(format!("{tenants}_tenants"), |b| {
-            b.iter(|| snap.authenticate(black_box(&headers)).expect("known"))
+            b.iter(|| {
+                snap.authenticate(black_box(&headers), Format::OpenAi)
+                    .expect("known")
+            })
         });
     }
     g.finish();

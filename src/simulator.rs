@@ -32,7 +32,7 @@
 //! | `x-sim-linger: 1` | the stream stays open after `data: [DONE]` (Messages: `message_stop`) |
 //! | `x-sim-error-event: N` | after N events, an error event and `data: [DONE]` end the stream (Messages: an `event: error`, then the stream ends) |
 //! | `x-sim-close: 1` | the failing calls close the connection without answering |
-//! | `x-sim-account-headers: 1` | answers carry the shared account's headers (`set-cookie`, `openai-organization`, `openai-project`, `x-ratelimit-*`) and a harmless `x-upstream-note` |
+//! | `x-sim-account-headers: 1` | answers carry the shared account's headers (`set-cookie`, `openai-organization`, `openai-project`, `x-ratelimit-*`, `anthropic-ratelimit-*`) and a harmless `x-upstream-note` |
 //!
 //! `GET /sim/stats` reports the number of completion calls and of
 //! connections accepted as JSON. Messages and token counts are completion
@@ -70,6 +70,8 @@ pub(crate) struct SimStats {
     aborted_notify: tokio::sync::Notify,
     ids: AtomicU64,
     last: Mutex<Option<(HeaderMap, Bytes)>>,
+    /// The path and query of the last completion call.
+    last_uri: Mutex<Option<String>>,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -127,6 +129,15 @@ impl Simulator {
             }
             notified.await;
         }
+    }
+
+    /// The path and query of the last completion call.
+    pub fn last_uri(&self) -> Option<String> {
+        self.stats
+            .last_uri
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Headers and body of the last completion call.
@@ -396,6 +407,8 @@ async fn answer(
 ) -> Result<Response<SimBody>, std::io::Error> {
     *stats.last.lock().unwrap_or_else(|e| e.into_inner()) =
         Some((parts.headers.clone(), body.clone()));
+    *stats.last_uri.lock().unwrap_or_else(|e| e.into_inner()) =
+        parts.uri.path_and_query().map(|p| p.as_str().to_string());
     let faults = Faults::of(&parts.headers);
     let mut r = answer_with(stats, endpoint, body, &faults).await?;
     if faults.account_headers {
@@ -409,6 +422,8 @@ async fn answer(
             ("x-ratelimit-limit-tokens", "5000000"),
             ("x-ratelimit-remaining-tokens", "4999000"),
             ("x-ratelimit-reset-tokens", "12ms"),
+            ("anthropic-ratelimit-requests-limit", "4000"),
+            ("anthropic-ratelimit-tokens-reset", "2026-01-01T00:00:00Z"),
             ("x-upstream-note", "kept"),
         ] {
             h.insert(k, HeaderValue::from_static(v));

@@ -34,15 +34,21 @@ pub enum Endpoint {
     ChatPrefix,
     Fim,
     Models,
+    /// Anthropic's Messages API.
+    Messages,
+    /// Anthropic's token counting (`/v1/messages/count_tokens`).
+    CountTokens,
 }
 
 impl Endpoint {
     /// Every endpoint, in the order of `index`.
-    pub(crate) const ALL: [Endpoint; 4] = [
+    pub(crate) const ALL: [Endpoint; 6] = [
         Endpoint::Chat,
         Endpoint::ChatPrefix,
         Endpoint::Fim,
         Endpoint::Models,
+        Endpoint::Messages,
+        Endpoint::CountTokens,
     ];
 
     /// The `endpoint` metric label (and a part of the cache key).
@@ -52,6 +58,8 @@ impl Endpoint {
             Endpoint::ChatPrefix => "chat_prefix",
             Endpoint::Fim => "fim",
             Endpoint::Models => "models",
+            Endpoint::Messages => "messages",
+            Endpoint::CountTokens => "count_tokens",
         }
     }
 
@@ -68,6 +76,8 @@ impl Endpoint {
             Endpoint::ChatPrefix => "/beta/chat/completions",
             Endpoint::Fim => "/beta/completions",
             Endpoint::Models => "/models",
+            Endpoint::Messages => "/v1/messages",
+            Endpoint::CountTokens => "/v1/messages/count_tokens",
         }
     }
 
@@ -75,8 +85,22 @@ impl Endpoint {
     /// body, cache and upstream phases) or only asks (`GET /models`).
     pub(crate) fn takes_body(self) -> bool {
         match self {
-            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Fim => true,
+            Endpoint::Chat
+            | Endpoint::ChatPrefix
+            | Endpoint::Fim
+            | Endpoint::Messages
+            | Endpoint::CountTokens => true,
             Endpoint::Models => false,
+        }
+    }
+
+    /// Whether its answers are answers to store, share and meter (a
+    /// completion or a message), or only facts about a request (a token
+    /// count: never cached or coalesced, and it spends nothing).
+    pub(crate) fn generates(self) -> bool {
+        match self {
+            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Fim | Endpoint::Messages => true,
+            Endpoint::Models | Endpoint::CountTokens => false,
         }
     }
 
@@ -84,7 +108,11 @@ impl Endpoint {
     pub(crate) fn shape(self) -> Shape {
         match self {
             Endpoint::Fim => Shape::Text,
-            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models => Shape::Chat,
+            Endpoint::Chat
+            | Endpoint::ChatPrefix
+            | Endpoint::Models
+            | Endpoint::Messages
+            | Endpoint::CountTokens => Shape::Chat,
         }
     }
 
@@ -94,6 +122,7 @@ impl Endpoint {
             Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Fim | Endpoint::Models => {
                 Format::OpenAi
             }
+            Endpoint::Messages | Endpoint::CountTokens => Format::Anthropic,
         }
     }
 }

@@ -154,6 +154,9 @@ pub struct ServerConfig {
 pub struct UpstreamConfig {
     /// Scheme, authority and optional path prefix, without a trailing slash.
     pub base_url: String,
+    /// Where the upstream serves Anthropic's Messages API (`/v1/messages`
+    /// is appended), without a trailing slash; `None` when it serves none.
+    pub anthropic_base_url: Option<String>,
     pub api_key_env: String,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,

@@ -94,6 +94,8 @@ impl Default for RawServer {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawUpstream {
     pub(super) base_url: String,
+    /// `None`: `base_url` + `/anthropic`; `""`: no Messages API.
+    pub(super) anthropic_base_url: Option<String>,
     pub(super) api_key_env: String,
     pub(super) connect_timeout_secs: u64,
     pub(super) first_byte_timeout_secs: u64,
@@ -108,6 +110,7 @@ impl Default for RawUpstream {
     fn default() -> Self {
         Self {
             base_url: "https://api.deepseek.com".into(),
+            anthropic_base_url: None,
             api_key_env: "DEEPSEEK_API_KEY".into(),
             connect_timeout_secs: 5,
             first_byte_timeout_secs: 600,

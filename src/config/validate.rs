@@ -117,8 +117,27 @@ fn upstream(raw: RawUpstream, errs: &mut Errors) -> UpstreamConfig {
             raw.base_url
         )),
     }
+    // Anthropic's Messages API: DeepSeek serves it under `/anthropic`.
+    let anthropic_base_url = match raw.anthropic_base_url.as_deref() {
+        None => Some(format!("{base_url}/anthropic")),
+        Some("") => None,
+        Some(url) => {
+            let url = url.trim_end_matches('/').to_string();
+            match url.parse::<http::Uri>() {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http" | "https"))
+                        && uri.host().is_some_and(|h| !h.is_empty())
+                        && uri.query().is_none() => {}
+                _ => errs.push(format!(
+                    "upstream.anthropic_base_url: {url:?} is not an http:// or https:// URL"
+                )),
+            }
+            Some(url)
+        }
+    };
     let upstream = UpstreamConfig {
         base_url,
+        anthropic_base_url,
         api_key_env: raw.api_key_env,
         connect_timeout: positive(
             errs,
@@ -372,6 +391,55 @@ fn budgets(raw: RawBudgets) -> BudgetsConfig {
 mod tests {
     use super::*;
     use crate::config::tests::{no_env, tenant, KEY};
+
+    #[test]
+    fn anthropic_base_url() {
+        let c = Config::parse(
+            &format!("[upstream]\nbase_url = \"http://h:1/x/\"\n{}", tenant("")),
+            no_env,
+        )
+        .expect("valid");
+        assert_eq!(
+            c.upstream.anthropic_base_url.as_deref(),
+            Some("http://h:1/x/anthropic"),
+            "DeepSeek's layout by default"
+        );
+        let env = |k: &str| (k == "SLUICE_UPSTREAM_URL").then(|| "http://o:2".to_string());
+        let c = Config::parse(&tenant(""), env).expect("valid");
+        assert_eq!(
+            c.upstream.anthropic_base_url.as_deref(),
+            Some("http://o:2/anthropic"),
+            "from the overridden base_url"
+        );
+        let c = Config::parse(
+            &format!("[upstream]\nanthropic_base_url = \"\"\n{}", tenant("")),
+            no_env,
+        )
+        .expect("valid");
+        assert_eq!(c.upstream.anthropic_base_url, None, "\"\" serves none");
+        let c = Config::parse(
+            &format!(
+                "[upstream]\nanthropic_base_url = \"https://a.example/m/\"\n{}",
+                tenant("")
+            ),
+            no_env,
+        )
+        .expect("valid");
+        assert_eq!(
+            c.upstream.anthropic_base_url.as_deref(),
+            Some("https://a.example/m")
+        );
+        let err = Config::parse(
+            &format!(
+                "[upstream]\nanthropic_base_url = \"ftp://x\"\n{}",
+                tenant("")
+            ),
+            no_env,
+        )
+        .expect_err("not http")
+        .to_string();
+        assert!(err.contains("upstream.anthropic_base_url"), "{err}");
+    }
 
     #[test]
     fn redis_section() {

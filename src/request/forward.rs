@@ -9,21 +9,25 @@ use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::validate::{with_include_usage, ApiRequest};
 use super::{Ctx, Served};
-use crate::api::Endpoint;
+use crate::api::{Endpoint, Format};
 use crate::http::error::GatewayError;
 use crate::http::headers::{self, mark_no_retry};
 use crate::http::request_id::X_REQUEST_ID;
 use crate::response::body::Body;
 use crate::response::lead::{Launch, LeadBody};
-use crate::response::relay::{Answer, Meter, Plan, Sink, StreamOpts};
+use crate::response::relay::{Answer, Billing, Meter, Plan, Sink, StreamOpts};
 use crate::tenant::Tenant;
 use crate::upstream::pool::Peer;
 use crate::upstream::Outbound;
+
+static X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
 
 /// A validated request, ready to go upstream.
 pub(super) struct Call {
     pub(super) endpoint: Endpoint,
     pub(super) headers: HeaderMap,
+    /// The client's query string, for the APIs that forward it.
+    pub(super) query: Option<Box<str>>,
     pub(super) body: Bytes,
     pub(super) api: ApiRequest,
 }
@@ -36,9 +40,11 @@ impl Ctx {
         let Call {
             endpoint,
             headers,
+            query,
             body,
             api,
         } = call;
+        let format = endpoint.format();
         let peer = snap
             .upstreams
             .choose()
@@ -49,13 +55,17 @@ impl Ctx {
             leader.flight.set_upstream(peer.header());
         }
         let path = endpoint.upstream_path();
-        let target = peer.target(path).ok_or(GatewayError::UpstreamUnreachable)?;
+        let target = peer.target(path).ok_or(match format {
+            // The upstream serves no Messages API (`anthropic_base_url = ""`).
+            Format::Anthropic => GatewayError::NotFound,
+            Format::OpenAi => GatewayError::UpstreamUnreachable,
+        })?;
         let body = if api.stream {
             with_include_usage(&body, &api)
         } else {
             body
         };
-        let mut headers = upstream_headers(headers, peer, &self.record.request_id);
+        let mut headers = upstream_headers(headers, peer, &self.record.request_id, format);
         headers
             .entry(header::CONTENT_TYPE)
             .or_insert(HeaderValue::from_static("application/json"));
@@ -67,7 +77,7 @@ impl Ctx {
             .unwrap_or_else(|| Arc::from(crate::metrics::OTHER));
         // Made before the call: a leader's call may outlive this request.
         let plan = Plan {
-            format: endpoint.format(),
+            format,
             stream: api.stream.then(|| StreamOpts {
                 shape: endpoint.shape(),
                 client_wants_usage: api.include_usage,
@@ -81,6 +91,11 @@ impl Ctx {
                 price: snap.price(&model).copied(),
                 model,
                 prompt_chars: api.prompt_chars,
+                billing: if endpoint.generates() {
+                    Billing::Usage
+                } else {
+                    Billing::Free
+                },
             },
             sink,
         };
@@ -101,7 +116,8 @@ impl Ctx {
                         .and_then(|peer| peer.target(path))
                         .ok_or(GatewayError::UpstreamUnreachable)?;
                     let outbound = Outbound::new(Method::POST, target, headers, body)
-                        .for_tenant(&name, weight);
+                        .for_tenant(&name, weight)
+                        .with_query(query.as_deref());
                     let cfg = &snap.config.upstream;
                     app.upstream
                         .send(cfg, &app.metrics, deadline, &outbound)
@@ -111,8 +127,9 @@ impl Ctx {
             let launch = Launch::new(call, plan);
             launch.await?
         } else {
-            let outbound =
-                Outbound::new(Method::POST, target, headers, body).for_tenant(&name, weight);
+            let outbound = Outbound::new(Method::POST, target, headers, body)
+                .for_tenant(&name, weight)
+                .with_query(query.as_deref());
             let sent = self
                 .app
                 .upstream
@@ -149,16 +166,22 @@ impl Ctx {
 }
 
 /// Headers sent upstream: the client's, less hop-by-hop headers and those
-/// that never go upstream, with the upstream's own `Authorization`.
-/// `Outbound` replaces Host and Content-Length.
+/// that never go upstream, with the upstream's own key: `Authorization` for
+/// OpenAI's API, `x-api-key` for Anthropic's. `Outbound` replaces Host and
+/// Content-Length.
 pub(super) fn upstream_headers(
     mut h: HeaderMap,
     peer: &Peer,
     request_id: &HeaderValue,
+    format: Format,
 ) -> HeaderMap {
     headers::clean_request(&mut h);
-    if let Some(auth) = peer.auth() {
-        h.insert(header::AUTHORIZATION, auth.clone());
+    let key = match format {
+        Format::OpenAi => peer.auth().map(|v| (header::AUTHORIZATION, v)),
+        Format::Anthropic => peer.api_key().map(|v| (X_API_KEY.clone(), v)),
+    };
+    if let Some((name, value)) = key {
+        h.insert(name, value.clone());
     }
     h.insert(&X_REQUEST_ID, request_id.clone());
     h

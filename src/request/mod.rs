@@ -75,6 +75,8 @@ pub(crate) struct Ctx {
 struct Routed {
     endpoint: Endpoint,
     headers: HeaderMap,
+    /// The query string, copied, for the APIs that forward it (Anthropic's).
+    query: Option<Box<str>>,
 }
 
 /// What the request path ends in: an answer, or the error that becomes one.
@@ -138,13 +140,14 @@ pub(crate) async fn handle(
     let Ctx {
         mut record,
         standings,
+        format: ctx_format,
         ..
     } = ctx;
     record.status = resp.status().as_u16();
     let h = resp.headers_mut();
     h.insert(&X_REQUEST_ID, request_id);
     if record.tenant.is_some() {
-        standings.write_headers(h);
+        standings.write_headers(h, ctx_format);
     }
     if let Some(cache) = record.cache {
         h.insert(&X_SLUICE_CACHE, HeaderValue::from_static(cache.label()));
@@ -170,15 +173,20 @@ impl Ctx {
     fn route(&mut self, parts: http::request::Parts) -> Result<Routed, GatewayError> {
         let endpoint = routes::route(&parts.method, parts.uri.path())?;
         self.record.endpoint = Some(endpoint);
+        let query = match endpoint.format() {
+            Format::Anthropic => parts.uri.query().map(Box::from),
+            Format::OpenAi => None,
+        };
         Ok(Routed {
             endpoint,
             headers: detach_headers(&parts.headers),
+            query,
         })
     }
 
     /// Phases 2 to 7, for a routed request.
     async fn serve(&mut self, routed: Routed, body: &mut Incoming) -> Served {
-        let tenant = self.authenticate(&routed.headers)?;
+        let tenant = self.authenticate(&routed.headers, routed.endpoint.format())?;
         self.admit(&tenant).await?;
         if !routed.endpoint.takes_body() {
             // The rarer paths are boxed so the common one's future stays
@@ -192,10 +200,15 @@ impl Ctx {
             cache::Cached::Answer(resp) => return Ok(resp),
             cache::Cached::Miss(fill) => fill,
         };
-        self.check_upstream(&tenant)?;
+        // A token count spends nothing, so a token deficit or a spent
+        // budget does not refuse it.
+        if routed.endpoint.generates() {
+            self.check_upstream(&tenant)?;
+        }
         let call = forward::Call {
             endpoint: routed.endpoint,
             headers: routed.headers,
+            query: routed.query,
             body: bytes,
             api,
         };
@@ -203,8 +216,12 @@ impl Ctx {
     }
 
     /// 2. Auth: the presented key's hash to a tenant.
-    fn authenticate(&mut self, headers: &HeaderMap) -> Result<Arc<Tenant>, GatewayError> {
-        let Some(tenant) = self.snap.authenticate(headers) else {
+    fn authenticate(
+        &mut self,
+        headers: &HeaderMap,
+        format: Format,
+    ) -> Result<Arc<Tenant>, GatewayError> {
+        let Some(tenant) = self.snap.authenticate(headers, format) else {
             self.app.metrics.auth_failures.inc();
             return Err(GatewayError::InvalidApiKey);
         };
@@ -234,7 +251,11 @@ impl Ctx {
         routed: &Routed,
         bytes: &bytes::Bytes,
     ) -> Result<(ApiRequest, cache::CacheMode), GatewayError> {
-        let mode = cache::CacheMode::of(&self.snap, tenant, &routed.headers);
+        // A token count is never cached or coalesced.
+        let mode = match routed.endpoint.generates() {
+            true => cache::CacheMode::of(&self.snap, tenant, &routed.headers),
+            false => cache::CacheMode::Bypass,
+        };
         let scope = match mode {
             cache::CacheMode::Bypass => validate::Keyed::No,
             cache::CacheMode::Lookup | cache::CacheMode::Refresh => {
@@ -247,7 +268,9 @@ impl Ctx {
         if !tenant.allows(&api.model) {
             return Err(GatewayError::ModelNotAllowed);
         }
-        self.record.cache = Some(mode.state());
+        if routed.endpoint.generates() {
+            self.record.cache = Some(mode.state());
+        }
         Ok((api, mode))
     }
 

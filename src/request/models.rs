@@ -10,7 +10,7 @@ use http::HeaderMap;
 
 use super::forward::upstream_headers;
 use super::{Ctx, Served};
-use crate::api::Endpoint;
+use crate::api::{Endpoint, Format};
 use crate::http::error::GatewayError;
 use crate::http::headers::mark_no_retry;
 use crate::response::body::Body;
@@ -33,7 +33,7 @@ impl Ctx {
         let outbound = Outbound::new(
             Method::GET,
             target,
-            upstream_headers(headers, peer, &self.record.request_id),
+            upstream_headers(headers, peer, &self.record.request_id, Format::OpenAi),
             Bytes::new(),
         )
         .for_tenant(&tenant.name, tenant.weight);

@@ -62,6 +62,18 @@ pub(crate) struct Meter {
     pub(crate) price: Option<Pricing>,
     /// Characters of the request's messages or prompt, for the estimate.
     pub(crate) prompt_chars: u64,
+    /// Whether the answer spends tokens and budget.
+    pub(crate) billing: Billing,
+}
+
+/// Whether an answer is metered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Billing {
+    /// A completion or a message: its usage (or estimate) is charged.
+    Usage,
+    /// A token count: it spends nothing, and holds its concurrency slot
+    /// only until it is done.
+    Free,
 }
 
 /// Where a complete answer goes besides the client.
@@ -385,7 +397,8 @@ impl Relay {
     fn on_data(&mut self, data: Bytes) {
         self.response_bytes += data.len();
         if matches!(self.mode, Mode::Raw { .. }) {
-            self.touch(true);
+            // A token count generates nothing: no time to first token.
+            self.touch(self.meter.billing == Billing::Usage);
             if let Mode::Raw {
                 collected,
                 collecting,
@@ -696,6 +709,10 @@ impl Relay {
             return;
         }
         self.charged = true;
+        if self.meter.billing == Billing::Free {
+            self.meter.lease = None;
+            return;
+        }
         let (u, estimated) = match usage {
             Some(u) => (u, false),
             None => (

@@ -241,6 +241,9 @@ pub(crate) struct Outbound<'a> {
     /// Whose request it is, for its place when the upstream is full
     /// (`None`: Sluice's own, such as a balance poll).
     claimant: Option<Claimant>,
+    /// The target's path with the client's query string, when it sent one
+    /// that goes upstream (Anthropic's clients do: `?beta=true`).
+    path: Option<http::Uri>,
 }
 
 impl<'a> Outbound<'a> {
@@ -266,7 +269,16 @@ impl<'a> Outbound<'a> {
             headers,
             body,
             claimant: None,
+            path: None,
         }
+    }
+
+    /// Sends the client's query string along (unchanged) to the target.
+    pub(crate) fn with_query(mut self, query: Option<&str>) -> Self {
+        if let Some(q) = query {
+            self.path = format!("{}?{q}", self.target.path.path()).parse().ok();
+        }
+        self
     }
 
     /// The request is `tenant`'s, with its weight for a full upstream.
@@ -281,7 +293,10 @@ impl<'a> Outbound<'a> {
     fn attempt(&self) -> Request<Full<Bytes>> {
         let mut r = Request::new(Full::new(self.body.clone()));
         *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.target.path.clone();
+        *r.uri_mut() = match &self.path {
+            Some(p) => p.clone(),
+            None => self.target.path.clone(),
+        };
         *r.headers_mut() = self.headers.clone();
         r
     }

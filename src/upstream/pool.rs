@@ -9,13 +9,14 @@ use std::sync::Arc;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Uri};
 
-use crate::api::Endpoint;
+use crate::api::{Endpoint, Format};
 use crate::config::Config;
 use crate::config::Secret;
 use crate::metrics::Metrics;
 
-/// One upstream: its name, where each path of it is, and the shared key's
-/// `Authorization` it is sent.
+/// One upstream: its name, where each path of it is, and the shared key it
+/// is sent (`Authorization: Bearer` for OpenAI's API, `x-api-key` for
+/// Anthropic's).
 pub(crate) struct Peer {
     name: Arc<str>,
     /// Its name as `x-sluice-upstream` says it, made once.
@@ -24,6 +25,9 @@ pub(crate) struct Peer {
     targets: HashMap<&'static str, Target>,
     /// `Bearer <upstream key>`; `None` for a keyless upstream.
     auth: Option<HeaderValue>,
+    /// The upstream key as Anthropic's `x-api-key` sends it; `None` for a
+    /// keyless upstream.
+    api_key: Option<HeaderValue>,
 }
 
 impl Peer {
@@ -45,6 +49,11 @@ impl Peer {
     /// The `Authorization` this upstream gets.
     pub(crate) fn auth(&self) -> Option<&HeaderValue> {
         self.auth.as_ref()
+    }
+
+    /// The `x-api-key` this upstream gets on Anthropic's Messages API.
+    pub(crate) fn api_key(&self) -> Option<&HeaderValue> {
+        self.api_key.as_ref()
     }
 }
 
@@ -124,19 +133,32 @@ impl Pool {
     pub(crate) fn new(config: &Config, key: &Secret, metrics: &Metrics) -> Pool {
         let name: Arc<str> = Arc::from("default");
         let stats = Arc::new(PeerStats::new(&name, metrics));
-        let auth = (!key.is_empty())
-            .then(|| HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok())
-            .flatten()
-            .map(|mut v| {
-                v.set_sensitive(true);
-                v
-            });
+        let secret = |value: String| {
+            (!key.is_empty())
+                .then(|| HeaderValue::from_str(&value).ok())
+                .flatten()
+                .map(|mut v| {
+                    v.set_sensitive(true);
+                    v
+                })
+        };
+        let auth = secret(format!("Bearer {}", key.expose()));
+        let api_key = secret(key.expose().to_string());
+        // Each endpoint's path at the base URL of its format: Anthropic's
+        // Messages API at `anthropic_base_url` (none when it is "").
+        let upstream = &config.upstream;
         let targets = Endpoint::ALL
             .into_iter()
-            .map(Endpoint::upstream_path)
-            .chain([BALANCE_PATH])
-            .filter_map(|path| {
-                let mut target = Target::parse(&format!("{}{path}", config.upstream.base_url))?;
+            .filter_map(|e| {
+                let base = match e.format() {
+                    Format::OpenAi => Some(upstream.base_url.as_str()),
+                    Format::Anthropic => upstream.anthropic_base_url.as_deref(),
+                };
+                Some((e.upstream_path(), base?))
+            })
+            .chain([(BALANCE_PATH, upstream.base_url.as_str())])
+            .filter_map(|(path, base)| {
+                let mut target = Target::parse(&format!("{base}{path}"))?;
                 target.stats = Arc::clone(&stats);
                 Some((path, target))
             })
@@ -147,6 +169,7 @@ impl Pool {
                 name,
                 targets,
                 auth,
+                api_key,
             }],
         }
     }
