@@ -633,3 +633,57 @@ async fn count_tokens_is_forwarded_never_cached_and_spends_nothing() {
         "only the message spent: {spent}"
     );
 }
+
+#[tokio::test]
+async fn identical_calls_on_two_replicas_share_one_call_and_the_shared_cache() {
+    let Some(redis) = RedisServer::start("messages_across_replicas") else {
+        return;
+    };
+    let start = || async {
+        sluice::simulator::Simulator::start(([127, 0, 0, 1], 0).into())
+            .await
+            .expect("simulator")
+    };
+    let sim = start().await;
+    let text = config_text(
+        &sim.base_url(),
+        &format!("[redis]\nurl = \"{}\"\n", redis.url()),
+    );
+    let a = TestGateway::with(sim, parse(&text)).await;
+    let b = TestGateway::with(start().await, parse(&text)).await;
+    let body = message_stream("across the fleet");
+    let slow = [("x-sim-chunk-delay-ms", "40"), ("x-sim-chunks", "8")];
+    let mut req = anthropic_post(&a.url("/v1/messages"), ALPHA);
+    for (k, v) in slow {
+        req = req.header(k, v);
+    }
+    let (parts, mut live) = open(
+        req.body(Full::new(Bytes::from(body.to_string())))
+            .expect("req"),
+    )
+    .await
+    .into_parts();
+    assert_eq!(parts.headers["x-sluice-cache"], "miss");
+    let first = next_chunk(&mut live).await.expect("an event");
+    // The leader's call is in flight on replica a: b's clients follow it.
+    let mut whole = body.clone();
+    whole.as_object_mut().expect("object").remove("stream");
+    let b_url = b.url("/anthropic/v1/messages");
+    let (stream, whole) = tokio::join!(
+        send_message(&b_url, ALPHA, &body, &[]),
+        send_message(&b_url, ALPHA, &whole, &[]),
+    );
+    let leader = read_rest(parts, live, first.to_vec()).await;
+    let message = accumulated(&leader);
+    assert_eq!(stream.header("x-sluice-cache"), "coalesced");
+    assert_eq!(whole.header("x-sluice-cache"), "coalesced");
+    assert_eq!(accumulated(&stream), message);
+    assert_eq!(whole.json(), message);
+    assert_eq!(a.sim.calls() + b.sim.calls(), 1, "one call for the fleet");
+    // A third replica finds the message in the shared cache.
+    let c = TestGateway::with(start().await, parse(&text)).await;
+    let hit = send_message(&c.url("/v1/messages"), ALPHA, &body, &[]).await;
+    assert_eq!(hit.header("x-sluice-cache"), "hit", "{}", hit.text());
+    assert_eq!(accumulated(&hit), message);
+    assert_eq!(c.sim.calls(), 0);
+}
