@@ -35,7 +35,7 @@
 //! | `x-sim-account-headers: 1` | answers carry the shared account's headers (`set-cookie`, `openai-organization`, `openai-project`, `x-ratelimit-*`, `anthropic-ratelimit-*`) and a harmless `x-upstream-note` |
 //!
 //! `GET /sim/stats` reports the number of completion calls and of
-//! connections accepted as JSON. Messages and token counts are completion
+//! connections accepted, and the path and query of the last call, as JSON. Messages and token counts are completion
 //! calls too.
 
 use std::collections::HashMap;
@@ -365,6 +365,7 @@ async fn handle(
                 &json!({
                     "calls": stats.calls.load(Ordering::SeqCst),
                     "connections": stats.connections.load(Ordering::SeqCst),
+                    "last_uri": stats.last_uri.lock().unwrap_or_else(|e| e.into_inner()).clone(),
                 }),
             ));
         }
@@ -685,8 +686,24 @@ impl Answer {
             } else {
                 Vec::new()
             };
+        // Messages: a tool is called once per turn; an answer to a tool's
+        // result is text (so a client that runs tools, like an agent,
+        // ends its turn instead of calling tools forever).
+        let answers_tool_result = messages
+            && request
+                .pointer("/messages")
+                .and_then(Value::as_array)
+                .and_then(|m| m.last())
+                .and_then(|m| m.get("content"))
+                .and_then(Value::as_array)
+                .is_some_and(|blocks| {
+                    blocks
+                        .iter()
+                        .any(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+                });
         let tool = request
             .get("tools")
+            .filter(|_| !answers_tool_result)
             .and_then(Value::as_array)
             .and_then(|t| t.first())
             .filter(|_| request.get("tool_choice").and_then(Value::as_str) != Some("none"))
@@ -1005,6 +1022,18 @@ mod tests {
         assert_eq!(whole["content"][2]["input"], json!({"city": "Paris"}));
         assert_eq!(whole["stop_reason"], "tool_use");
         assert_eq!(assembled(answer.message_events(true)), whole);
+        // A tool's result is answered with text.
+        let after_tool = json!({
+            "model": "m", "max_tokens": 5,
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "get_weather", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "sunny"}]},
+            ],
+        });
+        let answer = Answer::new("messages", &after_tool, &faults(), "sim-3".into());
+        assert_eq!(answer.message(true)["stop_reason"], "end_turn");
         // Without thinking or tools: one text block.
         let plain =
             json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
