@@ -473,17 +473,22 @@ pub fn replay(message: &Value) -> Option<Replay> {
         let kind = block.get("type").and_then(Value::as_str).unwrap_or("");
         let mut opening = block.clone();
         let mut deltas = Vec::new();
+        // Only a string field is streamed as deltas; a block whose field
+        // is anything else arrives whole in its start.
+        let text_of = |key: &str| block.get(key).filter(|v| v.is_string()).cloned();
         match kind {
             "text" => {
-                let text = block.get("text").cloned().unwrap_or(Value::from(""));
-                opening.insert("text".into(), Value::from(""));
-                deltas.push(json!({"type": "text_delta", "text": text}));
+                if let Some(text) = text_of("text") {
+                    opening.insert("text".into(), Value::from(""));
+                    deltas.push(json!({"type": "text_delta", "text": text}));
+                }
             }
             "thinking" => {
-                let thinking = block.get("thinking").cloned().unwrap_or(Value::from(""));
-                opening.insert("thinking".into(), Value::from(""));
-                deltas.push(json!({"type": "thinking_delta", "thinking": thinking}));
-                if let Some(sig) = block.get("signature") {
+                if let Some(thinking) = text_of("thinking") {
+                    opening.insert("thinking".into(), Value::from(""));
+                    deltas.push(json!({"type": "thinking_delta", "thinking": thinking}));
+                }
+                if let Some(sig) = text_of("signature") {
                     opening.insert("signature".into(), Value::from(""));
                     deltas.push(json!({"type": "signature_delta", "signature": sig}));
                 }
@@ -794,6 +799,16 @@ mod tests {
         });
         let (again, _) = assembled(&replay(&odd).expect("replay").chunks);
         assert_eq!(again.to_string(), odd.to_string());
+        // Fields of another type than a string arrive whole.
+        let odder = json!({
+            "content": [
+                {"type": "text", "text": 5},
+                {"type": "thinking", "thinking": "t", "signature": null},
+                {"type": "text"},
+            ],
+        });
+        let (again, _) = assembled(&replay(&odder).expect("replay").chunks);
+        assert_eq!(again, odder);
         assert!(replay(&json!({"content": "no array"})).is_none());
         assert!(replay(&json!({"content": [1]})).is_none());
     }
