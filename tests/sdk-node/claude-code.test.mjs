@@ -1,7 +1,9 @@
 // Claude Code itself (@anthropic-ai/claude-code, pinned) in print mode
 // against Sluice's Messages API, the real binary in front of its simulated
 // upstream: `claude -p`, with `--output-format stream-json`, and a turn
-// that calls a tool. It runs offline: its own HOME, telemetry, auto-update,
+// that calls a tool; a wrong key that it does not retry for minutes; and
+// streams that break, after which it falls back to one whole request and
+// raises rather than take a partial answer. It runs offline: its own HOME, telemetry, auto-update,
 // error reporting and non-essential traffic off, the base URL Sluice's.
 //
 // Run: node --test tests/sdk-node/claude-code.test.mjs (Node 22 or later).
@@ -31,7 +33,7 @@ after(async () => {
 });
 
 /** Runs `claude` with `args` in print mode; resolves to { code, stdout, stderr }. */
-function claude(args) {
+function claude(args, extraEnv = {}) {
   const env = {
     PATH: process.env.PATH,
     HOME: home,
@@ -41,6 +43,7 @@ function claude(args) {
     DISABLE_AUTOUPDATER: '1',
     DISABLE_ERROR_REPORTING: '1',
     CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC: '1',
+    ...extraEnv,
   };
   return new Promise((resolve, reject) => {
     const child = spawn(CLAUDE, args, { cwd: home, env, stdio: ['ignore', 'pipe', 'pipe'] });
@@ -114,4 +117,30 @@ test('stream-json output, with a tool call and its result', async () => {
   assert.equal(result.type, 'result');
   assert.equal(result.subtype, 'success');
   assert.equal(result.result, 'This is a simulated answer.');
+});
+
+test('a wrong key fails at once: x-should-retry: false stops its retries', async () => {
+  const before = stack.gateway.lines.length;
+  const started = performance.now();
+  const r = await claude(['-p', 'Say hello'], { ANTHROPIC_AUTH_TOKEN: 'sk-not-a-tenant' });
+  const took = performance.now() - started;
+  assert.notEqual(r.code, 0);
+  assert.match(r.stdout + r.stderr, /401/);
+  assert.ok(took < 30_000, `${took} ms: no minutes of retries`);
+  const refusals = stack.gateway.lines
+    .slice(before)
+    .filter((l) => l.includes('"invalid_api_key"'));
+  assert.equal(refusals.length, 1, 'one request, not retried');
+});
+
+test('broken streams: one whole request last, and an error, never a partial answer', async () => {
+  const before = messageLogs().length;
+  const r = await claude(['-p', 'Say hello'], { ANTHROPIC_CUSTOM_HEADERS: 'x-sim-die-after: 4' });
+  assert.notEqual(r.code, 0, r.stdout);
+  assert.doesNotMatch(r.stdout, /This is a simulated answer/);
+  const logs = messageLogs().slice(before);
+  assert.ok(logs.length >= 2, JSON.stringify(logs));
+  for (const l of logs) assert.equal(l.outcome, 'interrupted', JSON.stringify(l));
+  assert.ok(logs.slice(0, -1).every((l) => l.stream === true), 'streams first');
+  assert.equal(logs.at(-1).stream, false, 'then one whole request');
 });

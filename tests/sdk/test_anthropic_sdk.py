@@ -141,6 +141,19 @@ def test_not_found_and_budget_classes(stack):
     pytest.fail("the budget was never refused")
 
 
+def test_upstream_timeout_is_gateway_timeout_error(stack):
+    with pytest.raises(anthropic.GatewayTimeoutError) as e:
+        client(stack, max_retries=2).messages.create(
+            model=MODEL,
+            max_tokens=16,
+            messages=msgs("anthropic hang"),
+            extra_headers={"x-sim-hang": "headers", "cache-control": "no-store"},
+        )
+    assert e.value.body["error"]["type"] == "timeout_error"
+    assert e.value.response.headers["x-sluice-error"] == "upstream_timeout"
+    assert e.value.response.headers["x-should-retry"] == "false"
+
+
 def test_a_401_is_not_retried(stack):
     c = client(stack, key="sk-nobody", max_retries=5)
     start = time.monotonic()
