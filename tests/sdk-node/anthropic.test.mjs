@@ -136,6 +136,18 @@ test('a 404 under the Anthropic paths is NotFoundError', async () => {
   });
 });
 
+test('an upstream that never answers is GatewayTimeoutError, not retried', async () => {
+  const body = { model: MODEL, max_tokens: 16, messages: msgs('node hang') };
+  const opts = { headers: { 'x-sim-hang': 'headers', 'cache-control': 'no-store' } };
+  await assert.rejects(client({ maxRetries: 2 }).messages.create(body, opts), (e) => {
+    assert.ok(e instanceof Anthropic.GatewayTimeoutError, `${e}`);
+    assert.equal(e.error.error.type, 'timeout_error');
+    assert.equal(e.headers.get('x-sluice-error'), 'upstream_timeout');
+    assert.equal(e.headers.get('x-should-retry'), 'false');
+    return true;
+  });
+});
+
 test('a 401 is not retried', async () => {
   const started = performance.now();
   await assert.rejects(
