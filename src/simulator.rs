@@ -25,7 +25,7 @@
 //! | `x-sim-answer-bytes: N` | content of about N bytes |
 //! | `x-sim-usage: P,C` | prompt and completion tokens to report (Messages: P is input + cache read) |
 //! | `x-sim-no-usage: 1` | ignore `include_usage` (and omit usage; Messages: no `usage` anywhere) |
-//! | `x-sim-keepalive: N` | N keep-alive comments (stream) / blank lines (non-stream) first |
+//! | `x-sim-keepalive: N` | N keep-alive comments (stream; Messages: `ping` events) / blank lines (non-stream) first |
 //! | `x-sim-die-after: N` | the connection dies after N events (stream) or N bytes |
 //! | `x-sim-hang: headers\|body` | never answer / never send the body |
 //! | `x-sim-garbage: 1` | a non-JSON event mid-stream, or a non-JSON 200 body |
@@ -595,12 +595,14 @@ fn stream_response(events: Events, faults: &Faults, stats: &Arc<SimStats>) -> Re
             stats.aborted_notify.notify_waiters();
         };
         tokio::spawn(async move {
+            // Messages: Anthropic's `ping` events rather than comments.
+            let keepalive: &'static [u8] = if anthropic {
+                b"event: ping\ndata: {\"type\":\"ping\"}\n\n"
+            } else {
+                b": keep-alive\n\n"
+            };
             for _ in 0..keepalives {
-                if tx
-                    .send(Ok(Bytes::from_static(b": keep-alive\n\n")))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Ok(Bytes::from_static(keepalive))).await.is_err() {
                     return;
                 }
             }

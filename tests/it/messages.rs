@@ -687,3 +687,51 @@ async fn identical_calls_on_two_replicas_share_one_call_and_the_shared_cache() {
     assert_eq!(accumulated(&hit), message);
     assert_eq!(c.sim.calls(), 0);
 }
+
+#[tokio::test]
+async fn pings_keep_no_stream_alive_and_a_message_stop_ends_one_left_open() {
+    let gw = TestGateway::start_with(|t| {
+        t.replace("first_byte_timeout_secs = 5", "first_byte_timeout_secs = 2")
+            .replace("idle_timeout_secs = 5", "idle_timeout_secs = 30")
+    })
+    .await;
+    let url = gw.url("/v1/messages");
+    // Pings and nothing else: the first-byte timeout (2 s) still runs, as
+    // if the pings were not there (were they data, the 30 s idle timeout
+    // would), and the stream ends with the error event after the pings it
+    // relayed.
+    let started = std::time::Instant::now();
+    let r = send_message(
+        &url,
+        ALPHA,
+        &message_stream("only pings"),
+        &[("x-sim-keepalive", "3"), ("x-sim-hang", "body")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let names: Vec<String> = named_events(&r).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["ping", "ping", "ping", "error"], "{}", r.text());
+    assert!(r.aborted);
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(1500) && took < std::time::Duration::from_secs(20),
+        "{took:?}"
+    );
+    // Upstream keeps the body open after message_stop: the stream is whole
+    // there, ends cleanly, and is stored.
+    let r = send_message(
+        &url,
+        ALPHA,
+        &message_stream("lingers"),
+        &[("x-sim-linger", "1")],
+    )
+    .await;
+    assert!(!r.aborted);
+    assert_eq!(
+        named_events(&r).last().map(|(n, _)| n.as_str()),
+        Some("message_stop")
+    );
+    let hit = send_message(&url, ALPHA, &message("lingers"), &[]).await;
+    assert_eq!(hit.header("x-sluice-cache"), "hit");
+    assert_eq!(hit.json(), accumulated(&r));
+}
