@@ -277,14 +277,14 @@ impl BlockAcc {
     }
 
     /// Appends to a string field of the block.
-    fn append(&mut self, key: &str, piece: &Value) -> Result<(), ()> {
+    fn append(&mut self, key: &str, piece: Value) -> Result<(), ()> {
         let Value::String(piece) = piece else {
             return Err(());
         };
         match self.block.get_mut(key) {
-            Some(Value::String(s)) => s.push_str(piece),
+            Some(Value::String(s)) => s.push_str(&piece),
             None | Some(Value::Null) => {
-                self.block.insert(key.into(), Value::from(piece.as_str()));
+                self.block.insert(key.into(), Value::String(piece));
             }
             Some(_) => return Err(()),
         }
@@ -362,39 +362,36 @@ impl Assembler {
                 self.blocks.insert(index, BlockAcc { block, json: None });
             }
             Kind::ContentBlockDelta => {
-                let Some(Value::Object(delta)) = obj.get("delta") else {
+                let Some(Value::Object(mut delta)) = obj.remove("delta") else {
                     return Err(());
                 };
-                let field = |k: &str| delta.get(k).unwrap_or(&Value::Null);
-                let kind = delta.get("type").and_then(Value::as_str).unwrap_or("");
-                let (delta_kind, text, thinking, signature, json, citation) = (
-                    kind,
-                    field("text").clone(),
-                    field("thinking").clone(),
-                    field("signature").clone(),
-                    field("partial_json").clone(),
-                    field("citation").clone(),
-                );
+                // The field each kind of delta carries; taken, not copied.
+                let (field, into) = match delta.get("type").and_then(Value::as_str) {
+                    Some("text_delta") => ("text", Some("text")),
+                    Some("thinking_delta") => ("thinking", Some("thinking")),
+                    Some("signature_delta") => ("signature", Some("signature")),
+                    Some("input_json_delta") => ("partial_json", None),
+                    Some("citations_delta") => ("citation", Some("citations")),
+                    _ => return Err(()),
+                };
+                let piece = delta.remove(field).unwrap_or(Value::Null);
                 let acc = self.block(&obj)?;
-                match delta_kind {
-                    "text_delta" => acc.append("text", &text)?,
-                    "thinking_delta" => acc.append("thinking", &thinking)?,
-                    "signature_delta" => acc.append("signature", &signature)?,
-                    "input_json_delta" => {
-                        let Value::String(piece) = json else {
+                match into {
+                    Some("citations") => match acc.block.get_mut("citations") {
+                        Some(Value::Array(list)) => list.push(piece),
+                        None | Some(Value::Null) => {
+                            acc.block
+                                .insert("citations".into(), Value::from(vec![piece]));
+                        }
+                        Some(_) => return Err(()),
+                    },
+                    Some(key) => acc.append(key, piece)?,
+                    None => {
+                        let Value::String(piece) = piece else {
                             return Err(());
                         };
                         acc.json.get_or_insert_with(String::new).push_str(&piece);
                     }
-                    "citations_delta" => match acc.block.get_mut("citations") {
-                        Some(Value::Array(list)) => list.push(citation),
-                        None | Some(Value::Null) => {
-                            acc.block
-                                .insert("citations".into(), Value::from(vec![citation]));
-                        }
-                        Some(_) => return Err(()),
-                    },
-                    _ => return Err(()),
                 }
             }
             Kind::ContentBlockStop => self.block(&obj)?.close()?,
@@ -463,7 +460,7 @@ pub fn replay(message: &Value) -> Option<Replay> {
             delta.insert(key.into(), v.clone());
         }
     }
-    let mut out = Vec::with_capacity(message.to_string().len() * 2 + 512);
+    let mut out = Vec::with_capacity(1024);
     event(
         &mut out,
         &json!({"type": "message_start", "message": start}),
@@ -540,7 +537,9 @@ pub(crate) fn message_facts(body: &[u8]) -> Option<Completion> {
     struct Facts<'a> {
         #[serde(rename = "type", default, borrow)]
         kind: Option<Cow<'a, str>>,
-        content: Vec<AnyObject>,
+        /// Checked (an array of objects), not kept.
+        #[serde(rename = "content")]
+        _content: Vec<AnyObject>,
         #[serde(default, borrow)]
         usage: Option<&'a RawValue>,
     }
@@ -548,7 +547,6 @@ pub(crate) fn message_facts(body: &[u8]) -> Option<Completion> {
     if facts.kind.as_deref().is_some_and(|k| k != "message") {
         return None;
     }
-    let _ = facts.content;
     Some(Completion {
         usage: facts.usage.and_then(RawUsage::of_raw).map(RawUsage::usage),
     })
