@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use sluice::api::json;
 use sluice::api::openai::{Assembler, Shape};
 use sluice::api::sse::{event_data, EventData, Framer};
+use sluice::api::Format;
 use sluice::app::Snapshot;
 use sluice::cache::{self, Entry, Store};
 use sluice::config::{Config, LimitSpec};
@@ -86,7 +87,10 @@ fn auth(c: &mut Criterion) {
             HeaderValue::from_str(&format!("Bearer sk-key-{}", tenants / 2)).expect("v"),
         );
         g.bench_function(format!("{tenants}_tenants"), |b| {
-            b.iter(|| snap.authenticate(black_box(&headers)).expect("known"))
+            b.iter(|| {
+                snap.authenticate(black_box(&headers), Format::OpenAi)
+                    .expect("known")
+            })
         });
     }
     g.finish();
@@ -178,7 +182,8 @@ fn cache_hit(c: &mut Criterion) {
         "chat",
         &json::scan(&raw, json::Canonical::Write).expect("json"),
     );
-    let entry = Entry::from_completion(Bytes::from(completion().to_string())).expect("entry");
+    let entry = Entry::from_completion(Bytes::from(completion().to_string()), Format::OpenAi)
+        .expect("entry");
     store.insert(key, std::sync::Arc::new(entry));
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -251,7 +256,7 @@ fn sse(c: &mut Criterion) {
                     })
                     .expect("sse");
             }
-            Entry::from_assembled(&asm.finish()).expect("entry")
+            Entry::from_assembled(&asm.finish(), Format::OpenAi).expect("entry")
         })
     });
     g.finish();

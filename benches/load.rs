@@ -29,6 +29,9 @@ use tokio::net::TcpStream;
 const KEY: &str = "sk-sluice-bench-0123456789abcdefghijklmnopqrstuvwxyz";
 const BODY: &str = r#"{"model":"deepseek-chat","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Write one sentence about rivers."}]}"#;
 
+/// The same request in Anthropic's Messages API, for the Messages rows.
+const MESSAGES_BODY: &str = r#"{"model":"deepseek-chat","max_tokens":256,"system":"You are a helpful assistant.","messages":[{"role":"user","content":"Write one sentence about rivers."}]}"#;
+
 /// Where `BODY` is made distinct: a tag and a number go after this.
 const BODY_SPLIT: &str = "rivers.";
 
@@ -37,6 +40,8 @@ const BODY_SPLIT: &str = "rivers.";
 enum Bodies {
     /// `BODY`, every time.
     Fixed,
+    /// `MESSAGES_BODY` to `/v1/messages`, every time.
+    Messages,
     /// `BODY` with ` #<tag><n>` in its user message, `n` counting up from a
     /// shared counter until `end` (exclusive): every request distinct, and
     /// the same sequence reproducible (so one replica can fill Redis with
@@ -60,6 +65,7 @@ impl Bodies {
     fn next(&self) -> Option<Bytes> {
         match self {
             Bodies::Fixed => Some(Bytes::from_static(BODY.as_bytes())),
+            Bodies::Messages => Some(Bytes::from_static(MESSAGES_BODY.as_bytes())),
             Bodies::Distinct { tag, next, end } => {
                 let end = end.load(Ordering::Relaxed);
                 let n = next
@@ -69,6 +75,13 @@ impl Bodies {
                     .ok()?;
                 Some(Bytes::from(distinct_body(tag, n)))
             }
+        }
+    }
+    /// The path the bodies go to.
+    fn path(&self) -> &'static str {
+        match self {
+            Bodies::Messages => "/v1/messages",
+            Bodies::Fixed | Bodies::Distinct { .. } => "/v1/chat/completions",
         }
     }
     /// Lets a distinct sequence run on from `from` (if it has not passed it)
@@ -678,9 +691,9 @@ http {{
     Err("nginx did not start".into())
 }
 
-fn request(addr: SocketAddr, body: Bytes) -> Request<Full<Bytes>> {
+fn request(addr: SocketAddr, body: Bytes, path: &str) -> Request<Full<Bytes>> {
     // hyper's connection-level client does not add Host; nginx insists on it.
-    Request::post(format!("http://{addr}/v1/chat/completions"))
+    Request::post(format!("http://{addr}{path}"))
         .header("host", addr.to_string())
         .header("authorization", format!("Bearer {KEY}"))
         .header("content-type", "application/json")
@@ -743,7 +756,7 @@ async fn throughput(addr: SocketAddr, conns: usize, dur: Duration, bodies: &Bodi
                 if send.ready().await.is_err() {
                     send = connect(addr).await;
                 }
-                let resp = match send.send_request(request(addr, body)).await {
+                let resp = match send.send_request(request(addr, body, bodies.path())).await {
                     Ok(r) => r,
                     Err(_) => {
                         send = connect(addr).await;
@@ -795,9 +808,13 @@ async fn fixed_rate(
     // Warm the pool.
     for _ in 0..FIXED_RATE_WARM {
         let body = bodies.next().expect("a body for the warm-up");
-        let r = client.request(request(addr, body)).await.expect("warm");
+        let r = client
+            .request(request(addr, body, bodies.path()))
+            .await
+            .expect("warm");
         r.into_body().collect().await.expect("body");
     }
+    let path = bodies.path();
     let n = rate * dur.as_secs();
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let start = Instant::now() + Duration::from_millis(10);
@@ -809,7 +826,10 @@ async fn fixed_rate(
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             let t0 = Instant::now();
-            let r = client.request(request(addr, body)).await.expect("response");
+            let r = client
+                .request(request(addr, body, path))
+                .await
+                .expect("response");
             r.into_body().collect().await.expect("body");
             t0.elapsed()
         }));
@@ -1226,6 +1246,10 @@ impl Sluices {
                 distinct("m"),
             ),
             ("sluice-hit", Some(&self.hit), Bodies::Fixed),
+            // The same request through Anthropic's Messages API, on the
+            // same gateways as the chat miss and hit rows.
+            ("sluice-messages-miss", Some(&self.miss), Bodies::Messages),
+            ("sluice-messages-hit", Some(&self.hit), Bodies::Messages),
             (
                 "sluice-hit-redis-local",
                 self.hit_local.as_ref(),
@@ -1238,6 +1262,8 @@ impl Sluices {
             ),
         ]
         .into_iter()
+        // A baseline from before the Messages API has no Messages rows.
+        .filter(|(_, _, bodies)| !(self.build.is_baseline() && matches!(bodies, Bodies::Messages)))
         .filter_map(|(name, s, bodies)| {
             s.map(|s| Row {
                 name,
@@ -1405,15 +1431,18 @@ fn main() {
         let only: Vec<&str> = only.split(',').map(str::trim).collect();
         rows.retain(|r| r.name == "direct" || only.contains(&r.name));
     }
-    // Warm the hit rows' one entry.
+    // Warm the hit rows' one entry (and the Messages hit row's).
     for addr in builds.iter().flat_map(|s| s.hit_addrs()) {
         rt.block_on(async {
             let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-            let r = client
-                .request(request(addr, Bytes::from_static(BODY.as_bytes())))
-                .await
-                .expect("warm");
-            r.into_body().collect().await.expect("body");
+            for bodies in [Bodies::Fixed, Bodies::Messages] {
+                let body = bodies.next().expect("a body");
+                let r = client
+                    .request(request(addr, body, bodies.path()))
+                    .await
+                    .expect("warm");
+                r.into_body().collect().await.expect("body");
+            }
         });
     }
 

@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use http::HeaderMap;
 use tokio::sync::watch;
 
+use crate::api::Format;
 use crate::cache::tiered::CacheStore;
 use crate::cache::Store;
 use crate::config::{CacheScope, Config, Keys, Pricing, RedisConfig};
@@ -75,9 +76,10 @@ impl Snapshot {
         }
     }
 
-    /// `Authorization: Bearer <key>` → the tenant whose key hashes to it.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Option<Arc<Tenant>> {
-        let key = presented_key(headers)?;
+    /// The key a request presents (`Authorization: Bearer <key>`, or
+    /// Anthropic's `x-api-key`) → the tenant whose key hashes to it.
+    pub fn authenticate(&self, headers: &HeaderMap, format: Format) -> Option<Arc<Tenant>> {
+        let key = presented_key(headers, format)?;
         self.by_key.get(&key_sha256(key)).cloned()
     }
 

@@ -386,6 +386,12 @@ max_concurrent = 32
 input_cache_hit = 0.028
 input_cache_miss = 0.28
 output = 0.42
+
+# Claude Code and the Anthropic SDKs send claude-* model names.
+[pricing.default]
+input_cache_hit = 0.028
+input_cache_miss = 0.28
+output = 0.42
 "#,
         sims[0].base_url(),
         sims[1].base_url(),
@@ -419,11 +425,14 @@ output = 0.42
         addr.ip().to_string()
     };
     let base = format!("http://{host}:{}/v1", addr.port());
+    let anthropic = format!("http://{host}:{}/anthropic", addr.port());
     out(&format!(
         "Sluice demo: two simulated DeepSeek accounts (sim-a, sim-b) behind the gateway.\n\n\
          key:      {key}\n\
          base URL: {base}\n\
          metrics:  http://{}/metrics\n\n\
+         For Claude Code and the Anthropic SDKs (Messages API):\n\
+         ANTHROPIC_BASE_URL={anthropic} ANTHROPIC_AUTH_TOKEN={key}\n\n\
          curl {base}/chat/completions \\\n  \
          -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n  \
          -d '{{\"model\":\"deepseek-chat\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"stream\":true}}'\n\n\

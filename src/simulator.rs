@@ -3,9 +3,15 @@
 //! and FIM, streamed or not; `reasoning_content` for deepseek-reasoner;
 //! `tool_calls` as deltas; usage with DeepSeek's fields; `: keep-alive`
 //! comments and leading blank lines; `GET /models` and `GET /user/balance`.
+//! And Anthropic's Messages API as DeepSeek serves it (`/anthropic/v1/messages`,
+//! also `/v1/messages`): a text block, a thinking block with its signature
+//! first when the request enables `thinking`, a tool_use block when it
+//! sends `tools`; streamed (with a `ping`) or not; usage with Anthropic's
+//! fields (a quarter of the prompt read from the cache); Anthropic's error
+//! bodies; and `/v1/messages/count_tokens`.
 //!
 //! Faults are chosen per request with `x-sim-*` headers (which Sluice
-//! forwards like any other header):
+//! forwards like any other header), alike for both APIs:
 //!
 //! | header | effect |
 //! |---|---|
@@ -17,20 +23,21 @@
 //! | `x-sim-chunk-delay-ms: N` | wait between stream events |
 //! | `x-sim-chunks: N` | content chunks (default 5) |
 //! | `x-sim-answer-bytes: N` | content of about N bytes |
-//! | `x-sim-usage: P,C` | prompt and completion tokens to report |
-//! | `x-sim-no-usage: 1` | ignore `include_usage` (and omit usage) |
-//! | `x-sim-keepalive: N` | N keep-alive comments (stream) / blank lines (non-stream) first |
+//! | `x-sim-usage: P,C` | prompt and completion tokens to report (Messages: P is input + cache read) |
+//! | `x-sim-no-usage: 1` | ignore `include_usage` (and omit usage; Messages: no `usage` anywhere) |
+//! | `x-sim-keepalive: N` | N keep-alive comments (stream; Messages: `ping` events) / blank lines (non-stream) first |
 //! | `x-sim-die-after: N` | the connection dies after N events (stream) or N bytes |
 //! | `x-sim-hang: headers\|body` | never answer / never send the body |
 //! | `x-sim-garbage: 1` | a non-JSON event mid-stream, or a non-JSON 200 body |
-//! | `x-sim-linger: 1` | the stream stays open after `data: [DONE]` |
-//! | `x-sim-error-event: N` | after N events, an error event and `data: [DONE]` end the stream |
+//! | `x-sim-linger: 1` | the stream stays open after `data: [DONE]` (Messages: `message_stop`) |
+//! | `x-sim-error-event: N` | after N events, an error event and `data: [DONE]` end the stream (Messages: an `event: error`, then the stream ends) |
 //! | `x-sim-close: 1` | the failing calls close the connection without answering |
 //! | `x-sim-upstream: NAME` | the other `x-sim-*` faults apply only on the simulator of that name (`sluice simulate --name`) |
-//! | `x-sim-account-headers: 1` | answers carry the shared account's headers (`set-cookie`, `openai-organization`, `openai-project`, `x-ratelimit-*`) and a harmless `x-upstream-note` |
+//! | `x-sim-account-headers: 1` | answers carry the shared account's headers (`set-cookie`, `openai-organization`, `openai-project`, `x-ratelimit-*`, `anthropic-ratelimit-*`) and a harmless `x-upstream-note` |
 //!
 //! `GET /sim/stats` reports the number of completion calls and of
-//! connections accepted as JSON.
+//! connections accepted, and the path and query of the last call, as JSON. Messages and token counts are completion
+//! calls too.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -64,6 +71,8 @@ pub(crate) struct SimStats {
     aborted_notify: tokio::sync::Notify,
     ids: AtomicU64,
     last: Mutex<Option<(HeaderMap, Bytes)>>,
+    /// The path and query of the last completion call.
+    last_uri: Mutex<Option<String>>,
     failures: Mutex<HashMap<String, u32>>,
     /// Its name, for `x-sim-upstream` (several simulators behind one
     /// gateway).
@@ -133,6 +142,15 @@ impl Simulator {
             }
             notified.await;
         }
+    }
+
+    /// The path and query of the last completion call.
+    pub fn last_uri(&self) -> Option<String> {
+        self.stats
+            .last_uri
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Headers and body of the last completion call.
@@ -233,6 +251,48 @@ fn error_body(status: StatusCode) -> Value {
     json!({"error": {"message": message, "type": ty, "param": null, "code": "invalid_request_error"}})
 }
 
+/// An error body as Anthropic (and DeepSeek's Messages API) writes it.
+fn anthropic_error_body(status: StatusCode) -> Value {
+    let (message, ty) = match status.as_u16() {
+        400 => ("Invalid request body", "invalid_request_error"),
+        401 => ("invalid x-api-key", "authentication_error"),
+        402 => ("Insufficient Balance", "billing_error"),
+        403 => ("Forbidden", "permission_error"),
+        404 => ("Not found", "not_found_error"),
+        429 => ("Rate limited", "rate_limit_error"),
+        529 => ("Overloaded", "overloaded_error"),
+        _ => ("Internal server error", "api_error"),
+    };
+    json!({"type": "error", "error": {"type": ty, "message": message}, "request_id": "req_sim"})
+}
+
+/// Characters of a request's prompt: its messages' string contents (and,
+/// for the Messages API, the text of its blocks and of `system`).
+fn prompt_chars(request: &Value, fim: bool) -> usize {
+    if fim {
+        return request
+            .get("prompt")
+            .and_then(Value::as_str)
+            .map_or(0, str::len);
+    }
+    let content = |c: &Value| match c {
+        Value::String(s) => s.len(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .map(str::len)
+            .sum(),
+        _ => 0,
+    };
+    let messages = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .map_or(0, |m| {
+            m.iter().filter_map(|m| m.get("content")).map(content).sum()
+        });
+    messages + request.get("system").map_or(0, content)
+}
+
 struct Faults {
     status: Option<u16>,
     fail_first: Option<(String, u32)>,
@@ -318,6 +378,7 @@ async fn handle(
                 &json!({
                     "calls": stats.calls.load(Ordering::SeqCst),
                     "connections": stats.connections.load(Ordering::SeqCst),
+                    "last_uri": stats.last_uri.lock().unwrap_or_else(|e| e.into_inner()).clone(),
                 }),
             ));
         }
@@ -326,6 +387,10 @@ async fn handle(
             "/chat/completions" | "/v1/chat/completions" | "/beta/chat/completions",
         ) => "chat",
         (&Method::POST, "/beta/completions") => "fim",
+        (&Method::POST, "/anthropic/v1/messages" | "/v1/messages") => "messages",
+        (&Method::POST, "/anthropic/v1/messages/count_tokens" | "/v1/messages/count_tokens") => {
+            "count_tokens"
+        }
         _ => {
             return Ok(json_response(
                 StatusCode::NOT_FOUND,
@@ -356,6 +421,8 @@ async fn answer(
 ) -> Result<Response<SimBody>, std::io::Error> {
     *stats.last.lock().unwrap_or_else(|e| e.into_inner()) =
         Some((parts.headers.clone(), body.clone()));
+    *stats.last_uri.lock().unwrap_or_else(|e| e.into_inner()) =
+        parts.uri.path_and_query().map(|p| p.as_str().to_string());
     // Faults aimed at another simulator are not this one's.
     let aimed_elsewhere = parts
         .headers
@@ -378,6 +445,8 @@ async fn answer(
             ("x-ratelimit-limit-tokens", "5000000"),
             ("x-ratelimit-remaining-tokens", "4999000"),
             ("x-ratelimit-reset-tokens", "12ms"),
+            ("anthropic-ratelimit-requests-limit", "4000"),
+            ("anthropic-ratelimit-tokens-reset", "2026-01-01T00:00:00Z"),
             ("x-upstream-note", "kept"),
         ] {
             h.insert(k, HeaderValue::from_static(v));
@@ -411,9 +480,15 @@ async fn answer_with(
         // hyper drops the connection when the service fails: no response.
         return Err(std::io::Error::other("simulated connection close"));
     }
+    let anthropic = matches!(endpoint, "messages" | "count_tokens");
     if let Some(code) = failing {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut r = json_response(status, &error_body(status));
+        let body = if anthropic {
+            anthropic_error_body(status)
+        } else {
+            error_body(status)
+        };
+        let mut r = json_response(status, &body);
         if let Some(ra) = faults
             .retry_after
             .as_deref()
@@ -424,17 +499,34 @@ async fn answer_with(
         return Ok(r);
     }
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
-        return Ok(json_response(
-            StatusCode::BAD_REQUEST,
-            &error_body(StatusCode::BAD_REQUEST),
-        ));
+        let status = StatusCode::BAD_REQUEST;
+        let body = if anthropic {
+            anthropic_error_body(status)
+        } else {
+            error_body(status)
+        };
+        return Ok(json_response(status, &body));
     };
+    if endpoint == "count_tokens" {
+        let tokens = prompt_chars(&request, false).div_ceil(4) + 5;
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({"input_tokens": tokens}),
+        ));
+    }
     let id = format!("sim-{}", stats.ids.fetch_add(1, Ordering::Relaxed));
     let answer = Answer::new(endpoint, &request, faults, id);
     let stream = request
         .get("stream")
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    if anthropic {
+        return Ok(if stream {
+            stream_response(answer.message_events(!faults.no_usage), faults, stats)
+        } else {
+            whole_response(answer.message(!faults.no_usage), faults)
+        });
+    }
     if stream {
         let include_usage = !faults.no_usage
             && request
@@ -489,6 +581,8 @@ fn whole_response(completion: Value, faults: &Faults) -> Response<SimBody> {
 struct Events {
     all: Vec<Bytes>,
     paced: usize,
+    /// Anthropic's events: an error event ends the stream by itself.
+    anthropic: bool,
 }
 
 fn stream_response(events: Events, faults: &Faults, stats: &Arc<SimStats>) -> Response<SimBody> {
@@ -516,18 +610,21 @@ fn stream_response(events: Events, faults: &Faults, stats: &Arc<SimStats>) -> Re
         let garbage = faults.garbage;
         let linger = faults.linger;
         let error_event = faults.error_event;
+        let anthropic = events.anthropic;
         let stats = Arc::clone(stats);
         let aborted = move || {
             stats.aborted.fetch_add(1, Ordering::SeqCst);
             stats.aborted_notify.notify_waiters();
         };
         tokio::spawn(async move {
+            // Messages: Anthropic's `ping` events rather than comments.
+            let keepalive: &'static [u8] = if anthropic {
+                b"event: ping\ndata: {\"type\":\"ping\"}\n\n"
+            } else {
+                b": keep-alive\n\n"
+            };
             for _ in 0..keepalives {
-                if tx
-                    .send(Ok(Bytes::from_static(b": keep-alive\n\n")))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Ok(Bytes::from_static(keepalive))).await.is_err() {
                     return;
                 }
             }
@@ -538,6 +635,11 @@ fn stream_response(events: Events, faults: &Faults, stats: &Arc<SimStats>) -> Re
             let paced = events.paced;
             for (i, ev) in events.all.into_iter().enumerate() {
                 if error_event == Some(i) {
+                    if anthropic {
+                        let error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"Internal server error\"}}\n\n";
+                        let _ = tx.send(Ok(Bytes::from_static(error.as_bytes()))).await;
+                        return;
+                    }
                     let error = "data: {\"error\":{\"message\":\"Server Error\",\"type\":\"api_error\",\"param\":null,\"code\":\"internal_error\"}}\n\n";
                     let _ = tx.send(Ok(Bytes::from_static(error.as_bytes()))).await;
                     let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
@@ -594,19 +696,49 @@ impl Answer {
             .unwrap_or("deepseek-chat")
             .to_string();
         let fim = endpoint == "fim";
-        let reasoning = if model == "deepseek-reasoner" && !fim {
-            ["Let me ", "think ", "about this."]
-                .map(String::from)
-                .to_vec()
-        } else {
-            Vec::new()
-        };
+        let messages = endpoint == "messages";
+        // Messages: thinking when the request enables it.
+        let thinking = request
+            .pointer("/thinking/type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t != "disabled");
+        let reasoning =
+            if (model == "deepseek-reasoner" && !fim && !messages) || (messages && thinking) {
+                ["Let me ", "think ", "about this."]
+                    .map(String::from)
+                    .to_vec()
+            } else {
+                Vec::new()
+            };
+        // Messages: a tool is called once per turn; an answer to a tool's
+        // result is text (so a client that runs tools, like an agent,
+        // ends its turn instead of calling tools forever).
+        let answers_tool_result = messages
+            && request
+                .pointer("/messages")
+                .and_then(Value::as_array)
+                .and_then(|m| m.last())
+                .and_then(|m| m.get("content"))
+                .and_then(Value::as_array)
+                .is_some_and(|blocks| {
+                    blocks
+                        .iter()
+                        .any(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+                });
         let tool = request
             .get("tools")
+            .filter(|_| !answers_tool_result)
             .and_then(Value::as_array)
             .and_then(|t| t.first())
             .filter(|_| request.get("tool_choice").and_then(Value::as_str) != Some("none"))
-            .and_then(|t| t.pointer("/function/name").and_then(Value::as_str))
+            .filter(|_| {
+                request.pointer("/tool_choice/type").and_then(Value::as_str) != Some("none")
+            })
+            .and_then(|t| {
+                // OpenAI's tools name a function; Anthropic's are named.
+                let at = if messages { "/name" } else { "/function/name" };
+                t.pointer(at).and_then(Value::as_str)
+            })
             .filter(|_| !fim)
             .map(|name| {
                 (
@@ -631,22 +763,7 @@ impl Answer {
                     .collect()
             }
         };
-        let prompt_chars: usize = if fim {
-            request
-                .get("prompt")
-                .and_then(Value::as_str)
-                .map_or(0, str::len)
-        } else {
-            request
-                .get("messages")
-                .and_then(Value::as_array)
-                .map_or(0, |m| {
-                    m.iter()
-                        .filter_map(|m| m.get("content").and_then(Value::as_str))
-                        .map(str::len)
-                        .sum()
-                })
-        };
+        let prompt_chars = prompt_chars(request, fim);
         let (prompt_tokens, completion_tokens) = faults.usage.unwrap_or((
             (prompt_chars as u64).div_ceil(4) + 5,
             (content.len() + reasoning.len()) as u64 * 2,
@@ -714,6 +831,112 @@ impl Answer {
         v
     }
 
+    /// Usage in Anthropic's fields: a quarter of the prompt read from the
+    /// prompt cache.
+    fn message_usage(&self) -> Value {
+        let hit = self.prompt_tokens / 4;
+        json!({
+            "input_tokens": self.prompt_tokens - hit,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": hit,
+            "output_tokens": self.completion_tokens,
+        })
+    }
+
+    fn stop_reason(&self) -> &'static str {
+        if self.tool.is_some() {
+            "tool_use"
+        } else {
+            "end_turn"
+        }
+    }
+
+    /// The signature of the thinking block (opaque to clients).
+    fn signature(&self) -> String {
+        format!("sim-signature-{}", self.id)
+    }
+
+    /// A whole Messages answer.
+    fn message(&self, with_usage: bool) -> Value {
+        let mut content = Vec::new();
+        if !self.reasoning.is_empty() {
+            content.push(json!({"type": "thinking", "thinking": self.reasoning.concat(), "signature": self.signature()}));
+        }
+        content.push(json!({"type": "text", "text": self.content.concat()}));
+        if let Some((name, args)) = &self.tool {
+            let input: Value = serde_json::from_str(&args.concat()).unwrap_or(Value::Null);
+            content.push(
+                json!({"type": "tool_use", "id": "toolu_sim_0", "name": name, "input": input}),
+            );
+        }
+        let mut v = json!({
+            "id": format!("msg_{}", self.id), "type": "message", "role": "assistant",
+            "model": self.model, "content": content,
+            "stop_reason": self.stop_reason(), "stop_sequence": null,
+        });
+        if with_usage {
+            v["usage"] = self.message_usage();
+        }
+        v
+    }
+
+    /// A Messages stream: `message_start`, a `ping`, each block's start,
+    /// deltas and stop, `message_delta` and `message_stop`.
+    fn message_events(&self, with_usage: bool) -> Events {
+        let event = |v: Value| -> Bytes {
+            let kind = v["type"].as_str().unwrap_or("").to_string();
+            Bytes::from(format!("event: {kind}\ndata: {v}\n\n"))
+        };
+        let mut start = json!({
+            "id": format!("msg_{}", self.id), "type": "message", "role": "assistant",
+            "model": self.model, "content": [], "stop_reason": null, "stop_sequence": null,
+        });
+        if with_usage {
+            let mut u = self.message_usage();
+            u["output_tokens"] = Value::from(1);
+            start["usage"] = u;
+        }
+        let mut out = vec![
+            event(json!({"type": "message_start", "message": start})),
+            event(json!({"type": "ping"})),
+        ];
+        let mut index = 0;
+        if !self.reasoning.is_empty() {
+            out.push(event(json!({"type": "content_block_start", "index": index, "content_block": {"type": "thinking", "thinking": "", "signature": ""}})));
+            for piece in &self.reasoning {
+                out.push(event(json!({"type": "content_block_delta", "index": index, "delta": {"type": "thinking_delta", "thinking": piece}})));
+            }
+            out.push(event(json!({"type": "content_block_delta", "index": index, "delta": {"type": "signature_delta", "signature": self.signature()}})));
+            out.push(event(json!({"type": "content_block_stop", "index": index})));
+            index += 1;
+        }
+        out.push(event(json!({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}})));
+        for piece in &self.content {
+            out.push(event(json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}})));
+        }
+        out.push(event(json!({"type": "content_block_stop", "index": index})));
+        if let Some((name, args)) = &self.tool {
+            index += 1;
+            out.push(event(json!({"type": "content_block_start", "index": index, "content_block": {"type": "tool_use", "id": "toolu_sim_0", "name": name, "input": {}}})));
+            for a in args {
+                out.push(event(json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": a}})));
+            }
+            out.push(event(json!({"type": "content_block_stop", "index": index})));
+        }
+        let mut delta = json!({"type": "message_delta", "delta": {"stop_reason": self.stop_reason(), "stop_sequence": null}});
+        if with_usage {
+            delta["usage"] = json!({"output_tokens": self.completion_tokens});
+        }
+        out.push(event(delta));
+        let paced = out.len();
+        out.push(event(json!({"type": "message_stop"})));
+        Events {
+            all: out,
+            paced,
+            anthropic: true,
+        }
+    }
+
     fn events(&self, include_usage: bool) -> Events {
         let object = if self.fim {
             "text_completion"
@@ -767,6 +990,81 @@ impl Answer {
             out.push(event(json!([]), Some(self.usage())));
         }
         out.push(Bytes::from_static(b"data: [DONE]\n\n"));
-        Events { all: out, paced }
+        Events {
+            all: out,
+            paced,
+            anthropic: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::anthropic::Assembler;
+    use crate::api::sse::{event_data, EventData, Framer};
+
+    fn faults() -> Faults {
+        Faults::of(&HeaderMap::new())
+    }
+
+    /// A Messages stream of the simulator, assembled.
+    fn assembled(events: Events) -> Value {
+        let mut framer = Framer::default();
+        let mut a = Assembler::new();
+        for chunk in events.all {
+            let mut evs = Vec::new();
+            framer.push(chunk, |e| evs.push(e)).expect("sse");
+            for ev in evs {
+                if let EventData::Data(d) = event_data(&ev) {
+                    a.push(&d).expect("json");
+                }
+            }
+        }
+        assert!(a.is_whole());
+        a.finish()
+    }
+
+    #[test]
+    fn a_messages_stream_assembles_into_the_whole_message() {
+        let request = json!({
+            "model": "claude-sonnet-4-5", "max_tokens": 100,
+            "thinking": {"type": "enabled", "budget_tokens": 50},
+            "system": "be brief",
+            "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+        });
+        let answer = Answer::new("messages", &request, &faults(), "sim-1".into());
+        let whole = answer.message(true);
+        let kinds: Vec<&str> = whole["content"]
+            .as_array()
+            .expect("content")
+            .iter()
+            .filter_map(|b| b["type"].as_str())
+            .collect();
+        assert_eq!(kinds, ["thinking", "text", "tool_use"]);
+        assert_eq!(whole["content"][2]["input"], json!({"city": "Paris"}));
+        assert_eq!(whole["stop_reason"], "tool_use");
+        assert_eq!(assembled(answer.message_events(true)), whole);
+        // A tool's result is answered with text.
+        let after_tool = json!({
+            "model": "m", "max_tokens": 5,
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "get_weather", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "sunny"}]},
+            ],
+        });
+        let answer = Answer::new("messages", &after_tool, &faults(), "sim-3".into());
+        assert_eq!(answer.message(true)["stop_reason"], "end_turn");
+        // Without thinking or tools: one text block.
+        let plain =
+            json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
+        let answer = Answer::new("messages", &plain, &faults(), "sim-2".into());
+        let whole = answer.message(false);
+        assert_eq!(whole["content"].as_array().map(Vec::len), Some(1));
+        assert!(whole.get("usage").is_none());
+        assert_eq!(assembled(answer.message_events(false)), whole);
     }
 }

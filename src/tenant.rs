@@ -11,6 +11,7 @@ use http::HeaderMap;
 use prometheus::IntGauge;
 use sha2::{Digest, Sha256};
 
+use crate::api::Format;
 use crate::config::TenantConfig;
 use crate::limit::TenantLimits;
 use crate::metrics::{Metrics, ModelLabels, UsageHandles};
@@ -87,13 +88,52 @@ impl Tenant {
     }
 }
 
-/// The tenant key a request presents: `Authorization: Bearer <key>`.
-pub(crate) fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
-    let value = headers.get(http::header::AUTHORIZATION)?.as_bytes();
-    let (scheme, key) = value.split_at(value.iter().position(|&b| b == b' ')?);
-    if !scheme.eq_ignore_ascii_case(b"bearer") {
-        return None;
+/// The tenant key a request presents: `Authorization: Bearer <key>`; on
+/// Anthropic's paths `x-api-key: <key>` too, the Bearer winning when both
+/// are sent (as at Anthropic and DeepSeek).
+pub(crate) fn presented_key(headers: &HeaderMap, format: Format) -> Option<&[u8]> {
+    let bearer = || {
+        let value = headers.get(http::header::AUTHORIZATION)?.as_bytes();
+        let (scheme, key) = value.split_at(value.iter().position(|&b| b == b' ')?);
+        if !scheme.eq_ignore_ascii_case(b"bearer") {
+            return None;
+        }
+        let key = key.trim_ascii();
+        (!key.is_empty()).then_some(key)
+    };
+    match format {
+        Format::OpenAi => bearer(),
+        Format::Anthropic => bearer().or_else(|| {
+            let key = headers.get("x-api-key")?.as_bytes().trim_ascii();
+            (!key.is_empty()).then_some(key)
+        }),
     }
-    let key = key.trim_ascii();
-    (!key.is_empty()).then_some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_come_as_bearer_or_on_anthropic_paths_as_x_api_key() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, http::HeaderValue::from_static(v));
+            }
+            h
+        };
+        let both = headers(&[("authorization", "Bearer sk-a"), ("x-api-key", "sk-b")]);
+        assert_eq!(presented_key(&both, Format::Anthropic), Some(&b"sk-a"[..]));
+        assert_eq!(presented_key(&both, Format::OpenAi), Some(&b"sk-a"[..]));
+        let x = headers(&[("x-api-key", " sk-b ")]);
+        assert_eq!(presented_key(&x, Format::Anthropic), Some(&b"sk-b"[..]));
+        assert_eq!(presented_key(&x, Format::OpenAi), None);
+        let basic = headers(&[("authorization", "Basic sk-a"), ("x-api-key", "sk-b")]);
+        assert_eq!(presented_key(&basic, Format::Anthropic), Some(&b"sk-b"[..]));
+        assert_eq!(
+            presented_key(&headers(&[("x-api-key", "")]), Format::Anthropic),
+            None
+        );
+    }
 }

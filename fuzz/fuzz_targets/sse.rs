@@ -6,13 +6,16 @@
 //! events and the pending tail give back the input; and a stream assembled
 //! into a completion, replayed as a cache hit would replay it and assembled
 //! again, gives the same completion (docs/api.md, "Cache": a replay reassembles to the
-//! identical message).
+//! identical message). The same for Anthropic's Messages stream: its
+//! reader and its assembler agree on every event, and a message assembled
+//! from the events, replayed, assembles to the same message.
 
 #![no_main]
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
+use sluice::api::anthropic;
 use sluice::api::openai::{self, Assembler, Shape};
 use sluice::api::sse::{self, EventData, Framer};
 
@@ -78,6 +81,41 @@ fn assemble(events: &[Bytes], shape: Shape) -> Value {
     asm.finish()
 }
 
+/// Anthropic's reading of the events: the reader (cache off) and the
+/// assembler (cache on) agree on every event; a whole message replays into
+/// events that assemble into it again.
+fn anthropic_round_trip(events: &[Bytes]) {
+    let mut tally = anthropic::Tally::default();
+    let mut asm = anthropic::Assembler::new();
+    for ev in events {
+        if let EventData::Data(d) = sse::event_data(ev) {
+            match (tally.read(&d), asm.push(&d)) {
+                (Ok(l), Ok(f)) => assert_eq!(l, f, "the two readings of {d:?}"),
+                (Err(_), Err(_)) => {}
+                (l, f) => panic!("the reader and the assembler disagree on {d:?}: {l:?} / {f:?}"),
+            }
+        }
+    }
+    if !asm.is_whole() {
+        return;
+    }
+    let message = asm.finish();
+    let Some(replay) = anthropic::replay(&message) else {
+        return;
+    };
+    let (events, pending, refused) = frame([&replay.chunks[..]]);
+    assert!(pending.is_empty() && !refused, "a replay frames into whole events");
+    let mut again = anthropic::Assembler::new();
+    for ev in &events {
+        if let EventData::Data(d) = sse::event_data(ev) {
+            again.push(&d).expect("a replayed event is JSON");
+        }
+    }
+    assert!(again.is_whole(), "a replay assembles: {message}");
+    let again = again.finish();
+    assert!(same(&again, &message), "replay round trip: {again} vs {message}");
+}
+
 /// JSON equality, floats exact: serde_json is built with `float_roundtrip`,
 /// so a float read, written and read again is the same float, and written
 /// again the same text (FUZZING.md, finding 3).
@@ -97,6 +135,8 @@ fuzz_target!(|data: &[u8]| {
         let total: usize = whole.0.iter().map(Bytes::len).sum::<usize>() + whole.1.len();
         assert_eq!(total, bytes.len(), "bytes lost or added");
     }
+
+    anthropic_round_trip(&whole.0);
 
     let shape = if seed & 0x80 == 0 {
         Shape::Chat

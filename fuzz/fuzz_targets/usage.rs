@@ -18,6 +18,7 @@ use sluice::cache::Entry;
 use sluice::api::openai;
 use sluice::api::sse;
 use sluice::api::usage::Usage;
+use sluice::api::Format;
 
 /// DeepSeek's and OpenAI's usage fields, with the types they have: a body
 /// that parses into this (serde refuses repeated fields) has a usage that
@@ -66,7 +67,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    if let Some(entry) = Entry::from_completion(Bytes::copy_from_slice(data)) {
+    if let Some(entry) = Entry::from_completion(Bytes::copy_from_slice(data), Format::OpenAi) {
         assert!(entry.weight() as usize >= entry.completion.len());
         // What is stored was checked without a tree; its replay, built at
         // the first streaming hit, is the tree's replay (or none, for an

@@ -42,13 +42,25 @@ pub fn usage_of_completion(body: &[u8]) -> Option<Usage> {
     }
 }
 
-/// DeepSeek may send blank lines before a non-streaming JSON body.
-pub fn trim_leading_ws(body: &[u8]) -> &[u8] {
-    let start = body
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(body.len());
-    &body[start..]
+pub use crate::api::trim_leading_ws;
+
+/// An error body in OpenAI's shape:
+/// `{"error":{"message","type","param":null,"code"}}`.
+pub(crate) fn error_body(message: &str, error_type: &str, code: &str) -> Bytes {
+    let body = json!({
+        "error": {"message": message, "type": error_type, "param": Value::Null, "code": code}
+    });
+    Bytes::from(body.to_string())
+}
+
+/// The event that ends a stream broken after bytes were sent: the error
+/// body as a data event, with no `[DONE]` after it.
+pub(crate) fn error_event(body: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(body.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(body);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
 }
 
 /// What kind of completion a stream amounts to.
@@ -393,20 +405,8 @@ impl Assembler {
     }
 }
 
-/// A completion replayed as SSE: the chunks without usage, and the usage
-/// chunk on its own so it can be sent only to clients that asked for it.
-#[derive(Debug, Clone, Default)]
-pub struct Replay {
-    pub chunks: Bytes,
-    pub usage_chunk: Option<Bytes>,
-}
-
-/// A non-streaming answer, as `completion_facts` found it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Completion {
-    /// Its usage; `None` when it has none.
-    pub(crate) usage: Option<Usage>,
-}
+use crate::api::Completion;
+pub use crate::api::Replay;
 
 /// What storing a non-streaming answer needs to know of it, read without
 /// building a tree (the miss path stores every cacheable answer, most of
@@ -414,28 +414,10 @@ pub(crate) struct Completion {
 /// with a `choices` array, each chat choice with a `message` object), and
 /// its usage. `None`: not a completion.
 pub(crate) fn completion_facts(body: &[u8]) -> Option<Completion> {
-    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    use crate::api::AnyObject;
     use serde_json::value::RawValue;
     use std::borrow::Cow;
 
-    /// Any JSON object, skipped; anything else is refused.
-    struct AnyObject;
-    impl<'de> Deserialize<'de> for AnyObject {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct Skip;
-            impl<'de> Visitor<'de> for Skip {
-                type Value = AnyObject;
-                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                    f.write_str("an object")
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<AnyObject, A::Error> {
-                    while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                    Ok(AnyObject)
-                }
-            }
-            d.deserialize_map(Skip)
-        }
-    }
     #[derive(Deserialize)]
     struct Choice {
         #[serde(default)]

@@ -78,6 +78,19 @@ impl<'de> Deserialize<'de> for Chars {
     }
 }
 
+/// The characters of a message's content (Anthropic's `system` too): a
+/// string, or the `text` of an array of content blocks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ContentChars(pub u64);
+
+impl<'de> Deserialize<'de> for ContentChars {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ContentChars, D::Error> {
+        Count(Want::Content)
+            .deserialize(d)
+            .map(|(_, n)| ContentChars(n))
+    }
+}
+
 /// Where in a request body the counter is.
 #[derive(Clone, Copy)]
 enum Want {
@@ -238,5 +251,11 @@ mod tests {
         assert_eq!(c, Chars(3));
         let c: Chars = serde_json::from_str(r#"{"a":[1,"xx"]}"#).expect("json");
         assert_eq!(c, Chars(0));
+        let c: ContentChars = serde_json::from_str(r#""abc""#).expect("json");
+        assert_eq!(c, ContentChars(3));
+        let c: ContentChars =
+            serde_json::from_str(r#"[{"type":"text","text":"ab"},{"type":"text","text":"cd","cache_control":{"type":"ephemeral"}}]"#)
+                .expect("json");
+        assert_eq!(c, ContentChars(4));
     }
 }

@@ -16,8 +16,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::api::json::Scan;
-use crate::api::openai::{self, Replay};
 use crate::api::usage::Usage;
+use crate::api::{trim_leading_ws, Format, Replay};
 
 mod store;
 pub(crate) mod tiered;
@@ -55,7 +55,10 @@ pub fn key(scope: Option<&str>, endpoint: &str, body: &Scan<'_>) -> Key {
 /// One stored answer.
 #[derive(Debug)]
 pub struct Entry {
-    /// The completion as the non-streaming endpoint answers it.
+    /// The API format of the answer (the endpoint is in the key, so one
+    /// key's answers are always of one format).
+    pub format: Format,
+    /// The completion (or message) as the non-streaming endpoint answers it.
     pub completion: Bytes,
     /// The same completion as SSE chunks (without `[DONE]`), built at the
     /// first streaming hit: see [`Entry::replay`].
@@ -66,14 +69,16 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Builds an entry from a complete 200 body; `None` if it is not a
-    /// completion (invalid JSON, no choices, a chat choice without a
-    /// message): such answers are never stored.
-    pub fn from_completion(body: Bytes) -> Option<Entry> {
-        let trimmed = openai::trim_leading_ws(&body);
+    /// Builds an entry from a complete 200 body; `None` if it is not an
+    /// answer of its format (invalid JSON; for OpenAI no choices, a chat
+    /// choice without a message; for Anthropic no content blocks): such
+    /// answers are never stored.
+    pub fn from_completion(body: Bytes, format: Format) -> Option<Entry> {
+        let trimmed = trim_leading_ws(&body);
         let offset = body.len() - trimmed.len();
-        let usage = openai::completion_facts(trimmed)?.usage;
+        let usage = format.facts(trimmed)?.usage;
         Some(Entry {
+            format,
             completion: body.slice(offset..),
             replay: OnceLock::new(),
             usage,
@@ -82,8 +87,8 @@ impl Entry {
     }
 
     /// Builds an entry from an assembled stream.
-    pub fn from_assembled(value: &Value) -> Option<Entry> {
-        Self::from_completion(Bytes::from(serde_json::to_vec(value).ok()?))
+    pub fn from_assembled(value: &Value, format: Format) -> Option<Entry> {
+        Self::from_completion(Bytes::from(serde_json::to_vec(value).ok()?), format)
     }
 
     /// The completion as SSE chunks, built from the completion the first
@@ -96,7 +101,7 @@ impl Entry {
             .get_or_init(|| {
                 serde_json::from_slice::<Value>(&self.completion)
                     .ok()
-                    .and_then(|v| openai::replay(&v))
+                    .and_then(|v| self.format.replay(&v))
             })
             .as_ref()
     }
@@ -121,9 +126,12 @@ mod tests {
 
     #[test]
     fn an_answer_whose_tree_does_not_parse_has_no_replay_never_an_empty_one() {
-        let ok = Entry::from_completion(Bytes::from_static(
-            br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#,
-        ))
+        let ok = Entry::from_completion(
+            Bytes::from_static(
+                br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#,
+            ),
+            Format::OpenAi,
+        )
         .expect("stored");
         assert!(ok.replay().is_some_and(|r| !r.chunks.is_empty()));
         // Stored (the check skips what it does not need), but no replay:
@@ -132,7 +140,8 @@ mod tests {
             &br#"{"choices":[{"message":{"content":"a"}}],"created":1e400}"#[..],
             br#"{"choices":[{"message":{"content":"\ud83d"}}]}"#,
         ] {
-            let e = Entry::from_completion(Bytes::from_static(body)).expect("stored");
+            let e =
+                Entry::from_completion(Bytes::from_static(body), Format::OpenAi).expect("stored");
             assert!(e.replay().is_none(), "{}", String::from_utf8_lossy(body));
         }
     }
@@ -194,7 +203,8 @@ mod tests {
         for i in 0..200u32 {
             let text = "x".repeat(4000);
             let body = json!({"id": i, "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]});
-            let e = Entry::from_completion(Bytes::from(body.to_string())).expect("entry");
+            let e = Entry::from_completion(Bytes::from(body.to_string()), Format::OpenAi)
+                .expect("entry");
             let raw = json!({ "i": i }).to_string();
             let body = crate::api::json::scan(raw.as_bytes(), crate::api::json::Canonical::Write)
                 .expect("json");
@@ -207,9 +217,24 @@ mod tests {
 
     #[test]
     fn only_completions_become_entries() {
-        assert!(Entry::from_completion(Bytes::from_static(b"not json")).is_none());
-        assert!(Entry::from_completion(Bytes::from_static(b"{\"error\":{}}")).is_none());
-        let e = Entry::from_completion(Bytes::from_static(b"\n\n{\"choices\":[]}")).expect("entry");
+        for format in [Format::OpenAi, Format::Anthropic] {
+            assert!(Entry::from_completion(Bytes::from_static(b"not json"), format).is_none());
+            assert!(
+                Entry::from_completion(Bytes::from_static(b"{\"error\":{}}"), format).is_none()
+            );
+        }
+        let e = Entry::from_completion(Bytes::from_static(b"\n\n{\"choices\":[]}"), Format::OpenAi)
+            .expect("entry");
         assert_eq!(&e.completion[..], b"{\"choices\":[]}");
+        // Each format takes its own answers only.
+        let message = Bytes::from_static(
+            br#"{"id":"m","type":"message","role":"assistant","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":3,"output_tokens":2}}"#,
+        );
+        assert!(Entry::from_completion(message.clone(), Format::OpenAi).is_none());
+        let e = Entry::from_completion(message, Format::Anthropic).expect("a message");
+        assert_eq!(e.usage.map(|u| u.total), Some(5));
+        let replay = e.replay().expect("replay");
+        assert!(replay.chunks.starts_with(b"event: message_start\n"));
+        assert!(Entry::from_completion(e.completion.clone(), Format::OpenAi).is_none());
     }
 }

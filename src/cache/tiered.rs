@@ -31,6 +31,7 @@ use tokio::sync::Semaphore;
 
 use redis::RedisWrite;
 
+use crate::api::Format;
 use crate::cache::{Entry, Key, Store};
 use crate::config::RedisConfig;
 use crate::shared::{Op, Redis};
@@ -39,6 +40,17 @@ use crate::shared::{Op, Redis};
 const SHARED_COPY_TTL: Duration = Duration::from_secs(60);
 /// Encoding version 1: magic, stored-at (Unix ms, big endian), completion.
 const MAGIC: &[u8; 4] = b"SLC1";
+/// The same for an Anthropic message: a replica that does not know the
+/// format reads it as a miss.
+const MAGIC_ANTHROPIC: &[u8; 4] = b"SLA1";
+
+/// The magic of an entry's format.
+fn magic(format: Format) -> &'static [u8; 4] {
+    match format {
+        Format::OpenAi => MAGIC,
+        Format::Anthropic => MAGIC_ANTHROPIC,
+    }
+}
 /// Writes to Redis in flight at once; past it a store stays local.
 const WRITES_IN_FLIGHT: usize = 256;
 
@@ -322,7 +334,7 @@ pub(crate) fn encode_into(entry: &Entry, out: &mut impl std::io::Write) {
     let stored = unix_ms(SystemTime::now()).saturating_sub(entry.age().as_millis() as u64);
     // Writes into memory (a `Vec` or a command's buffer) do not fail.
     let _ = out
-        .write_all(MAGIC)
+        .write_all(magic(entry.format))
         .and_then(|()| out.write_all(&stored.to_be_bytes()))
         .and_then(|()| out.write_all(&entry.completion));
 }
@@ -338,10 +350,14 @@ fn encode(entry: &Entry) -> Vec<u8> {
 /// An entry from its portable form; `None` for anything else (another
 /// version, or not an entry at all): a miss.
 pub(crate) fn decode(bytes: &[u8]) -> Option<Entry> {
-    let rest = bytes.strip_prefix(MAGIC)?;
+    let (format, rest) = match bytes.split_at_checked(MAGIC.len())? {
+        (m, rest) if m == MAGIC => (Format::OpenAi, rest),
+        (m, rest) if m == MAGIC_ANTHROPIC => (Format::Anthropic, rest),
+        _ => return None,
+    };
     let (stored, completion) = rest.split_at_checked(8)?;
     let stored = u64::from_be_bytes(stored.try_into().ok()?);
-    let mut entry = Entry::from_completion(Bytes::copy_from_slice(completion))?;
+    let mut entry = Entry::from_completion(Bytes::copy_from_slice(completion), format)?;
     let age = Duration::from_millis(unix_ms(SystemTime::now()).saturating_sub(stored));
     entry.stored_at = std::time::Instant::now()
         .checked_sub(age)
@@ -358,7 +374,7 @@ mod tests {
         let completion = Bytes::from_static(
             br#"{"id":"x","object":"chat.completion","model":"deepseek-chat","choices":[{"index":0,"message":{"role":"assistant","content":"hi","reasoning_content":"r"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
         );
-        let entry = Entry::from_completion(completion.clone()).expect("entry");
+        let entry = Entry::from_completion(completion.clone(), Format::OpenAi).expect("entry");
         let bytes = encode(&entry);
         let back = decode(&bytes).expect("decodes");
         assert_eq!(back.completion, completion);
@@ -378,5 +394,16 @@ mod tests {
             aged.age() >= Duration::from_secs(89),
             "age from the first store"
         );
+        // An Anthropic message crosses as one, under its own magic.
+        let message = Bytes::from_static(
+            br#"{"id":"m","type":"message","role":"assistant","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":3,"output_tokens":2}}"#,
+        );
+        let entry = Entry::from_completion(message.clone(), Format::Anthropic).expect("entry");
+        let bytes = encode(&entry);
+        assert!(bytes.starts_with(b"SLA1"));
+        let back = decode(&bytes).expect("decodes");
+        assert_eq!(back.format, Format::Anthropic);
+        assert_eq!(back.completion, message);
+        assert_eq!(back.usage, entry.usage);
     }
 }

@@ -482,6 +482,55 @@ mod tests {
     use crate::config::tests::{no_env, tenant, KEY};
 
     #[test]
+    fn anthropic_base_url() {
+        let c = Config::parse(
+            &format!("[upstream]\nbase_url = \"http://h:1/x/\"\n{}", tenant("")),
+            no_env,
+        )
+        .expect("valid");
+        assert_eq!(
+            c.upstreams[0].anthropic_base_url.as_deref(),
+            Some("http://h:1/x/anthropic"),
+            "DeepSeek's layout by default"
+        );
+        let env = |k: &str| (k == "SLUICE_UPSTREAM_URL").then(|| "http://o:2".to_string());
+        let c = Config::parse(&tenant(""), env).expect("valid");
+        assert_eq!(
+            c.upstreams[0].anthropic_base_url.as_deref(),
+            Some("http://o:2/anthropic"),
+            "from the overridden base_url"
+        );
+        let c = Config::parse(
+            &format!("[upstream]\nanthropic_base_url = \"\"\n{}", tenant("")),
+            no_env,
+        )
+        .expect("valid");
+        assert_eq!(c.upstreams[0].anthropic_base_url, None, "\"\" serves none");
+        let c = Config::parse(
+            &format!(
+                "[upstream]\nanthropic_base_url = \"https://a.example/m/\"\n{}",
+                tenant("")
+            ),
+            no_env,
+        )
+        .expect("valid");
+        assert_eq!(
+            c.upstreams[0].anthropic_base_url.as_deref(),
+            Some("https://a.example/m")
+        );
+        let err = Config::parse(
+            &format!(
+                "[upstream]\nanthropic_base_url = \"ftp://x\"\n{}",
+                tenant("")
+            ),
+            no_env,
+        )
+        .expect_err("not http")
+        .to_string();
+        assert!(err.contains("upstream.anthropic_base_url"), "{err}");
+    }
+
+    #[test]
     fn redis_section() {
         let c = Config::parse(&tenant(""), no_env).expect("valid");
         assert!(c.redis.is_none(), "no [redis]: per replica");

@@ -59,7 +59,8 @@ pub(crate) enum Mark {
     Event,
     /// DeepSeek's usage-only chunk: only clients that asked for usage get it.
     UsageOnly,
-    /// `data: [DONE]`: nothing follows it.
+    /// The stream's end (`data: [DONE]`, Anthropic's `message_stop` or
+    /// `error`): nothing follows it.
     Done,
 }
 

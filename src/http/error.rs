@@ -1,6 +1,8 @@
-//! Sluice's own errors (the table in docs/api.md): status, OpenAI-shaped
-//! body, `x-sluice-error`, `x-should-retry` and the `retry-after` headers of
-//! a refusal. The only place error bodies are built; upstream errors are
+//! Sluice's own errors (the table in docs/api.md): status, type and code,
+//! the body in the shape of the request's API format (OpenAI's, or
+//! Anthropic's on the Messages paths, written by the format's module),
+//! `x-sluice-error`, `x-should-retry` and the `retry-after` headers of a
+//! refusal. The only place Sluice's errors are decided; upstream errors are
 //! forwarded, never wrapped, so they never come here.
 
 use std::time::Duration;
@@ -9,6 +11,7 @@ use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 
 use super::headers::X_SHOULD_RETRY;
+use crate::api::{anthropic, openai, Format};
 
 /// The code of an error Sluice made itself, on every such response (an
 /// error passed through from upstream has none).
@@ -148,6 +151,28 @@ impl GatewayError {
         }
     }
 
+    /// The error's type in Anthropic's vocabulary, so each Anthropic SDK
+    /// raises its class for the status.
+    pub fn anthropic_type(&self) -> &'static str {
+        match self {
+            GatewayError::InvalidJson
+            | GatewayError::DuplicateKey(_)
+            | GatewayError::MissingField(_)
+            | GatewayError::MethodNotAllowed => "invalid_request_error",
+            GatewayError::InvalidApiKey => "authentication_error",
+            GatewayError::BudgetExceeded { .. } => "billing_error",
+            GatewayError::ModelNotAllowed => "permission_error",
+            GatewayError::NotFound | GatewayError::ModelNotFound => "not_found_error",
+            GatewayError::BodyTooLarge => "request_too_large",
+            GatewayError::RateLimited { .. } => "rate_limit_error",
+            GatewayError::UpstreamUnreachable
+            | GatewayError::StreamInterrupted
+            | GatewayError::SharedStateUnavailable
+            | GatewayError::Internal => "api_error",
+            GatewayError::UpstreamTimeout | GatewayError::BodyTimeout => "timeout_error",
+        }
+    }
+
     /// Whether an SDK should be told not to retry (`x-should-retry: false`):
     /// a request that cannot succeed as sent (400, 401, 402, 403, 404, 405,
     /// 413), and a 502 or 504 that come only once Sluice's own retries are
@@ -189,23 +214,22 @@ impl GatewayError {
         )
     }
 
-    /// `{"error":{"message","type","param","code"}}`.
-    pub fn body(&self) -> Bytes {
-        let body = serde_json::json!({
-            "error": {
-                "message": self.to_string(),
-                "type": self.error_type(),
-                "param": serde_json::Value::Null,
-                "code": self.code(),
-            }
-        });
-        Bytes::from(body.to_string())
+    /// The body in `format`'s shape: OpenAI's
+    /// `{"error":{"message","type","param","code"}}`, or Anthropic's
+    /// `{"type":"error","error":{"type","message"},"request_id"}`.
+    pub fn body(&self, format: Format, request_id: Option<&str>) -> Bytes {
+        let message = self.to_string();
+        match format {
+            Format::OpenAi => openai::error_body(&message, self.error_type(), self.code()),
+            Format::Anthropic => anthropic::error_body(self.anthropic_type(), &message, request_id),
+        }
     }
 
-    /// The error as a response with whole-bytes body; the caller wraps the
-    /// body in its own type (this module knows no body type).
-    pub fn into_response(self) -> Response<Bytes> {
-        let mut resp = Response::new(self.body());
+    /// The error as a response with whole-bytes body in `format`'s shape;
+    /// the caller wraps the body in its own type (this module knows no
+    /// body type).
+    pub fn into_response(self, format: Format, request_id: Option<&str>) -> Response<Bytes> {
+        let mut resp = Response::new(self.body(format, request_id));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
         h.insert(
@@ -237,14 +261,18 @@ impl GatewayError {
     }
 }
 
-/// The SSE event that ends a stream broken after bytes reached the client:
-/// an SDK raises on it instead of taking a partial answer for a whole one.
-pub fn stream_error_event() -> Bytes {
-    let mut out = Vec::with_capacity(200);
-    out.extend_from_slice(b"data: ");
-    out.extend_from_slice(&GatewayError::StreamInterrupted.body());
-    out.extend_from_slice(b"\n\n");
-    Bytes::from(out)
+/// The SSE event that ends a stream broken after bytes reached the client,
+/// in the stream's format: an SDK raises on it instead of taking a partial
+/// answer for a whole one.
+pub fn stream_error_event(format: Format) -> Bytes {
+    let e = GatewayError::StreamInterrupted;
+    match format {
+        Format::OpenAi => openai::error_event(&e.body(format, None)),
+        Format::Anthropic => anthropic::error_event(
+            e.anthropic_type(),
+            "upstream stream interrupted before the message completed",
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -341,11 +369,53 @@ mod tests {
         ];
         for (e, status, ty, code) in cases {
             assert_eq!(e.status().as_u16(), status);
-            let v: serde_json::Value = serde_json::from_slice(&e.body()).expect("json");
+            let v: serde_json::Value =
+                serde_json::from_slice(&e.body(Format::OpenAi, Some("r"))).expect("json");
             assert_eq!(v["error"]["type"], ty);
             assert_eq!(v["error"]["code"], code);
             assert!(v["error"]["param"].is_null());
             assert!(v["error"]["message"].is_string());
+            assert!(v.get("request_id").is_none());
+        }
+    }
+
+    #[test]
+    fn anthropic_table() {
+        let limited = GatewayError::RateLimited {
+            limit: Limit::Requests,
+            retry_after: Duration::from_secs(1),
+        };
+        let budget = GatewayError::BudgetExceeded {
+            retry_after: Duration::from_secs(1),
+        };
+        let cases = [
+            (GatewayError::InvalidJson, 400, "invalid_request_error"),
+            (
+                GatewayError::MissingField("x"),
+                400,
+                "invalid_request_error",
+            ),
+            (GatewayError::InvalidApiKey, 401, "authentication_error"),
+            (budget, 402, "billing_error"),
+            (GatewayError::ModelNotAllowed, 403, "permission_error"),
+            (GatewayError::NotFound, 404, "not_found_error"),
+            (GatewayError::MethodNotAllowed, 405, "invalid_request_error"),
+            (GatewayError::BodyTooLarge, 413, "request_too_large"),
+            (limited, 429, "rate_limit_error"),
+            (GatewayError::UpstreamUnreachable, 502, "api_error"),
+            (GatewayError::SharedStateUnavailable, 503, "api_error"),
+            (GatewayError::UpstreamTimeout, 504, "timeout_error"),
+        ];
+        for (e, status, ty) in cases {
+            let code = e.code();
+            let r = e.into_response(Format::Anthropic, Some("req-7"));
+            assert_eq!(r.status().as_u16(), status);
+            assert_eq!(r.headers()["x-sluice-error"], code);
+            let v: serde_json::Value = serde_json::from_slice(r.body()).expect("json");
+            assert_eq!(v["type"], "error", "{code}");
+            assert_eq!(v["error"]["type"], ty, "{code}");
+            assert!(v["error"]["message"].is_string());
+            assert_eq!(v["request_id"], "req-7");
         }
     }
 
@@ -355,14 +425,14 @@ mod tests {
             limit: Limit::Requests,
             retry_after: Duration::from_millis(1200),
         };
-        let r = e.into_response();
+        let r = e.into_response(Format::OpenAi, None);
         assert_eq!(r.headers()["retry-after"], "2");
         assert_eq!(r.headers()["retry-after-ms"], "1200");
         let e = GatewayError::RateLimited {
             limit: Limit::Requests,
             retry_after: Duration::ZERO,
         };
-        let r = e.into_response();
+        let r = e.into_response(Format::OpenAi, None);
         assert_eq!(r.headers()["retry-after"], "1");
     }
 
@@ -400,7 +470,7 @@ mod tests {
         ];
         for (e, no_retry) in cases {
             let code = e.code();
-            let r = e.into_response();
+            let r = e.into_response(Format::OpenAi, None);
             assert_eq!(r.headers()["x-sluice-error"], code);
             assert_eq!(
                 r.headers().get("x-should-retry").map(|v| v.as_bytes()),
@@ -412,7 +482,11 @@ mod tests {
 
     #[test]
     fn stream_error_event_shape() {
-        let ev = stream_error_event();
+        let ev = stream_error_event(Format::Anthropic);
+        let text = std::str::from_utf8(&ev).expect("utf8");
+        assert!(text.starts_with("event: error\ndata: {"), "{text}");
+        assert!(text.contains("upstream stream interrupted"));
+        let ev = stream_error_event(Format::OpenAi);
         let text = std::str::from_utf8(&ev).expect("utf8");
         assert!(text.starts_with("data: {") && text.ends_with("}\n\n"));
         let v: serde_json::Value = serde_json::from_str(&text[6..]).expect("json");

@@ -102,15 +102,17 @@ fn not_forwarded(name: &HeaderName) -> bool {
 
 /// Upstream response headers that never reach a client, beside the
 /// hop-by-hop ones: cookies, the shared account's identity, and upstream's
-/// own `x-ratelimit-*` (the shared account's standing; Sluice writes the
-/// tenant's own afterwards, and only for limits the tenant has), and an
-/// `x-sluice-error` (only Sluice's own errors carry one).
+/// own `x-ratelimit-*` and `anthropic-ratelimit-*` (the shared account's
+/// standing; Sluice writes the tenant's own afterwards, and only for limits
+/// the tenant has), and an `x-sluice-error` (only Sluice's own errors carry
+/// one).
 fn not_returned(name: &HeaderName) -> bool {
     let n = name.as_str();
     matches!(
         n,
         "set-cookie" | "openai-organization" | "openai-project" | "x-sluice-error"
     ) || n.starts_with("x-ratelimit-")
+        || n.starts_with("anthropic-ratelimit-")
 }
 
 /// Removes every header whose name `drop` picks. One pass decides; most

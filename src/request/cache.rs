@@ -255,6 +255,7 @@ impl Ctx {
                     .unwrap_or(crate::metrics::OTHER);
                 let saved = tenant.usage(model).saved.clone();
                 let opts = LogOpts {
+                    format: self.format,
                     raw: false,
                     include_usage: api.include_usage,
                 };

@@ -9,20 +9,22 @@ use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::validate::ApiRequest;
 use super::{Ctx, Served};
-use crate::api::Endpoint;
+use crate::api::{Endpoint, Format};
 use crate::http::error::GatewayError;
 use crate::http::headers::{self, mark_no_retry};
 use crate::http::request_id::X_REQUEST_ID;
 use crate::response::body::Body;
 use crate::response::lead::{Launch, LeadBody};
-use crate::response::relay::{Answer, Meter, Plan, Sink, StreamOpts};
+use crate::response::relay::{Answer, Billing, Meter, Plan, Sink, StreamOpts};
 use crate::tenant::Tenant;
-use crate::upstream::Outbound;
+use crate::upstream::{KeyHeader, Outbound};
 
 /// A validated request, ready to go upstream.
 pub(super) struct Call {
     pub(super) endpoint: Endpoint,
     pub(super) headers: HeaderMap,
+    /// The client's query string, for the APIs that forward it.
+    pub(super) query: Option<Box<str>>,
     pub(super) body: Bytes,
     pub(super) api: ApiRequest,
 }
@@ -35,6 +37,7 @@ impl Ctx {
         let Call {
             endpoint,
             headers,
+            query,
             body,
             api,
         } = call;
@@ -44,6 +47,7 @@ impl Ctx {
         let first = route.current();
         let path = endpoint.upstream_path();
         let (body, model_at) = api.upstream_body(&body);
+        let format = endpoint.format();
         let mut headers = upstream_headers(headers, &self.record.request_id);
         headers
             .entry(header::CONTENT_TYPE)
@@ -56,6 +60,7 @@ impl Ctx {
             .unwrap_or_else(|| Arc::from(crate::metrics::OTHER));
         // Made before the call: a leader's call may outlive this request.
         let plan = Plan {
+            format,
             stream: api.stream.then(|| StreamOpts {
                 shape: endpoint.shape(),
                 client_wants_usage: api.include_usage,
@@ -69,6 +74,11 @@ impl Ctx {
                 price: snap.price(&model).copied(),
                 model,
                 prompt_chars: api.prompt_chars,
+                billing: if endpoint.generates() {
+                    Billing::Usage
+                } else {
+                    Billing::Free
+                },
             },
             sink,
         };
@@ -86,6 +96,8 @@ impl Ctx {
                 let client_model = api.model;
                 Box::pin(async move {
                     let outbound = Outbound::new(Method::POST, path, headers, body)
+                        .key_in(key_header(format))
+                        .with_query(query.as_deref())
                         .to(first, snap.upstreams.peer(first))
                         .naming(&client_model, model_at)
                         .for_tenant(&name, weight);
@@ -120,6 +132,8 @@ impl Ctx {
             }
         } else {
             let outbound = Outbound::new(Method::POST, path, headers, body)
+                .key_in(key_header(format))
+                .with_query(query.as_deref())
                 .to(first, snap.upstreams.peer(first))
                 .naming(&api.model, model_at)
                 .for_tenant(&name, weight);
@@ -166,6 +180,14 @@ impl Ctx {
         *resp.status_mut() = parts.status;
         *resp.headers_mut() = resp_headers;
         Ok(resp)
+    }
+}
+
+/// The header each upstream's key goes in for `format`.
+fn key_header(format: Format) -> KeyHeader {
+    match format {
+        Format::OpenAi => KeyHeader::Authorization,
+        Format::Anthropic => KeyHeader::ApiKey,
     }
 }
 

@@ -37,7 +37,7 @@ use std::time::Instant;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 
-use crate::api::Endpoint;
+use crate::api::{Endpoint, Format};
 use crate::app::{App, Snapshot};
 use crate::http::error::{GatewayError, Limit};
 use crate::http::headers::detach_headers;
@@ -70,12 +70,17 @@ pub(crate) struct Ctx {
     /// The upstreams that serve this request (known with its model; one
     /// is chosen when it is sent).
     serving: Option<Serving>,
+    /// The API format the client speaks (known from the path, before the
+    /// route is resolved): the shape of Sluice's own errors and headers.
+    format: Format,
 }
 
 /// A routed request's head, detached from the connection's read buffer.
 struct Routed {
     endpoint: Endpoint,
     headers: HeaderMap,
+    /// The query string, copied, for the APIs that forward it (Anthropic's).
+    query: Option<Box<str>>,
 }
 
 /// What the request path ends in: an answer, or the error that becomes one.
@@ -103,6 +108,7 @@ pub(crate) async fn handle(
         standings: Standings::default(),
         upstream_check: None,
         serving: None,
+        format: routes::format_of(parts.uri.path()),
     };
     // The rest of the path is boxed: hyper keeps the slot of a connection's
     // in-flight service future for the connection's lifetime, so an unboxed
@@ -139,13 +145,14 @@ pub(crate) async fn handle(
     let Ctx {
         mut record,
         standings,
+        format: ctx_format,
         ..
     } = ctx;
     record.status = resp.status().as_u16();
     let h = resp.headers_mut();
     h.insert(&X_REQUEST_ID, request_id);
     if record.tenant.is_some() {
-        standings.write_headers(h);
+        standings.write_headers(h, ctx_format);
     }
     if let Some(cache) = record.cache {
         h.insert(&X_SLUICE_CACHE, HeaderValue::from_static(cache.label()));
@@ -171,15 +178,20 @@ impl Ctx {
     fn route(&mut self, parts: http::request::Parts) -> Result<Routed, GatewayError> {
         let endpoint = routes::route(&parts.method, parts.uri.path())?;
         self.record.endpoint = Some(endpoint);
+        let query = match endpoint.format() {
+            Format::Anthropic => parts.uri.query().map(Box::from),
+            Format::OpenAi => None,
+        };
         Ok(Routed {
             endpoint,
             headers: detach_headers(&parts.headers),
+            query,
         })
     }
 
     /// Phases 2 to 7, for a routed request.
     async fn serve(&mut self, routed: Routed, body: &mut Incoming) -> Served {
-        let tenant = self.authenticate(&routed.headers)?;
+        let tenant = self.authenticate(&routed.headers, routed.endpoint.format())?;
         self.admit(&tenant).await?;
         if !routed.endpoint.takes_body() {
             // The rarer paths are boxed so the common one's future stays
@@ -193,10 +205,15 @@ impl Ctx {
             cache::Cached::Answer(resp) => return Ok(resp),
             cache::Cached::Miss(fill) => fill,
         };
-        self.check_upstream(&tenant)?;
+        // A token count spends nothing, so a token deficit or a spent
+        // budget does not refuse it.
+        if routed.endpoint.generates() {
+            self.check_upstream(&tenant)?;
+        }
         let call = forward::Call {
             endpoint: routed.endpoint,
             headers: routed.headers,
+            query: routed.query,
             body: bytes,
             api,
         };
@@ -204,8 +221,12 @@ impl Ctx {
     }
 
     /// 2. Auth: the presented key's hash to a tenant.
-    fn authenticate(&mut self, headers: &HeaderMap) -> Result<Arc<Tenant>, GatewayError> {
-        let Some(tenant) = self.snap.authenticate(headers) else {
+    fn authenticate(
+        &mut self,
+        headers: &HeaderMap,
+        format: Format,
+    ) -> Result<Arc<Tenant>, GatewayError> {
+        let Some(tenant) = self.snap.authenticate(headers, format) else {
             self.app.metrics.auth_failures.inc();
             return Err(GatewayError::InvalidApiKey);
         };
@@ -235,7 +256,11 @@ impl Ctx {
         routed: &Routed,
         bytes: &bytes::Bytes,
     ) -> Result<(ApiRequest, cache::CacheMode), GatewayError> {
-        let mode = cache::CacheMode::of(&self.snap, tenant, &routed.headers);
+        // A token count is never cached or coalesced.
+        let mode = match routed.endpoint.generates() {
+            true => cache::CacheMode::of(&self.snap, tenant, &routed.headers),
+            false => cache::CacheMode::Bypass,
+        };
         let scope = match mode {
             cache::CacheMode::Bypass => validate::Keyed::No,
             cache::CacheMode::Lookup | cache::CacheMode::Refresh => {
@@ -254,7 +279,9 @@ impl Ctx {
                 .serving(Some(&api.model), routed.endpoint.upstream_path())
                 .ok_or(GatewayError::ModelNotFound)?,
         );
-        self.record.cache = Some(mode.state());
+        if routed.endpoint.generates() {
+            self.record.cache = Some(mode.state());
+        }
         Ok((api, mode))
     }
 
@@ -296,6 +323,7 @@ impl Ctx {
                 .with_label_values(&[&t.name, limit])
                 .inc();
         }
-        e.into_response().map(Body::full)
+        e.into_response(self.format, record.request_id.to_str().ok())
+            .map(Body::full)
     }
 }

@@ -1,16 +1,17 @@
 //! Validation of a request body, in one pass and without a tree: a JSON
 //! object, no repeated top-level key, the fields each endpoint needs, the
 //! cache key (unless the cache is bypassed) and the prompt's characters for
-//! the usage estimate. And the one change Sluice makes to a body: a
-//! stream's `stream_options.include_usage`, spliced into the client's bytes.
+//! the usage estimate. And the one change Sluice makes to a body: an OpenAI
+//! stream's `stream_options.include_usage`, spliced into the client's bytes
+//! (Anthropic's streams always carry usage: their bytes go as they came).
 
 use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
 
 use crate::api::json;
-use crate::api::text::PromptText;
-use crate::api::Endpoint;
+use crate::api::text::{ContentChars, PromptText};
+use crate::api::{Endpoint, Format};
 use crate::cache;
 use crate::http::error::GatewayError;
 use crate::response::hit::Delivery;
@@ -46,6 +47,8 @@ enum Splice {
     /// An object with `include_usage` (each occurrence, absolute spans):
     /// each value becomes `true`.
     Set(Vec<Range<usize>>),
+    /// Nothing to change (Anthropic's streams carry usage unasked).
+    Nothing,
 }
 
 /// Whether validation also computes the cache key, and in which scope.
@@ -98,17 +101,32 @@ impl ApiRequest {
                     "`prompt` is required and must be a string.",
                 ));
             }
-            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models
+            Endpoint::Chat
+            | Endpoint::ChatPrefix
+            | Endpoint::Models
+            | Endpoint::Messages
+            | Endpoint::CountTokens
                 if !starts("messages", b'[') =>
             {
                 return Err(GatewayError::MissingField(
                     "`messages` is required and must be an array.",
                 ));
             }
-            Endpoint::Fim | Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models => {}
+            Endpoint::Messages if !scan.get("max_tokens").is_some_and(is_integer) => {
+                return Err(GatewayError::MissingField(
+                    "`max_tokens` is required and must be an integer.",
+                ));
+            }
+            Endpoint::Fim
+            | Endpoint::Chat
+            | Endpoint::ChatPrefix
+            | Endpoint::Models
+            | Endpoint::Messages
+            | Endpoint::CountTokens => {}
         }
         let stream = scan.get("stream") == Some(&b"true"[..]);
         let (splice, include_usage) = match scan.span("stream_options") {
+            _ if endpoint.format() == Format::Anthropic => (Splice::Nothing, false),
             None => (Splice::Add(open_brace(bytes)), false),
             Some(span) => match json::members(&bytes[span.clone()]) {
                 None => (Splice::Replace(span), false),
@@ -137,14 +155,27 @@ impl ApiRequest {
             Keyed::In(scope) => Some(cache::key(scope, endpoint.label(), &scan)),
         };
         // The prompt's characters, for the usage estimate, counted without
-        // building its strings.
+        // building its strings: the messages (or FIM prompt), and
+        // Anthropic's `system`.
         let text = match endpoint {
             Endpoint::Fim => scan.get("prompt"),
-            Endpoint::Chat | Endpoint::ChatPrefix | Endpoint::Models => scan.get("messages"),
+            Endpoint::Chat
+            | Endpoint::ChatPrefix
+            | Endpoint::Models
+            | Endpoint::Messages
+            | Endpoint::CountTokens => scan.get("messages"),
+        };
+        let system = match endpoint.format() {
+            Format::Anthropic => scan
+                .get("system")
+                .and_then(|raw| serde_json::from_slice::<ContentChars>(raw).ok())
+                .map_or(0, |c| c.0),
+            Format::OpenAi => 0,
         };
         let prompt_chars = text
             .and_then(|raw| serde_json::from_slice::<PromptText>(raw).ok())
-            .map_or(0, |t| t.chars);
+            .map_or(0, |t| t.chars)
+            + system;
         Ok(ApiRequest {
             key,
             model,
@@ -199,6 +230,13 @@ async fn parse_off_runtime(
     })
     .await
     .unwrap_or(Err(GatewayError::Internal))
+}
+
+/// Whether a JSON value (as written) is an integer: digits, with an
+/// optional minus sign, and no fraction or exponent.
+fn is_integer(raw: &[u8]) -> bool {
+    let digits = raw.strip_prefix(b"-").unwrap_or(raw);
+    !digits.is_empty() && digits.iter().all(u8::is_ascii_digit)
 }
 
 /// The offset just past the first `{` (a validated object has one).
@@ -258,6 +296,7 @@ pub fn with_include_usage(bytes: &Bytes, api: &ApiRequest) -> Bytes {
         Splice::Replace(span) => splice(span.clone(), &[OBJECT]),
         Splice::Insert { at, empty: true } => splice(*at..*at, &[USAGE]),
         Splice::Insert { at, empty: false } => splice(*at..*at, &[USAGE, b","]),
+        Splice::Nothing => bytes.clone(),
         Splice::Set(values) => {
             if values.iter().all(|r| &bytes[r.clone()] == b"true") {
                 return bytes.clone();
@@ -356,6 +395,41 @@ mod tests {
     }
 
     #[test]
+    fn anthropic_bodies_go_as_they_came_and_count_system_and_messages() {
+        let raw = Bytes::from_static(
+            br#"{"model":"claude-x","max_tokens":8,"stream":true,"system":[{"type":"text","text":"abcd"}],"messages":[{"role":"user","content":[{"type":"text","text":"hello"},{"type":"tool_result","tool_use_id":"t","content":"xy"}]}]}"#,
+        );
+        let api = ApiRequest::parse(&raw, Endpoint::Messages, Keyed::In(Some("t"))).expect("valid");
+        assert!(api.stream && !api.include_usage);
+        assert_eq!(with_include_usage(&raw, &api), raw, "no splice");
+        assert_eq!(api.prompt_chars, 4 + 5);
+        let plain = br#"{"model":"m","max_tokens":8,"system":"be brief","messages":[{"role":"user","content":"hi"}]}"#;
+        let api = ApiRequest::parse(plain, Endpoint::Messages, Keyed::No).expect("valid");
+        assert_eq!(api.prompt_chars, 8 + 2);
+        // The endpoint is in the key: a chat body is keyed apart.
+        let chat = ApiRequest::parse(
+            br#"{"model":"m","max_tokens":8,"messages":[]}"#,
+            Endpoint::Chat,
+            Keyed::In(Some("t")),
+        )
+        .expect("valid");
+        let messages = ApiRequest::parse(
+            br#"{"model":"m","max_tokens":8,"messages":[],"stream":true}"#,
+            Endpoint::Messages,
+            Keyed::In(Some("t")),
+        )
+        .expect("valid");
+        let whole = ApiRequest::parse(
+            br#"{"messages":[],"max_tokens":8,"model":"m"}"#,
+            Endpoint::Messages,
+            Keyed::In(Some("t")),
+        )
+        .expect("valid");
+        assert_ne!(chat.key, messages.key);
+        assert_eq!(messages.key, whole.key, "stream is delivery, not content");
+    }
+
+    #[test]
     fn parse_validates_fields() {
         // With and without the cache key, every body is judged alike.
         let bad = |body: &str, ep| {
@@ -400,6 +474,58 @@ mod tests {
             Some("missing_field")
         );
         assert_eq!(bad(r#"{"model":"m","prompt":"x"}"#, Endpoint::Fim), None);
+        // Messages: an integer max_tokens too; count_tokens needs none.
+        let m = r#""model":"claude-x","messages":[{"role":"user","content":"hi"}]"#;
+        for (body, ep, code) in [
+            (
+                format!("{{{m},\"max_tokens\":1024}}"),
+                Endpoint::Messages,
+                None,
+            ),
+            (
+                format!("{{{m},\"max_tokens\":-1}}"),
+                Endpoint::Messages,
+                None,
+            ),
+            (
+                format!("{{{m}}}"),
+                Endpoint::Messages,
+                Some("missing_field"),
+            ),
+            (
+                format!("{{{m},\"max_tokens\":1.5}}"),
+                Endpoint::Messages,
+                Some("missing_field"),
+            ),
+            (
+                format!("{{{m},\"max_tokens\":1e3}}"),
+                Endpoint::Messages,
+                Some("missing_field"),
+            ),
+            (
+                format!("{{{m},\"max_tokens\":\"5\"}}"),
+                Endpoint::Messages,
+                Some("missing_field"),
+            ),
+            (
+                r#"{"model":"m","max_tokens":5}"#.to_string(),
+                Endpoint::Messages,
+                Some("missing_field"),
+            ),
+            (
+                r#"{"model":5,"messages":[],"max_tokens":5}"#.to_string(),
+                Endpoint::Messages,
+                Some("missing_field"),
+            ),
+            (format!("{{{m}}}"), Endpoint::CountTokens, None),
+            (
+                r#"{"model":"m","messages":"hi"}"#.to_string(),
+                Endpoint::CountTokens,
+                Some("missing_field"),
+            ),
+        ] {
+            assert_eq!(bad(&body, ep), code, "{body}");
+        }
         let ok = ApiRequest::parse(
             br#"{"model":"m\u0031","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#,
             Endpoint::Chat,

@@ -4,7 +4,6 @@
 use bytes::Bytes;
 use http::{header, HeaderValue, Response};
 
-use crate::api::sse::DONE_EVENT;
 use crate::cache::Entry;
 use crate::response::body::Body;
 
@@ -27,7 +26,7 @@ pub fn entry_response(entry: &Entry, delivery: Delivery) -> Option<Response<Body
         if usage_chunk {
             frames.extend(replay.usage_chunk.clone());
         }
-        frames.push(Bytes::from_static(DONE_EVENT));
+        frames.extend(entry.format.replay_end().map(Bytes::from_static));
         (Body::frames(frames), "text/event-stream")
     } else {
         (Body::full(entry.completion.clone()), "application/json")

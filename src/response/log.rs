@@ -5,6 +5,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 
+use crate::api::Format;
 use crate::flight::{End, Mark, Next, Reader};
 use crate::http::error::stream_error_event;
 use crate::response::BoxError;
@@ -12,6 +13,8 @@ use crate::response::BoxError;
 /// How a reader of a flight's log delivers it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LogOpts {
+    /// The answer's API format: the shape of the event that ends a break.
+    pub(crate) format: Format,
     /// A non-stream body: pieces as they are; a break aborts the response.
     pub(crate) raw: bool,
     /// Whether the usage-only chunk is sent.
@@ -20,7 +23,7 @@ pub(crate) struct LogOpts {
 
 /// A client's body read from a flight's log, at the client's own pace: a
 /// coalesced follower's, or the leader's once its relay moved into a task.
-/// Nothing follows a `[DONE]`; a break (the flight's, or this reader falling
+/// Nothing follows a stream's end (`[DONE]`, `message_stop`); a break (the flight's, or this reader falling
 /// further behind than the log keeps) ends a stream with the SSE error event
 /// and then aborts the response.
 pub(crate) struct LogBody {
@@ -80,7 +83,7 @@ impl LogBody {
                         // Only the tokens of a completed answer count as saved.
                         saved.inc_by(entry.usage.map_or(0, |u| u.total));
                     }
-                    // A stream is whole only with its `[DONE]`: an end
+                    // A stream is whole only with its end event: an end
                     // without it (a log cut short) is a break.
                     let clean = self.done_sent
                         || match end {
@@ -107,6 +110,6 @@ impl LogBody {
             return Poll::Ready(Some(Err("upstream body interrupted".into())));
         }
         self.abort = true;
-        Poll::Ready(Some(Ok(stream_error_event())))
+        Poll::Ready(Some(Ok(stream_error_event(self.opts.format))))
     }
 }

@@ -32,9 +32,10 @@ use http_body::Body as _;
 use tokio::sync::watch;
 use tokio::time::Sleep;
 
-use crate::api::openai::{self, Assembler, Shape};
+use crate::api::openai::Shape;
 use crate::api::sse::{self, EventData, Framer};
 use crate::api::usage::Usage;
+use crate::api::{Format, StreamAssembler, StreamReader};
 use crate::cache::tiered::Fill;
 use crate::cache::Entry;
 use crate::config::Pricing;
@@ -62,6 +63,18 @@ pub(crate) struct Meter {
     pub(crate) price: Option<Pricing>,
     /// Characters of the request's messages or prompt, for the estimate.
     pub(crate) prompt_chars: u64,
+    /// Whether the answer spends tokens and budget.
+    pub(crate) billing: Billing,
+}
+
+/// Whether an answer is metered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Billing {
+    /// A completion or a message: its usage (or estimate) is charged.
+    Usage,
+    /// A token count: it spends nothing, and holds its concurrency slot
+    /// only until it is done.
+    Free,
 }
 
 /// Where a complete answer goes besides the client.
@@ -93,9 +106,12 @@ enum Mode {
     /// A 200 event stream.
     Sse {
         framer: Framer,
-        assembler: Option<Assembler>,
+        /// Reads events when they are not assembled.
+        reader: StreamReader,
+        assembler: Option<StreamAssembler>,
         client_wants_usage: bool,
-        /// `[DONE]` arrived: the stream is complete, nothing follows.
+        /// The stream's end arrived (`[DONE]`, `message_stop`, Anthropic's
+        /// `error`): it is complete, nothing follows.
         done: bool,
         /// Upstream sent an error event.
         broken: bool,
@@ -105,6 +121,8 @@ enum Mode {
 
 pub(crate) struct Relay {
     upstream: UpstreamBody,
+    /// The API format of the answer: how it is read, stored and broken off.
+    format: Format,
     mode: Mode,
     /// When the current wait (first event, or the gap since the last one)
     /// runs out.
@@ -150,6 +168,8 @@ pub(crate) struct StreamOpts {
 /// before the call goes out, so a call that outlives its client (a flight's
 /// leader) can still be relayed for the followers.
 pub(crate) struct Plan {
+    /// The API format of the request (and so of its answer).
+    pub(crate) format: Format,
     /// `Some` for a streaming request.
     pub(crate) stream: Option<StreamOpts>,
     /// Deadline for the first data event (the first-byte timeout).
@@ -190,6 +210,7 @@ impl Plan {
     /// The relay of the answer that arrived for this plan.
     pub(crate) fn relay(self, answer: Answer) -> Relay {
         let Plan {
+            format,
             stream,
             first_event_deadline,
             idle,
@@ -221,7 +242,8 @@ impl Plan {
                 (
                     Mode::Sse {
                         framer: Framer::default(),
-                        assembler: assembling.then(|| Assembler::new(opts.shape)),
+                        reader: format.reader(),
+                        assembler: assembling.then(|| format.assembler(opts.shape)),
                         client_wants_usage: opts.client_wants_usage,
                         done: false,
                         broken: false,
@@ -249,6 +271,7 @@ impl Plan {
         };
         Relay {
             upstream,
+            format,
             mode,
             deadline,
             timer: None,
@@ -368,9 +391,13 @@ impl Relay {
         }
     }
 
-    fn touch(&mut self) {
+    /// A data event arrived: the idle clock starts again; the first event
+    /// that carries generated content is the first token.
+    fn touch(&mut self, token: bool) {
         let now = Instant::now();
-        self.summary.first_event_at.get_or_insert(now);
+        if token {
+            self.summary.first_event_at.get_or_insert(now);
+        }
         self.deadline = now + self.idle;
     }
 
@@ -384,7 +411,8 @@ impl Relay {
     fn on_data(&mut self, data: Bytes) {
         self.response_bytes += data.len();
         if matches!(self.mode, Mode::Raw { .. }) {
-            self.touch();
+            // A token count generates nothing: no time to first token.
+            self.touch(self.meter.billing == Billing::Usage);
             if let Mode::Raw {
                 collected,
                 collecting,
@@ -423,7 +451,7 @@ impl Relay {
             Mode::Raw { .. } => Ok(()),
         };
         for ev in events {
-            // Nothing follows `[DONE]`.
+            // Nothing follows the stream's end.
             if self.finished || matches!(self.mode, Mode::Sse { done: true, .. }) {
                 return;
             }
@@ -459,20 +487,15 @@ impl Relay {
             }
             EventData::Data(d) => d,
         };
-        self.touch();
         let Mode::Sse {
-            assembler,
-            client_wants_usage,
-            broken,
-            usage,
-            ..
+            reader, assembler, ..
         } = &mut self.mode
         else {
             return;
         };
         let info = match assembler {
             Some(a) => a.push(&data),
-            None => openai::inspect(&data),
+            None => reader.read(&data),
         };
         let info = match info {
             Ok(info) => info,
@@ -482,14 +505,41 @@ impl Relay {
                 return;
             }
         };
+        if info.keepalive {
+            // Anthropic's `ping`: forwarded like an SSE comment, and like
+            // one it neither starts the stream nor resets the idle clock.
+            let at = self.publish(&ev, Mark::Event);
+            self.emit(ev, at);
+            return;
+        }
+        self.touch(info.token);
+        let Mode::Sse {
+            client_wants_usage,
+            broken,
+            usage,
+            done,
+            ..
+        } = &mut self.mode
+        else {
+            return;
+        };
         if info.is_error {
             *broken = true;
         }
         if info.usage.is_some() {
             *usage = info.usage;
         }
-        let forward = !info.usage_only || *client_wants_usage;
         self.completion_chars += info.text_chars;
+        if info.ends {
+            *done = true;
+            let seen = *usage;
+            // Charged before the end reaches the client, as for `[DONE]`.
+            self.charge(seen);
+            let at = self.publish(&ev, Mark::Done);
+            self.emit(ev, at);
+            return;
+        }
+        let forward = !info.usage_only || *client_wants_usage;
         let at = self.publish(
             &ev,
             if info.usage_only {
@@ -529,7 +579,7 @@ impl Relay {
                 ..
             } => {
                 if !*done {
-                    tracing::warn!("upstream stream ended before [DONE]");
+                    tracing::warn!("upstream stream ended before its end event");
                     self.fail();
                     return;
                 }
@@ -541,11 +591,12 @@ impl Relay {
                     Mode::Raw { .. } => (None, None),
                 };
                 self.finish_ok(usage);
-                // An upstream error event before `[DONE]` went to the client
+                // An upstream error event before the end went to the client
                 // as it came, and the stream is over; it is not cached.
+                let format = self.format;
                 let entry = assembler
                     .filter(|a| clean && a.is_whole())
-                    .and_then(|a| Entry::from_assembled(&a.finish()));
+                    .and_then(|a| Entry::from_assembled(&a.finish(), format));
                 self.deliver(entry.map(Arc::new), None);
             }
             Mode::Raw {
@@ -566,18 +617,21 @@ impl Relay {
                     // Parse once: into an entry when the cache or followers
                     // want one (its usage comes along), else just the usage.
                     let wanted = self.sink.fill.is_some() || self.sink.leader.is_some();
+                    let format = self.format;
                     let entry = if wanted {
-                        body.clone().and_then(Entry::from_completion).map(Arc::new)
+                        body.clone()
+                            .and_then(|b| Entry::from_completion(b, format))
+                            .map(Arc::new)
                     } else {
                         None
                     };
                     let usage = match &entry {
                         Some(e) => e.usage,
-                        None => body.as_deref().and_then(openai::usage_of_completion),
+                        None => body.as_deref().and_then(|b| format.usage_of_answer(b)),
                     };
                     if usage.is_none() {
                         self.completion_chars =
-                            body.as_deref().map_or(0, openai::completion_text_chars);
+                            body.as_deref().map_or(0, |b| format.answer_text_chars(b));
                     }
                     self.finish_ok(usage);
                     self.deliver(entry, body.map(|b| (status, content_type, b)));
@@ -647,7 +701,7 @@ impl Relay {
         // Leader dropped unended: followers get the interruption.
         self.sink.leader = None;
         if matches!(self.mode, Mode::Sse { .. }) {
-            self.emit(stream_error_event(), 0);
+            self.emit(stream_error_event(self.format), 0);
         }
     }
 
@@ -669,6 +723,10 @@ impl Relay {
             return;
         }
         self.charged = true;
+        if self.meter.billing == Billing::Free {
+            self.meter.lease = None;
+            return;
+        }
         let (u, estimated) = match usage {
             Some(u) => (u, false),
             None => (
@@ -752,6 +810,7 @@ impl Relay {
                     .front()
                     .map_or_else(|| leader.flight.logged(), |(_, at)| *at),
                 LogOpts {
+                    format: self.format,
                     raw: false,
                     include_usage: *client_wants_usage,
                 },
@@ -768,6 +827,7 @@ impl Relay {
                 (
                     at,
                     LogOpts {
+                        format: self.format,
                         raw: true,
                         include_usage: false,
                     },

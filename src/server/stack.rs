@@ -153,7 +153,9 @@ impl ResponseForPanic for PanicAnswer {
         _: Box<dyn std::any::Any + Send + 'static>,
     ) -> Response<Full<Bytes>> {
         tracing::error!("a request handler panicked; answered 500");
-        GatewayError::Internal.into_response().map(Full::new)
+        GatewayError::Internal
+            .into_response(crate::api::Format::OpenAi, None)
+            .map(Full::new)
     }
 }
 

@@ -304,6 +304,32 @@ async fn connect(
     }))
 }
 
+static X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+
+/// Which header carries an upstream's key: OpenAI's API takes
+/// `Authorization: Bearer <key>`, Anthropic's `x-api-key: <key>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyHeader {
+    Authorization,
+    ApiKey,
+}
+
+impl KeyHeader {
+    fn name(self) -> http::HeaderName {
+        match self {
+            KeyHeader::Authorization => header::AUTHORIZATION,
+            KeyHeader::ApiKey => X_API_KEY.clone(),
+        }
+    }
+
+    fn value(self, peer: &Peer) -> Option<&HeaderValue> {
+        match self {
+            KeyHeader::Authorization => peer.auth(),
+            KeyHeader::ApiKey => peer.api_key(),
+        }
+    }
+}
+
 /// One upstream request, built afresh for each attempt (hyper consumes a
 /// request; the body is a shared `Bytes`, the headers are cloned).
 pub(crate) struct Outbound<'a> {
@@ -320,6 +346,11 @@ pub(crate) struct Outbound<'a> {
     claimant: Option<Claimant>,
     /// The upstream whose `Host` and `Authorization` `headers` hold.
     prepared: Option<usize>,
+    /// The client's query string, sent along unchanged (Anthropic's
+    /// clients send one: `?beta=true`).
+    query: Option<Box<str>>,
+    /// Which header carries each upstream's key.
+    key: KeyHeader,
 }
 
 impl<'a> Outbound<'a> {
@@ -339,6 +370,7 @@ impl<'a> Outbound<'a> {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
         headers.remove(header::AUTHORIZATION);
+        headers.remove(&X_API_KEY);
         Outbound {
             method,
             path,
@@ -347,7 +379,21 @@ impl<'a> Outbound<'a> {
             model: None,
             claimant: None,
             prepared: None,
+            query: None,
+            key: KeyHeader::Authorization,
         }
+    }
+
+    /// Sends the client's query string along (unchanged) to the target.
+    pub(crate) fn with_query(mut self, query: Option<&str>) -> Self {
+        self.query = query.map(Box::from);
+        self
+    }
+
+    /// Each upstream's key goes in `key` (the API format's header).
+    pub(crate) fn key_in(mut self, key: KeyHeader) -> Self {
+        self.key = key;
+        self
     }
 
     /// Writes the `Host` and `Authorization` of the upstream at `index`
@@ -356,8 +402,8 @@ impl<'a> Outbound<'a> {
     pub(crate) fn to(mut self, index: usize, peer: &Peer) -> Self {
         if let Some(target) = peer.target(self.path) {
             self.headers.insert(header::HOST, target.host.clone());
-            if let Some(auth) = peer.auth() {
-                self.headers.insert(header::AUTHORIZATION, auth.clone());
+            if let Some(value) = self.key.value(peer) {
+                self.headers.insert(self.key.name(), value.clone());
             }
             self.prepared = Some(index);
         }
@@ -399,14 +445,19 @@ impl<'a> Outbound<'a> {
         }
         if self.prepared != Some(index) {
             headers.insert(header::HOST, target.host.clone());
-            match peer.auth() {
-                Some(auth) => headers.insert(header::AUTHORIZATION, auth.clone()),
-                None => headers.remove(header::AUTHORIZATION),
+            match self.key.value(peer) {
+                Some(value) => headers.insert(self.key.name(), value.clone()),
+                None => headers.remove(self.key.name()),
             };
         }
         let mut r = Request::new(Full::new(body));
         *r.method_mut() = self.method.clone();
-        *r.uri_mut() = target.path.clone();
+        *r.uri_mut() = match &self.query {
+            Some(q) => format!("{}?{q}", target.path.path())
+                .parse()
+                .unwrap_or_else(|_| target.path.clone()),
+            None => target.path.clone(),
+        };
         *r.headers_mut() = headers;
         r
     }

@@ -25,7 +25,7 @@ use rand::Rng;
 
 use super::fair::FairGate;
 use super::health::{now_ms, Health};
-use crate::api::Endpoint;
+use crate::api::{Endpoint, Format};
 use crate::config::{Config, Keys, PeerConfig};
 use crate::metrics::Metrics;
 use crate::shared::Redis;
@@ -44,6 +44,9 @@ pub(crate) struct Peer {
     targets: Vec<(&'static str, Target)>,
     /// `Bearer <upstream key>`; `None` for a keyless upstream.
     auth: Option<HeaderValue>,
+    /// The key as Anthropic's `x-api-key` sends it; `None` for a keyless
+    /// upstream.
+    api_key: Option<HeaderValue>,
     tier: u32,
     weight: u32,
     /// Client model name → the JSON string this upstream gets instead.
@@ -74,6 +77,11 @@ impl Peer {
     /// The `Authorization` this upstream gets.
     pub(crate) fn auth(&self) -> Option<&HeaderValue> {
         self.auth.as_ref()
+    }
+
+    /// The `x-api-key` this upstream gets on Anthropic's API.
+    pub(crate) fn api_key(&self) -> Option<&HeaderValue> {
+        self.api_key.as_ref()
     }
 
     /// Whether its `model_map` renames any model.
@@ -316,13 +324,22 @@ impl Pool {
             for m in &cfg.models {
                 *pool.by_model.entry(m.clone()).or_default() |= bit;
             }
+            // Each endpoint's path at the base URL of its format:
+            // Anthropic's Messages API at `anthropic_base_url` (none when
+            // it is "").
             let mut targets = Vec::new();
             let paths = Endpoint::ALL
                 .into_iter()
-                .map(Endpoint::upstream_path)
-                .chain([BALANCE_PATH]);
-            for path in paths {
-                if let Some(mut target) = Target::parse(&format!("{}{path}", cfg.base_url)) {
+                .filter_map(|e| {
+                    let base = match e.format() {
+                        Format::OpenAi => Some(cfg.base_url.as_str()),
+                        Format::Anthropic => cfg.anthropic_base_url.as_deref(),
+                    };
+                    Some((e.upstream_path(), base?))
+                })
+                .chain([(BALANCE_PATH, cfg.base_url.as_str())]);
+            for (path, base) in paths {
+                if let Some(mut target) = Target::parse(&format!("{base}{path}")) {
                     target.stats = Arc::clone(&state.stats);
                     targets.push((path, target));
                     match pool.by_path.iter_mut().find(|(p, _)| *p == path) {
@@ -332,13 +349,17 @@ impl Pool {
                 }
             }
             let key = keys.get(&cfg.name);
-            let auth = (!key.is_empty())
-                .then(|| HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok())
-                .flatten()
-                .map(|mut v| {
-                    v.set_sensitive(true);
-                    v
-                });
+            let secret = |value: String| {
+                (!key.is_empty())
+                    .then(|| HeaderValue::from_str(&value).ok())
+                    .flatten()
+                    .map(|mut v| {
+                        v.set_sensitive(true);
+                        v
+                    })
+            };
+            let auth = secret(format!("Bearer {}", key.expose()));
+            let api_key = secret(key.expose().to_string());
             let model_map = cfg
                 .model_map
                 .iter()
@@ -358,6 +379,7 @@ impl Pool {
                 name,
                 targets,
                 auth,
+                api_key,
                 tier: cfg.tier,
                 weight: cfg.weight.max(1),
                 model_map,

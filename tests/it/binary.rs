@@ -420,7 +420,7 @@ async fn demo_with_workers(workers: &str) -> usize {
         .expect("spawn");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
-    let (mut key, mut base, mut curl) = (None, None, false);
+    let (mut key, mut base, mut curl, mut anthropic) = (None, None, false, None);
     while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
         .await
         .expect("demo prints")
@@ -432,6 +432,10 @@ async fn demo_with_workers(workers: &str) -> usize {
             base = Some(b.trim().to_string());
         }
         curl |= line.starts_with("curl ");
+        if let Some(rest) = line.strip_prefix("ANTHROPIC_BASE_URL=") {
+            anthropic = rest.split_whitespace().next().map(str::to_string);
+            assert!(line.contains("ANTHROPIC_AUTH_TOKEN=sk-sluice-"), "{line}");
+        }
         if line.starts_with("Ctrl-C") {
             break;
         }
@@ -456,6 +460,17 @@ async fn demo_with_workers(workers: &str) -> usize {
         upstream == "sim-a" || upstream == "sim-b",
         "two simulated accounts: {upstream:?}"
     );
+    // The ANTHROPIC_BASE_URL line works as Claude Code would use it.
+    let anthropic = anthropic.expect("an ANTHROPIC_BASE_URL line");
+    let r = call(
+        &format!("{anthropic}/v1/messages?beta=true"),
+        &key,
+        &serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hello"}]}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["type"], "message");
     let pid = child.id().expect("pid").to_string();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let threads = field(&status, "Threads:")

@@ -18,6 +18,7 @@ mod fleet_coalesce;
 mod flight_faults;
 mod hostile;
 mod limits;
+mod messages;
 mod metrics;
 mod ops;
 mod proxy;

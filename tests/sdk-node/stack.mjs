@@ -20,6 +20,7 @@ export const BETA = 'sk-node-beta-0123456789';
 export const LIMITED = 'sk-node-limited-0123456789';
 export const LIMITED_AI = 'sk-node-limited-ai-0123456789';
 export const LIMITED_AI_RETRY = 'sk-node-limited-ai-retry-0123456789';
+export const A_LIMITED = 'sk-node-a-limited-0123456789';
 
 const sha = (key) => createHash('sha256').update(key).digest('hex');
 
@@ -159,6 +160,12 @@ request_burst = 1
 [[tenants]]
 name = "limited-ai-retry"
 key_sha256 = ["${sha(LIMITED_AI_RETRY)}"]
+requests_per_minute = 60
+request_burst = 1
+
+[[tenants]]
+name = "a-limited"
+key_sha256 = ["${sha(A_LIMITED)}"]
 requests_per_minute = 60
 request_burst = 1
 `;

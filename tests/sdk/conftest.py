@@ -22,6 +22,10 @@ ALPHA = "sk-sdk-alpha-0123456789"
 BETA = "sk-sdk-beta-0123456789"
 LIMITED = "sk-sdk-limited-0123456789"
 BUDGETED = "sk-sdk-budgeted-0123456789"
+# The Anthropic SDK suite's own limited and budgeted tenants, so the two
+# suites do not spend each other's buckets.
+A_LIMITED = "sk-sdk-a-limited-0123456789"
+A_BUDGETED = "sk-sdk-a-budgeted-0123456789"
 
 
 def sha(key: str) -> str:
@@ -99,6 +103,18 @@ request_burst = 1
 [[tenants]]
 name = "budgeted"
 key_sha256 = ["{sha(BUDGETED)}"]
+models = ["deepseek-chat"]
+budget_usd = 0.000001
+
+[[tenants]]
+name = "a-limited"
+key_sha256 = ["{sha(A_LIMITED)}"]
+requests_per_minute = 60
+request_burst = 1
+
+[[tenants]]
+name = "a-budgeted"
+key_sha256 = ["{sha(A_BUDGETED)}"]
 models = ["deepseek-chat"]
 budget_usd = 0.000001
 
