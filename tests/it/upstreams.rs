@@ -458,3 +458,65 @@ async fn the_model_list_shows_the_clients_names() {
         .collect();
     assert_eq!(ids, ["team-chat"]);
 }
+
+#[tokio::test]
+async fn the_messages_api_goes_only_to_upstreams_that_serve_it_with_their_own_key() {
+    // a serves no Messages API; b does, at base_url + /anthropic.
+    let f = Fleet::start(&[("a", "anthropic_base_url = \"\""), ("b", "tier = 1")]).await;
+    let body = serde_json::json!({
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "hi"}],
+    });
+    let send_message = |path: &str| {
+        let url = f.gw.url(path);
+        let body = body.clone();
+        async move {
+            send(
+                Request::post(url)
+                    .header("x-api-key", ALPHA)
+                    .header("content-type", "application/json")
+                    .header("anthropic-version", "2023-06-01")
+                    .header("cache-control", "no-store")
+                    .body(Full::new(bytes::Bytes::from(body.to_string())))
+                    .expect("req"),
+            )
+            .await
+        }
+    };
+    let r = send_message("/v1/messages?beta=true").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(upstream_of(&r), "b", "a serves no Messages API");
+    assert_eq!(f.calls("a"), 0);
+    let (headers, _) = f.sim("b").last_request().expect("b called");
+    assert_eq!(headers["x-api-key"], "sk-b", "b's own key, as x-api-key");
+    assert!(headers.get("authorization").is_none());
+    // Chat still goes to a, the lower tier.
+    let r = f.ask("chat", &[]).await;
+    assert_eq!(upstream_of(&r), "a");
+    let (headers, _) = f.sim("a").last_request().expect("a called");
+    assert_eq!(headers["authorization"], "Bearer sk-a");
+    assert!(headers.get("x-api-key").is_none());
+}
+
+#[tokio::test]
+async fn no_messages_api_anywhere_is_model_not_found_in_anthropics_shape() {
+    let f = Fleet::start(&[("a", "anthropic_base_url = \"\"")]).await;
+    let r = send(
+        Request::post(f.gw.url("/anthropic/v1/messages"))
+            .header("x-api-key", ALPHA)
+            .header("content-type", "application/json")
+            .body(Full::new(bytes::Bytes::from(
+                serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": []})
+                    .to_string(),
+            )))
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json()["type"], "error");
+    assert_eq!(r.json()["error"]["type"], "not_found_error");
+    assert_eq!(r.header("x-sluice-error"), "model_not_found");
+    assert_eq!(r.header("x-should-retry"), "false");
+    assert_eq!(f.calls("a"), 0);
+}
