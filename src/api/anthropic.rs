@@ -230,6 +230,8 @@ fn facts(data: &[u8]) -> Result<Facts, serde_json::Error> {
 #[derive(Debug, Default)]
 pub struct Tally {
     usage: Option<RawUsage>,
+    /// A `message_delta` reported usage: the count is the answer's.
+    counted: bool,
 }
 
 impl Tally {
@@ -241,6 +243,7 @@ impl Tally {
         let f = facts(data)?;
         if let Some(u) = f.usage {
             self.usage.get_or_insert_with(RawUsage::default).overlay(u);
+            self.counted |= f.kind == Kind::MessageDelta;
         }
         Ok(EventInfo {
             usage_only: false,
@@ -250,6 +253,7 @@ impl Tally {
             ends: matches!(f.kind, Kind::MessageStop | Kind::Error),
             token: f.kind == Kind::ContentBlockDelta,
             keepalive: f.kind == Kind::Ping,
+            usage_partial: !self.counted,
         })
     }
 }

@@ -220,6 +220,10 @@ pub struct EventInfo {
     /// A keep-alive (Anthropic's `ping`): forwarded, but it starts no
     /// stream and resets no idle clock, like an SSE comment.
     pub keepalive: bool,
+    /// `usage` lacks the answer's own count so far (Anthropic's
+    /// `message_start` reports the prompt; its `output_tokens` is a
+    /// placeholder until `message_delta`).
+    pub usage_partial: bool,
 }
 
 impl From<openai::ChunkInfo> for EventInfo {
@@ -232,6 +236,7 @@ impl From<openai::ChunkInfo> for EventInfo {
             ends: false,
             token: true,
             keepalive: false,
+            usage_partial: false,
         }
     }
 }

@@ -124,7 +124,9 @@ impl ApiRequest {
             | Endpoint::Messages
             | Endpoint::CountTokens => {}
         }
-        let stream = scan.get("stream") == Some(&b"true"[..]);
+        // Only what generates an answer streams (`count_tokens` answers a
+        // count whatever its body says).
+        let stream = endpoint.generates() && scan.get("stream") == Some(&b"true"[..]);
         let (splice, include_usage) = match scan.span("stream_options") {
             _ if endpoint.format() == Format::Anthropic => (Splice::Nothing, false),
             None => (Splice::Add(open_brace(bytes)), false),

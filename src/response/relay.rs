@@ -116,6 +116,8 @@ enum Mode {
         /// Upstream sent an error event.
         broken: bool,
         usage: Option<Usage>,
+        /// `usage` holds the prompt but not yet the answer's count.
+        usage_partial: bool,
     },
 }
 
@@ -152,6 +154,8 @@ pub(crate) struct Relay {
     /// The upstream's health: a stream whose first event never comes
     /// counts against it, as a first-byte timeout does.
     health: Option<Arc<Health>>,
+    /// A data event arrived (a keep-alive is none).
+    seen_data: bool,
     response_bytes: usize,
     /// Characters of generated text relayed, for the usage estimate.
     completion_chars: u64,
@@ -248,6 +252,7 @@ impl Plan {
                         done: false,
                         broken: false,
                         usage: None,
+                        usage_partial: false,
                     },
                     first_event_deadline,
                 )
@@ -287,6 +292,7 @@ impl Plan {
             sink,
             slot,
             health,
+            seen_data: false,
             response_bytes: 0,
             completion_chars: 0,
             summary: RelaySummary {
@@ -361,7 +367,7 @@ impl Relay {
             }
             if timer.as_mut().poll(cx).is_ready() {
                 tracing::warn!("upstream went quiet past its timeout");
-                if self.summary.first_event_at.is_none() && matches!(self.mode, Mode::Sse { .. }) {
+                if !self.seen_data && matches!(self.mode, Mode::Sse { .. }) {
                     // The first-byte timeout of a stream.
                     if let Some(h) = &self.health {
                         h.observe(Verdict::Failed);
@@ -398,6 +404,7 @@ impl Relay {
         if token {
             self.summary.first_event_at.get_or_insert(now);
         }
+        self.seen_data = true;
         self.deadline = now + self.idle;
     }
 
@@ -506,8 +513,12 @@ impl Relay {
             }
         };
         if info.keepalive {
-            // Anthropic's `ping`: forwarded like an SSE comment, and like
-            // one it neither starts the stream nor resets the idle clock.
+            // Anthropic's `ping`: forwarded; like an SSE comment it does
+            // not start the stream (the first-byte timeout runs on), but
+            // once the stream runs it is an event and resets the idle clock.
+            if self.seen_data {
+                self.deadline = Instant::now() + self.idle;
+            }
             let at = self.publish(&ev, Mark::Event);
             self.emit(ev, at);
             return;
@@ -517,6 +528,7 @@ impl Relay {
             client_wants_usage,
             broken,
             usage,
+            usage_partial,
             done,
             ..
         } = &mut self.mode
@@ -528,6 +540,7 @@ impl Relay {
         }
         if info.usage.is_some() {
             *usage = info.usage;
+            *usage_partial = info.usage_partial;
         }
         self.completion_chars += info.text_chars;
         if info.ends {
@@ -727,7 +740,21 @@ impl Relay {
             self.meter.lease = None;
             return;
         }
+        let partial = matches!(
+            self.mode,
+            Mode::Sse {
+                usage_partial: true,
+                ..
+            }
+        );
         let (u, estimated) = match usage {
+            // The prompt as reported; the answer's tokens never were: they
+            // are estimated from the text relayed.
+            Some(mut u) if partial => {
+                u.completion = Usage::estimate(0, self.completion_chars).completion;
+                u.total = u.prompt + u.completion;
+                (u, true)
+            }
             Some(u) => (u, false),
             None => (
                 Usage::estimate(self.meter.prompt_chars, self.completion_chars),

@@ -412,6 +412,10 @@ async fn a_broken_stream_ends_with_one_anthropic_error_event_and_an_abort() {
     assert!(message.contains("upstream stream interrupted"), "{message}");
     assert!(!events.iter().any(|(n, _)| n == "message_stop"));
     assert!(r.aborted, "aborted after the error event");
+    // Its output never counted by upstream: estimated from the text relayed
+    // (message_start's output_tokens is a placeholder).
+    gw.wait_metric("sluice_usage_estimated_total", &[("tenant", "alpha")], 1.0)
+        .await;
     // Not JSON mid-stream: the same end.
     let r = send_message(
         &url,
@@ -602,6 +606,12 @@ async fn count_tokens_is_forwarded_never_cached_and_spends_nothing() {
         0.0,
         "no tokens metered"
     );
+    // `stream: true` changes nothing: a count is one JSON answer.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let r = send_message(&url, ALPHA, &streamed, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["input_tokens"].as_u64().is_some_and(|n| n > 0));
     // No max_tokens needed; messages are.
     let r = send_message(&url, ALPHA, &json!({"model": MODEL}), &[]).await;
     assert_anthropic_error(&r, 400, "invalid_request_error", "missing_field");
