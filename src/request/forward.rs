@@ -10,6 +10,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use super::validate::ApiRequest;
 use super::{Ctx, Served};
 use crate::api::{Endpoint, Format};
+use crate::app::Snapshot;
 use crate::http::error::GatewayError;
 use crate::http::headers::{self, mark_no_retry};
 use crate::http::request_id::X_REQUEST_ID;
@@ -17,7 +18,8 @@ use crate::response::body::Body;
 use crate::response::lead::{Launch, LeadBody};
 use crate::response::relay::{Answer, Billing, Meter, Plan, Sink, StreamOpts};
 use crate::tenant::Tenant;
-use crate::upstream::{KeyHeader, Outbound};
+use crate::upstream::pool::Route;
+use crate::upstream::{KeyHeader, Outbound, Sent};
 
 /// A validated request, ready to go upstream.
 pub(super) struct Call {
@@ -137,22 +139,8 @@ impl Ctx {
                 .to(first, snap.upstreams.peer(first))
                 .naming(&api.model, model_at)
                 .for_tenant(&name, weight);
-            let sent = self
-                .app
-                .upstream
-                .send(
-                    &snap.upstreams,
-                    &mut route,
-                    cfg,
-                    &self.app.metrics,
-                    deadline,
-                    &outbound,
-                )
-                .await;
-            if sent.is_err() {
-                self.record.upstream = Some(snap.upstreams.peer(route.current()).header().clone());
-            }
-            (sent?, plan)
+            let sent = self.send(&snap, &mut route, deadline, &outbound).await?;
+            (sent, plan)
         };
         self.record.upstream = Some(sent.upstream.clone());
         let (parts, answer) = Answer::of(sent);
@@ -180,6 +168,34 @@ impl Ctx {
         *resp.status_mut() = parts.status;
         *resp.headers_mut() = resp_headers;
         Ok(resp)
+    }
+}
+
+impl Ctx {
+    /// Sends `outbound` on `route` from this request's task (failing over
+    /// and retrying); the record names the upstream of the last attempt.
+    pub(super) async fn send(
+        &mut self,
+        snap: &Snapshot,
+        route: &mut Route,
+        deadline: std::time::Instant,
+        outbound: &Outbound<'_>,
+    ) -> Result<Sent, GatewayError> {
+        let cfg = &snap.config.upstream;
+        let sent = self
+            .app
+            .upstream
+            .send(
+                &snap.upstreams,
+                route,
+                cfg,
+                &self.app.metrics,
+                deadline,
+                outbound,
+            )
+            .await;
+        self.record.upstream = Some(snap.upstreams.peer(route.current()).header().clone());
+        sent
     }
 }
 

@@ -38,20 +38,7 @@ impl Ctx {
         .to(route.current(), snap.upstreams.peer(route.current()))
         .for_tenant(&tenant.name, tenant.weight);
         let deadline = self.record.start + cfg.first_byte_timeout;
-        let sent = self
-            .app
-            .upstream
-            .send(
-                &snap.upstreams,
-                &mut route,
-                cfg,
-                &self.app.metrics,
-                deadline,
-                &outbound,
-            )
-            .await;
-        self.record.upstream = Some(snap.upstreams.peer(route.current()).header().clone());
-        let sent = sent?;
+        let sent = self.send(&snap, &mut route, deadline, &outbound).await?;
         let (parts, incoming) = sent.response.into_parts();
         self.record.upstream_status = Some(parts.status.as_u16());
         let body = read_small(incoming, 16 << 20, cfg.idle_timeout).await?;

@@ -100,6 +100,21 @@ fn keys(sims: &[(String, Simulator)]) -> Keys {
     })
 }
 
+/// POSTs `body` to the Messages API at `path`, keyed as the Anthropic SDKs
+/// do (`x-api-key`), uncached.
+async fn send_message(f: &Fleet, path: &str, body: &serde_json::Value) -> Resp {
+    send(
+        Request::post(f.gw.url(path))
+            .header("x-api-key", ALPHA)
+            .header("content-type", "application/json")
+            .header("anthropic-version", "2023-06-01")
+            .header("cache-control", "no-store")
+            .body(Full::new(bytes::Bytes::from(body.to_string())))
+            .expect("req"),
+    )
+    .await
+}
+
 fn upstream_of(r: &Resp) -> String {
     r.header("x-sluice-upstream").to_string()
 }
@@ -468,23 +483,7 @@ async fn the_messages_api_goes_only_to_upstreams_that_serve_it_with_their_own_ke
         "max_tokens": 64,
         "messages": [{"role": "user", "content": "hi"}],
     });
-    let send_message = |path: &str| {
-        let url = f.gw.url(path);
-        let body = body.clone();
-        async move {
-            send(
-                Request::post(url)
-                    .header("x-api-key", ALPHA)
-                    .header("content-type", "application/json")
-                    .header("anthropic-version", "2023-06-01")
-                    .header("cache-control", "no-store")
-                    .body(Full::new(bytes::Bytes::from(body.to_string())))
-                    .expect("req"),
-            )
-            .await
-        }
-    };
-    let r = send_message("/v1/messages?beta=true").await;
+    let r = send_message(&f, "/v1/messages?beta=true", &body).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(upstream_of(&r), "b", "a serves no Messages API");
     assert_eq!(f.calls("a"), 0);
@@ -502,17 +501,8 @@ async fn the_messages_api_goes_only_to_upstreams_that_serve_it_with_their_own_ke
 #[tokio::test]
 async fn no_messages_api_anywhere_is_model_not_found_in_anthropics_shape() {
     let f = Fleet::start(&[("a", "anthropic_base_url = \"\"")]).await;
-    let r = send(
-        Request::post(f.gw.url("/anthropic/v1/messages"))
-            .header("x-api-key", ALPHA)
-            .header("content-type", "application/json")
-            .body(Full::new(bytes::Bytes::from(
-                serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": []})
-                    .to_string(),
-            )))
-            .expect("req"),
-    )
-    .await;
+    let body = serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": []});
+    let r = send_message(&f, "/anthropic/v1/messages", &body).await;
     assert_eq!(r.status, 404, "{}", r.text());
     assert_eq!(r.json()["type"], "error");
     assert_eq!(r.json()["error"]["type"], "not_found_error");
