@@ -48,15 +48,7 @@ impl PromptText {
                 kind: TextKind::Array,
                 chars: messages
                     .iter()
-                    .map(|m| match m.get("content") {
-                        Some(Value::String(s)) => chars(s),
-                        Some(Value::Array(parts)) => parts
-                            .iter()
-                            .filter_map(|p| p.get("text").and_then(Value::as_str))
-                            .map(chars)
-                            .sum(),
-                        _ => 0,
-                    })
+                    .map(|m| m.get("content").map_or(0, content_chars))
                     .sum(),
             },
             _ => PromptText {
@@ -64,6 +56,28 @@ impl PromptText {
                 chars: 0,
             },
         }
+    }
+}
+
+/// The characters of a content value as the streaming count reads it: a
+/// string, or parts' `text`, `thinking` and `content` (recursively).
+#[cfg(test)]
+fn content_chars(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => s.chars().count() as u64,
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(Value::as_object)
+            .map(|p| {
+                let text = |k: &str| {
+                    p.get(k)
+                        .and_then(Value::as_str)
+                        .map_or(0, |s| s.chars().count() as u64)
+                };
+                text("text") + text("thinking") + p.get("content").map_or(0, content_chars)
+            })
+            .sum(),
+        _ => 0,
     }
 }
 
@@ -151,19 +165,30 @@ impl<'de> Visitor<'de> for Count {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let (field, inner) = match self.0 {
-            Want::Message => ("content", Want::Content),
-            Want::Part => ("text", Want::Text),
-            Want::Prompt | Want::Content | Want::Text => ("", Want::Text),
+        // The fields that count, and how each is read: a message's
+        // `content`; a part's `text`, `thinking` (Anthropic's earlier
+        // reasoning) and `content` (Anthropic's `tool_result`: a string or
+        // parts).
+        let fields: &[(&str, Want)] = match self.0 {
+            Want::Message => &[("content", Want::Content)],
+            Want::Part => &[
+                ("text", Want::Text),
+                ("thinking", Want::Text),
+                ("content", Want::Content),
+            ],
+            Want::Prompt | Want::Content | Want::Text => &[],
         };
-        let mut chars = 0u64;
-        while let Some(is_field) = map.next_key_seed(KeyIs(field))? {
-            if is_field {
-                chars = map.next_value_seed(Count(inner))?.1;
-            } else {
-                map.next_value::<IgnoredAny>()?;
+        // A repeated key counts once, as its last value (what parsers keep).
+        let mut counted = [0u64; 3];
+        while let Some(field) = map.next_key_seed(KeyOf(fields))? {
+            match field {
+                Some(i) => counted[i] = map.next_value_seed(Count(fields[i].1))?.1,
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
         }
+        let chars = counted.iter().fold(0u64, |a, n| a.saturating_add(*n));
         Ok((TextKind::Other, chars))
     }
 
@@ -184,23 +209,23 @@ impl<'de> Visitor<'de> for Count {
     }
 }
 
-/// Whether a map key is the one looked for, read without allocating.
-struct KeyIs(&'static str);
+/// Which of the fields looked for a map key is, read without allocating.
+struct KeyOf(&'static [(&'static str, Want)]);
 
-impl<'de> DeserializeSeed<'de> for KeyIs {
-    type Value = bool;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+impl<'de> DeserializeSeed<'de> for KeyOf {
+    type Value = Option<usize>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
         d.deserialize_str(self)
     }
 }
 
-impl Visitor<'_> for KeyIs {
-    type Value = bool;
+impl Visitor<'_> for KeyOf {
+    type Value = Option<usize>;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a key")
     }
-    fn visit_str<E>(self, v: &str) -> Result<bool, E> {
-        Ok(!self.0.is_empty() && v == self.0)
+    fn visit_str<E>(self, v: &str) -> Result<Option<usize>, E> {
+        Ok(self.0.iter().position(|(name, _)| *name == v))
     }
 }
 
@@ -213,6 +238,14 @@ mod tests {
         let value: Value = serde_json::from_str(json).expect("json");
         assert_eq!(streamed, PromptText::of_value(&value), "{json}");
         streamed
+    }
+
+    #[test]
+    fn counts_anthropics_thinking_and_tool_results_too() {
+        let p = read(
+            r#"[{"role":"assistant","content":[{"type":"thinking","thinking":"hmm","signature":"sig"},{"type":"tool_use","id":"t","name":"ls","input":{"path":"/"}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":[{"type":"text","text":"a.txt"}]},{"type":"tool_result","tool_use_id":"u","content":"ok"}]}]"#,
+        );
+        assert_eq!(p.chars, 3 + 5 + 2);
     }
 
     #[test]

@@ -404,7 +404,7 @@ mod tests {
         let api = ApiRequest::parse(&raw, Endpoint::Messages, Keyed::In(Some("t"))).expect("valid");
         assert!(api.stream && !api.include_usage);
         assert_eq!(with_include_usage(&raw, &api), raw, "no splice");
-        assert_eq!(api.prompt_chars, 4 + 5);
+        assert_eq!(api.prompt_chars, 4 + 5 + 2, "a tool result's text counts");
         let plain = br#"{"model":"m","max_tokens":8,"system":"be brief","messages":[{"role":"user","content":"hi"}]}"#;
         let api = ApiRequest::parse(plain, Endpoint::Messages, Keyed::No).expect("valid");
         assert_eq!(api.prompt_chars, 8 + 2);
