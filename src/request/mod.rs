@@ -35,6 +35,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Version};
+use futures_util::FutureExt;
 use hyper::body::Incoming;
 
 use crate::api::{Endpoint, Format};
@@ -117,7 +118,16 @@ pub(crate) async fn handle(
     let served = match ctx.route(parts) {
         Ok(routed) => {
             let serving = Box::pin(ctx.serve(routed, &mut body));
-            serving.await
+            // A panic on the path answers 500 here, in the request's API
+            // format and counted like any refusal (the service stack's own
+            // catch is the last resort, for what panics outside this).
+            match std::panic::AssertUnwindSafe(serving).catch_unwind().await {
+                Ok(served) => served,
+                Err(_) => {
+                    tracing::error!("a request handler panicked; answered 500");
+                    Err(GatewayError::Internal)
+                }
+            }
         }
         Err(e) => Err(e),
     };
