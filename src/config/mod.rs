@@ -52,6 +52,10 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The most upstreams one configuration may list (the pool chooses among
+/// them with bit sets).
+pub(crate) const MAX_UPSTREAMS: usize = 64;
+
 /// The upstream keys, by upstream name: read from the environment at
 /// start and at each reload. `Debug` never shows them.
 #[derive(Clone, Default)]

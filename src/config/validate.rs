@@ -144,10 +144,10 @@ fn peers(shared: &RawUpstream, raw: Vec<RawPeer>, errs: &mut Errors) -> Vec<Peer
              upstreams share; set {key} on each upstream"
         ));
     }
-    if raw.len() > crate::upstream::pool::MAX_PEERS {
+    if raw.len() > super::MAX_UPSTREAMS {
         errs.push(format!(
             "upstreams: at most {} upstreams",
-            crate::upstream::pool::MAX_PEERS
+            super::MAX_UPSTREAMS
         ));
     }
     let mut names = HashSet::new();

@@ -34,8 +34,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Version};
 use futures_util::FutureExt;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 
 use crate::api::{Endpoint, Format};

@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::shared::Redis;
 
 /// The most upstreams one configuration may list (a choice is a bit set).
-pub(crate) const MAX_PEERS: usize = 64;
+const MAX_PEERS: usize = crate::config::MAX_UPSTREAMS;
 
 /// One upstream: its name, where each path of it is, the shared key it is
 /// sent, and how requests are shared out to it.
