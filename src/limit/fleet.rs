@@ -1,21 +1,34 @@
 //! The Redis backend of the limiter (docs/redis.md): every replica that
 //! uses the same Redis and `key_prefix` shares each tenant's request bucket, token
-//! bucket and concurrency count.
+//! bucket, concurrency count and spend.
 //!
-//! - One script decides a request (`ADMIT`): the request bucket (GCRA on a
-//!   theoretical arrival time), a concurrency slot, and the token balance,
-//!   returned with the standings for the headers. One round trip.
-//! - One script settles it after the answer (`SETTLE`): the token debit,
-//!   the spend and this replica's new in-flight count. Sent by a task fed
-//!   through a bounded queue, so nothing on the response path waits for it.
+//! - A tenant without a concurrency cap is decided from this replica's
+//!   share (`lease::Share`): requests leased from the fleet's request
+//!   bucket and spent here, and a view of the token balance and spend no
+//!   older than `lease::VIEW_TTL`. ADMIT runs on the request path only when
+//!   the share is spent, the view is too old, or the tenant is too sparse
+//!   here to be worth a share; it takes the request with a new share (at
+//!   most the bucket over the lessees and `lease::K`, so one request near
+//!   the limit). RENEW, every `lease::TICK` while the tenant is busy here,
+//!   settles the ledger, tops the share up and reads the view again; it
+//!   gives the share back once the tenant is idle, and `Fleet::drain` at
+//!   shutdown. A replica that dies leaves its share taken: stricter, never
+//!   looser.
+//! - A tenant with a concurrency cap is decided per request (`ADMIT_SLOT`):
+//!   the request bucket, a concurrency slot, and the token balance,
+//!   returned with the standings for the headers. One round trip. SETTLE
+//!   after the answer sends the token debit, the spend and this replica's
+//!   new in-flight count, through a task fed by a bounded queue, so nothing
+//!   on the response path waits for it.
 //! - Charges are exactly once (`Ledger`): a replica's ledger of a tenant
 //!   holds cumulative totals, and Redis applies a total only past the last
-//!   one it applied from that ledger. A settlement that times out, fails or
-//!   never fits the queue is not lost (the next totals carry it) and one
-//!   sent twice is not charged twice; unconfirmed totals are sent again
-//!   every `RETRY_EVERY`, and at shutdown (`Fleet::drain`). A count that may
-//!   be wrong on Redis (an admission or release whose round trip failed) is
-//!   reported again at once rather than at the next renewal.
+//!   one it applied from that ledger (SETTLE and RENEW alike). A settlement
+//!   that times out, fails or never fits the queue is not lost (the next
+//!   totals carry it) and one sent twice is not charged twice; unconfirmed
+//!   totals are sent again every `RETRY_EVERY`, and at shutdown
+//!   (`Fleet::drain`). A count that may be wrong on Redis (an admission or
+//!   release whose round trip failed) is reported again at once rather
+//!   than at the next renewal.
 //! - Concurrency is a hash of in-flight counts per replica. Every change a
 //!   replica sends (an admission, a release, a report every few seconds)
 //!   carries the replica's whole count after it and a version that only
@@ -33,10 +46,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::lease::{us, Share, IDLE, K, LESSEE_TTL, TICK};
 use super::{
     concurrency_refused, token_standing, Admission, Count, Decided, Denied, Lease, Limit, Refused,
     Slot, Standing, Standings, TenantLimits, UpstreamCheck,
@@ -54,8 +68,10 @@ const QUEUE: usize = 8192;
 
 /// ADMIT's reply, decoded (admit.lua says what each item is).
 struct AdmitReply {
-    /// 0 admitted, 1 refused for requests, 2 for concurrency.
+    /// 0 admitted, 1 refused for requests.
     verdict: i64,
+    /// Requests leased, the one admitted included.
+    granted: i64,
     wait_us: i64,
     remaining: i64,
     reset_us: i64,
@@ -67,9 +83,38 @@ struct AdmitReply {
 
 impl redis::FromRedisValue for AdmitReply {
     fn from_redis_value(v: redis::Value) -> Result<Self, redis::ParsingError> {
+        let (verdict, granted, wait_us, remaining, reset_us, tokens, spent) =
+            <(i64, i64, i64, i64, i64, String, String)>::from_redis_value(v)?;
+        Ok(AdmitReply {
+            verdict,
+            granted,
+            wait_us,
+            remaining,
+            reset_us,
+            tokens,
+            spent,
+        })
+    }
+}
+
+/// ADMIT_SLOT's reply, decoded (admit_slot.lua says what each item is).
+struct AdmitSlotReply {
+    /// 0 admitted, 1 refused for requests, 2 for concurrency.
+    verdict: i64,
+    wait_us: i64,
+    remaining: i64,
+    reset_us: i64,
+    /// The token balance; "" without a token limit.
+    tokens: String,
+    /// The period's spend; "" without a budget.
+    spent: String,
+}
+
+impl redis::FromRedisValue for AdmitSlotReply {
+    fn from_redis_value(v: redis::Value) -> Result<Self, redis::ParsingError> {
         let (verdict, wait_us, remaining, reset_us, tokens, spent) =
             <(i64, i64, i64, i64, String, String)>::from_redis_value(v)?;
-        Ok(AdmitReply {
+        Ok(AdmitSlotReply {
             verdict,
             wait_us,
             remaining,
@@ -80,9 +125,36 @@ impl redis::FromRedisValue for AdmitReply {
     }
 }
 
+/// RENEW's reply, decoded (renew.lua says what each item is).
+struct RenewReply {
+    granted: i64,
+    remaining: i64,
+    reset_us: i64,
+    /// The token balance; "" without a token limit.
+    tokens: String,
+    /// The period's spend; "" without a budget.
+    spent: String,
+}
+
+impl redis::FromRedisValue for RenewReply {
+    fn from_redis_value(v: redis::Value) -> Result<Self, redis::ParsingError> {
+        let (granted, remaining, reset_us, tokens, spent) =
+            <(i64, i64, i64, String, String)>::from_redis_value(v)?;
+        Ok(RenewReply {
+            granted,
+            remaining,
+            reset_us,
+            tokens,
+            spent,
+        })
+    }
+}
+
 struct Scripts {
     admit: Lua,
+    admit_slot: Lua,
     settle: Lua,
+    renew: Lua,
 }
 
 /// What a settlement says of this replica's in-flight count.
@@ -196,6 +268,16 @@ impl Ledger {
         }
     }
 
+    /// Tokens charged in all.
+    fn tokens(&self) -> u64 {
+        self.lock().tokens
+    }
+
+    /// Tokens Redis confirmed.
+    fn confirmed_tokens(&self) -> u64 {
+        self.lock().tokens_confirmed
+    }
+
     /// Whether Redis has not confirmed everything charged.
     fn unconfirmed(&self) -> bool {
         let s = self.lock();
@@ -231,6 +313,12 @@ pub(crate) struct Keys {
     tok: String,
     conc: String,
     live: String,
+    lessees: String,
+    /// This replica's share of the request bucket and its view of the
+    /// fleet: `Some` for a tenant without a concurrency cap, whose requests
+    /// are decided here from it; `None` for one whose every request takes
+    /// a slot in Redis (ADMIT_SLOT).
+    share: Option<Share>,
     /// `prefix:{tenant}:spend:`, followed by the period.
     spend_prefix: String,
     ledger: Ledger,
@@ -255,6 +343,14 @@ impl Keys {
                 .charge(if debit { tokens } else { 0 }, spend.as_ref());
         } else if matches!(count, CountChange::None) {
             return;
+        }
+        if let Some(share) = &self.share {
+            // Busy traffic is settled in batches (RENEW carries the ledger's
+            // totals at the next tick); the first charge after a quiet tick
+            // goes at once.
+            if !share.flush_now(Instant::now()) {
+                return;
+            }
         }
         let msg = Settle {
             tenant: Arc::clone(tenant),
@@ -304,6 +400,20 @@ impl Fleet {
                     include_str!("lua/admit.lua")
                 ),
             ),
+            admit_slot: redis.lua(
+                "admit_slot",
+                concat!(
+                    include_str!("lua/prelude.lua"),
+                    include_str!("lua/admit_slot.lua")
+                ),
+            ),
+            renew: redis.lua(
+                "renew",
+                concat!(
+                    include_str!("lua/prelude.lua"),
+                    include_str!("lua/renew.lua")
+                ),
+            ),
             settle: redis.lua(
                 "settle",
                 concat!(
@@ -340,6 +450,8 @@ impl Fleet {
             tok: r.tenant_key(tenant, &format!("tok:{}", spec.tokens_per_minute)),
             conc: r.tenant_key(tenant, "conc"),
             live: r.tenant_key(tenant, "live"),
+            lessees: r.tenant_key(tenant, "lessees"),
+            share: (spec.max_concurrent == 0).then(Share::new),
             spend_prefix: r.tenant_key(tenant, "spend:"),
             ledger: Ledger {
                 key: r.tenant_key(
@@ -372,6 +484,19 @@ impl Fleet {
     /// totals per tenant, so an operator can reconcile.
     pub(crate) async fn drain(&self, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
+        // Unused shares go back to the fleet, with the charges they carry.
+        let shares: Vec<(Arc<TenantLimits>, Renewal)> = live(&self.tracked)
+            .into_iter()
+            .filter_map(|t| {
+                let back = t.keys.as_ref()?.share.as_ref()?.take_all();
+                Some((t, Renewal { want: 0, back }))
+            })
+            .filter(|(t, r)| r.back > 0 || t.keys.as_ref().is_some_and(|k| k.ledger.unconfirmed()))
+            .collect();
+        let gives = shares
+            .iter()
+            .map(|(t, r)| renew_share(&self.redis, &self.scripts, t, *r));
+        let _ = tokio::time::timeout_at(deadline, futures_util::future::join_all(gives)).await;
         loop {
             let owing: Vec<Arc<TenantLimits>> = live(&self.tracked)
                 .into_iter()
@@ -408,8 +533,10 @@ impl Fleet {
         }
     }
 
-    /// One round trip decides the request. `Err(Unavailable)`: Redis did
-    /// not answer (or is known down), and nothing was taken.
+    /// Decides a request for the fleet: from this replica's share when it
+    /// has one (a round trip only when the share is spent or the view too
+    /// old), else with one round trip. `Err(Unavailable)`: Redis did not
+    /// answer (or is known down), and nothing was taken.
     pub(crate) async fn admit(
         &self,
         t: &Arc<TenantLimits>,
@@ -419,6 +546,162 @@ impl Fleet {
         if !self.redis.is_up() {
             return Err(Unavailable);
         }
+        match &keys.share {
+            Some(share) => self.admit_leased(t, keys, share, standings).await,
+            None => self.admit_slot(t, keys, standings).await,
+        }
+    }
+
+    /// A tenant without a concurrency cap: one request from this replica's
+    /// share, decided here while the share lasts and the view of the token
+    /// balance and spend is fresh; otherwise ADMIT takes the request with a
+    /// new share and reads the view again.
+    async fn admit_leased(
+        &self,
+        t: &Arc<TenantLimits>,
+        keys: &Keys,
+        share: &Share,
+        standings: &mut Standings,
+    ) -> Result<Result<Admission, Denied>, Unavailable> {
+        let spec = t.spec;
+        let now = Instant::now();
+        let view = share.view();
+        let rpm = spec.requests_per_minute > 0;
+        let budget = t.budget.as_ref().map(|b| {
+            let (span, _, unix) = b.now();
+            (b, span, unix)
+        });
+        let needs_view = spec.tokens_per_minute > 0 || budget.is_some();
+        if rpm {
+            if let Some(wait) = view.refused(now) {
+                // The fleet's bucket is known empty until then: refused
+                // without asking again.
+                let standing = view.requests(spec.requests_per_minute, 0, now);
+                standings.requests = Some(standing);
+                return Ok(Err(Denied::Limit(Refused {
+                    limit: Limit::Requests,
+                    wait,
+                    standing: Some(standing),
+                })));
+            }
+        }
+        // `Some(left)`: one request taken from the share (a tenant without
+        // a request limit needs none).
+        let took = if rpm { share.take() } else { Some(0) };
+        if let Some(left) = took {
+            if share.busy() && (!needs_view || view.fresh(now)) {
+                share.admitted(now);
+                let balance = view.balance(spec.tokens_per_minute, keys.ledger.tokens(), now);
+                standings.requests =
+                    rpm.then(|| view.requests(spec.requests_per_minute, left, now));
+                standings.tokens = balance.map(|b| token_standing(spec.tokens_per_minute, b));
+                if let Some((b, span, unix)) = &budget {
+                    standings.budget = Some(b.standing(b.spend.spent(&span.key), span, *unix));
+                }
+                return Ok(Ok(Admission {
+                    lease: Some(Lease::new(t, Slot::Uncapped, Decided::InRedis)),
+                    check: UpstreamCheck { balance },
+                }));
+            }
+        }
+        let need: u64 = if took.is_some() { 0 } else { 1 };
+        let want = if rpm {
+            need + share.target().saturating_sub(share.left())
+        } else {
+            0
+        };
+        let spend_key = budget
+            .as_ref()
+            .map(|(_, span, _)| keys.spend_key(&span.key));
+        let mut inv = self.scripts.admit.call(
+            &[
+                &keys.req,
+                &keys.tok,
+                &keys.lessees,
+                spend_key.as_ref().unwrap_or(&keys.tok),
+            ],
+            96,
+        );
+        inv.arg(spec.requests_per_minute)
+            .arg(spec.request_burst)
+            .arg(spec.tokens_per_minute)
+            .arg(self.redis.replica())
+            .arg(LESSEE_TTL.as_millis() as u64)
+            .arg(if budget.is_some() { "1" } else { "0" })
+            .arg(need)
+            .arg(want)
+            .arg(K);
+        // The balance read includes what Redis had confirmed of this
+        // replica's ledger when it was sent (or more: stricter, not looser).
+        let included = keys.ledger.confirmed_tokens();
+        let reply: Result<AdmitReply, _> = self
+            .redis
+            .invoke(Op::Limits, &self.scripts.admit, &inv)
+            .await;
+        let AdmitReply {
+            verdict,
+            granted,
+            wait_us,
+            remaining,
+            reset_us,
+            tokens,
+            spent,
+        } = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                if rpm && took.is_some() {
+                    // Taken from this replica's own share: it is still there.
+                    share.add(1);
+                }
+                return Err(e);
+            }
+        };
+        let answered = Instant::now();
+        let balance = tokens.parse::<f64>().ok();
+        share.update(|v| {
+            v.at = Some(answered);
+            v.remaining = remaining.max(0) as u64;
+            v.reset = us(reset_us);
+            v.balance = balance;
+            v.included = included;
+            v.refused_until = (verdict != 0).then(|| answered + us(wait_us));
+        });
+        if let (Some((b, span, unix)), Ok(fleet)) = (&budget, spent.parse::<f64>()) {
+            // The fleet's spend, plus what this replica spent that Redis
+            // has not taken yet.
+            b.spend.observe(&span.key, fleet);
+            standings.budget = Some(b.standing(b.spend.spent(&span.key), span, *unix));
+        }
+        standings.tokens = balance.map(|b| token_standing(spec.tokens_per_minute, b));
+        if verdict != 0 {
+            let standing = share.view().requests(spec.requests_per_minute, 0, answered);
+            standings.requests = Some(standing);
+            return Ok(Err(Denied::Limit(Refused {
+                limit: Limit::Requests,
+                wait: us(wait_us),
+                standing: Some(standing),
+            })));
+        }
+        share.add((granted.max(0) as u64).saturating_sub(need));
+        share.admitted(now);
+        let view = share.view();
+        standings.requests =
+            rpm.then(|| view.requests(spec.requests_per_minute, share.left(), answered));
+        let balance = view.balance(spec.tokens_per_minute, keys.ledger.tokens(), answered);
+        Ok(Ok(Admission {
+            lease: Some(Lease::new(t, Slot::Uncapped, Decided::InRedis)),
+            check: UpstreamCheck { balance },
+        }))
+    }
+
+    /// A tenant with a concurrency cap: one round trip (ADMIT_SLOT) takes
+    /// the request and a slot, and reads the token balance and the spend.
+    async fn admit_slot(
+        &self,
+        t: &Arc<TenantLimits>,
+        keys: &Keys,
+        standings: &mut Standings,
+    ) -> Result<Result<Admission, Denied>, Unavailable> {
         let spec = t.spec;
         let slot = Slot::for_cap(spec.max_concurrent);
         // Counted here first, so a renewal report made while this request
@@ -434,7 +717,7 @@ impl Fleet {
             let (span, _, now) = b.now();
             (b, keys.spend_key(&span.key), span, now)
         });
-        let mut inv = self.scripts.admit.call(
+        let mut inv = self.scripts.admit_slot.call(
             &[
                 &keys.req,
                 &keys.tok,
@@ -453,11 +736,11 @@ impl Fleet {
             .arg(LEASE_TTL.as_millis() as u64)
             .arg(if budget.is_some() { "1" } else { "0" })
             .arg(count.count);
-        let reply: Result<AdmitReply, _> = self
+        let reply: Result<AdmitSlotReply, _> = self
             .redis
-            .invoke(Op::Limits, &self.scripts.admit, &inv)
+            .invoke(Op::Limits, &self.scripts.admit_slot, &inv)
             .await;
-        let AdmitReply {
+        let AdmitSlotReply {
             verdict,
             wait_us,
             remaining,
@@ -475,7 +758,6 @@ impl Fleet {
                 return Err(e);
             }
         };
-        let us = |v: i64| Duration::from_micros(v.max(0) as u64);
         let balance = tokens.parse::<f64>().ok();
         if let (Some((b, _, span, now)), Ok(fleet)) = (&budget, spent.parse::<f64>()) {
             // The fleet's spend, plus what this replica spent that Redis
@@ -534,6 +816,8 @@ async fn settler(
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retry = tokio::time::interval(RETRY_EVERY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shares = tokio::time::interval(TICK);
+    shares.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(64);
     // Tenants whose charges failed to reach Redis, held until confirmed
     // even if a reload dropped them meanwhile.
@@ -547,13 +831,31 @@ async fn settler(
             }
             _ = retry.tick() => {
                 owing.retain(|t| t.keys.as_ref().is_some_and(|k| k.ledger.unconfirmed()));
-                for t in live(&tracked).into_iter().chain(owing.iter().cloned()) {
+                // A tenant with a share settles at its own ticks (below),
+                // unless a reload dropped it while it still owed.
+                let settled_by_ticks = live(&tracked)
+                    .into_iter()
+                    .filter(|t| t.keys.as_ref().is_some_and(|k| k.share.is_none()));
+                for t in settled_by_ticks.chain(owing.iter().cloned()) {
                     let Some(keys) = &t.keys else { continue };
                     if keys.ledger.take_report() {
                         let count = CountChange::Report(t.in_flight.now());
                         batch.push(Settle { tenant: Arc::clone(&t), count });
                     } else if keys.ledger.unconfirmed() {
                         batch.push(Settle { tenant: Arc::clone(&t), count: CountChange::None });
+                    }
+                }
+            }
+            _ = shares.tick() => {
+                let due: Vec<(Arc<TenantLimits>, Renewal)> = live(&tracked)
+                    .into_iter()
+                    .filter_map(|t| Renewal::due(&t).map(|r| (t, r)))
+                    .collect();
+                let sends = due.iter().map(|(t, r)| renew_share(&redis, &scripts, t, *r));
+                let sent = futures_util::future::join_all(sends).await;
+                for ((t, _), sent) in due.into_iter().zip(sent) {
+                    if sent.is_err() && !owing.iter().any(|o| Arc::ptr_eq(o, &t)) {
+                        owing.push(t);
                     }
                 }
             }
@@ -583,6 +885,145 @@ async fn settler(
             }
         }
     }
+}
+
+/// What a tick sends for a tenant with a share.
+#[derive(Debug, Clone, Copy)]
+struct Renewal {
+    /// Requests to add to the share.
+    want: u64,
+    /// Requests given back (taken out of the share already).
+    back: u64,
+}
+
+impl Renewal {
+    /// What a tick owes the tenant, if anything: its charges, a fresh view
+    /// while it is busy (so the token and budget checks stay within
+    /// `VIEW_TTL`), a top-up of its share while it is in use, and the
+    /// share back once it is idle.
+    fn due(t: &TenantLimits) -> Option<Renewal> {
+        let keys = t.keys.as_ref()?;
+        let share = keys.share.as_ref()?;
+        let busy = share.rotate();
+        let now = Instant::now();
+        let idle = share
+            .view()
+            .used
+            .is_none_or(|used| now.saturating_duration_since(used) >= IDLE);
+        let rpm = t.spec.requests_per_minute > 0;
+        let back = if idle { share.take_all() } else { 0 };
+        // Topped up when it would not last another tick at the last tick's
+        // pace, to two ticks' worth: a steady tenant asks every other tick.
+        let (target, left) = (share.target(), share.left());
+        let want = if rpm && !idle && left < target {
+            2 * target - left
+        } else {
+            0
+        };
+        let needs_view = t.spec.tokens_per_minute > 0 || t.budget.is_some();
+        let refresh = busy && needs_view;
+        let owes = keys.ledger.unconfirmed();
+        (back > 0 || want > 0 || refresh || owes).then_some(Renewal { want, back })
+    }
+}
+
+/// One RENEW: settles the ledger's totals (spend of an earlier period goes
+/// by SETTLE), tops the share up or gives it back, and reads the view
+/// again. A share given back whose round trip failed is not put back: it
+/// may have reached Redis, and a share lost is only stricter.
+async fn renew_share(
+    redis: &Redis,
+    scripts: &Scripts,
+    t: &Arc<TenantLimits>,
+    r: Renewal,
+) -> Result<(), Unavailable> {
+    let (Some(keys), spec) = (&t.keys, t.spec) else {
+        return Ok(());
+    };
+    let Some(share) = &keys.share else {
+        return Ok(());
+    };
+    let totals = keys.ledger.totals();
+    let budget = t.budget.as_ref().map(|b| {
+        let (span, _, unix) = b.now();
+        (b, span, unix)
+    });
+    let current = budget.as_ref().map(|(_, span, _)| span.key.as_str());
+    if totals
+        .spend
+        .iter()
+        .any(|(k, _)| Some(k.as_str()) != current)
+    {
+        send(redis, scripts, t, CountChange::None).await?;
+    }
+    let period = totals
+        .spend
+        .iter()
+        .find(|(k, _)| Some(k.as_str()) == current);
+    let spend_key = budget
+        .as_ref()
+        .map(|(_, span, _)| keys.spend_key(&span.key));
+    let mut inv = scripts.renew.call(
+        &[
+            &keys.req,
+            &keys.tok,
+            &keys.lessees,
+            spend_key.as_ref().unwrap_or(&keys.tok),
+            &keys.ledger.key,
+        ],
+        224,
+    );
+    let (key, usd, confirmed, expire_ms) = period.map_or(("", 0.0, 0.0, 0), |(key, p)| {
+        (
+            key.as_str(),
+            p.usd,
+            p.confirmed,
+            (p.end + SPEND_KEPT_AFTER) * 1000,
+        )
+    });
+    inv.arg(spec.requests_per_minute)
+        .arg(spec.request_burst)
+        .arg(spec.tokens_per_minute)
+        .arg(redis.replica())
+        .arg(LESSEE_TTL.as_millis() as u64)
+        .arg(if budget.is_some() { "1" } else { "0" })
+        .arg(r.want)
+        .arg(r.back)
+        .arg(K)
+        .arg(totals.tokens)
+        .arg(totals.tokens_confirmed)
+        .arg(key)
+        .arg(format!("{usd:.9}"))
+        .arg(format!("{confirmed:.9}"))
+        .arg(expire_ms)
+        .arg(LEDGER_TTL.as_millis() as u64);
+    let RenewReply {
+        granted,
+        remaining,
+        reset_us,
+        tokens,
+        spent,
+    } = redis.invoke(Op::Limits, &scripts.renew, &inv).await?;
+    keys.ledger.confirm(&totals, period);
+    share.add(granted.max(0) as u64);
+    let answered = Instant::now();
+    share.update(|v| {
+        v.at = Some(answered);
+        v.flushed = Some(answered);
+        if spec.requests_per_minute > 0 {
+            v.remaining = remaining.max(0) as u64;
+            v.reset = us(reset_us);
+            if remaining > 0 || granted > 0 {
+                v.refused_until = None;
+            }
+        }
+        v.balance = tokens.parse::<f64>().ok();
+        v.included = totals.tokens;
+    });
+    if let (Some((b, span, _)), Ok(fleet)) = (&budget, spent.parse::<f64>()) {
+        b.spend.observe(&span.key, fleet);
+    }
+    Ok(())
 }
 
 /// The tracked tenants still in use.

@@ -7,8 +7,10 @@
 //!
 //! - `local`: in-memory buckets and counters, one set per replica (the
 //!   default, and the fallback while Redis is unavailable);
-//! - `fleet`: the same limits kept in Redis for every replica, one script
-//!   round trip before upstream and at most one after.
+//! - `fleet`: the same limits kept in Redis for every replica: a busy
+//!   tenant without a concurrency cap is decided from this replica's
+//!   share of them (`lease`), with no round trip on the request path; one
+//!   with a cap makes one round trip before upstream and one after.
 //!
 //! Settling never waits: the local state changes at once and the Redis side
 //! goes to a task through a bounded queue, so a `Drop` or a body's `poll`
@@ -17,6 +19,7 @@
 pub(crate) mod budget;
 mod fleet;
 mod headers;
+mod lease;
 mod local;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -367,9 +370,10 @@ impl Limiter {
     }
 
     /// Takes one request from the request bucket and a concurrency slot,
-    /// and learns where the token bucket stands: one decision, one Redis
-    /// round trip when limits are shared. `standings` is filled in for the
-    /// headers whatever the outcome.
+    /// and learns where the token bucket stands: one decision. With shared
+    /// limits it takes at most one Redis round trip, and none while this
+    /// replica's share of an uncapped tenant lasts. `standings` is filled
+    /// in for the headers whatever the outcome.
     pub async fn admit(
         &self,
         tenant: &Arc<TenantLimits>,

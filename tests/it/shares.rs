@@ -1,0 +1,251 @@
+//! Shares of a fleet's limits (docs/redis.md "Shares"): a replica spends a
+//! share of a tenant's request bucket without a Redis round trip, settles
+//! its charges in batches, sees the others' charges within a second, and
+//! gives its share back when it stops. Real `sluice` replicas against a
+//! `redis-server` of the test's own (skipped without one, a failure with
+//! `SLUICE_TEST_REDIS=require`).
+
+use std::time::{Duration, Instant};
+
+use sluice::simulator::Simulator;
+use tokio::task::JoinSet;
+
+use crate::support::*;
+
+const KEY: &str = "sk-shares-0123456789";
+
+fn tenant(rpm: u32, burst: u32, tpm: u64) -> String {
+    tenant_with_limits("shares", KEY, rpm, burst, tpm, 0)
+}
+
+/// Only the limits in Redis, so every script call Redis counts is theirs.
+fn redis_section(url: &str) -> String {
+    format!("[redis]\nurl = \"{url}\"\ntimeout_ms = 250\ncache = false\ncoalesce = false\n")
+}
+
+async fn replicas(n: usize, sim: &Simulator, extra: &str) -> Vec<Replica> {
+    let text = config_text(&sim.base_url(), extra);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(Replica::start(&text).await);
+    }
+    out
+}
+
+async fn ask(url: &str, what: &str, usage: &str) -> Resp {
+    call(
+        url,
+        KEY,
+        &chat(what),
+        &[("cache-control", "no-store"), ("x-sim-usage", usage)],
+    )
+    .await
+}
+
+/// Sends `per_sec` requests a second through `url` for `run`; returns how
+/// many were answered 200 (every other answer fails the test).
+async fn drive(url: &str, per_sec: u32, run: Duration) -> u64 {
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(per_sec)));
+    let mut tasks = JoinSet::new();
+    let mut i = 0u64;
+    while start.elapsed() < run {
+        tick.tick().await;
+        let url = url.to_string();
+        tasks.spawn(async move { ask(&url, &format!("drive {i}"), "10,5").await.status });
+        i += 1;
+    }
+    let mut ok = 0;
+    while let Some(done) = tasks.join_next().await {
+        assert_eq!(done.expect("request task"), 200);
+        ok += 1;
+    }
+    ok
+}
+
+/// Script calls Redis has run (`EVALSHA` and `EVAL`), from `INFO
+/// commandstats`.
+fn script_calls(redis: &RedisServer) -> u64 {
+    redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| l.split(',').next())
+        .filter_map(|kv| kv.split_once("calls="))
+        .map(|(_, v)| v.trim().parse::<u64>().expect("a count"))
+        .sum()
+}
+
+/// Waits until Redis has run no script for `quiet` (longer than any
+/// periodic round trip of a replica, the share's return when idle
+/// included); returns the count then.
+async fn quiet_script_calls(redis: &RedisServer, quiet: Duration) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = script_calls(redis);
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = script_calls(redis);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= quiet {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "the replicas never went quiet");
+    }
+}
+
+#[tokio::test]
+async fn a_busy_tenant_costs_redis_under_a_tenth_of_a_command_a_request() {
+    let Some(redis) = RedisServer::start("a_busy_tenant_costs_redis_under_a_tenth") else {
+        return;
+    };
+    let _turn = heavy().await;
+    let sim = Simulator::start(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("simulator");
+    // 200 requests a second; driven at 80, under half of it. A token limit
+    // too, so the balance is read and charges settled all along.
+    let extra = format!(
+        "{}{}",
+        tenant(12_000, 200, 10_000_000),
+        redis_section(&redis.url())
+    );
+    let fleet = replicas(1, &sim, &extra).await;
+    let before = quiet_script_calls(&redis, Duration::from_millis(500)).await;
+    let admitted = drive(
+        &fleet[0].url("/v1/chat/completions"),
+        80,
+        Duration::from_secs(4),
+    )
+    .await;
+    // Everything the traffic caused: the charges settled, the share given
+    // back once idle.
+    let after = quiet_script_calls(&redis, Duration::from_millis(1500)).await;
+    let per_request = (after - before) as f64 / admitted as f64;
+    eprintln!(
+        "{} script calls for {admitted} requests: {per_request:.3} a request",
+        after - before
+    );
+    assert!(
+        per_request <= 0.1,
+        "{} script calls for {admitted} requests: {per_request:.3} a request",
+        after - before
+    );
+    let r = &fleet[0];
+    assert_eq!(
+        r.metric("sluice_limits_local_fallback_total", &[]).await,
+        0.0,
+        "every decision was shared"
+    );
+    // Batched, yet every charge is in Redis: the replica's ledger there
+    // holds 15 tokens an answer.
+    let ledgers = redis.cli(&["--scan", "--pattern", "sluice:{shares}:charged:*"]);
+    let ledger = ledgers.lines().next().expect("a ledger");
+    assert_eq!(
+        redis.cli(&["HGET", ledger, "tok"]).trim(),
+        (15 * admitted).to_string()
+    );
+}
+
+#[tokio::test]
+async fn a_token_deficit_refuses_on_every_replica_within_a_second() {
+    let Some(redis) = RedisServer::start("a_token_deficit_refuses_on_every_replica") else {
+        return;
+    };
+    let sim = Simulator::start(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("simulator");
+    // 600 tokens a minute; requests far from their limit.
+    let extra = format!(
+        "{}{}",
+        tenant(600_000, 10_000, 600),
+        redis_section(&redis.url())
+    );
+    let fleet = replicas(3, &sim, &extra).await;
+    let urls: Vec<String> = fleet
+        .iter()
+        .map(|r| r.url("/v1/chat/completions"))
+        .collect();
+    // Every replica busy with the tenant (each decides from its share).
+    for (i, url) in urls.iter().enumerate() {
+        for j in 0..4 {
+            assert_eq!(ask(url, &format!("warm {i} {j}"), "1,1").await.status, 200);
+        }
+    }
+    let r = ask(&urls[0], "expensive", "500,300").await;
+    assert_eq!(r.status, 200);
+    let spent = Instant::now();
+    let mut others = JoinSet::new();
+    for url in urls.into_iter().skip(1) {
+        others.spawn(async move {
+            loop {
+                let r = ask(&url, "next", "0,0").await;
+                if r.status == 429 {
+                    assert_eq!(r.error_code(), "tokens_rate_limit_exceeded");
+                    assert_eq!(r.header("x-ratelimit-remaining-tokens"), "0");
+                    assert!(r.header("retry-after").parse::<u64>().expect("retry-after") >= 1);
+                    return spent.elapsed();
+                }
+                assert_eq!(r.status, 200);
+                assert!(
+                    spent.elapsed() < Duration::from_secs(5),
+                    "the deficit never reached {url}"
+                );
+            }
+        });
+    }
+    while let Some(took) = others.join_next().await {
+        let took = took.expect("task");
+        eprintln!("a deficit made on one replica refused on another after {took:?}");
+        assert!(
+            took < Duration::from_secs(1),
+            "a deficit made on one replica refused on another after {took:?}"
+        );
+    }
+}
+
+/// The request bucket's requests taken, by Redis's clock: what the bucket
+/// lacks of full, in requests (fractions are its refill).
+fn taken(redis: &RedisServer, key: &str, rpm: u32) -> f64 {
+    let tat: f64 = redis.cli(&["GET", key]).trim().parse().unwrap_or(0.0);
+    let time = redis.cli(&["TIME"]);
+    let mut t = time.split_whitespace();
+    let secs: f64 = t.next().and_then(|v| v.parse().ok()).expect("time");
+    let micros: f64 = t.next().and_then(|v| v.parse().ok()).expect("time");
+    let now = secs * 1e6 + micros;
+    ((tat - now) / (60e6 / f64::from(rpm))).max(0.0)
+}
+
+#[tokio::test]
+async fn a_replica_that_stops_gives_its_share_back() {
+    let Some(redis) = RedisServer::start("a_replica_that_stops_gives_its_share_back") else {
+        return;
+    };
+    let sim = Simulator::start(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("simulator");
+    // A request every 10 s refills the bucket: what it lacks is what was
+    // taken, within a tenth of a request a second.
+    let rpm = 6;
+    let extra = format!("{}{}", tenant(rpm, 200, 0), redis_section(&redis.url()));
+    let mut fleet = replicas(1, &sim, &extra).await;
+    let key = "sluice:{shares}:req:6:200";
+    let admitted = drive(
+        &fleet[0].url("/v1/chat/completions"),
+        40,
+        Duration::from_secs(1),
+    )
+    .await;
+    let held = taken(&redis, key, rpm);
+    assert!(
+        held >= admitted as f64 + 1.0,
+        "a busy replica holds a share: {held:.1} taken for {admitted} admitted"
+    );
+    fleet[0].stop().await;
+    let after = taken(&redis, key, rpm);
+    assert!(
+        (after - admitted as f64).abs() < 1.0,
+        "the share came back at shutdown: {after:.1} taken for {admitted} admitted"
+    );
+}
