@@ -846,7 +846,9 @@ async fn settler(
                     }
                 }
             }
-            _ = shares.tick() => {
+            _ = shares.tick(), if redis.is_up() => {
+                // While Redis is down nothing is due: a share would be
+                // taken out to be given back and lost with the round trip.
                 let due: Vec<(Arc<TenantLimits>, Renewal)> = live(&tracked)
                     .into_iter()
                     .filter_map(|t| Renewal::due(&t).map(|r| (t, r)))
