@@ -249,3 +249,42 @@ async fn a_replica_that_stops_gives_its_share_back() {
         "the share came back at shutdown: {after:.1} taken for {admitted} admitted"
     );
 }
+
+#[tokio::test]
+async fn the_request_headers_stay_truthful_under_a_share() {
+    let Some(redis) = RedisServer::start("the_request_headers_stay_truthful_under_a_share") else {
+        return;
+    };
+    let sim = Simulator::start(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("simulator");
+    // 10 requests a second, a burst of 100: a busy replica holds a share.
+    let extra = format!("{}{}", tenant(600, 100, 0), redis_section(&redis.url()));
+    let fleet = replicas(1, &sim, &extra).await;
+    let url = fleet[0].url("/v1/chat/completions");
+    let start = Instant::now();
+    let mut shared = 0;
+    for i in 0..60u32 {
+        let r = ask(&url, &format!("h {i}"), "1,1").await;
+        assert_eq!(r.status, 200);
+        let remaining: f64 = r
+            .header("x-ratelimit-remaining-requests")
+            .parse()
+            .expect("remaining");
+        // What the bucket truly holds for this tenant after this request,
+        // this replica's share counted as its own: the burst, less what
+        // was admitted, plus the refill so far.
+        let admitted = f64::from(i + 1);
+        let truth = (100.0 - admitted + 10.0 * start.elapsed().as_secs_f64()).min(100.0);
+        // The header leaves out at most the refill since the replica's
+        // last round trip (half a second: 5 requests) and never says more.
+        assert!(
+            remaining <= truth + 1.0 && remaining >= truth - 6.0,
+            "request {i}: the header says {remaining}, the bucket holds {truth:.1}"
+        );
+        if taken(&redis, "sluice:{shares}:req:600:100", 600) > admitted + 0.5 {
+            shared += 1;
+        }
+    }
+    assert!(shared > 0, "the replica never held a share");
+}
