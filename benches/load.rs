@@ -1170,6 +1170,8 @@ struct Sluices {
     limited: Sluice,
     cached: Sluice,
     hit: Sluice,
+    /// Hits of a tenant with the shares rows' limits, in memory.
+    hit_limited: Sluice,
     shared: Option<Sluice>,
     /// Shared limits without a concurrency cap: decided from shares.
     shares: Option<Sluice>,
@@ -1194,6 +1196,7 @@ impl Sluices {
         let miss = start("sluice-miss", false, NO_LIMITS, None);
         let limited = start("sluice-miss-limits", false, BENCH_LIMITS, None);
         let hit = start("sluice-hit", true, NO_LIMITS, None);
+        let hit_limited = start("sluice-hit-limits", true, SHARE_LIMITS, None);
         let cached = start("sluice-miss-cache", true, NO_LIMITS, None);
         let shared = redis_row("sluice-miss-redis", false, BENCH_LIMITS);
         let shares = redis_row("sluice-miss-redis-shares", false, SHARE_LIMITS);
@@ -1216,6 +1219,7 @@ impl Sluices {
             limited,
             cached,
             hit,
+            hit_limited,
             shared,
             shares,
             cached_redis,
@@ -1246,6 +1250,7 @@ impl Sluices {
                 distinct("m"),
             ),
             ("sluice-hit", Some(&self.hit), Bodies::Fixed),
+            ("sluice-hit-limits", Some(&self.hit_limited), Bodies::Fixed),
             (
                 "sluice-hit-redis-local",
                 self.hit_local.as_ref(),
@@ -1282,6 +1287,7 @@ impl Sluices {
     fn hit_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         [
             Some(&self.hit),
+            Some(&self.hit_limited),
             self.hit_local.as_ref(),
             self.hit_shares.as_ref(),
         ]
@@ -1291,21 +1297,27 @@ impl Sluices {
     }
 
     fn procs(&self) -> impl Iterator<Item = &Proc> {
-        [&self.miss, &self.limited, &self.hit, &self.cached]
+        [
+            &self.miss,
+            &self.limited,
+            &self.hit,
+            &self.hit_limited,
+            &self.cached,
+        ]
+        .into_iter()
+        .chain(
+            [
+                &self.shared,
+                &self.shares,
+                &self.cached_redis,
+                &self.hit_local,
+                &self.hit_shares,
+                &self.hit_remote,
+            ]
             .into_iter()
-            .chain(
-                [
-                    &self.shared,
-                    &self.shares,
-                    &self.cached_redis,
-                    &self.hit_local,
-                    &self.hit_shares,
-                    &self.hit_remote,
-                ]
-                .into_iter()
-                .flatten(),
-            )
-            .map(|s| &s.proc_)
+            .flatten(),
+        )
+        .map(|s| &s.proc_)
     }
 }
 
@@ -1645,18 +1657,21 @@ fn main() {
                 cpu_of(local) / cpu_of(hit)
             );
         }
-        if let (Some(local), Some(sh)) = (
-            base("sluice-hit-redis-local"),
-            base("sluice-hit-redis-shares"),
-        ) {
-            let ratio = sh.rps / local.rps;
+        if let (Some(lim), Some(sh)) = (base("sluice-hit-limits"), base("sluice-hit-redis-shares"))
+        {
+            let ratio = sh.rps / lim.rps;
             let evals = tally("sluice-hit-redis-shares")
                 .map_or(f64::NAN, |t| t.per_req(&["evalsha", "eval"]));
             println!(
-                "sluice-hit-redis-shares vs sluice-hit-redis-local: req/s {ratio:.2}× (≥ 0.95×: {}), \
+                "sluice-hit-limits vs sluice-hit: req/s {:.2}×, CPU/req {:.2}×",
+                lim.rps / hit.rps,
+                cpu_of(lim) / cpu_of(hit)
+            );
+            println!(
+                "sluice-hit-redis-shares vs sluice-hit-limits: req/s {ratio:.2}× (≥ 0.95×: {}), \
                  CPU/req {:.2}×, EVALSHA+EVAL per request {evals:.4}",
                 met(ratio >= 0.95),
-                cpu_of(sh) / cpu_of(local)
+                cpu_of(sh) / cpu_of(lim)
             );
         }
         if let Some(remote) = base("sluice-hit-redis-remote") {

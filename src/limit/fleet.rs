@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::lease::{us, Share, IDLE, K, LESSEE_TTL, TICK};
+use super::lease::{us, Share, K, LESSEE_TTL, TICK};
 use super::{
     concurrency_refused, token_standing, Admission, Count, Decided, Denied, Lease, Limit, Refused,
     Slot, Standing, Standings, TenantLimits, UpstreamCheck,
@@ -533,45 +533,27 @@ impl Fleet {
         }
     }
 
-    /// Decides a request for the fleet: from this replica's share when it
-    /// has one (a round trip only when the share is spent or the view too
-    /// old), else with one round trip. `Err(Unavailable)`: Redis did not
-    /// answer (or is known down), and nothing was taken.
-    pub(crate) async fn admit(
+    /// Decides a request from this replica's share, without a round trip,
+    /// when it can: a busy tenant without a concurrency cap whose share
+    /// lasts and whose view is fresh, or one the fleet's bucket is known to
+    /// refuse. `Err`: `admit` must ask Redis (with the request taken from
+    /// the share, if one was).
+    pub(crate) fn decide_here(
         &self,
         t: &Arc<TenantLimits>,
         keys: &Keys,
         standings: &mut Standings,
-    ) -> Result<Result<Admission, Denied>, Unavailable> {
+    ) -> Result<Result<Admission, Denied>, Took> {
+        let Some(share) = &keys.share else {
+            return Err(Took(None));
+        };
         if !self.redis.is_up() {
-            return Err(Unavailable);
+            return Err(Took(None));
         }
-        match &keys.share {
-            Some(share) => self.admit_leased(t, keys, share, standings).await,
-            None => self.admit_slot(t, keys, standings).await,
-        }
-    }
-
-    /// A tenant without a concurrency cap: one request from this replica's
-    /// share, decided here while the share lasts and the view of the token
-    /// balance and spend is fresh; otherwise ADMIT takes the request with a
-    /// new share and reads the view again.
-    async fn admit_leased(
-        &self,
-        t: &Arc<TenantLimits>,
-        keys: &Keys,
-        share: &Share,
-        standings: &mut Standings,
-    ) -> Result<Result<Admission, Denied>, Unavailable> {
         let spec = t.spec;
         let now = Instant::now();
         let view = share.view();
         let rpm = spec.requests_per_minute > 0;
-        let budget = t.budget.as_ref().map(|b| {
-            let (span, _, unix) = b.now();
-            (b, span, unix)
-        });
-        let needs_view = spec.tokens_per_minute > 0 || budget.is_some();
         if rpm {
             if let Some(wait) = view.refused(now) {
                 // The fleet's bucket is known empty until then: refused
@@ -586,24 +568,70 @@ impl Fleet {
             }
         }
         // `Some(left)`: one request taken from the share (a tenant without
-        // a request limit needs none).
+        // a request limit needs none, and takes none).
         let took = if rpm { share.take() } else { Some(0) };
-        if let Some(left) = took {
-            if share.busy() && (!needs_view || view.fresh(now)) {
-                share.admitted(now);
-                let balance = view.balance(spec.tokens_per_minute, keys.ledger.tokens(), now);
-                standings.requests =
-                    rpm.then(|| view.requests(spec.requests_per_minute, left, now));
-                standings.tokens = balance.map(|b| token_standing(spec.tokens_per_minute, b));
-                if let Some((b, span, unix)) = &budget {
-                    standings.budget = Some(b.standing(b.spend.spent(&span.key), span, *unix));
-                }
-                return Ok(Ok(Admission {
-                    lease: Some(Lease::new(t, Slot::Uncapped, Decided::InRedis)),
-                    check: UpstreamCheck { balance },
-                }));
-            }
+        let needs_view = spec.tokens_per_minute > 0 || t.budget.is_some();
+        let Some(left) = took else {
+            return Err(Took(None));
+        };
+        if !(share.busy() && (!needs_view || view.fresh(now))) {
+            return Err(Took(rpm.then_some(left)));
         }
+        share.admitted(now);
+        let balance = view.balance(spec.tokens_per_minute, keys.ledger.tokens(), now);
+        standings.requests = rpm.then(|| view.requests(spec.requests_per_minute, left, now));
+        standings.tokens = balance.map(|b| token_standing(spec.tokens_per_minute, b));
+        if let Some(b) = &t.budget {
+            let (span, spent, unix) = b.now();
+            standings.budget = Some(b.standing(spent, &span, unix));
+        }
+        Ok(Ok(Admission {
+            lease: Some(Lease::new(t, Slot::Uncapped, Decided::InRedis)),
+            check: UpstreamCheck { balance },
+        }))
+    }
+
+    /// Decides a request for the fleet with one round trip: for a tenant
+    /// with a share, ADMIT takes the request (unless `took` holds one of the
+    /// share already) with a new share and reads the view again; for one
+    /// with a concurrency cap, ADMIT_SLOT. `Err(Unavailable)`: Redis did
+    /// not answer (or is known down), and nothing was taken.
+    pub(crate) async fn admit(
+        &self,
+        t: &Arc<TenantLimits>,
+        keys: &Keys,
+        took: Took,
+        standings: &mut Standings,
+    ) -> Result<Result<Admission, Denied>, Unavailable> {
+        if !self.redis.is_up() {
+            if let (Some(share), Took(Some(_))) = (&keys.share, took) {
+                share.add(1);
+            }
+            return Err(Unavailable);
+        }
+        match &keys.share {
+            Some(share) => self.admit_leased(t, keys, share, took, standings).await,
+            None => self.admit_slot(t, keys, standings).await,
+        }
+    }
+
+    /// ADMIT for a tenant without a concurrency cap.
+    async fn admit_leased(
+        &self,
+        t: &Arc<TenantLimits>,
+        keys: &Keys,
+        share: &Share,
+        Took(took): Took,
+        standings: &mut Standings,
+    ) -> Result<Result<Admission, Denied>, Unavailable> {
+        let spec = t.spec;
+        let now = Instant::now();
+        let rpm = spec.requests_per_minute > 0;
+        let took = if rpm { took } else { Some(0) };
+        let budget = t.budget.as_ref().map(|b| {
+            let (span, _, unix) = b.now();
+            (b, span, unix)
+        });
         let need: u64 = if took.is_some() { 0 } else { 1 };
         let want = if rpm {
             need + share.target().saturating_sub(share.left())
@@ -889,6 +917,11 @@ async fn settler(
     }
 }
 
+/// A request `Fleet::decide_here` took from the share before it found it
+/// must ask Redis: how many are left after it (`None`: none was taken).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Took(Option<u64>);
+
 /// What a tick sends for a tenant with a share.
 #[derive(Debug, Clone, Copy)]
 struct Renewal {
@@ -908,10 +941,7 @@ impl Renewal {
         let share = keys.share.as_ref()?;
         let busy = share.rotate();
         let now = Instant::now();
-        let idle = share
-            .view()
-            .used
-            .is_none_or(|used| now.saturating_duration_since(used) >= IDLE);
+        let idle = share.idle(now);
         let rpm = t.spec.requests_per_minute > 0;
         let back = if idle { share.take_all() } else { 0 };
         // Topped up when it would not last another tick at the last tick's

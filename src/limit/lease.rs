@@ -39,6 +39,10 @@ pub(crate) struct Share {
     /// the share is sized to.
     admitted: AtomicU64,
     admitted_before: AtomicU64,
+    /// When this replica last admitted a request of the tenant: ms since
+    /// `born`, plus one (0: never). An atomic, so admitting takes no lock.
+    used: AtomicU64,
+    born: Instant,
     view: Mutex<View>,
 }
 
@@ -57,8 +61,6 @@ pub(super) struct View {
     pub(super) included: u64,
     /// Refused for requests until then (no round trip to refuse again).
     pub(super) refused_until: Option<Instant>,
-    /// When this replica last admitted a request of the tenant.
-    pub(super) used: Option<Instant>,
     /// When charges were last sent.
     pub(super) flushed: Option<Instant>,
 }
@@ -69,6 +71,8 @@ impl Share {
             left: AtomicU64::new(0),
             admitted: AtomicU64::new(0),
             admitted_before: AtomicU64::new(0),
+            used: AtomicU64::new(0),
+            born: Instant::now(),
             view: Mutex::new(View::default()),
         }
     }
@@ -112,7 +116,19 @@ impl Share {
     /// Counts an admission (local or through Redis) toward the demand.
     pub(super) fn admitted(&self, now: Instant) {
         self.admitted.fetch_add(1, Ordering::Relaxed);
-        self.lock().used = Some(now);
+        let ms = now.saturating_duration_since(self.born).as_millis() as u64;
+        self.used.store(ms + 1, Ordering::Relaxed);
+    }
+
+    /// Whether nothing was admitted here for `IDLE`.
+    pub(super) fn idle(&self, now: Instant) -> bool {
+        match self.used.load(Ordering::Relaxed) {
+            0 => true,
+            ms => {
+                let used = self.born + Duration::from_millis(ms - 1);
+                now.saturating_duration_since(used) >= IDLE
+            }
+        }
     }
 
     /// The requests worth holding beyond the one at hand: what the current
@@ -236,6 +252,8 @@ mod tests {
         assert!(s.rotate());
         assert!(!s.rotate(), "an idle tick");
         assert_eq!(s.target(), 0);
+        assert!(!s.idle(now + Duration::from_millis(10)));
+        assert!(s.idle(now + IDLE + Duration::from_millis(2)));
     }
 
     #[test]

@@ -386,7 +386,13 @@ impl Limiter {
             });
         }
         if let (Some(fleet), Some(keys)) = (&self.fleet, &tenant.keys) {
-            match fleet.admit(tenant, keys, standings).await {
+            // The share decides most requests of a busy tenant, with no
+            // round trip and nothing to await.
+            let took = match fleet.decide_here(tenant, keys, standings) {
+                Ok(decision) => return decision,
+                Err(took) => took,
+            };
+            match fleet.admit(tenant, keys, took, standings).await {
                 Ok(decision) => return decision,
                 Err(crate::shared::Unavailable) => {
                     if fleet.on_error == OnError::Deny {
