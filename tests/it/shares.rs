@@ -288,3 +288,65 @@ async fn the_request_headers_stay_truthful_under_a_share() {
     }
     assert!(shared > 0, "the replica never held a share");
 }
+
+/// ADMIT as Sluice sends it, run through `redis-cli`: the replica `who`
+/// needs one request and wants `want`; returns the requests granted.
+fn admit_script(redis: &RedisServer, who: &str, want: u32) -> i64 {
+    const SCRIPT: &str = concat!(
+        include_str!("../../src/limit/lua/prelude.lua"),
+        include_str!("../../src/limit/lua/admit.lua")
+    );
+    let want = want.to_string();
+    let out = redis.cli(&[
+        "EVAL",
+        SCRIPT,
+        "4",
+        "t:{s}:req",
+        "t:{s}:tok",
+        "t:{s}:lessees",
+        "t:{s}:tok",
+        // 6 a minute, a burst of 100: the bucket barely refills meanwhile.
+        "6",
+        "100",
+        "0",
+        who,
+        "2000",
+        "0",
+        "1",
+        &want,
+        "4",
+    ]);
+    let items: Vec<&str> = out.lines().collect();
+    assert_eq!(items.first(), Some(&"0"), "admitted: {out}");
+    items[1].trim().parse().expect("granted")
+}
+
+#[tokio::test]
+async fn a_share_shrinks_as_the_bucket_empties_down_to_one_request() {
+    let Some(redis) = RedisServer::start("a_share_shrinks_as_the_bucket_empties") else {
+        return;
+    };
+    // One lessee: a quarter of what the bucket holds.
+    assert_eq!(admit_script(&redis, "a", 1000), 25);
+    assert_eq!(admit_script(&redis, "a", 1000), 18, "a quarter of 75");
+    // Never more than wanted.
+    assert_eq!(admit_script(&redis, "a", 3), 3);
+    // A second replica taking shares halves them: 54 / (2 × 4).
+    assert_eq!(admit_script(&redis, "b", 1000), 6);
+    let mut grants = Vec::new();
+    while grants.len() < 200 {
+        let held: f64 = 100.0 - taken(&redis, "t:{s}:req", 6);
+        if held < 1.0 {
+            break;
+        }
+        grants.push(admit_script(&redis, "a", 1000));
+    }
+    assert!(
+        grants.windows(2).all(|w| w[1] <= w[0]),
+        "shares only shrink as the bucket empties: {grants:?}"
+    );
+    assert!(
+        grants.ends_with(&[1, 1, 1, 1, 1, 1, 1, 1]),
+        "near the limit, one request a round trip: {grants:?}"
+    );
+}
