@@ -50,10 +50,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::lease::{us, Share, K, LESSEE_TTL, TICK};
+use super::lease::{us, Share, SlotChange, Slots, K, LESSEE_TTL, TICK};
 use super::{
     concurrency_refused, token_standing, Admission, Count, Decided, Denied, Lease, Limit, Refused,
-    Slot, Standing, Standings, TenantLimits, UpstreamCheck,
+    Slot, Standings, TenantLimits, UpstreamCheck,
 };
 use crate::config::{LimitSpec, OnError};
 use crate::shared::{Lua, Op, Redis, Unavailable};
@@ -79,12 +79,28 @@ struct AdmitReply {
     tokens: String,
     /// The period's spend; "" without a budget.
     spent: String,
+    /// The version of the replica's count below (-1: no slot asked).
+    slot_version: i64,
+    /// The replica's count in the concurrency hash: the slots it holds.
+    slots: i64,
+    /// Spare slots it may keep idle.
+    spare: i64,
 }
 
 impl redis::FromRedisValue for AdmitReply {
     fn from_redis_value(v: redis::Value) -> Result<Self, redis::ParsingError> {
-        let (verdict, granted, wait_us, remaining, reset_us, tokens, spent) =
-            <(i64, i64, i64, i64, i64, String, String)>::from_redis_value(v)?;
+        let (
+            verdict,
+            granted,
+            wait_us,
+            remaining,
+            reset_us,
+            tokens,
+            spent,
+            slot_version,
+            slots,
+            spare,
+        ) = <(i64, i64, i64, i64, i64, String, String, i64, i64, i64)>::from_redis_value(v)?;
         Ok(AdmitReply {
             verdict,
             granted,
@@ -93,34 +109,9 @@ impl redis::FromRedisValue for AdmitReply {
             reset_us,
             tokens,
             spent,
-        })
-    }
-}
-
-/// ADMIT_SLOT's reply, decoded (admit_slot.lua says what each item is).
-struct AdmitSlotReply {
-    /// 0 admitted, 1 refused for requests, 2 for concurrency.
-    verdict: i64,
-    wait_us: i64,
-    remaining: i64,
-    reset_us: i64,
-    /// The token balance; "" without a token limit.
-    tokens: String,
-    /// The period's spend; "" without a budget.
-    spent: String,
-}
-
-impl redis::FromRedisValue for AdmitSlotReply {
-    fn from_redis_value(v: redis::Value) -> Result<Self, redis::ParsingError> {
-        let (verdict, wait_us, remaining, reset_us, tokens, spent) =
-            <(i64, i64, i64, i64, String, String)>::from_redis_value(v)?;
-        Ok(AdmitSlotReply {
-            verdict,
-            wait_us,
-            remaining,
-            reset_us,
-            tokens,
-            spent,
+            slot_version,
+            slots,
+            spare,
         })
     }
 }
@@ -152,7 +143,6 @@ impl redis::FromRedisValue for RenewReply {
 
 struct Scripts {
     admit: Lua,
-    admit_slot: Lua,
     settle: Lua,
     renew: Lua,
 }
@@ -315,10 +305,10 @@ pub(crate) struct Keys {
     live: String,
     lessees: String,
     /// This replica's share of the request bucket and its view of the
-    /// fleet: `Some` for a tenant without a concurrency cap, whose requests
-    /// are decided here from it; `None` for one whose every request takes
-    /// a slot in Redis (ADMIT_SLOT).
+    /// fleet, from which its requests are decided here.
     share: Option<Share>,
+    /// A capped tenant's slots held by this replica.
+    pub(super) slots: Option<Slots>,
     /// `prefix:{tenant}:spend:`, followed by the period.
     spend_prefix: String,
     ledger: Ledger,
@@ -344,7 +334,7 @@ impl Keys {
         } else if matches!(count, CountChange::None) {
             return;
         }
-        if let Some(share) = &self.share {
+        if let (Some(share), CountChange::None) = (&self.share, count) {
             // Busy traffic is settled in batches (RENEW carries the ledger's
             // totals at the next tick); the first charge after a quiet tick
             // goes at once.
@@ -361,6 +351,17 @@ impl Keys {
             // next totals, and the count is reported again.
             self.ledger.report_due();
             tracing::debug!("settlement queue full; the ledger keeps the charge");
+        }
+    }
+
+    /// This replica's count of the tenant to report: the slots it holds.
+    fn count_now(&self, t: &TenantLimits) -> Count {
+        match &self.slots {
+            Some(slots) => {
+                let (version, count) = slots.report();
+                Count { version, count }
+            }
+            None => t.in_flight.now(),
         }
     }
 
@@ -398,13 +399,6 @@ impl Fleet {
                 concat!(
                     include_str!("lua/prelude.lua"),
                     include_str!("lua/admit.lua")
-                ),
-            ),
-            admit_slot: redis.lua(
-                "admit_slot",
-                concat!(
-                    include_str!("lua/prelude.lua"),
-                    include_str!("lua/admit_slot.lua")
                 ),
             ),
             renew: redis.lua(
@@ -451,7 +445,8 @@ impl Fleet {
             conc: r.tenant_key(tenant, "conc"),
             live: r.tenant_key(tenant, "live"),
             lessees: r.tenant_key(tenant, "lessees"),
-            share: (spec.max_concurrent == 0).then(Share::new),
+            share: Some(Share::new()),
+            slots: (spec.max_concurrent > 0).then(Slots::new),
             spend_prefix: r.tenant_key(tenant, "spend:"),
             ledger: Ledger {
                 key: r.tenant_key(
@@ -488,10 +483,23 @@ impl Fleet {
         let shares: Vec<(Arc<TenantLimits>, Renewal)> = live(&self.tracked)
             .into_iter()
             .filter_map(|t| {
-                let back = t.keys.as_ref()?.share.as_ref()?.take_all();
-                Some((t, Renewal { want: 0, back }))
+                let keys = t.keys.as_ref()?;
+                let back = keys.share.as_ref()?.take_all();
+                let slots = keys.slots.as_ref().and_then(Slots::shrink);
+                Some((
+                    t,
+                    Renewal {
+                        want: 0,
+                        back,
+                        slots,
+                    },
+                ))
             })
-            .filter(|(t, r)| r.back > 0 || t.keys.as_ref().is_some_and(|k| k.ledger.unconfirmed()))
+            .filter(|(t, r)| {
+                r.back > 0
+                    || r.slots.is_some()
+                    || t.keys.as_ref().is_some_and(|k| k.ledger.unconfirmed())
+            })
             .collect();
         let gives = shares
             .iter()
@@ -577,6 +585,12 @@ impl Fleet {
         if !(share.busy() && (!needs_view || view.fresh(now))) {
             return Err(Took(rpm.then_some(left)));
         }
+        // A capped tenant needs a spare slot of those this replica holds.
+        let slot = match &keys.slots {
+            Some(slots) if slots.take() => Slot::Held,
+            Some(_) => return Err(Took(rpm.then_some(left))),
+            None => Slot::Uncapped,
+        };
         share.admitted(now);
         let balance = view.balance(spec.tokens_per_minute, keys.ledger.tokens(), now);
         standings.requests = rpm.then(|| view.requests(spec.requests_per_minute, left, now));
@@ -586,16 +600,16 @@ impl Fleet {
             standings.budget = Some(b.standing(spent, &span, unix));
         }
         Ok(Ok(Admission {
-            lease: Some(Lease::new(t, Slot::Uncapped, Decided::InRedis)),
+            lease: Some(Lease::new(t, slot, Decided::InRedis)),
             check: UpstreamCheck { balance },
         }))
     }
 
-    /// Decides a request for the fleet with one round trip: for a tenant
-    /// with a share, ADMIT takes the request (unless `took` holds one of the
-    /// share already) with a new share and reads the view again; for one
-    /// with a concurrency cap, ADMIT_SLOT. `Err(Unavailable)`: Redis did
-    /// not answer (or is known down), and nothing was taken.
+    /// Decides a request for the fleet with one round trip: ADMIT takes the
+    /// request (unless `took` holds one of the share already) with a new
+    /// share, a slot with spare ones for a capped tenant, and reads the
+    /// view again. `Err(Unavailable)`: Redis did not answer (or is known
+    /// down), and nothing was taken.
     pub(crate) async fn admit(
         &self,
         t: &Arc<TenantLimits>,
@@ -611,11 +625,11 @@ impl Fleet {
         }
         match &keys.share {
             Some(share) => self.admit_leased(t, keys, share, took, standings).await,
-            None => self.admit_slot(t, keys, standings).await,
+            None => Err(Unavailable),
         }
     }
 
-    /// ADMIT for a tenant without a concurrency cap.
+    /// ADMIT.
     async fn admit_leased(
         &self,
         t: &Arc<TenantLimits>,
@@ -641,14 +655,19 @@ impl Fleet {
         let spend_key = budget
             .as_ref()
             .map(|(_, span, _)| keys.spend_key(&span.key));
+        // A capped tenant asks for its slot, and for spare ones as it asks
+        // for a share of requests: none while it is sparse here.
+        let ask = keys.slots.as_ref().map(|slots| slots.ask(share.target()));
         let mut inv = self.scripts.admit.call(
             &[
                 &keys.req,
                 &keys.tok,
                 &keys.lessees,
                 spend_key.as_ref().unwrap_or(&keys.tok),
+                &keys.conc,
+                &keys.live,
             ],
-            96,
+            160,
         );
         inv.arg(spec.requests_per_minute)
             .arg(spec.request_burst)
@@ -658,7 +677,13 @@ impl Fleet {
             .arg(if budget.is_some() { "1" } else { "0" })
             .arg(need)
             .arg(want)
-            .arg(K);
+            .arg(K)
+            .arg(spec.max_concurrent)
+            .arg(ask.map_or(0, |a| a.version))
+            .arg(ask.map_or(0, |a| a.needed))
+            .arg(ask.map_or(0, |a| a.wanted))
+            .arg(ask.map_or(0, |a| a.if_refused))
+            .arg(LEASE_TTL.as_millis() as u64);
         // The balance read includes what Redis had confirmed of this
         // replica's ledger when it was sent (or more: stricter, not looser).
         let included = keys.ledger.confirmed_tokens();
@@ -674,6 +699,9 @@ impl Fleet {
             reset_us,
             tokens,
             spent,
+            slot_version,
+            slots: held,
+            spare,
         } = match reply {
             Ok(r) => r,
             Err(e) => {
@@ -681,8 +709,31 @@ impl Fleet {
                     // Taken from this replica's own share: it is still there.
                     share.add(1);
                 }
+                if let Some(slots) = &keys.slots {
+                    slots.unasked();
+                    // Redis may have counted the ask all the same.
+                    keys.count_unsure();
+                }
                 return Err(e);
             }
+        };
+        let slot = match &keys.slots {
+            Some(slots) => {
+                let admitted = verdict == 0;
+                slots.answered(
+                    slot_version,
+                    held.max(0) as u64,
+                    spare.max(0) as u64,
+                    admitted,
+                );
+                if verdict == 2 {
+                    // Its count on Redis may hold a request still waiting
+                    // that is refused in turn: reported again soon.
+                    keys.count_unsure();
+                }
+                Slot::Held
+            }
+            None => Slot::Uncapped,
         };
         let answered = Instant::now();
         let balance = tokens.parse::<f64>().ok();
@@ -692,7 +743,7 @@ impl Fleet {
             v.reset = us(reset_us);
             v.balance = balance;
             v.included = included;
-            v.refused_until = (verdict != 0).then(|| answered + us(wait_us));
+            v.refused_until = (verdict == 1).then(|| answered + us(wait_us));
         });
         if let (Some((b, span, unix)), Ok(fleet)) = (&budget, spent.parse::<f64>()) {
             // The fleet's spend, plus what this replica spent that Redis
@@ -701,6 +752,17 @@ impl Fleet {
             standings.budget = Some(b.standing(b.spend.spent(&span.key), span, *unix));
         }
         standings.tokens = balance.map(|b| token_standing(spec.tokens_per_minute, b));
+        if verdict == 2 {
+            if rpm && took.is_some() {
+                share.add(1);
+            }
+            standings.requests = rpm.then(|| {
+                share
+                    .view()
+                    .requests(spec.requests_per_minute, share.left(), answered)
+            });
+            return Ok(Err(Denied::Limit(concurrency_refused())));
+        }
         if verdict != 0 {
             let standing = share.view().requests(spec.requests_per_minute, 0, answered);
             standings.requests = Some(standing);
@@ -717,108 +779,9 @@ impl Fleet {
             rpm.then(|| view.requests(spec.requests_per_minute, share.left(), answered));
         let balance = view.balance(spec.tokens_per_minute, keys.ledger.tokens(), answered);
         Ok(Ok(Admission {
-            lease: Some(Lease::new(t, Slot::Uncapped, Decided::InRedis)),
+            lease: Some(Lease::new(t, slot, Decided::InRedis)),
             check: UpstreamCheck { balance },
         }))
-    }
-
-    /// A tenant with a concurrency cap: one round trip (ADMIT_SLOT) takes
-    /// the request and a slot, and reads the token balance and the spend.
-    async fn admit_slot(
-        &self,
-        t: &Arc<TenantLimits>,
-        keys: &Keys,
-        standings: &mut Standings,
-    ) -> Result<Result<Admission, Denied>, Unavailable> {
-        let spec = t.spec;
-        let slot = Slot::for_cap(spec.max_concurrent);
-        // Counted here first, so a renewal report made while this request
-        // waits for Redis includes it (the script then knows it is counted).
-        let count = if slot == Slot::Held {
-            t.in_flight.acquire()
-        } else {
-            t.in_flight.now()
-        };
-        // The spend key names the period, so it is made per request (only
-        // for a budgeted tenant).
-        let budget = t.budget.as_ref().map(|b| {
-            let (span, _, now) = b.now();
-            (b, keys.spend_key(&span.key), span, now)
-        });
-        let mut inv = self.scripts.admit_slot.call(
-            &[
-                &keys.req,
-                &keys.tok,
-                &keys.conc,
-                &keys.live,
-                budget.as_ref().map_or(&keys.tok, |b| &b.1),
-            ],
-            96,
-        );
-        inv.arg(spec.requests_per_minute)
-            .arg(spec.request_burst)
-            .arg(spec.tokens_per_minute)
-            .arg(spec.max_concurrent)
-            .arg(self.redis.replica())
-            .arg(count.version)
-            .arg(LEASE_TTL.as_millis() as u64)
-            .arg(if budget.is_some() { "1" } else { "0" })
-            .arg(count.count);
-        let reply: Result<AdmitSlotReply, _> = self
-            .redis
-            .invoke(Op::Limits, &self.scripts.admit_slot, &inv)
-            .await;
-        let AdmitSlotReply {
-            verdict,
-            wait_us,
-            remaining,
-            reset_us,
-            tokens,
-            spent,
-        } = match reply {
-            Ok(r) => r,
-            Err(e) => {
-                if slot == Slot::Held {
-                    t.in_flight.release();
-                    // Redis may have counted it all the same.
-                    keys.count_unsure();
-                }
-                return Err(e);
-            }
-        };
-        let balance = tokens.parse::<f64>().ok();
-        if let (Some((b, _, span, now)), Ok(fleet)) = (&budget, spent.parse::<f64>()) {
-            // The fleet's spend, plus what this replica spent that Redis
-            // has not taken yet.
-            b.spend.observe(&span.key, fleet);
-            let spent = b.spend.spent(&span.key);
-            standings.budget = Some(b.standing(spent, span, *now));
-        }
-        standings.tokens = balance.map(|b| token_standing(spec.tokens_per_minute, b));
-        standings.requests = (spec.requests_per_minute > 0).then(|| Standing {
-            limit: u64::from(spec.requests_per_minute),
-            remaining: remaining.max(0) as u64,
-            reset: us(reset_us),
-        });
-        let refused = match verdict {
-            0 => {
-                return Ok(Ok(Admission {
-                    lease: Some(Lease::new(t, slot, Decided::InRedis)),
-                    check: UpstreamCheck { balance },
-                }))
-            }
-            1 => Refused {
-                limit: Limit::Requests,
-                wait: us(wait_us),
-                standing: standings.requests,
-            },
-            _ => concurrency_refused(),
-        };
-        if slot == Slot::Held {
-            // Redis holds nothing of a refused request.
-            t.in_flight.release();
-        }
-        Ok(Err(Denied::Limit(refused)))
     }
 }
 
@@ -859,17 +822,17 @@ async fn settler(
             }
             _ = retry.tick() => {
                 owing.retain(|t| t.keys.as_ref().is_some_and(|k| k.ledger.unconfirmed()));
-                // A tenant with a share settles at its own ticks (below),
-                // unless a reload dropped it while it still owed.
-                let settled_by_ticks = live(&tracked)
-                    .into_iter()
-                    .filter(|t| t.keys.as_ref().is_some_and(|k| k.share.is_none()));
-                for t in settled_by_ticks.chain(owing.iter().cloned()) {
+                // Charges of a tenant with a share go at its own ticks
+                // (below), unless a reload dropped it while it still owed;
+                // a count that may be wrong is reported here.
+                for t in live(&tracked).into_iter().chain(owing.iter().cloned()) {
                     let Some(keys) = &t.keys else { continue };
                     if keys.ledger.take_report() {
-                        let count = CountChange::Report(t.in_flight.now());
+                        let count = CountChange::Report(keys.count_now(&t));
                         batch.push(Settle { tenant: Arc::clone(&t), count });
-                    } else if keys.ledger.unconfirmed() {
+                    } else if keys.ledger.unconfirmed()
+                        && (keys.share.is_none() || owing.iter().any(|o| Arc::ptr_eq(o, &t)))
+                    {
                         batch.push(Settle { tenant: Arc::clone(&t), count: CountChange::None });
                     }
                 }
@@ -892,7 +855,14 @@ async fn settler(
             _ = renew.tick() => {
                 for t in live(&tracked) {
                     let Some(keys) = &t.keys else { continue };
-                    if t.spec.max_concurrent > 0 {
+                    if let Some(slots) = &keys.slots {
+                        // Held slots keep the replica's lease alive.
+                        if !slots.is_empty() {
+                            let (version, count) = slots.report();
+                            let count = Count { version, count };
+                            batch.push(Settle { tenant: Arc::clone(&t), count: CountChange::Report(count) });
+                        }
+                    } else if t.spec.max_concurrent > 0 {
                         let count = t.in_flight.now();
                         let last = keys.renewed.swap(count.version, Ordering::AcqRel);
                         if count.count > 0 || count.version != last {
@@ -929,6 +899,8 @@ struct Renewal {
     want: u64,
     /// Requests given back (taken out of the share already).
     back: u64,
+    /// Spare slots given back: the count to report.
+    slots: Option<SlotChange>,
 }
 
 impl Renewal {
@@ -944,6 +916,7 @@ impl Renewal {
         let idle = share.idle(now);
         let rpm = t.spec.requests_per_minute > 0;
         let back = if idle { share.take_all() } else { 0 };
+        let slots = keys.slots.as_ref().filter(|_| idle).and_then(Slots::shrink);
         // Topped up when it would not last another tick at the last tick's
         // pace, to two ticks' worth: a steady tenant asks every other tick.
         let (target, left) = (share.target(), share.left());
@@ -955,7 +928,11 @@ impl Renewal {
         let needs_view = t.spec.tokens_per_minute > 0 || t.budget.is_some();
         let refresh = busy && needs_view;
         let owes = keys.ledger.unconfirmed();
-        (back > 0 || want > 0 || refresh || owes).then_some(Renewal { want, back })
+        (back > 0 || want > 0 || refresh || owes || slots.is_some()).then_some(Renewal {
+            want,
+            back,
+            slots,
+        })
     }
 }
 
@@ -975,6 +952,15 @@ async fn renew_share(
     let Some(share) = &keys.share else {
         return Ok(());
     };
+    if let Some((version, count)) = r.slots {
+        send(
+            redis,
+            scripts,
+            t,
+            CountChange::Report(Count { version, count }),
+        )
+        .await?;
+    }
     let totals = keys.ledger.totals();
     let budget = t.budget.as_ref().map(|b| {
         let (span, _, unix) = b.now();

@@ -23,7 +23,7 @@ pub(super) const VIEW_TTL: Duration = Duration::from_millis(500);
 /// A share unused this long goes back to the fleet.
 pub(super) const IDLE: Duration = Duration::from_secs(1);
 /// The fewest admissions over a tick and a half that earn a share.
-pub(super) const MIN_DEMAND: u64 = 2;
+pub(super) const MIN_DEMAND: u64 = 3;
 /// How long a replica counts as a lessee of a bucket after it last asked.
 pub(super) const LESSEE_TTL: Duration = Duration::from_secs(2);
 /// A share is at most what the bucket holds over (lessees × `K`): a
@@ -214,6 +214,158 @@ impl View {
     }
 }
 
+/// A capped tenant's concurrency slots on this replica: what Redis holds
+/// for the replica (`held`, its count in the concurrency hash: the fleet
+/// never has more than `max_concurrent` held) and how many of them requests
+/// use (`busy`). A request takes a spare held slot without a round trip;
+/// releases give spare slots back past `keep`, the spare ones Redis last
+/// allowed. Every change of `held` gets a new version, so Redis keeps the
+/// newest whatever order changes arrive in (as for the counts of tenants
+/// without shares); one lock, held for a few instructions, keeps `held`,
+/// `busy` and the version in step.
+pub(crate) struct Slots {
+    state: Mutex<SlotState>,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    /// The newest version given to a change of `held`.
+    version: u64,
+    /// The version `held` was last set at (by this replica or by a reply).
+    applied: u64,
+    held: u64,
+    /// Requests admitted through these slots and not yet released, and
+    /// those waiting on Redis for one.
+    busy: u64,
+    keep: u64,
+}
+
+/// A change of the slots to send: (version, count held).
+pub(super) type SlotChange = (u64, u64);
+
+/// What a request asks Redis for when no spare slot is held.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SlotAsk {
+    pub(super) version: u64,
+    /// Slots in use with this request.
+    pub(super) needed: u64,
+    /// Needed and spare.
+    pub(super) wanted: u64,
+    /// What the replica holds if the request is refused.
+    pub(super) if_refused: u64,
+}
+
+impl Slots {
+    /// Versions start at the clock's microseconds, so a new `Slots` (a
+    /// reload) is newer than any change the one before it made.
+    pub(super) fn new() -> Slots {
+        let version = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        Slots {
+            state: Mutex::new(SlotState {
+                version,
+                applied: version,
+                ..SlotState::default()
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a spare held slot, if there is one.
+    pub(super) fn take(&self) -> bool {
+        let mut s = self.lock();
+        if s.busy < s.held {
+            s.busy += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Counts a request that asks Redis for a slot (and `spare` more).
+    pub(super) fn ask(&self, spare: u64) -> SlotAsk {
+        let mut s = self.lock();
+        s.busy += 1;
+        s.version += 1;
+        SlotAsk {
+            version: s.version,
+            needed: s.busy,
+            wanted: s.busy + spare,
+            if_refused: s.held.max(s.busy - 1),
+        }
+    }
+
+    /// Redis's answer to an ask: the replica's count as of `version`
+    /// (ignored if a newer one is known here), the spare slots it may keep,
+    /// and whether the request got its slot.
+    pub(super) fn answered(&self, version: i64, count: u64, keep: u64, admitted: bool) {
+        let mut s = self.lock();
+        if version >= 0 && version as u64 >= s.applied {
+            s.held = count;
+            s.applied = version as u64;
+            s.keep = keep;
+        }
+        if !admitted {
+            s.busy = s.busy.saturating_sub(1);
+        }
+    }
+
+    /// An ask whose round trip failed: the request holds nothing.
+    pub(super) fn unasked(&self) {
+        let mut s = self.lock();
+        s.busy = s.busy.saturating_sub(1);
+    }
+
+    /// A request ends: its slot is free again, and the spare ones past
+    /// `keep` go back to the fleet (the change to send, if any).
+    pub(super) fn release(&self) -> Option<SlotChange> {
+        let mut s = self.lock();
+        s.busy = s.busy.saturating_sub(1);
+        let enough = s.busy + s.keep;
+        if s.held > enough {
+            Some(s.set_held(enough))
+        } else {
+            None
+        }
+    }
+
+    /// Gives every spare slot back (idle, or at shutdown).
+    pub(super) fn shrink(&self) -> Option<SlotChange> {
+        let mut s = self.lock();
+        s.keep = 0;
+        let busy = s.busy;
+        (s.held > busy).then(|| s.set_held(busy))
+    }
+
+    /// The count to report (renewal, or after a change whose outcome is
+    /// unknown), as a change of its own: newer than every ask sent, and
+    /// counting the requests still waiting on one.
+    pub(super) fn report(&self) -> SlotChange {
+        let mut s = self.lock();
+        let held = s.held.max(s.busy);
+        s.set_held(held)
+    }
+
+    /// Whether nothing is held (no report needed to renew).
+    pub(super) fn is_empty(&self) -> bool {
+        let s = self.lock();
+        s.held == 0 && s.busy == 0
+    }
+}
+
+impl SlotState {
+    fn set_held(&mut self, held: u64) -> SlotChange {
+        self.version += 1;
+        self.held = held;
+        self.applied = self.version;
+        (self.version, held)
+    }
+}
+
 /// Microseconds from a script to a `Duration`.
 pub(super) fn us(v: i64) -> Duration {
     secs(v.max(0) as f64 / 1e6)
@@ -240,8 +392,13 @@ mod tests {
         let now = Instant::now();
         assert_eq!(s.target(), 0, "nothing beyond the request at hand");
         s.admitted(now);
-        assert_eq!(s.target(), 0, "one request a tick earns no share");
-        for _ in 0..4 {
+        s.admitted(now);
+        assert_eq!(
+            s.target(),
+            0,
+            "two requests a tick and a half earn no share"
+        );
+        for _ in 0..3 {
             s.admitted(now);
         }
         assert!(s.rotate());
@@ -254,6 +411,42 @@ mod tests {
         assert_eq!(s.target(), 0);
         assert!(!s.idle(now + Duration::from_millis(10)));
         assert!(s.idle(now + IDLE + Duration::from_millis(2)));
+    }
+
+    #[test]
+    fn slots_are_taken_here_while_spare_ones_are_held() {
+        let s = Slots::new();
+        assert!(!s.take(), "nothing held yet");
+        let ask = s.ask(2);
+        assert_eq!((ask.needed, ask.wanted, ask.if_refused), (1, 3, 0));
+        s.answered(ask.version as i64, 3, 2, true);
+        assert!(s.take() && s.take(), "two spare slots");
+        assert!(!s.take());
+        // Three busy, three held: a release keeps up to two spare.
+        assert_eq!(s.release(), None);
+        assert_eq!(s.release(), None);
+        let (v, held) = s.release().expect("past keep");
+        assert_eq!(held, 2);
+        assert!(v > ask.version);
+        // A late answer to an older change changes nothing held.
+        s.answered(ask.version as i64, 9, 9, true);
+        let (newer, held) = s.report();
+        assert!(newer > v);
+        assert_eq!(held, 2);
+        assert_eq!(s.shrink().map(|c| c.1), Some(0));
+    }
+
+    #[test]
+    fn a_refused_ask_keeps_the_requests_still_waiting() {
+        let s = Slots::new();
+        let a = s.ask(0);
+        let b = s.ask(0);
+        assert_eq!((b.needed, b.if_refused), (2, 1), "a's request waits too");
+        s.answered(b.version as i64, 1, 0, false);
+        // a's answer says it is counted by b's change (the newer one).
+        s.answered(b.version as i64, 1, 0, true);
+        assert_eq!(s.report().1, 1);
+        assert!(a.version < b.version);
     }
 
     #[test]

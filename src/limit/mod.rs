@@ -535,10 +535,17 @@ impl Lease {
                 usd,
             }
         });
-        let count = if self.slot == Slot::Held {
-            fleet::CountChange::Release(t.in_flight.release())
-        } else {
-            fleet::CountChange::None
+        let slots = t.keys.as_ref().and_then(|k| k.slots.as_ref());
+        let count = match (self.slot, self.decided, slots) {
+            // A slot of those this replica holds in Redis: the count there
+            // changes only when spare ones go back.
+            (Slot::Held, Decided::InRedis, Some(slots)) => slots
+                .release()
+                .map_or(fleet::CountChange::None, |(version, count)| {
+                    fleet::CountChange::Release(Count { version, count })
+                }),
+            (Slot::Held, _, _) => fleet::CountChange::Release(t.in_flight.release()),
+            (Slot::Uncapped, _, _) => fleet::CountChange::None,
         };
         if let Some(keys) = &t.keys {
             // Charges reach Redis whoever decided the admission: what was

@@ -15,7 +15,11 @@ use crate::support::*;
 const KEY: &str = "sk-shares-0123456789";
 
 fn tenant(rpm: u32, burst: u32, tpm: u64) -> String {
-    tenant_with_limits("shares", KEY, rpm, burst, tpm, 0)
+    capped(rpm, burst, tpm, 0)
+}
+
+fn capped(rpm: u32, burst: u32, tpm: u64, max_concurrent: u32) -> String {
+    tenant_with_limits("shares", KEY, rpm, burst, tpm, max_concurrent)
 }
 
 /// Only the limits in Redis, so every script call Redis counts is theirs.
@@ -105,10 +109,11 @@ async fn a_busy_tenant_costs_redis_under_a_tenth_of_a_command_a_request() {
         .await
         .expect("simulator");
     // 200 requests a second; driven at 80, under half of it. A token limit
-    // too, so the balance is read and charges settled all along.
+    // too, so the balance is read and charges settled all along, and a
+    // concurrency cap, so slots are held.
     let extra = format!(
         "{}{}",
-        tenant(12_000, 200, 10_000_000),
+        capped(12_000, 200, 10_000_000, 100),
         redis_section(&redis.url())
     );
     let fleet = replicas(1, &sim, &extra).await;
@@ -116,7 +121,7 @@ async fn a_busy_tenant_costs_redis_under_a_tenth_of_a_command_a_request() {
     let admitted = drive(
         &fleet[0].url("/v1/chat/completions"),
         80,
-        Duration::from_secs(4),
+        Duration::from_secs(6),
     )
     .await;
     // Everything the traffic caused: the charges settled, the share given
@@ -300,11 +305,13 @@ fn admit_script(redis: &RedisServer, who: &str, want: u32) -> i64 {
     let out = redis.cli(&[
         "EVAL",
         SCRIPT,
-        "4",
+        "6",
         "t:{s}:req",
         "t:{s}:tok",
         "t:{s}:lessees",
         "t:{s}:tok",
+        "t:{s}:conc",
+        "t:{s}:live",
         // 6 a minute, a burst of 100: the bucket barely refills meanwhile.
         "6",
         "100",
@@ -315,6 +322,13 @@ fn admit_script(redis: &RedisServer, who: &str, want: u32) -> i64 {
         "1",
         &want,
         "4",
+        // No concurrency cap: no slot asked.
+        "0",
+        "0",
+        "0",
+        "0",
+        "0",
+        "15000",
     ]);
     let items: Vec<&str> = out.lines().collect();
     assert_eq!(items.first(), Some(&"0"), "admitted: {out}");
@@ -349,4 +363,85 @@ async fn a_share_shrinks_as_the_bucket_empties_down_to_one_request() {
         grants.ends_with(&[1, 1, 1, 1, 1, 1, 1, 1]),
         "near the limit, one request a round trip: {grants:?}"
     );
+}
+
+/// The slots every replica holds for the tenant in Redis.
+fn slots_held(redis: &RedisServer) -> i64 {
+    let all = redis.cli(&["HGETALL", "sluice:{shares}:conc"]);
+    let lines: Vec<&str> = all.lines().collect();
+    lines
+        .chunks(2)
+        .filter(|kv| kv.len() == 2 && !kv[0].contains(':'))
+        .map(|kv| kv[1].trim().parse::<i64>().expect("a count"))
+        .sum()
+}
+
+#[tokio::test]
+async fn a_busy_capped_tenant_never_exceeds_its_cap_and_frees_its_slots() {
+    let Some(redis) = RedisServer::start("a_busy_capped_tenant_never_exceeds_its_cap") else {
+        return;
+    };
+    let _turn = heavy().await;
+    let sim = Simulator::start(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("simulator");
+    // At most 6 at once for the fleet; 60 requests a second of 200 ms each
+    // want about 12.
+    let extra = format!(
+        "{}{}",
+        capped(600_000, 10_000, 0, 6),
+        redis_section(&redis.url())
+    );
+    let fleet = replicas(3, &sim, &extra).await;
+    let urls: Vec<String> = fleet
+        .iter()
+        .map(|r| r.url("/v1/chat/completions"))
+        .collect();
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1000 / 60));
+    let mut tasks = JoinSet::new();
+    let mut i = 0usize;
+    while start.elapsed() < Duration::from_secs(3) {
+        tick.tick().await;
+        let url = urls[i % urls.len()].clone();
+        tasks.spawn(async move {
+            let r = call(
+                &url,
+                KEY,
+                &chat(&format!("slow {i}")),
+                &[("x-sim-latency-ms", "200"), ("cache-control", "no-store")],
+            )
+            .await;
+            (r.status.as_u16(), r.error_code_or_empty())
+        });
+        i += 1;
+    }
+    let (mut ok, mut refused) = (0, 0);
+    while let Some(done) = tasks.join_next().await {
+        match done.expect("task") {
+            (200, _) => ok += 1,
+            (429, code) => {
+                assert_eq!(code, "concurrency_limit_exceeded");
+                refused += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        sim.max_in_flight() <= 6,
+        "never more than max_concurrent at the upstream: {}",
+        sim.max_in_flight()
+    );
+    assert!(ok >= 30 && refused > 0, "{ok} answered, {refused} refused");
+    // Idle, each replica gives its spare slots back: the fleet's count
+    // goes back to the requests in flight, none.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while slots_held(&redis) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "slots still held: {}",
+            slots_held(&redis)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
