@@ -2,23 +2,24 @@
 //! uses the same Redis and `key_prefix` shares each tenant's request bucket, token
 //! bucket, concurrency count and spend.
 //!
-//! - A tenant without a concurrency cap is decided from this replica's
-//!   share (`lease::Share`): requests leased from the fleet's request
-//!   bucket and spent here, and a view of the token balance and spend no
-//!   older than `lease::VIEW_TTL`. ADMIT runs on the request path only when
-//!   the share is spent, the view is too old, or the tenant is too sparse
-//!   here to be worth a share; it takes the request with a new share (at
-//!   most the bucket over the lessees and `lease::K`, so one request near
-//!   the limit). RENEW, every `lease::TICK` while the tenant is busy here,
-//!   settles the ledger, tops the share up and reads the view again; it
-//!   gives the share back once the tenant is idle, and `Fleet::drain` at
-//!   shutdown. A replica that dies leaves its share taken: stricter, never
-//!   looser.
-//! - A tenant with a concurrency cap is decided per request (`ADMIT_SLOT`):
-//!   the request bucket, a concurrency slot, and the token balance,
-//!   returned with the standings for the headers. One round trip. SETTLE
-//!   after the answer sends the token debit, the spend and this replica's
-//!   new in-flight count, through a task fed by a bounded queue, so nothing
+//! - A tenant is decided from this replica's share (`lease::Share`):
+//!   requests leased from the fleet's request bucket and spent here, for a
+//!   capped tenant slots held in Redis (`lease::Slots`), and a view of the
+//!   token balance and spend no older than `lease::VIEW_TTL`. ADMIT runs on
+//!   the request path only when the share or the spare slots are spent,
+//!   the view is too old, or the tenant is too sparse here to be worth a
+//!   share; it takes the request with a new share (at most what the bucket
+//!   holds over the lessees and `lease::K`, so one request near the limit)
+//!   and, for a capped tenant, the slot with spare ones (at most what is
+//!   free over the live replicas and `lease::K`). RENEW, every
+//!   `lease::TICK` while the tenant is busy here, settles the ledger, tops
+//!   the share up and reads the view again; it gives the share back once
+//!   the tenant is idle, and `Fleet::drain` at shutdown, and spare slots go
+//!   back the same way (by SETTLE's report). A replica that dies leaves its
+//!   share taken (stricter, never looser) and its slots until its lease in
+//!   the live set lapses.
+//! - SETTLE sends a count change (spare slots given back, a report) with
+//!   the ledger's totals, through a task fed by a bounded queue, so nothing
 //!   on the response path waits for it.
 //! - Charges are exactly once (`Ledger`): a replica's ledger of a tenant
 //!   holds cumulative totals, and Redis applies a total only past the last
@@ -29,11 +30,11 @@
 //!   (`Fleet::drain`). A count that may be wrong on Redis (an admission or
 //!   release whose round trip failed) is reported again at once rather
 //!   than at the next renewal.
-//! - Concurrency is a hash of in-flight counts per replica. Every change a
-//!   replica sends (an admission, a release, a report every few seconds)
-//!   carries the replica's whole count after it and a version that only
-//!   grows on that replica, and Redis keeps the newest: a change lost or
-//!   timed out (an admission Redis ran though Sluice gave up on it) is made
+//! - Concurrency is a hash of the slots each replica holds. Every change a
+//!   replica sends (an ask, spare slots given back, a report every few
+//!   seconds) carries the replica's whole count after it and a version that
+//!   only grows on that replica, and Redis keeps the newest: a change lost
+//!   or timed out (an ask Redis ran though Sluice gave up on it) is made
 //!   good by the next one, and a late one never undoes a newer one. A
 //!   replica's entry lives as long as its lease in a sorted set, renewed by
 //!   its reports; one that dies stops renewing and its count is dropped
@@ -313,9 +314,6 @@ pub(crate) struct Keys {
     spend_prefix: String,
     ledger: Ledger,
     queue: mpsc::Sender<Settle>,
-    /// The version of the count last renewed, so an idle tenant is not
-    /// reported again.
-    renewed: AtomicU64,
 }
 
 impl Keys {
@@ -354,15 +352,11 @@ impl Keys {
         }
     }
 
-    /// This replica's count of the tenant to report: the slots it holds.
-    fn count_now(&self, t: &TenantLimits) -> Count {
-        match &self.slots {
-            Some(slots) => {
-                let (version, count) = slots.report();
-                Count { version, count }
-            }
-            None => t.in_flight.now(),
-        }
+    /// This replica's count of a capped tenant to report: the slots it
+    /// holds (a tenant without a cap has none).
+    fn count_now(&self) -> Option<Count> {
+        let (version, count) = self.slots.as_ref()?.report();
+        Some(Count { version, count })
     }
 
     /// Admission's outcome on Redis is unknown (its round trip failed):
@@ -461,7 +455,6 @@ impl Fleet {
                 state: Mutex::default(),
             },
             queue: self.queue.clone(),
-            renewed: AtomicU64::new(0),
         }
     }
 
@@ -542,10 +535,10 @@ impl Fleet {
     }
 
     /// Decides a request from this replica's share, without a round trip,
-    /// when it can: a busy tenant without a concurrency cap whose share
-    /// lasts and whose view is fresh, or one the fleet's bucket is known to
-    /// refuse. `Err`: `admit` must ask Redis (with the request taken from
-    /// the share, if one was).
+    /// when it can: a busy tenant whose share lasts, whose view is fresh and
+    /// (capped) who holds a spare slot, or one the fleet's bucket is known
+    /// to refuse. `Err`: `admit` must ask Redis (with the request taken
+    /// from the share, if one was).
     pub(crate) fn decide_here(
         &self,
         t: &Arc<TenantLimits>,
@@ -827,9 +820,8 @@ async fn settler(
                 // a count that may be wrong is reported here.
                 for t in live(&tracked).into_iter().chain(owing.iter().cloned()) {
                     let Some(keys) = &t.keys else { continue };
-                    if keys.ledger.take_report() {
-                        let count = CountChange::Report(keys.count_now(&t));
-                        batch.push(Settle { tenant: Arc::clone(&t), count });
+                    if let Some(count) = keys.ledger.take_report().then(|| keys.count_now()).flatten() {
+                        batch.push(Settle { tenant: Arc::clone(&t), count: CountChange::Report(count) });
                     } else if keys.ledger.unconfirmed()
                         && (keys.share.is_none() || owing.iter().any(|o| Arc::ptr_eq(o, &t)))
                     {
@@ -860,12 +852,6 @@ async fn settler(
                         if !slots.is_empty() {
                             let (version, count) = slots.report();
                             let count = Count { version, count };
-                            batch.push(Settle { tenant: Arc::clone(&t), count: CountChange::Report(count) });
-                        }
-                    } else if t.spec.max_concurrent > 0 {
-                        let count = t.in_flight.now();
-                        let last = keys.renewed.swap(count.version, Ordering::AcqRel);
-                        if count.count > 0 || count.version != last {
                             batch.push(Settle { tenant: Arc::clone(&t), count: CountChange::Report(count) });
                         }
                     }

@@ -1,10 +1,10 @@
 //! A replica's share of one tenant's fleet-wide limits (docs/redis.md
-//! "Shares"), for a tenant without a concurrency cap: requests leased from
-//! the fleet's request bucket, spent here with an atomic counter, and the
-//! last view Redis gave of the bucket, the token balance and the spend.
-//! `fleet.rs` fills it (ADMIT on the request path when it runs dry, RENEW
-//! every `TICK` while the tenant is busy here); the request path only
-//! reads it.
+//! "Shared limits"): requests leased from the fleet's request bucket and
+//! spent here with an atomic counter, a capped tenant's slots held in
+//! Redis (`Slots`), and the last view Redis gave of the bucket, the token
+//! balance and the spend. `fleet.rs` fills it (ADMIT on the request path
+//! when it runs dry, RENEW every `TICK` while the tenant is busy here); the
+//! request path only reads and spends it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;

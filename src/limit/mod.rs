@@ -8,9 +8,8 @@
 //! - `local`: in-memory buckets and counters, one set per replica (the
 //!   default, and the fallback while Redis is unavailable);
 //! - `fleet`: the same limits kept in Redis for every replica: a busy
-//!   tenant without a concurrency cap is decided from this replica's
-//!   share of them (`lease`), with no round trip on the request path; one
-//!   with a cap makes one round trip before upstream and one after.
+//!   tenant is decided from this replica's share of them (`lease`), with no
+//!   round trip on the request path; a sparse one makes one round trip.
 //!
 //! Settling never waits: the local state changes at once and the Redis side
 //! goes to a task through a bounded queue, so a `Drop` or a body's `poll`
@@ -86,9 +85,10 @@ fn secs(s: f64) -> Duration {
     Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)
 }
 
-/// A tenant's requests in flight on this replica, with a version that
-/// grows with every change: `version << 24 | count`. The version lets Redis
-/// keep the newest of this replica's reports whatever order they arrive in.
+/// A tenant's requests in flight on this replica that it decided alone
+/// (without Redis, or while Redis is unavailable), with a version that
+/// grows with every change: `version << 24 | count`. With shared limits, the
+/// slots a replica holds in Redis are `lease::Slots`.
 #[derive(Default)]
 struct InFlight(AtomicU64);
 
@@ -128,6 +128,7 @@ impl InFlight {
                 .wrapping_add(RELEASE),
         )
     }
+    #[cfg(test)]
     fn now(&self) -> Count {
         Count::of(self.0.load(Ordering::Acquire))
     }
@@ -372,7 +373,7 @@ impl Limiter {
     /// Takes one request from the request bucket and a concurrency slot,
     /// and learns where the token bucket stands: one decision. With shared
     /// limits it takes at most one Redis round trip, and none while this
-    /// replica's share of an uncapped tenant lasts. `standings` is filled
+    /// replica's share lasts. `standings` is filled
     /// in for the headers whatever the outcome.
     pub async fn admit(
         &self,
