@@ -307,7 +307,7 @@ pub(crate) struct Keys {
     lessees: String,
     /// This replica's share of the request bucket and its view of the
     /// fleet, from which its requests are decided here.
-    share: Option<Share>,
+    share: Share,
     /// A capped tenant's slots held by this replica.
     pub(super) slots: Option<Slots>,
     /// `prefix:{tenant}:spend:`, followed by the period.
@@ -332,13 +332,11 @@ impl Keys {
         } else if matches!(count, CountChange::None) {
             return;
         }
-        if let (Some(share), CountChange::None) = (&self.share, count) {
-            // Busy traffic is settled in batches (RENEW carries the ledger's
-            // totals at the next tick); the first charge after a quiet tick
-            // goes at once.
-            if !share.flush_now(Instant::now()) {
-                return;
-            }
+        // Busy traffic is settled in batches (RENEW carries the ledger's
+        // totals at the next tick); the first charge after a quiet tick goes
+        // at once, and so does a count change.
+        if matches!(count, CountChange::None) && !self.share.flush_now(Instant::now()) {
+            return;
         }
         let msg = Settle {
             tenant: Arc::clone(tenant),
@@ -439,7 +437,7 @@ impl Fleet {
             conc: r.tenant_key(tenant, "conc"),
             live: r.tenant_key(tenant, "live"),
             lessees: r.tenant_key(tenant, "lessees"),
-            share: Some(Share::new()),
+            share: Share::new(),
             slots: (spec.max_concurrent > 0).then(Slots::new),
             spend_prefix: r.tenant_key(tenant, "spend:"),
             ledger: Ledger {
@@ -477,7 +475,7 @@ impl Fleet {
             .into_iter()
             .filter_map(|t| {
                 let keys = t.keys.as_ref()?;
-                let back = keys.share.as_ref()?.take_all();
+                let back = keys.share.take_all();
                 let slots = keys.slots.as_ref().and_then(Slots::shrink);
                 Some((
                     t,
@@ -545,9 +543,7 @@ impl Fleet {
         keys: &Keys,
         standings: &mut Standings,
     ) -> Result<Result<Admission, Denied>, Took> {
-        let Some(share) = &keys.share else {
-            return Err(Took(None));
-        };
+        let share = &keys.share;
         if !self.redis.is_up() {
             return Err(Took(None));
         }
@@ -611,15 +607,13 @@ impl Fleet {
         standings: &mut Standings,
     ) -> Result<Result<Admission, Denied>, Unavailable> {
         if !self.redis.is_up() {
-            if let (Some(share), Took(Some(_))) = (&keys.share, took) {
-                share.add(1);
+            if let Took(Some(_)) = took {
+                keys.share.add(1);
             }
             return Err(Unavailable);
         }
-        match &keys.share {
-            Some(share) => self.admit_leased(t, keys, share, took, standings).await,
-            None => Err(Unavailable),
-        }
+        self.admit_leased(t, keys, &keys.share, took, standings)
+            .await
     }
 
     /// ADMIT.
@@ -823,7 +817,7 @@ async fn settler(
                     if let Some(count) = keys.ledger.take_report().then(|| keys.count_now()).flatten() {
                         batch.push(Settle { tenant: Arc::clone(&t), count: CountChange::Report(count) });
                     } else if keys.ledger.unconfirmed()
-                        && (keys.share.is_none() || owing.iter().any(|o| Arc::ptr_eq(o, &t)))
+                        && owing.iter().any(|o| Arc::ptr_eq(o, &t))
                     {
                         batch.push(Settle { tenant: Arc::clone(&t), count: CountChange::None });
                     }
@@ -896,7 +890,7 @@ impl Renewal {
     /// share back once it is idle.
     fn due(t: &TenantLimits) -> Option<Renewal> {
         let keys = t.keys.as_ref()?;
-        let share = keys.share.as_ref()?;
+        let share = &keys.share;
         let busy = share.rotate();
         let now = Instant::now();
         let idle = share.idle(now);
@@ -935,9 +929,7 @@ async fn renew_share(
     let (Some(keys), spec) = (&t.keys, t.spec) else {
         return Ok(());
     };
-    let Some(share) = &keys.share else {
-        return Ok(());
-    };
+    let share = &keys.share;
     if let Some((version, count)) = r.slots {
         send(
             redis,
