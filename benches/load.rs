@@ -257,6 +257,14 @@ request_burst = 100000000
 tokens_per_minute = 1000000000000
 max_concurrent = 100000";
 
+/// The same limits without a concurrency cap: with Redis, such a tenant is
+/// decided from the replica's share of its limits (docs/redis.md "Shared
+/// limits").
+const SHARE_LIMITS: &str = "requests_per_minute = 100000000
+request_burst = 100000000
+tokens_per_minute = 1000000000000
+max_concurrent = 0";
+
 const NO_LIMITS: &str = "requests_per_minute = 0
 tokens_per_minute = 0
 max_concurrent = 0";
@@ -306,7 +314,7 @@ fn start_sluice(
     name: &str,
     upstream: &str,
     cache: bool,
-    limits: bool,
+    limits: &str,
     redis: Option<u16>,
     tmp: &std::path::Path,
 ) -> Sluice {
@@ -334,7 +342,7 @@ key_sha256 = ["{}"]
 {}
 "#,
         hex::encode(Sha256::digest(KEY)),
-        if limits { BENCH_LIMITS } else { NO_LIMITS }
+        limits
     );
     let path = tmp.join(format!("{name}.toml"));
     std::fs::write(&path, cfg).expect("write config");
@@ -1182,9 +1190,14 @@ struct Sluices {
     limited: Sluice,
     cached: Sluice,
     hit: Sluice,
+    /// Hits of a tenant with the shares rows' limits, in memory.
+    hit_limited: Sluice,
     shared: Option<Sluice>,
+    /// Shared limits without a concurrency cap: decided from shares.
+    shares: Option<Sluice>,
     cached_redis: Option<Sluice>,
     hit_local: Option<Sluice>,
+    hit_shares: Option<Sluice>,
     hit_remote: Option<Sluice>,
     /// The remote-hit row's bodies: the answers its filler stored.
     remote_bodies: Bodies,
@@ -1200,22 +1213,25 @@ impl Sluices {
             bed.redis_port
                 .map(|port| start(name, cache, limits, Some(port)))
         };
-        let miss = start("sluice-miss", false, false, None);
-        let limited = start("sluice-miss-limits", false, true, None);
-        let hit = start("sluice-hit", true, false, None);
-        let cached = start("sluice-miss-cache", true, false, None);
-        let shared = redis_row("sluice-miss-redis", false, true);
-        let cached_redis = redis_row("sluice-miss-redis-cache", true, false);
-        let hit_local = redis_row("sluice-hit-redis-local", true, false);
+        let miss = start("sluice-miss", false, NO_LIMITS, None);
+        let limited = start("sluice-miss-limits", false, BENCH_LIMITS, None);
+        let hit = start("sluice-hit", true, NO_LIMITS, None);
+        let hit_limited = start("sluice-hit-limits", true, SHARE_LIMITS, None);
+        let cached = start("sluice-miss-cache", true, NO_LIMITS, None);
+        let shared = redis_row("sluice-miss-redis", false, BENCH_LIMITS);
+        let shares = redis_row("sluice-miss-redis-shares", false, SHARE_LIMITS);
+        let cached_redis = redis_row("sluice-miss-redis-cache", true, NO_LIMITS);
+        let hit_local = redis_row("sluice-hit-redis-local", true, NO_LIMITS);
+        let hit_shares = redis_row("sluice-hit-redis-shares", true, SHARE_LIMITS);
         // Hits from Redis: a replica of this build (the filler) stores
         // distinct answers `#r0`, `#r1`, … in Redis; a replica started after
         // it (its memory empty) reads each of them once, each pass a window
         // of its own, so every request misses its memory and is answered by
         // one Redis GET.
-        let hit_remote = redis_row("sluice-filler", true, false).map(|filler| {
+        let hit_remote = redis_row("sluice-filler", true, NO_LIMITS).map(|filler| {
             fill_redis(&filler, bed);
             drop(filler);
-            start("sluice-hit-redis-remote", true, false, bed.redis_port)
+            start("sluice-hit-redis-remote", true, NO_LIMITS, bed.redis_port)
         });
         Sluices {
             build,
@@ -1223,9 +1239,12 @@ impl Sluices {
             limited,
             cached,
             hit,
+            hit_limited,
             shared,
+            shares,
             cached_redis,
             hit_local,
+            hit_shares,
             hit_remote,
             remote_bodies: Bodies::distinct("r", 0, 0),
             remote_pass: bed.remote_pass,
@@ -1241,6 +1260,11 @@ impl Sluices {
             ("sluice-miss-cache", Some(&self.cached), distinct("c")),
             ("sluice-miss-redis", self.shared.as_ref(), Bodies::Fixed),
             (
+                "sluice-miss-redis-shares",
+                self.shares.as_ref(),
+                Bodies::Fixed,
+            ),
+            (
                 "sluice-miss-redis-cache",
                 self.cached_redis.as_ref(),
                 distinct("m"),
@@ -1250,9 +1274,15 @@ impl Sluices {
             // same gateways as the chat miss and hit rows.
             ("sluice-messages-miss", Some(&self.miss), Bodies::Messages),
             ("sluice-messages-hit", Some(&self.hit), Bodies::Messages),
+            ("sluice-hit-limits", Some(&self.hit_limited), Bodies::Fixed),
             (
                 "sluice-hit-redis-local",
                 self.hit_local.as_ref(),
+                Bodies::Fixed,
+            ),
+            (
+                "sluice-hit-redis-shares",
+                self.hit_shares.as_ref(),
                 Bodies::Fixed,
             ),
             (
@@ -1281,26 +1311,39 @@ impl Sluices {
 
     /// The hit rows' addresses, whose one entry is warmed before the run.
     fn hit_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        [Some(&self.hit), self.hit_local.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(|s| s.addr)
+        [
+            Some(&self.hit),
+            Some(&self.hit_limited),
+            self.hit_local.as_ref(),
+            self.hit_shares.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|s| s.addr)
     }
 
     fn procs(&self) -> impl Iterator<Item = &Proc> {
-        [&self.miss, &self.limited, &self.hit, &self.cached]
+        [
+            &self.miss,
+            &self.limited,
+            &self.hit,
+            &self.hit_limited,
+            &self.cached,
+        ]
+        .into_iter()
+        .chain(
+            [
+                &self.shared,
+                &self.shares,
+                &self.cached_redis,
+                &self.hit_local,
+                &self.hit_shares,
+                &self.hit_remote,
+            ]
             .into_iter()
-            .chain(
-                [
-                    &self.shared,
-                    &self.cached_redis,
-                    &self.hit_local,
-                    &self.hit_remote,
-                ]
-                .into_iter()
-                .flatten(),
-            )
-            .map(|s| &s.proc_)
+            .flatten(),
+        )
+        .map(|s| &s.proc_)
     }
 }
 
@@ -1596,6 +1639,24 @@ fn main() {
                 );
             }
         }
+        if let (Some(lim), Some(sh), Some(t)) = (
+            base("sluice-miss-limits"),
+            base("sluice-miss-redis-shares"),
+            tally("sluice-miss-redis-shares"),
+        ) {
+            let cpu_ratio = cpu_of(sh) / cpu_of(lim);
+            let evals = t.per_req(&["evalsha", "eval"]);
+            let p50_more = sh.p50.as_secs_f64() * 1000.0 - lim.p50.as_secs_f64() * 1000.0;
+            println!(
+                "sluice-miss-redis-shares vs sluice-miss-limits: CPU/req {cpu_ratio:.2}× (≤ 1.1×: {}); \
+                 req/s {:.2}×; p50 {p50_more:+.3} ms (≤ +0.02: {}); \
+                 EVALSHA+EVAL per request {evals:.4} (≤ 0.1: {})",
+                met(cpu_ratio <= 1.1),
+                sh.rps / lim.rps,
+                met(p50_more <= 0.02),
+                met(evals <= 0.1),
+            );
+        }
         if let Some(mrc) = base("sluice-miss-redis-cache") {
             let ratio = cpu_of(mrc) / cpu_of(miss);
             print!(
@@ -1623,6 +1684,23 @@ fn main() {
                 "sluice-hit-redis-local vs sluice-hit: req/s {ratio:.2}× (≥ 0.95×: {}), CPU/req {:.2}×",
                 met(ratio >= 0.95),
                 cpu_of(local) / cpu_of(hit)
+            );
+        }
+        if let (Some(lim), Some(sh)) = (base("sluice-hit-limits"), base("sluice-hit-redis-shares"))
+        {
+            let ratio = sh.rps / lim.rps;
+            let evals = tally("sluice-hit-redis-shares")
+                .map_or(f64::NAN, |t| t.per_req(&["evalsha", "eval"]));
+            println!(
+                "sluice-hit-limits vs sluice-hit: req/s {:.2}×, CPU/req {:.2}×",
+                lim.rps / hit.rps,
+                cpu_of(lim) / cpu_of(hit)
+            );
+            println!(
+                "sluice-hit-redis-shares vs sluice-hit-limits: req/s {ratio:.2}× (≥ 0.95×: {}), \
+                 CPU/req {:.2}×, EVALSHA+EVAL per request {evals:.4}",
+                met(ratio >= 0.95),
+                cpu_of(sh) / cpu_of(lim)
             );
         }
         if let Some(remote) = base("sluice-hit-redis-remote") {

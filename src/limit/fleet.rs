@@ -1,26 +1,40 @@
 //! The Redis backend of the limiter (docs/redis.md): every replica that
 //! uses the same Redis and `key_prefix` shares each tenant's request bucket, token
-//! bucket and concurrency count.
+//! bucket, concurrency count and spend.
 //!
-//! - One script decides a request (`ADMIT`): the request bucket (GCRA on a
-//!   theoretical arrival time), a concurrency slot, and the token balance,
-//!   returned with the standings for the headers. One round trip.
-//! - One script settles it after the answer (`SETTLE`): the token debit,
-//!   the spend and this replica's new in-flight count. Sent by a task fed
-//!   through a bounded queue, so nothing on the response path waits for it.
+//! - A tenant is decided from this replica's share (`lease::Share`):
+//!   requests leased from the fleet's request bucket and spent here, for a
+//!   capped tenant slots held in Redis (`lease::Slots`), and a view of the
+//!   token balance and spend no older than `lease::VIEW_TTL`. ADMIT runs on
+//!   the request path only when the share or the spare slots are spent,
+//!   the view is too old, or the tenant is too sparse here to be worth a
+//!   share; it takes the request with a new share (at most what the bucket
+//!   holds over the lessees and `lease::K`, so one request near the limit)
+//!   and, for a capped tenant, the slot with spare ones (at most what is
+//!   free over the live replicas and `lease::K`). RENEW, every
+//!   `lease::TICK` while the tenant is busy here, settles the ledger, tops
+//!   the share up and reads the view again; it gives the share back once
+//!   the tenant is idle, and `Fleet::drain` at shutdown, and spare slots go
+//!   back the same way (by SETTLE's report). A replica that dies leaves its
+//!   share taken (stricter, never looser) and its slots until its lease in
+//!   the live set lapses.
+//! - SETTLE sends a count change (spare slots given back, a report) with
+//!   the ledger's totals, through a task fed by a bounded queue, so nothing
+//!   on the response path waits for it.
 //! - Charges are exactly once (`Ledger`): a replica's ledger of a tenant
 //!   holds cumulative totals, and Redis applies a total only past the last
-//!   one it applied from that ledger. A settlement that times out, fails or
-//!   never fits the queue is not lost (the next totals carry it) and one
-//!   sent twice is not charged twice; unconfirmed totals are sent again
-//!   every `RETRY_EVERY`, and at shutdown (`Fleet::drain`). A count that may
-//!   be wrong on Redis (an admission or release whose round trip failed) is
-//!   reported again at once rather than at the next renewal.
-//! - Concurrency is a hash of in-flight counts per replica. Every change a
-//!   replica sends (an admission, a release, a report every few seconds)
-//!   carries the replica's whole count after it and a version that only
-//!   grows on that replica, and Redis keeps the newest: a change lost or
-//!   timed out (an admission Redis ran though Sluice gave up on it) is made
+//!   one it applied from that ledger (SETTLE and RENEW alike). A settlement
+//!   that times out, fails or never fits the queue is not lost (the next
+//!   totals carry it) and one sent twice is not charged twice; unconfirmed
+//!   totals are sent again every `RETRY_EVERY`, and at shutdown
+//!   (`Fleet::drain`). A count that may be wrong on Redis (an admission or
+//!   release whose round trip failed) is reported again at once rather
+//!   than at the next renewal.
+//! - Concurrency is a hash of the slots each replica holds. Every change a
+//!   replica sends (an ask, spare slots given back, a report every few
+//!   seconds) carries the replica's whole count after it and a version that
+//!   only grows on that replica, and Redis keeps the newest: a change lost
+//!   or timed out (an ask Redis ran though Sluice gave up on it) is made
 //!   good by the next one, and a late one never undoes a newer one. A
 //!   replica's entry lives as long as its lease in a sorted set, renewed by
 //!   its reports; one that dies stops renewing and its count is dropped
@@ -33,13 +47,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::lease::{us, Share, SlotChange, Slots, K, LESSEE_TTL, TICK};
 use super::{
     concurrency_refused, token_standing, Admission, Count, Decided, Denied, Lease, Limit, Refused,
-    Slot, Standing, Standings, TenantLimits, UpstreamCheck,
+    Slot, Standings, TenantLimits, UpstreamCheck,
 };
 use crate::config::{LimitSpec, OnError};
 use crate::shared::{Lua, Op, Redis, Unavailable};
@@ -54,9 +69,57 @@ const QUEUE: usize = 8192;
 
 /// ADMIT's reply, decoded (admit.lua says what each item is).
 struct AdmitReply {
-    /// 0 admitted, 1 refused for requests, 2 for concurrency.
+    /// 0 admitted, 1 refused for requests.
     verdict: i64,
+    /// Requests leased, the one admitted included.
+    granted: i64,
     wait_us: i64,
+    remaining: i64,
+    reset_us: i64,
+    /// The token balance; "" without a token limit.
+    tokens: String,
+    /// The period's spend; "" without a budget.
+    spent: String,
+    /// The version of the replica's count below (-1: no slot asked).
+    slot_version: i64,
+    /// The replica's count in the concurrency hash: the slots it holds.
+    slots: i64,
+    /// Spare slots it may keep idle.
+    spare: i64,
+}
+
+impl redis::FromRedisValue for AdmitReply {
+    fn from_redis_value(v: redis::Value) -> Result<Self, redis::ParsingError> {
+        let (
+            verdict,
+            granted,
+            wait_us,
+            remaining,
+            reset_us,
+            tokens,
+            spent,
+            slot_version,
+            slots,
+            spare,
+        ) = <(i64, i64, i64, i64, i64, String, String, i64, i64, i64)>::from_redis_value(v)?;
+        Ok(AdmitReply {
+            verdict,
+            granted,
+            wait_us,
+            remaining,
+            reset_us,
+            tokens,
+            spent,
+            slot_version,
+            slots,
+            spare,
+        })
+    }
+}
+
+/// RENEW's reply, decoded (renew.lua says what each item is).
+struct RenewReply {
+    granted: i64,
     remaining: i64,
     reset_us: i64,
     /// The token balance; "" without a token limit.
@@ -65,13 +128,12 @@ struct AdmitReply {
     spent: String,
 }
 
-impl redis::FromRedisValue for AdmitReply {
+impl redis::FromRedisValue for RenewReply {
     fn from_redis_value(v: redis::Value) -> Result<Self, redis::ParsingError> {
-        let (verdict, wait_us, remaining, reset_us, tokens, spent) =
-            <(i64, i64, i64, i64, String, String)>::from_redis_value(v)?;
-        Ok(AdmitReply {
-            verdict,
-            wait_us,
+        let (granted, remaining, reset_us, tokens, spent) =
+            <(i64, i64, i64, String, String)>::from_redis_value(v)?;
+        Ok(RenewReply {
+            granted,
             remaining,
             reset_us,
             tokens,
@@ -83,6 +145,7 @@ impl redis::FromRedisValue for AdmitReply {
 struct Scripts {
     admit: Lua,
     settle: Lua,
+    renew: Lua,
 }
 
 /// What a settlement says of this replica's in-flight count.
@@ -196,6 +259,16 @@ impl Ledger {
         }
     }
 
+    /// Tokens charged in all.
+    fn tokens(&self) -> u64 {
+        self.lock().tokens
+    }
+
+    /// Tokens Redis confirmed.
+    fn confirmed_tokens(&self) -> u64 {
+        self.lock().tokens_confirmed
+    }
+
     /// Whether Redis has not confirmed everything charged.
     fn unconfirmed(&self) -> bool {
         let s = self.lock();
@@ -231,13 +304,16 @@ pub(crate) struct Keys {
     tok: String,
     conc: String,
     live: String,
+    lessees: String,
+    /// This replica's share of the request bucket and its view of the
+    /// fleet, from which its requests are decided here.
+    share: Share,
+    /// A capped tenant's slots held by this replica.
+    pub(super) slots: Option<Slots>,
     /// `prefix:{tenant}:spend:`, followed by the period.
     spend_prefix: String,
     ledger: Ledger,
     queue: mpsc::Sender<Settle>,
-    /// The version of the count last renewed, so an idle tenant is not
-    /// reported again.
-    renewed: AtomicU64,
 }
 
 impl Keys {
@@ -256,6 +332,12 @@ impl Keys {
         } else if matches!(count, CountChange::None) {
             return;
         }
+        // Busy traffic is settled in batches (RENEW carries the ledger's
+        // totals at the next tick); the first charge after a quiet tick goes
+        // at once, and so does a count change.
+        if matches!(count, CountChange::None) && !self.share.flush_now(Instant::now()) {
+            return;
+        }
         let msg = Settle {
             tenant: Arc::clone(tenant),
             count,
@@ -266,6 +348,13 @@ impl Keys {
             self.ledger.report_due();
             tracing::debug!("settlement queue full; the ledger keeps the charge");
         }
+    }
+
+    /// This replica's count of a capped tenant to report: the slots it
+    /// holds (a tenant without a cap has none).
+    fn count_now(&self) -> Option<Count> {
+        let (version, count) = self.slots.as_ref()?.report();
+        Some(Count { version, count })
     }
 
     /// Admission's outcome on Redis is unknown (its round trip failed):
@@ -302,6 +391,13 @@ impl Fleet {
                 concat!(
                     include_str!("lua/prelude.lua"),
                     include_str!("lua/admit.lua")
+                ),
+            ),
+            renew: redis.lua(
+                "renew",
+                concat!(
+                    include_str!("lua/prelude.lua"),
+                    include_str!("lua/renew.lua")
                 ),
             ),
             settle: redis.lua(
@@ -344,6 +440,9 @@ impl Fleet {
             tok: r.tenant_key(tenant, &format!("tok:{}", spec.tokens_per_minute)),
             conc: r.tenant_key(tenant, "conc"),
             live: r.tenant_key(tenant, "live"),
+            lessees: r.tenant_key(tenant, "lessees"),
+            share: Share::new(),
+            slots: (spec.max_concurrent > 0).then(Slots::new),
             spend_prefix: r.tenant_key(tenant, "spend:"),
             ledger: Ledger {
                 key: r.tenant_key(
@@ -358,7 +457,6 @@ impl Fleet {
                 state: Mutex::default(),
             },
             queue: self.queue.clone(),
-            renewed: AtomicU64::new(0),
         }
     }
 
@@ -376,6 +474,32 @@ impl Fleet {
     /// totals per tenant, so an operator can reconcile.
     pub(crate) async fn drain(&self, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
+        // Unused shares go back to the fleet, with the charges they carry.
+        let shares: Vec<(Arc<TenantLimits>, Renewal)> = live(&self.tracked)
+            .into_iter()
+            .filter_map(|t| {
+                let keys = t.keys.as_ref()?;
+                let back = keys.share.take_all();
+                let slots = keys.slots.as_ref().and_then(Slots::shrink);
+                Some((
+                    t,
+                    Renewal {
+                        want: 0,
+                        back,
+                        slots,
+                    },
+                ))
+            })
+            .filter(|(t, r)| {
+                r.back > 0
+                    || r.slots.is_some()
+                    || t.keys.as_ref().is_some_and(|k| k.ledger.unconfirmed())
+            })
+            .collect();
+        let gives = shares
+            .iter()
+            .map(|(t, r)| renew_share(&self.redis, &self.scripts, t, *r));
+        let _ = tokio::time::timeout_at(deadline, futures_util::future::join_all(gives)).await;
         loop {
             let owing: Vec<Arc<TenantLimits>> = live(&self.tracked)
                 .into_iter()
@@ -412,107 +536,243 @@ impl Fleet {
         }
     }
 
-    /// One round trip decides the request. `Err(Unavailable)`: Redis did
-    /// not answer (or is known down), and nothing was taken.
-    pub(crate) async fn admit(
+    /// Decides a request from this replica's share, without a round trip,
+    /// when it can: a busy tenant whose share lasts, whose view is fresh and
+    /// (capped) who holds a spare slot, or one the fleet's bucket is known
+    /// to refuse. `Err`: `admit` must ask Redis (with the request taken
+    /// from the share, if one was).
+    pub(crate) fn decide_here(
         &self,
         t: &Arc<TenantLimits>,
         keys: &Keys,
         standings: &mut Standings,
-    ) -> Result<Result<Admission, Denied>, Unavailable> {
+    ) -> Result<Result<Admission, Denied>, Took> {
+        let share = &keys.share;
         if !self.redis.is_up() {
-            return Err(Unavailable);
+            return Err(Took(None));
         }
         let spec = t.spec;
-        let slot = Slot::for_cap(spec.max_concurrent);
-        // Counted here first, so a renewal report made while this request
-        // waits for Redis includes it (the script then knows it is counted).
-        let count = if slot == Slot::Held {
-            t.in_flight.acquire()
-        } else {
-            t.in_flight.now()
+        let now = Instant::now();
+        let view = share.view();
+        let rpm = spec.requests_per_minute > 0;
+        if rpm {
+            if let Some(wait) = view.refused(now) {
+                // The fleet's bucket is known empty until then: refused
+                // without asking again.
+                let standing = view.requests(spec.requests_per_minute, 0, now);
+                standings.requests = Some(standing);
+                return Ok(Err(Denied::Limit(Refused {
+                    limit: Limit::Requests,
+                    wait,
+                    standing: Some(standing),
+                })));
+            }
+        }
+        // `Some(left)`: one request taken from the share (a tenant without
+        // a request limit needs none, and takes none).
+        let took = if rpm { share.take() } else { Some(0) };
+        let needs_view = spec.tokens_per_minute > 0 || t.budget.is_some();
+        let Some(left) = took else {
+            return Err(Took(None));
         };
-        // The spend key names the period, so it is made per request (only
-        // for a budgeted tenant).
+        if !(share.busy() && (!needs_view || view.fresh(now))) {
+            return Err(Took(rpm.then_some(left)));
+        }
+        // A capped tenant needs a spare slot of those this replica holds.
+        let slot = match &keys.slots {
+            Some(slots) if slots.take() => Slot::Held,
+            Some(_) => return Err(Took(rpm.then_some(left))),
+            None => Slot::Uncapped,
+        };
+        share.admitted(now);
+        let balance = view.balance(spec.tokens_per_minute, keys.ledger.tokens(), now);
+        standings.requests = rpm.then(|| view.requests(spec.requests_per_minute, left, now));
+        standings.tokens = balance.map(|b| token_standing(spec.tokens_per_minute, b));
+        if let Some(b) = &t.budget {
+            let (span, spent, unix) = b.now();
+            standings.budget = Some(b.standing(spent, &span, unix));
+        }
+        Ok(Ok(Admission {
+            lease: Some(Lease::new(t, slot, Decided::InRedis)),
+            check: UpstreamCheck { balance },
+        }))
+    }
+
+    /// Decides a request for the fleet with one round trip: ADMIT takes the
+    /// request (unless `took` holds one of the share already) with a new
+    /// share, a slot with spare ones for a capped tenant, and reads the
+    /// view again. `Err(Unavailable)`: Redis did not answer (or is known
+    /// down), and nothing was taken.
+    pub(crate) async fn admit(
+        &self,
+        t: &Arc<TenantLimits>,
+        keys: &Keys,
+        took: Took,
+        standings: &mut Standings,
+    ) -> Result<Result<Admission, Denied>, Unavailable> {
+        if !self.redis.is_up() {
+            if let Took(Some(_)) = took {
+                keys.share.add(1);
+            }
+            return Err(Unavailable);
+        }
+        self.admit_leased(t, keys, &keys.share, took, standings)
+            .await
+    }
+
+    /// ADMIT.
+    async fn admit_leased(
+        &self,
+        t: &Arc<TenantLimits>,
+        keys: &Keys,
+        share: &Share,
+        Took(took): Took,
+        standings: &mut Standings,
+    ) -> Result<Result<Admission, Denied>, Unavailable> {
+        let spec = t.spec;
+        let now = Instant::now();
+        let rpm = spec.requests_per_minute > 0;
+        let took = if rpm { took } else { Some(0) };
         let budget = t.budget.as_ref().map(|b| {
-            let (span, _, now) = b.now();
-            (b, keys.spend_key(&span.key), span, now)
+            let (span, _, unix) = b.now();
+            (b, span, unix)
         });
+        let need: u64 = if took.is_some() { 0 } else { 1 };
+        let want = if rpm {
+            need + share.target().saturating_sub(share.left())
+        } else {
+            0
+        };
+        let spend_key = budget
+            .as_ref()
+            .map(|(_, span, _)| keys.spend_key(&span.key));
+        // A capped tenant asks for its slot, and for spare ones as it asks
+        // for a share of requests: none while it is sparse here.
+        let ask = keys.slots.as_ref().map(|slots| slots.ask(share.target()));
         let mut inv = self.scripts.admit.call(
             &[
                 &keys.req,
                 &keys.tok,
+                &keys.lessees,
+                spend_key.as_ref().unwrap_or(&keys.tok),
                 &keys.conc,
                 &keys.live,
-                budget.as_ref().map_or(&keys.tok, |b| &b.1),
             ],
-            96,
+            160,
         );
         inv.arg(spec.requests_per_minute)
             .arg(spec.request_burst)
             .arg(spec.tokens_per_minute)
-            .arg(spec.max_concurrent)
             .arg(self.redis.replica())
-            .arg(count.version)
-            .arg(LEASE_TTL.as_millis() as u64)
+            .arg(LESSEE_TTL.as_millis() as u64)
             .arg(if budget.is_some() { "1" } else { "0" })
-            .arg(count.count);
+            .arg(need)
+            .arg(want)
+            .arg(K)
+            .arg(spec.max_concurrent)
+            .arg(ask.map_or(0, |a| a.version))
+            .arg(ask.map_or(0, |a| a.needed))
+            .arg(ask.map_or(0, |a| a.wanted))
+            .arg(ask.map_or(0, |a| a.if_refused))
+            .arg(LEASE_TTL.as_millis() as u64);
+        // The balance read includes what Redis had confirmed of this
+        // replica's ledger when it was sent (or more: stricter, not looser).
+        let included = keys.ledger.confirmed_tokens();
         let reply: Result<AdmitReply, _> = self
             .redis
             .invoke(Op::Limits, &self.scripts.admit, &inv)
             .await;
         let AdmitReply {
             verdict,
+            granted,
             wait_us,
             remaining,
             reset_us,
             tokens,
             spent,
+            slot_version,
+            slots: held,
+            spare,
         } = match reply {
             Ok(r) => r,
             Err(e) => {
-                if slot == Slot::Held {
-                    t.in_flight.release();
-                    // Redis may have counted it all the same.
+                if rpm && took.is_some() {
+                    // Taken from this replica's own share: it is still there.
+                    share.add(1);
+                }
+                if let Some(slots) = &keys.slots {
+                    slots.unasked();
+                    // Redis may have counted the ask all the same.
                     keys.count_unsure();
                 }
                 return Err(e);
             }
         };
-        let us = |v: i64| Duration::from_micros(v.max(0) as u64);
+        let slot = match &keys.slots {
+            Some(slots) => {
+                let admitted = verdict == 0;
+                slots.answered(
+                    slot_version,
+                    held.max(0) as u64,
+                    spare.max(0) as u64,
+                    admitted,
+                );
+                if verdict == 2 {
+                    // Its count on Redis may hold a request still waiting
+                    // that is refused in turn: reported again soon.
+                    keys.count_unsure();
+                }
+                Slot::Held
+            }
+            None => Slot::Uncapped,
+        };
+        let answered = Instant::now();
         let balance = tokens.parse::<f64>().ok();
-        if let (Some((b, _, span, now)), Ok(fleet)) = (&budget, spent.parse::<f64>()) {
+        share.update(|v| {
+            v.at = Some(answered);
+            v.remaining = remaining.max(0) as u64;
+            v.reset = us(reset_us);
+            v.balance = balance;
+            v.included = included;
+            v.refused_until = (verdict == 1).then(|| answered + us(wait_us));
+        });
+        if let (Some((b, span, unix)), Ok(fleet)) = (&budget, spent.parse::<f64>()) {
             // The fleet's spend, plus what this replica spent that Redis
             // has not taken yet.
             b.spend.observe(&span.key, fleet);
-            let spent = b.spend.spent(&span.key);
-            standings.budget = Some(b.standing(spent, span, *now));
+            standings.budget = Some(b.standing(b.spend.spent(&span.key), span, *unix));
         }
         standings.tokens = balance.map(|b| token_standing(spec.tokens_per_minute, b));
-        standings.requests = (spec.requests_per_minute > 0).then(|| Standing {
-            limit: u64::from(spec.requests_per_minute),
-            remaining: remaining.max(0) as u64,
-            reset: us(reset_us),
-        });
-        let refused = match verdict {
-            0 => {
-                return Ok(Ok(Admission {
-                    lease: Some(Lease::new(t, slot, Decided::InRedis)),
-                    check: UpstreamCheck { balance },
-                }))
+        if verdict == 2 {
+            if rpm && took.is_some() {
+                share.add(1);
             }
-            1 => Refused {
+            standings.requests = rpm.then(|| {
+                share
+                    .view()
+                    .requests(spec.requests_per_minute, share.left(), answered)
+            });
+            return Ok(Err(Denied::Limit(concurrency_refused())));
+        }
+        if verdict != 0 {
+            let standing = share.view().requests(spec.requests_per_minute, 0, answered);
+            standings.requests = Some(standing);
+            return Ok(Err(Denied::Limit(Refused {
                 limit: Limit::Requests,
                 wait: us(wait_us),
-                standing: standings.requests,
-            },
-            _ => concurrency_refused(),
-        };
-        if slot == Slot::Held {
-            // Redis holds nothing of a refused request.
-            t.in_flight.release();
+                standing: Some(standing),
+            })));
         }
-        Ok(Err(Denied::Limit(refused)))
+        share.add((granted.max(0) as u64).saturating_sub(need));
+        share.admitted(now);
+        let view = share.view();
+        standings.requests =
+            rpm.then(|| view.requests(spec.requests_per_minute, share.left(), answered));
+        let balance = view.balance(spec.tokens_per_minute, keys.ledger.tokens(), answered);
+        Ok(Ok(Admission {
+            lease: Some(Lease::new(t, slot, Decided::InRedis)),
+            check: UpstreamCheck { balance },
+        }))
     }
 }
 
@@ -538,6 +798,8 @@ async fn settler(
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retry = tokio::time::interval(RETRY_EVERY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shares = tokio::time::interval(TICK);
+    shares.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(64);
     // Tenants whose charges failed to reach Redis, held until confirmed
     // even if a reload dropped them meanwhile.
@@ -551,23 +813,43 @@ async fn settler(
             }
             _ = retry.tick() => {
                 owing.retain(|t| t.keys.as_ref().is_some_and(|k| k.ledger.unconfirmed()));
+                // Charges of a tenant with a share go at its own ticks
+                // (below), unless a reload dropped it while it still owed;
+                // a count that may be wrong is reported here.
                 for t in live(&tracked).into_iter().chain(owing.iter().cloned()) {
                     let Some(keys) = &t.keys else { continue };
-                    if keys.ledger.take_report() {
-                        let count = CountChange::Report(t.in_flight.now());
-                        batch.push(Settle { tenant: Arc::clone(&t), count });
-                    } else if keys.ledger.unconfirmed() {
+                    if let Some(count) = keys.ledger.take_report().then(|| keys.count_now()).flatten() {
+                        batch.push(Settle { tenant: Arc::clone(&t), count: CountChange::Report(count) });
+                    } else if keys.ledger.unconfirmed()
+                        && owing.iter().any(|o| Arc::ptr_eq(o, &t))
+                    {
                         batch.push(Settle { tenant: Arc::clone(&t), count: CountChange::None });
+                    }
+                }
+            }
+            _ = shares.tick(), if redis.is_up() => {
+                // While Redis is down nothing is due: a share would be
+                // taken out to be given back and lost with the round trip.
+                let due: Vec<(Arc<TenantLimits>, Renewal)> = live(&tracked)
+                    .into_iter()
+                    .filter_map(|t| Renewal::due(&t).map(|r| (t, r)))
+                    .collect();
+                let sends = due.iter().map(|(t, r)| renew_share(&redis, &scripts, t, *r));
+                let sent = futures_util::future::join_all(sends).await;
+                for ((t, _), sent) in due.into_iter().zip(sent) {
+                    if sent.is_err() && !owing.iter().any(|o| Arc::ptr_eq(o, &t)) {
+                        owing.push(t);
                     }
                 }
             }
             _ = renew.tick() => {
                 for t in live(&tracked) {
                     let Some(keys) = &t.keys else { continue };
-                    if t.spec.max_concurrent > 0 {
-                        let count = t.in_flight.now();
-                        let last = keys.renewed.swap(count.version, Ordering::AcqRel);
-                        if count.count > 0 || count.version != last {
+                    if let Some(slots) = &keys.slots {
+                        // Held slots keep the replica's lease alive.
+                        if !slots.is_empty() {
+                            let (version, count) = slots.report();
+                            let count = Count { version, count };
                             batch.push(Settle { tenant: Arc::clone(&t), count: CountChange::Report(count) });
                         }
                     }
@@ -587,6 +869,161 @@ async fn settler(
             }
         }
     }
+}
+
+/// A request `Fleet::decide_here` took from the share before it found it
+/// must ask Redis: how many are left after it (`None`: none was taken).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Took(Option<u64>);
+
+/// What a tick sends for a tenant with a share.
+#[derive(Debug, Clone, Copy)]
+struct Renewal {
+    /// Requests to add to the share.
+    want: u64,
+    /// Requests given back (taken out of the share already).
+    back: u64,
+    /// Spare slots given back: the count to report.
+    slots: Option<SlotChange>,
+}
+
+impl Renewal {
+    /// What a tick owes the tenant, if anything: its charges, a fresh view
+    /// while it is busy (so the token and budget checks stay within
+    /// `VIEW_TTL`), a top-up of its share while it is in use, and the
+    /// share back once it is idle.
+    fn due(t: &TenantLimits) -> Option<Renewal> {
+        let keys = t.keys.as_ref()?;
+        let share = &keys.share;
+        let busy = share.rotate();
+        let now = Instant::now();
+        let idle = share.idle(now);
+        let rpm = t.spec.requests_per_minute > 0;
+        let back = if idle { share.take_all() } else { 0 };
+        let slots = keys.slots.as_ref().filter(|_| idle).and_then(Slots::shrink);
+        // Topped up when it would not last another tick at the last tick's
+        // pace, to two ticks' worth: a steady tenant asks every other tick.
+        let (target, left) = (share.target(), share.left());
+        let want = if rpm && !idle && left < target {
+            2 * target - left
+        } else {
+            0
+        };
+        let needs_view = t.spec.tokens_per_minute > 0 || t.budget.is_some();
+        let refresh = busy && needs_view;
+        let owes = keys.ledger.unconfirmed();
+        (back > 0 || want > 0 || refresh || owes || slots.is_some()).then_some(Renewal {
+            want,
+            back,
+            slots,
+        })
+    }
+}
+
+/// One RENEW: settles the ledger's totals (spend of an earlier period goes
+/// by SETTLE), tops the share up or gives it back, and reads the view
+/// again. A share given back whose round trip failed is not put back: it
+/// may have reached Redis, and a share lost is only stricter.
+async fn renew_share(
+    redis: &Redis,
+    scripts: &Scripts,
+    t: &Arc<TenantLimits>,
+    r: Renewal,
+) -> Result<(), Unavailable> {
+    let (Some(keys), spec) = (&t.keys, t.spec) else {
+        return Ok(());
+    };
+    let share = &keys.share;
+    if let Some((version, count)) = r.slots {
+        send(
+            redis,
+            scripts,
+            t,
+            CountChange::Report(Count { version, count }),
+        )
+        .await?;
+    }
+    let totals = keys.ledger.totals();
+    let budget = t.budget.as_ref().map(|b| {
+        let (span, _, unix) = b.now();
+        (b, span, unix)
+    });
+    let current = budget.as_ref().map(|(_, span, _)| span.key.as_str());
+    if totals
+        .spend
+        .iter()
+        .any(|(k, _)| Some(k.as_str()) != current)
+    {
+        send(redis, scripts, t, CountChange::None).await?;
+    }
+    let period = totals
+        .spend
+        .iter()
+        .find(|(k, _)| Some(k.as_str()) == current);
+    let spend_key = budget
+        .as_ref()
+        .map(|(_, span, _)| keys.spend_key(&span.key));
+    let mut inv = scripts.renew.call(
+        &[
+            &keys.req,
+            &keys.tok,
+            &keys.lessees,
+            spend_key.as_ref().unwrap_or(&keys.tok),
+            &keys.ledger.key,
+        ],
+        224,
+    );
+    let (key, usd, confirmed, expire_ms) = period.map_or(("", 0.0, 0.0, 0), |(key, p)| {
+        (
+            key.as_str(),
+            p.usd,
+            p.confirmed,
+            (p.end + SPEND_KEPT_AFTER) * 1000,
+        )
+    });
+    inv.arg(spec.requests_per_minute)
+        .arg(spec.request_burst)
+        .arg(spec.tokens_per_minute)
+        .arg(redis.replica())
+        .arg(LESSEE_TTL.as_millis() as u64)
+        .arg(if budget.is_some() { "1" } else { "0" })
+        .arg(r.want)
+        .arg(r.back)
+        .arg(K)
+        .arg(totals.tokens)
+        .arg(totals.tokens_confirmed)
+        .arg(key)
+        .arg(format!("{usd:.9}"))
+        .arg(format!("{confirmed:.9}"))
+        .arg(expire_ms)
+        .arg(LEDGER_TTL.as_millis() as u64);
+    let RenewReply {
+        granted,
+        remaining,
+        reset_us,
+        tokens,
+        spent,
+    } = redis.invoke(Op::Limits, &scripts.renew, &inv).await?;
+    keys.ledger.confirm(&totals, period);
+    share.add(granted.max(0) as u64);
+    let answered = Instant::now();
+    share.update(|v| {
+        v.at = Some(answered);
+        v.flushed = Some(answered);
+        if spec.requests_per_minute > 0 {
+            v.remaining = remaining.max(0) as u64;
+            v.reset = us(reset_us);
+            if remaining > 0 || granted > 0 {
+                v.refused_until = None;
+            }
+        }
+        v.balance = tokens.parse::<f64>().ok();
+        v.included = totals.tokens;
+    });
+    if let (Some((b, span, _)), Ok(fleet)) = (&budget, spent.parse::<f64>()) {
+        b.spend.observe(&span.key, fleet);
+    }
+    Ok(())
 }
 
 /// The tracked tenants still in use.

@@ -7,8 +7,9 @@
 //!
 //! - `local`: in-memory buckets and counters, one set per replica (the
 //!   default, and the fallback while Redis is unavailable);
-//! - `fleet`: the same limits kept in Redis for every replica, one script
-//!   round trip before upstream and at most one after.
+//! - `fleet`: the same limits kept in Redis for every replica: a busy
+//!   tenant is decided from this replica's share of them (`lease`), with no
+//!   round trip on the request path; a sparse one makes one round trip.
 //!
 //! Settling never waits: the local state changes at once and the Redis side
 //! goes to a task through a bounded queue, so a `Drop` or a body's `poll`
@@ -17,6 +18,7 @@
 pub(crate) mod budget;
 mod fleet;
 mod headers;
+mod lease;
 mod local;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,9 +85,10 @@ fn secs(s: f64) -> Duration {
     Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)
 }
 
-/// A tenant's requests in flight on this replica, with a version that
-/// grows with every change: `version << 24 | count`. The version lets Redis
-/// keep the newest of this replica's reports whatever order they arrive in.
+/// A tenant's requests in flight on this replica that it decided alone
+/// (without Redis, or while Redis is unavailable), with a version that
+/// grows with every change: `version << 24 | count`. With shared limits, the
+/// slots a replica holds in Redis are `lease::Slots`.
 #[derive(Default)]
 struct InFlight(AtomicU64);
 
@@ -125,6 +128,7 @@ impl InFlight {
                 .wrapping_add(RELEASE),
         )
     }
+    #[cfg(test)]
     fn now(&self) -> Count {
         Count::of(self.0.load(Ordering::Acquire))
     }
@@ -373,9 +377,10 @@ impl Limiter {
     }
 
     /// Takes one request from the request bucket and a concurrency slot,
-    /// and learns where the token bucket stands: one decision, one Redis
-    /// round trip when limits are shared. `standings` is filled in for the
-    /// headers whatever the outcome.
+    /// and learns where the token bucket stands: one decision. With shared
+    /// limits it takes at most one Redis round trip, and none while this
+    /// replica's share lasts. `standings` is filled
+    /// in for the headers whatever the outcome.
     pub async fn admit(
         &self,
         tenant: &Arc<TenantLimits>,
@@ -388,7 +393,13 @@ impl Limiter {
             });
         }
         if let (Some(fleet), Some(keys)) = (&self.fleet, &tenant.keys) {
-            match fleet.admit(tenant, keys, standings).await {
+            // The share decides most requests of a busy tenant, with no
+            // round trip and nothing to await.
+            let took = match fleet.decide_here(tenant, keys, standings) {
+                Ok(decision) => return decision,
+                Err(took) => took,
+            };
+            match fleet.admit(tenant, keys, took, standings).await {
                 Ok(decision) => return decision,
                 Err(crate::shared::Unavailable) => {
                     if fleet.on_error == OnError::Deny {
@@ -531,10 +542,17 @@ impl Lease {
                 usd,
             }
         });
-        let count = if self.slot == Slot::Held {
-            fleet::CountChange::Release(t.in_flight.release())
-        } else {
-            fleet::CountChange::None
+        let slots = t.keys.as_ref().and_then(|k| k.slots.as_ref());
+        let count = match (self.slot, self.decided, slots) {
+            // A slot of those this replica holds in Redis: the count there
+            // changes only when spare ones go back.
+            (Slot::Held, Decided::InRedis, Some(slots)) => slots
+                .release()
+                .map_or(fleet::CountChange::None, |(version, count)| {
+                    fleet::CountChange::Release(Count { version, count })
+                }),
+            (Slot::Held, _, _) => fleet::CountChange::Release(t.in_flight.release()),
+            (Slot::Uncapped, _, _) => fleet::CountChange::None,
         };
         if let Some(keys) = &t.keys {
             // Charges reach Redis whoever decided the admission: what was

@@ -245,8 +245,8 @@ impl Ctx {
     }
 
     /// 3. Request bucket and concurrency (and where the token bucket and
-    ///    the budget stand): one decision, one Redis round trip when limits
-    ///    are shared.
+    ///    the budget stand): one decision, at most one Redis round trip
+    ///    when limits are shared (none while a replica's share lasts).
     async fn admit(&mut self, tenant: &Tenant) -> Result<(), GatewayError> {
         let Admission { lease, check } = self
             .app

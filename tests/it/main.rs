@@ -23,6 +23,7 @@ mod metrics;
 mod ops;
 mod proxy;
 mod shared_cache;
+mod shares;
 mod slow_clients;
 mod tls;
 mod upstreams;

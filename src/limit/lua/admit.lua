@@ -1,51 +1,64 @@
--- ADMIT: decides one request for the fleet, in one round trip.
+-- ADMIT: a request that this replica could not decide from its share (none
+-- left, no spare concurrency slot, or its view of the token balance and
+-- spend too old). Takes the request and a new share of the request bucket,
+-- for a capped tenant a slot and a few spare ones, and reads the token
+-- balance and the spend, in one round trip.
 --
 -- KEYS[1] request bucket (GCRA: the theoretical arrival time)
 -- KEYS[2] token bucket (hash: b = balance, t = when)
--- KEYS[3] concurrency hash (per replica counts and versions)
--- KEYS[4] live set (replica -> lease end, Unix us)
--- KEYS[5] spend of the current period (the token bucket again without a budget)
+-- KEYS[3] lessees (replica -> share lease end, Unix us)
+-- KEYS[4] spend of the current period (the token bucket again without a budget)
+-- KEYS[5] concurrency hash (per replica counts and versions; see prelude)
+-- KEYS[6] live set (replica -> lease end, Unix us)
 -- ARGV[1] requests_per_minute   ARGV[2] request_burst
--- ARGV[3] tokens_per_minute     ARGV[4] max_concurrent
--- ARGV[5] replica               ARGV[6] version of this change
--- ARGV[7] lease ttl_ms          ARGV[8] budgeted ("1" / "0")
--- ARGV[9] this replica's count of the tenant's requests in flight, this
---         one included (as of ARGV[6])
+-- ARGV[3] tokens_per_minute     ARGV[4] replica
+-- ARGV[5] lessee ttl_ms         ARGV[6] budgeted ("1" / "0")
+-- ARGV[7] requests needed now (0 or 1)
+-- ARGV[8] requests wanted in all (needed, and a share to spend locally)
+-- ARGV[9] k: a share is at most what is free over (lessees x k)
+-- ARGV[10] max_concurrent (0: no slot asked)
+-- ARGV[11] version of this change of the replica's count
+-- ARGV[12] slots needed: the replica's requests in flight, this one included
+-- ARGV[13] slots wanted: needed, and spare ones to take locally
+-- ARGV[14] the replica's count if this request is refused (what it holds
+--          without it, requests still waiting on Redis included)
+-- ARGV[15] the replica's live lease ttl_ms
 --
--- Returns {verdict (0 admitted, 1 requests, 2 concurrency), wait_us,
--- requests remaining, requests reset_us, token balance ("" = no limit),
--- spend ("" = no budget)}.
-assert(#KEYS == 5, 'ADMIT takes 5 keys')
-assert(#ARGV == 9, 'ADMIT takes 9 arguments')
-local rpm, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local tpm, maxc = tonumber(ARGV[3]), tonumber(ARGV[4])
+-- Returns {verdict (0 admitted, 1 refused for requests, 2 for
+-- concurrency), requests granted (the needed one included), wait_us,
+-- requests remaining after the grant, requests reset_us, token balance
+-- ("" = no limit), spend ("" = no budget), the version of the replica's
+-- count below (-1: no slot asked), the replica's count (slots held),
+-- spare slots it may keep idle}.
+assert(#KEYS == 6, 'ADMIT takes 6 keys')
+assert(#ARGV == 15, 'ADMIT takes 15 arguments')
+local rpm, burst, tpm = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local need, want, k = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local maxc = tonumber(ARGV[10])
 local tokens = ''
 if tpm > 0 then tokens = string.format('%.3f', balance(KEYS[2], tpm)) end
 local spent = ''
-if ARGV[8] == '1' then spent = redis.call('GET', KEYS[5]) or '0' end
-local remaining, reset = 0, 0
+if ARGV[6] == '1' then spent = redis.call('GET', KEYS[4]) or '0' end
+local tat, period, held, granted = now, 0, 0, 0
 if rpm > 0 then
-  local period = 60000000 / rpm
-  local tat = tonumber(redis.call('GET', KEYS[1])) or now
-  if tat < now then tat = now end
-  local next_tat = tat + period
-  local allow_at = next_tat - burst * period
-  if now < allow_at then
-    return {1, math.ceil(allow_at - now), 0, math.ceil(tat - now), tokens, spent}
+  tat, period, held = bucket(KEYS[1], rpm, burst)
+  local n = lessees(KEYS[3], ARGV[4], tonumber(ARGV[5]))
+  granted = math.min(want, share(held, n, k), held)
+  if granted < need then
+    local allow_at = tat + need * period - burst * period
+    return {1, 0, math.ceil(allow_at - now), 0, math.ceil(tat - now), tokens, spent, -1, 0, 0}
   end
-  redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1)
-  remaining = math.floor((now - allow_at) / period)
-  reset = math.ceil(next_tat - now)
 end
-if maxc > 0 then
-  local replica, version, mine = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[9])
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', string.format('%.0f', now))
+local slot_version, count, spare = -1, 0, 0
+if maxc > 0 and tonumber(ARGV[12]) > 0 then
+  local replica, version = ARGV[4], tonumber(ARGV[11])
+  local needed, wanted = tonumber(ARGV[12]), tonumber(ARGV[13])
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', string.format('%.0f', now))
   for _, r in ipairs(dead) do
-    redis.call('HDEL', KEYS[3], r, r .. ':v', r .. ':m', r .. ':b')
-    redis.call('ZREM', KEYS[4], r)
+    redis.call('HDEL', KEYS[5], r, r .. ':v', r .. ':m', r .. ':b')
+    redis.call('ZREM', KEYS[6], r)
   end
-  -- One read gives every replica's count and this replica's version.
-  local all = redis.call('HGETALL', KEYS[3])
+  local all = redis.call('HGETALL', KEYS[5])
   local others, here, newest = 0, 0, -1
   local v_field = replica .. ':v'
   for i = 1, #all, 2 do
@@ -54,20 +67,35 @@ if maxc > 0 then
     elseif f == replica then here = tonumber(all[i + 1])
     elseif not string.find(f, ':', 1, true) then others = others + tonumber(all[i + 1]) end
   end
-  -- A newer change of this replica is there already (it counts this
-  -- request); else this admission's count is the replica's.
-  local fresh = version > newest
-  if fresh then here = mine end
-  if others + here > maxc then
-    -- Refused: the replica's count without this request.
-    if fresh then set_count(KEYS[3], replica, version, mine - 1) end
-    return {2, 1000000, remaining, reset, tokens, spent}
+  local room = maxc - others
+  local admitted
+  if version > newest then
+    if room >= needed then
+      -- Spare slots: a share of what is free, as for requests.
+      local live = math.max(1, redis.call('ZCARD', KEYS[6]))
+      local extra = math.floor((room - needed) / (live * k))
+      count = math.min(wanted, needed + extra)
+      admitted = true
+    else
+      count = tonumber(ARGV[14])
+      admitted = false
+    end
+    set_count(KEYS[5], replica, version, count)
+    slot_version = version
+  else
+    -- A newer change of this replica is there: it counts this request.
+    count, slot_version = here, newest
+    admitted = others + here <= maxc
   end
-  if fresh then set_count(KEYS[3], replica, version, mine) end
-  -- A replica Redis has not heard from (new, or Redis restarted empty)
-  -- registers its lease here; renewal keeps it.
-  if newest < 0 or redis.call('PTTL', KEYS[3]) < 0 then
-    alive(KEYS[3], KEYS[4], replica, tonumber(ARGV[7]))
+  if newest < 0 or redis.call('PTTL', KEYS[5]) < 0 then
+    alive(KEYS[5], KEYS[6], replica, tonumber(ARGV[15]))
   end
+  if not admitted then
+    return {2, 0, 1000000, held, math.ceil(tat - now), tokens, spent, slot_version, count, 0}
+  end
+  spare = math.max(0, count - needed)
 end
-return {0, 0, remaining, reset, tokens, spent}
+if granted > 0 then tat = take(KEYS[1], tat, period, granted) end
+local reset = 0
+if rpm > 0 then reset = math.ceil(tat - now) end
+return {0, granted, 0, held - granted, reset, tokens, spent, slot_version, count, spare}

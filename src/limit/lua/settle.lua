@@ -28,32 +28,8 @@
 assert(#KEYS == 5, 'SETTLE takes 5 keys')
 assert(#ARGV == 13, 'SETTLE takes 13 arguments')
 
--- What a total adds: past the last one applied, or past what was
--- confirmed when the ledger is unknown here.
-local function added(field, total, confirmed)
-  local t = tonumber(total)
-  local last = tonumber(redis.call('HGET', KEYS[5], field) or '')
-  local base = last or tonumber(confirmed)
-  if last == nil or t > last then redis.call('HSET', KEYS[5], field, total) end
-  if t > base then return t - base end
-  return 0
-end
-
-local tpm = tonumber(ARGV[1])
-local used = added('tok', ARGV[7], ARGV[8])
-if tpm > 0 and used > 0 then
-  local b = math.max(balance(KEYS[1], tpm) - used, -tpm * 1440)
-  redis.call('HSET', KEYS[1], 'b', string.format('%.3f', b), 't', string.format('%.0f', now))
-  redis.call('PEXPIRE', KEYS[1], math.ceil((tpm - b) * 60000 / tpm) + 1000)
-end
-if ARGV[9] ~= '' then
-  local usd = added('usd:' .. ARGV[9], ARGV[10], ARGV[11])
-  if usd > 0 then
-    redis.call('INCRBYFLOAT', KEYS[4], string.format('%.9f', usd))
-    redis.call('PEXPIREAT', KEYS[4], ARGV[12])
-  end
-end
-redis.call('PEXPIRE', KEYS[5], ARGV[13])
+charge(KEYS[1], KEYS[4], KEYS[5], tonumber(ARGV[1]), ARGV[7], ARGV[8], ARGV[9], ARGV[10],
+  ARGV[11], ARGV[12], ARGV[13])
 
 local replica, what, version = ARGV[2], ARGV[3], tonumber(ARGV[4])
 if what ~= '' then
