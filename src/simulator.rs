@@ -25,6 +25,7 @@
 //! | `x-sim-answer-bytes: N` | content of about N bytes |
 //! | `x-sim-usage: P,C` | prompt and completion tokens to report (Messages: P is input + cache read) |
 //! | `x-sim-no-usage: 1` | ignore `include_usage` (and omit usage; Messages: no `usage` anywhere) |
+//! | `x-sim-ping-every-ms: N` | Messages streams: `ping` events every N ms during each `x-sim-chunk-delay-ms` gap |
 //! | `x-sim-keepalive: N` | N keep-alive comments (stream; Messages: `ping` events) / blank lines (non-stream) first |
 //! | `x-sim-die-after: N` | the connection dies after N events (stream) or N bytes |
 //! | `x-sim-hang: headers\|body` | never answer / never send the body |
@@ -300,6 +301,8 @@ struct Faults {
     latency: Duration,
     body_delay: Duration,
     chunk_delay: Duration,
+    /// Messages: `ping` events this often during each `chunk_delay`.
+    ping_every: Option<Duration>,
     chunks: usize,
     answer_bytes: Option<usize>,
     usage: Option<(u64, u64)>,
@@ -330,6 +333,9 @@ impl Faults {
             latency: Duration::from_millis(n("x-sim-latency-ms").unwrap_or(0)),
             body_delay: Duration::from_millis(n("x-sim-body-delay-ms").unwrap_or(0)),
             chunk_delay: Duration::from_millis(n("x-sim-chunk-delay-ms").unwrap_or(0)),
+            ping_every: n("x-sim-ping-every-ms")
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis),
             chunks: n("x-sim-chunks").map_or(5, |c| c.clamp(1, 100_000) as usize),
             answer_bytes: n("x-sim-answer-bytes").map(|b| b.min(64 << 20) as usize),
             usage: s("x-sim-usage").and_then(|v| {
@@ -605,6 +611,7 @@ fn stream_response(events: Events, faults: &Faults, stats: &Arc<SimStats>) -> Re
     } else {
         let (tx, rx) = mpsc::channel(16);
         let delay = faults.chunk_delay;
+        let ping_every = faults.ping_every;
         let die_after = faults.die_after;
         let hang = faults.hang.is_some();
         let garbage = faults.garbage;
@@ -656,7 +663,21 @@ fn stream_response(events: Events, faults: &Faults, stats: &Arc<SimStats>) -> Re
                         .await;
                 }
                 if i > 0 && i < paced && !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
+                    match ping_every.filter(|_| anthropic) {
+                        None => tokio::time::sleep(delay).await,
+                        // The gap filled with pings.
+                        Some(every) => {
+                            let until = tokio::time::Instant::now() + delay;
+                            while tokio::time::Instant::now() + every < until {
+                                tokio::time::sleep(every).await;
+                                if tx.send(Ok(Bytes::from_static(keepalive))).await.is_err() {
+                                    aborted();
+                                    return;
+                                }
+                            }
+                            tokio::time::sleep_until(until).await;
+                        }
+                    }
                 }
                 if tx.send(Ok(ev)).await.is_err() {
                     aborted();

@@ -745,3 +745,50 @@ async fn pings_keep_no_stream_alive_and_a_message_stop_ends_one_left_open() {
     assert_eq!(hit.header("x-sluice-cache"), "hit");
     assert_eq!(hit.json(), accumulated(&r));
 }
+
+#[tokio::test]
+async fn once_a_stream_has_begun_pings_keep_it_alive_past_the_idle_timeout() {
+    let gw =
+        TestGateway::start_with(|t| t.replace("idle_timeout_secs = 5", "idle_timeout_secs = 1"))
+            .await;
+    // Each gap between events (1.3 s) is longer than the idle timeout (1 s),
+    // filled with a ping every 200 ms: the stream runs to its end.
+    let r = send_message(
+        &gw.url("/v1/messages"),
+        ALPHA,
+        &message_stream("slow but alive"),
+        &[
+            ("cache-control", "no-store"),
+            ("x-sim-chunks", "1"),
+            ("x-sim-chunk-delay-ms", "1300"),
+            ("x-sim-ping-every-ms", "200"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(!r.aborted, "{}", r.text());
+    let names: Vec<String> = named_events(&r).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("message_stop"),
+        "{names:?}"
+    );
+    assert!(names.iter().filter(|n| *n == "ping").count() > 3);
+    // Without the pings the same gaps end it with the error event.
+    let r = send_message(
+        &gw.url("/v1/messages"),
+        ALPHA,
+        &message_stream("slow and silent"),
+        &[
+            ("cache-control", "no-store"),
+            ("x-sim-chunks", "1"),
+            ("x-sim-chunk-delay-ms", "1300"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        named_events(&r).last().map(|(n, _)| n.clone()).as_deref(),
+        Some("error")
+    );
+    assert!(r.aborted);
+}
