@@ -237,6 +237,12 @@ impl GatewayError {
             HeaderValue::from_static("application/json"),
         );
         h.insert(&X_SLUICE_ERROR, HeaderValue::from_static(self.code()));
+        // Anthropic's SDKs read an error's id from `request-id`.
+        if let (Format::Anthropic, Some(id)) = (format, request_id) {
+            if let Ok(v) = HeaderValue::from_str(id) {
+                h.insert(&REQUEST_ID, v);
+            }
+        }
         if self.retry_cannot_help() {
             h.insert(&X_SHOULD_RETRY, HeaderValue::from_static("false"));
         }
@@ -260,6 +266,8 @@ impl GatewayError {
         resp
     }
 }
+
+static REQUEST_ID: http::HeaderName = http::HeaderName::from_static("request-id");
 
 /// The SSE event that ends a stream broken after bytes reached the client,
 /// in the stream's format: an SDK raises on it instead of taking a partial

@@ -83,6 +83,11 @@ fn assert_anthropic_error(r: &Resp, status: u16, ty: &str, code: &str) {
     assert_eq!(v["error"]["type"], ty, "{v}");
     assert!(v["error"]["message"].is_string());
     assert_eq!(v["request_id"], r.header("x-request-id"), "{v}");
+    assert_eq!(
+        r.header("request-id"),
+        r.header("x-request-id"),
+        "where the Anthropic SDKs read an error's id"
+    );
     assert_eq!(r.header("x-sluice-error"), code);
 }
 
