@@ -973,14 +973,6 @@ async fn renew_share(
         ],
         224,
     );
-    let (key, usd, confirmed, expire_ms) = period.map_or(("", 0.0, 0.0, 0), |(key, p)| {
-        (
-            key.as_str(),
-            p.usd,
-            p.confirmed,
-            (p.end + SPEND_KEPT_AFTER) * 1000,
-        )
-    });
     inv.arg(spec.requests_per_minute)
         .arg(spec.request_burst)
         .arg(spec.tokens_per_minute)
@@ -989,14 +981,8 @@ async fn renew_share(
         .arg(if budget.is_some() { "1" } else { "0" })
         .arg(r.want)
         .arg(r.back)
-        .arg(K)
-        .arg(totals.tokens)
-        .arg(totals.tokens_confirmed)
-        .arg(key)
-        .arg(format!("{usd:.9}"))
-        .arg(format!("{confirmed:.9}"))
-        .arg(expire_ms)
-        .arg(LEDGER_TTL.as_millis() as u64);
+        .arg(K);
+    ledger_args(&mut inv, &totals, period);
     let RenewReply {
         granted,
         remaining,
@@ -1024,6 +1010,27 @@ async fn renew_share(
         b.spend.observe(&span.key, fleet);
     }
     Ok(())
+}
+
+/// The ledger's part of a SETTLE or RENEW call, its last seven
+/// arguments: the token totals, a period's spend totals (or none) with the
+/// spend key's expiry, and the ledger's time to live.
+fn ledger_args(inv: &mut redis::Cmd, totals: &Totals, period: Option<&(String, PeriodSpend)>) {
+    let (key, usd, confirmed, expire_ms) = period.map_or(("", 0.0, 0.0, 0), |(key, p)| {
+        (
+            key.as_str(),
+            p.usd,
+            p.confirmed,
+            (p.end + SPEND_KEPT_AFTER) * 1000,
+        )
+    });
+    inv.arg(totals.tokens)
+        .arg(totals.tokens_confirmed)
+        .arg(key)
+        .arg(format!("{usd:.9}"))
+        .arg(format!("{confirmed:.9}"))
+        .arg(expire_ms)
+        .arg(LEDGER_TTL.as_millis() as u64);
 }
 
 /// The tracked tenants still in use.
@@ -1080,27 +1087,13 @@ async fn send(
             ],
             192,
         );
-        let (key, usd, confirmed, expire_ms) = period.map_or(("", 0.0, 0.0, 0), |(key, p)| {
-            (
-                key.as_str(),
-                p.usd,
-                p.confirmed,
-                (p.end + SPEND_KEPT_AFTER) * 1000,
-            )
-        });
         inv.arg(tenant.spec.tokens_per_minute)
             .arg(redis.replica())
             .arg(what)
             .arg(c.version)
             .arg(c.count)
-            .arg(LEASE_TTL.as_millis() as u64)
-            .arg(totals.tokens)
-            .arg(totals.tokens_confirmed)
-            .arg(key)
-            .arg(format!("{usd:.9}"))
-            .arg(format!("{confirmed:.9}"))
-            .arg(expire_ms)
-            .arg(LEDGER_TTL.as_millis() as u64);
+            .arg(LEASE_TTL.as_millis() as u64);
+        ledger_args(&mut inv, &totals, period);
         match redis.invoke::<i64>(Op::Limits, &scripts.settle, &inv).await {
             Ok(_) => keys.ledger.confirm(&totals, period),
             Err(e) => {

@@ -357,7 +357,9 @@ impl<'a> Outbound<'a> {
     /// The framing headers are Sluice's own: `Host` names the target, and
     /// `Content-Length` is the body's (set here, hyper would add it to each
     /// attempt's copy of the map and grow it); whatever the client sent for
-    /// them is replaced, as is `Authorization` (each upstream's own).
+    /// them is replaced. `headers` come cleaned (`http::headers::
+    /// clean_request`: no client key in them); each upstream's own key is
+    /// written per attempt (`to`, `attempt`).
     pub(crate) fn new(
         method: Method,
         path: &'static str,
@@ -369,8 +371,6 @@ impl<'a> Outbound<'a> {
         } else {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
-        headers.remove(header::AUTHORIZATION);
-        headers.remove(&X_API_KEY);
         Outbound {
             method,
             path,
