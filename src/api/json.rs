@@ -226,6 +226,48 @@ pub(crate) fn members(object: &[u8]) -> Option<Vec<(Vec<u8>, Range<usize>)>> {
     }
 }
 
+/// Walks the one object at the start of `bytes` (white space before it is
+/// fine) without allocating: `f` gets each member's key as written (between
+/// its quotes, escapes not decoded) and its value as written, and returns
+/// `false` to give up. The offset just past the object; `None` if it is not
+/// a valid JSON object or `f` gave up. What follows the object is not read.
+pub(crate) fn each_member(bytes: &[u8], mut f: impl FnMut(&[u8], &[u8]) -> bool) -> Option<usize> {
+    let mut p = Parser {
+        b: bytes,
+        i: 0,
+        depth: 0,
+    };
+    p.ws();
+    if p.peek() != Some(b'{') {
+        return None;
+    }
+    p.enter().ok()?;
+    p.ws();
+    if p.peek() == Some(b'}') {
+        return Some(p.i + 1);
+    }
+    loop {
+        p.ws();
+        let ks = p.i;
+        p.string(None).ok()?;
+        let key = &bytes[ks + 1..p.i - 1];
+        p.ws();
+        p.expect(b':').ok()?;
+        p.ws();
+        let vs = p.i;
+        p.value(None).ok()?;
+        if !f(key, &bytes[vs..p.i]) {
+            return None;
+        }
+        p.ws();
+        match p.next() {
+            Some(b',') => continue,
+            Some(b'}') => return Some(p.i),
+            _ => return None,
+        }
+    }
+}
+
 /// Scratch for canonical output: the bytes written so far and the members
 /// of the objects still open.
 #[derive(Default)]

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::api::text::Chars;
-use crate::api::usage::{RawUsage, Usage};
+use crate::api::usage::Usage;
 
 /// Reads the usage out of a whole non-streaming response body. DeepSeek
 /// writes `usage` last, so the object after the last unescaped `"usage":`
@@ -19,27 +19,22 @@ use crate::api::usage::{RawUsage, Usage};
 /// anything unexpected falls back to parsing the whole body.
 pub fn usage_of_completion(body: &[u8]) -> Option<Usage> {
     #[derive(Deserialize)]
-    struct WithUsage {
-        usage: Option<RawUsage>,
+    struct WithUsage<'a> {
+        #[serde(borrow)]
+        usage: Option<&'a serde_json::value::RawValue>,
     }
     const KEY: &[u8] = b"\"usage\"";
-    let tail = body
-        .windows(KEY.len())
-        .rposition(|w| w == KEY)
+    let tail = memchr::memmem::rfind(body, KEY)
         .filter(|&at| at == 0 || body[at - 1] != b'\\')
         .and_then(|at| {
             let rest = trim_leading_ws(&body[at + KEY.len()..]);
             let rest = trim_leading_ws(rest.strip_prefix(b":")?);
-            let mut stream = serde_json::Deserializer::from_slice(rest).into_iter::<RawUsage>();
-            stream.next()?.ok()
+            Usage::read(rest)
         });
-    match tail {
-        Some(raw) => Some(Usage::from_raw(raw)),
-        None => {
-            let parsed: WithUsage = serde_json::from_slice(trim_leading_ws(body)).ok()?;
-            parsed.usage.map(Usage::from_raw)
-        }
-    }
+    tail.or_else(|| {
+        let parsed: WithUsage = serde_json::from_slice(trim_leading_ws(body)).ok()?;
+        Usage::read(parsed.usage?.get().as_bytes())
+    })
 }
 
 pub use crate::api::trim_leading_ws;
@@ -228,13 +223,9 @@ pub fn inspect(data: &[u8]) -> Result<ChunkInfo, serde_json::Error> {
     })
 }
 
-/// A `usage` object as upstream meant it: typed, or, when the typed read
-/// refuses it (a repeated field), read as a tree (the last value wins).
+/// A `usage` object as upstream wrote it (of a repeated field, the last).
 fn usage_of_raw(raw: &serde_json::value::RawValue) -> Option<Usage> {
-    serde_json::from_str::<RawUsage>(raw.get())
-        .ok()
-        .map(Usage::from_raw)
-        .or_else(|| Usage::from_value(&serde_json::from_str(raw.get()).ok()?))
+    Usage::read(raw.get().as_bytes())
 }
 
 /// Assembles stream chunks into the completion they amount to: content,
@@ -436,8 +427,6 @@ pub(crate) fn completion_facts(body: &[u8]) -> Option<Completion> {
     if chat && facts.choices.iter().any(|c| c.message.is_none()) {
         return None;
     }
-    // Read as a tree only if the typed read refuses it (a repeated field),
-    // so the usage is what `Usage::from_value` reads from the whole answer.
     let usage = facts.usage.and_then(usage_of_raw);
     Some(Completion { usage })
 }

@@ -1,8 +1,9 @@
 //! Token usage as upstream reports it, and the estimate for an answer
 //! whose usage never arrived.
 
-use serde::Deserialize;
 use serde_json::Value;
+
+use crate::api::json;
 
 /// Token usage as DeepSeek reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -15,34 +16,78 @@ pub struct Usage {
     pub(crate) reasoning: u64,
 }
 
-#[derive(Deserialize)]
+/// A `usage` object's fields as upstream wrote them.
+#[derive(Default)]
 pub(crate) struct RawUsage {
-    #[serde(default)]
     prompt_tokens: u64,
-    #[serde(default)]
     completion_tokens: u64,
-    #[serde(default)]
     total_tokens: Option<u64>,
-    #[serde(default)]
     prompt_cache_hit_tokens: Option<u64>,
-    #[serde(default)]
     prompt_cache_miss_tokens: Option<u64>,
-    #[serde(default)]
-    prompt_tokens_details: Option<PromptDetails>,
-    #[serde(default)]
-    completion_tokens_details: Option<CompletionDetails>,
-}
-
-#[derive(Deserialize)]
-struct PromptDetails {
-    #[serde(default)]
+    /// `prompt_tokens_details.cached_tokens`.
     cached_tokens: Option<u64>,
+    /// `completion_tokens_details.reasoning_tokens`.
+    reasoning_tokens: Option<u64>,
 }
 
-#[derive(Deserialize)]
-struct CompletionDetails {
-    #[serde(default)]
-    reasoning_tokens: Option<u64>,
+/// A JSON integer that fits in a `u64` (the value is valid JSON already).
+fn integer(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// `null` (`Some(None)`) or an integer; `None` for anything else.
+fn optional(v: &[u8]) -> Option<Option<u64>> {
+    if v == b"null" {
+        return Some(None);
+    }
+    integer(v).map(Some)
+}
+
+/// The one member `name` of a details object, or of `null` (none).
+fn detail(v: &[u8], name: &[u8]) -> Option<Option<u64>> {
+    if v == b"null" {
+        return Some(None);
+    }
+    let mut found = None;
+    json::each_member(v, |k, v| {
+        if k != name {
+            return true;
+        }
+        optional(v).map(|n| found = n).is_some()
+    })?;
+    Some(found)
+}
+
+impl RawUsage {
+    /// Reads the `usage` object at the start of `bytes`, by hand: every
+    /// answer's usage is read on the request path, and a derived
+    /// deserializer spent most of its time matching key strings. Unknown
+    /// keys are skipped; a known one with the wrong type makes it `None`;
+    /// of a repeated key the last wins.
+    pub(crate) fn read(bytes: &[u8]) -> Option<RawUsage> {
+        let mut raw = RawUsage::default();
+        json::each_member(bytes, |key, v| {
+            let set = |field: &mut Option<u64>| optional(v).map(|n| *field = n).is_some();
+            match key {
+                b"prompt_tokens" => integer(v).map(|n| raw.prompt_tokens = n).is_some(),
+                b"completion_tokens" => integer(v).map(|n| raw.completion_tokens = n).is_some(),
+                b"total_tokens" => set(&mut raw.total_tokens),
+                b"prompt_cache_hit_tokens" => set(&mut raw.prompt_cache_hit_tokens),
+                b"prompt_cache_miss_tokens" => set(&mut raw.prompt_cache_miss_tokens),
+                b"prompt_tokens_details" => detail(v, b"cached_tokens")
+                    .map(|n| raw.cached_tokens = n)
+                    .is_some(),
+                b"completion_tokens_details" => detail(v, b"reasoning_tokens")
+                    .map(|n| raw.reasoning_tokens = n)
+                    .is_some(),
+                _ => true,
+            }
+        })?;
+        Some(raw)
+    }
 }
 
 impl Usage {
@@ -51,14 +96,19 @@ impl Usage {
         if !v.is_object() {
             return None;
         }
-        let raw: RawUsage = serde_json::from_value(v.clone()).ok()?;
-        Some(Self::from_raw(raw))
+        Self::read(&serde_json::to_vec(v).ok()?)
+    }
+
+    /// Reads the `usage` object at the start of `bytes`; `None` if it is
+    /// not one.
+    pub(crate) fn read(bytes: &[u8]) -> Option<Usage> {
+        RawUsage::read(bytes).map(Self::from_raw)
     }
 
     pub(crate) fn from_raw(raw: RawUsage) -> Usage {
         let hit = raw
             .prompt_cache_hit_tokens
-            .or(raw.prompt_tokens_details.and_then(|d| d.cached_tokens))
+            .or(raw.cached_tokens)
             .unwrap_or(0);
         Usage {
             prompt: raw.prompt_tokens,
@@ -70,10 +120,7 @@ impl Usage {
             prompt_cache_miss: raw
                 .prompt_cache_miss_tokens
                 .unwrap_or(raw.prompt_tokens.saturating_sub(hit)),
-            reasoning: raw
-                .completion_tokens_details
-                .and_then(|d| d.reasoning_tokens)
-                .unwrap_or(0),
+            reasoning: raw.reasoning_tokens.unwrap_or(0),
         }
     }
 
@@ -97,6 +144,71 @@ impl Usage {
             prompt_cache_hit: 0,
             prompt_cache_miss: prompt,
             reasoning: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(s: &str) -> Option<Usage> {
+        Usage::read(s.as_bytes())
+    }
+
+    #[test]
+    fn reads_deepseek_and_openai_usage() {
+        let u = read(
+            r#" {"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,
+                "prompt_tokens_details":{"cached_tokens":4},
+                "prompt_cache_hit_tokens":4,"prompt_cache_miss_tokens":6,
+                "completion_tokens_details":{"reasoning_tokens":2,"other":[1,{"x":null}]}}}trailing"#,
+        )
+        .expect("usage");
+        assert_eq!(
+            u,
+            Usage {
+                prompt: 10,
+                completion: 5,
+                total: 15,
+                prompt_cache_hit: 4,
+                prompt_cache_miss: 6,
+                reasoning: 2
+            }
+        );
+        // OpenAI's shape: the cache hit from the details, the rest derived.
+        let u = read(r#"{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":3}}"#)
+            .expect("usage");
+        assert_eq!(
+            (u.total, u.prompt_cache_hit, u.prompt_cache_miss),
+            (15, 3, 7)
+        );
+        // Missing fields are zero; unknown ones of any type are skipped.
+        let u = read(r#"{"weird":{"a":[true,"\"}"]},"completion_tokens":1}"#).expect("usage");
+        assert_eq!((u.prompt, u.completion, u.total), (0, 1, 1));
+    }
+
+    #[test]
+    fn nulls_repeats_and_wrong_types() {
+        let u = read(r#"{"prompt_tokens":1,"total_tokens":null,"prompt_tokens_details":null}"#)
+            .expect("null is none");
+        assert_eq!(u.total, 1);
+        let u = read(r#"{"prompt_tokens":1,"prompt_tokens":7}"#).expect("repeated");
+        assert_eq!(u.prompt, 7, "the last wins");
+        for bad in [
+            r#"{"prompt_tokens":null}"#,
+            r#"{"prompt_tokens":"3"}"#,
+            r#"{"prompt_tokens":1.5}"#,
+            r#"{"prompt_tokens":-1}"#,
+            r#"{"prompt_tokens":18446744073709551616}"#,
+            r#"{"prompt_tokens_details":{"cached_tokens":"x"}}"#,
+            r#"{"completion_tokens_details":[]}"#,
+            r#"{"prompt_tokens":1"#,
+            r#"[1]"#,
+            r#"{"prompt_tokens":01}"#,
+            "",
+        ] {
+            assert_eq!(read(bad), None, "{bad}");
         }
     }
 }
