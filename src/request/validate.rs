@@ -93,7 +93,7 @@ impl ApiRequest {
         let model_span = scan.span("model").ok_or(missing_model.clone())?;
         let model = Some(&bytes[model_span.clone()])
             .filter(|r| r.first() == Some(&b'"'))
-            .and_then(|r| serde_json::from_slice::<String>(r).ok())
+            .and_then(json_string)
             .ok_or(missing_model)?;
         match endpoint {
             Endpoint::Fim if !starts("prompt", b'"') => {
@@ -234,6 +234,16 @@ async fn parse_off_runtime(
     .unwrap_or(Err(GatewayError::Internal))
 }
 
+/// A JSON string (as written, quotes included, valid JSON) decoded: its
+/// bytes as they are when it has no escape, which is nearly always.
+fn json_string(raw: &[u8]) -> Option<String> {
+    let inner = raw.get(1..raw.len().checked_sub(1)?)?;
+    if inner.contains(&b'\\') {
+        return serde_json::from_slice(raw).ok();
+    }
+    std::str::from_utf8(inner).ok().map(str::to_owned)
+}
+
 /// Whether a JSON value (as written) is an integer: digits, with an
 /// optional minus sign, and no fraction or exponent.
 fn is_integer(raw: &[u8]) -> bool {
@@ -326,6 +336,26 @@ mod tests {
         let api = ApiRequest::parse(&raw, Endpoint::Chat, Keyed::No).expect("valid");
         assert!(api.stream);
         String::from_utf8(with_include_usage(&raw, &api).to_vec()).expect("utf8")
+    }
+
+    #[test]
+    fn the_model_name_is_decoded() {
+        for (raw, want) in [
+            (
+                r#"{"model":"deepseek-chat","messages":[]}"#,
+                "deepseek-chat",
+            ),
+            (
+                r#"{"model":"deepseek\u002dchat","messages":[]}"#,
+                "deepseek-chat",
+            ),
+            (r#"{"model":"a\"b","messages":[]}"#, "a\"b"),
+            (r#"{"model":"","messages":[]}"#, ""),
+            (r#"{"model":"модель","messages":[]}"#, "модель"),
+        ] {
+            let api = ApiRequest::parse(raw.as_bytes(), Endpoint::Chat, Keyed::No).expect(raw);
+            assert_eq!(api.model, want, "{raw}");
+        }
     }
 
     #[test]
