@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -90,11 +91,10 @@ impl tower_service::Service<Request<Incoming>> for Proxy {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let busy = Busy::begin(&self.activity);
+        // A combinator, not an `async` block: the request's future (a few
+        // KiB) is moved into the box once, not again on its first poll.
         let handling = crate::request::handle(Arc::clone(&self.app), req);
-        Box::pin(async move {
-            let resp = handling.await?;
-            Ok(resp.map(|body| Tracked { body, _busy: busy }))
-        })
+        Box::pin(handling.map(|served| Ok(served?.map(|body| Tracked { body, _busy: busy }))))
     }
 }
 
