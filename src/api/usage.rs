@@ -18,7 +18,7 @@ pub struct Usage {
 
 /// A `usage` object's fields as upstream wrote them.
 #[derive(Default)]
-pub(crate) struct RawUsage {
+struct RawUsage {
     prompt_tokens: u64,
     completion_tokens: u64,
     total_tokens: Option<u64>,
@@ -67,7 +67,7 @@ impl RawUsage {
     /// deserializer spent most of its time matching key strings. Unknown
     /// keys are skipped; a known one with the wrong type makes it `None`;
     /// of a repeated key the last wins.
-    pub(crate) fn read(bytes: &[u8]) -> Option<RawUsage> {
+    fn read(bytes: &[u8]) -> Option<RawUsage> {
         let mut raw = RawUsage::default();
         json::each_member(bytes, |key, v| {
             let set = |field: &mut Option<u64>| optional(v).map(|n| *field = n).is_some();
@@ -91,12 +91,35 @@ impl RawUsage {
 }
 
 impl Usage {
-    /// Reads a `usage` object; `None` if it is not one.
+    /// Reads a `usage` object already parsed into a tree, by the same
+    /// rules as `read` but written apart from it (the fuzz target and the
+    /// tests hold one against the other); `None` if it is not one.
     pub fn from_value(v: &Value) -> Option<Usage> {
-        if !v.is_object() {
-            return None;
-        }
-        Self::read(&serde_json::to_vec(v).ok()?)
+        let o = v.as_object()?;
+        // Missing: the default; `null`: none; anything but an integer: no
+        // usage at all.
+        let optional = |k: &str| match o.get(k) {
+            None | Some(Value::Null) => Some(None),
+            Some(n) => n.as_u64().map(Some),
+        };
+        let required = |k: &str| o.get(k).map_or(Some(0), Value::as_u64);
+        let detail = |k: &str, name: &str| match o.get(k) {
+            None | Some(Value::Null) => Some(None),
+            Some(Value::Object(d)) => match d.get(name) {
+                None | Some(Value::Null) => Some(None),
+                Some(n) => n.as_u64().map(Some),
+            },
+            Some(_) => None,
+        };
+        Some(Self::from_raw(RawUsage {
+            prompt_tokens: required("prompt_tokens")?,
+            completion_tokens: required("completion_tokens")?,
+            total_tokens: optional("total_tokens")?,
+            prompt_cache_hit_tokens: optional("prompt_cache_hit_tokens")?,
+            prompt_cache_miss_tokens: optional("prompt_cache_miss_tokens")?,
+            cached_tokens: detail("prompt_tokens_details", "cached_tokens")?,
+            reasoning_tokens: detail("completion_tokens_details", "reasoning_tokens")?,
+        }))
     }
 
     /// Reads the `usage` object at the start of `bytes`; `None` if it is
@@ -105,7 +128,7 @@ impl Usage {
         RawUsage::read(bytes).map(Self::from_raw)
     }
 
-    pub(crate) fn from_raw(raw: RawUsage) -> Usage {
+    fn from_raw(raw: RawUsage) -> Usage {
         let hit = raw
             .prompt_cache_hit_tokens
             .or(raw.cached_tokens)
@@ -152,8 +175,18 @@ impl Usage {
 mod tests {
     use super::*;
 
+    /// The hand reader, checked against the tree's reading of the same
+    /// text.
     fn read(s: &str) -> Option<Usage> {
-        Usage::read(s.as_bytes())
+        let by_hand = Usage::read(s.as_bytes());
+        let tree = serde_json::Deserializer::from_str(s)
+            .into_iter::<Value>()
+            .next()
+            .and_then(Result::ok);
+        if let Some(tree) = tree {
+            assert_eq!(by_hand, Usage::from_value(&tree), "{s}");
+        }
+        by_hand
     }
 
     #[test]
