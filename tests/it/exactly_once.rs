@@ -165,9 +165,7 @@ impl Fleet {
     async fn start_capped(test: &str, timeout_ms: u64, upstream_cap: u32) -> Option<Fleet> {
         let redis = RedisServer::start(test)?;
         let proxy = FaultProxy::start(([127, 0, 0, 1], redis.port).into());
-        let sim = Simulator::start(([127, 0, 0, 1], 0).into())
-            .await
-            .expect("simulator");
+        let sim = simulator().await;
         let prefix = format!("eo{:08x}", rand::random::<u32>());
         let text = config(
             &sim.base_url(),
@@ -176,12 +174,10 @@ impl Fleet {
             timeout_ms,
             upstream_cap,
         );
-        let mut replicas = Vec::with_capacity(REPLICAS);
-        for _ in 0..REPLICAS {
-            replicas.push(Replica::start(&text).await);
-        }
+        let replicas = Replica::fleet(REPLICAS, &text).await;
         for r in &replicas {
-            wait_redis_up(r, Duration::from_secs(10)).await;
+            r.wait_metric("sluice_redis_up", 1.0, Duration::from_secs(10))
+                .await;
         }
         let mut fleet = Fleet {
             redis,
@@ -281,18 +277,6 @@ impl Fleet {
                 (k.to_string(), ttl)
             })
             .collect()
-    }
-}
-
-async fn wait_redis_up(r: &Replica, within: Duration) {
-    let deadline = Instant::now() + within;
-    while r.metric("sluice_redis_up", &[]).await != 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "replica {} never reached Redis",
-            r.addr
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -1048,7 +1032,8 @@ async fn exactly_once_every_key_expires_after_faults() {
     // nothing else of eo-c runs, so its settlement is the first write to
     // its keys in the new Redis.
     for r in &f.replicas {
-        wait_redis_up(r, Duration::from_secs(10)).await;
+        r.wait_metric("sluice_redis_up", 1.0, Duration::from_secs(10))
+            .await;
     }
     let t = &TENANTS[2];
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1105,7 +1090,8 @@ async fn exactly_once_every_key_expires_after_faults() {
     forever.extend(no_ttl(&f, "after Redis restarted empty"));
 
     for r in &f.replicas {
-        wait_redis_up(r, Duration::from_secs(10)).await;
+        r.wait_metric("sluice_redis_up", 1.0, Duration::from_secs(10))
+            .await;
     }
     let mut tally = vec![Tally::default(); TENANTS.len()];
     probe(&f, &[0, 1, 2], &mut tally).await;

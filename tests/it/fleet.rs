@@ -6,7 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use sluice::simulator::Simulator;
 use tokio::task::JoinSet;
 
 use crate::support::*;
@@ -21,71 +20,27 @@ fn redis_section(url: &str, extra: &str) -> String {
     format!("[redis]\nurl = \"{url}\"\n{extra}\n")
 }
 
-async fn simulator() -> Simulator {
-    Simulator::start(([127, 0, 0, 1], 0).into())
-        .await
-        .expect("simulator")
-}
-
-/// `n` replicas (real processes) in front of `sim`, with `extra` config.
-async fn replicas(n: usize, sim: &Simulator, extra: &str) -> Vec<Replica> {
-    let text = config_text(&sim.base_url(), extra);
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        out.push(Replica::start(&text).await);
-    }
-    out
-}
-
-/// Sends the fleet tenant's requests round-robin through `urls` at
-/// `per_sec` for `run`; returns (admitted, refused, elapsed from the first
-/// send to the last answer).
-async fn drive(urls: &[String], per_sec: u32, run: Duration) -> (u64, u64, Duration) {
-    let start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(per_sec)));
-    let mut tasks = JoinSet::new();
-    let mut i = 0usize;
-    while start.elapsed() < run {
-        tick.tick().await;
-        let url = urls[i % urls.len()].clone();
-        tasks.spawn(async move {
-            let r = call(
-                &url,
-                FLEET,
-                &chat(&format!("drive {i}")),
-                &[("cache-control", "no-store")],
-            )
-            .await;
-            (r.status.as_u16(), r.error_code_or_empty())
-        });
-        i += 1;
-    }
-    let (mut admitted, mut refused) = (0, 0);
-    while let Some(done) = tasks.join_next().await {
-        match done.expect("request task") {
-            (200, _) => admitted += 1,
-            (429, code) => {
-                assert_eq!(code, "rate_limit_exceeded");
-                refused += 1;
-            }
-            other => panic!("unexpected answer {other:?}"),
-        }
-    }
-    (admitted, refused, start.elapsed())
-}
-
-fn urls(replicas: &[Replica]) -> Vec<String> {
-    replicas
-        .iter()
-        .map(|r| r.url("/v1/chat/completions"))
-        .collect()
-}
-
 // 5 requests a second, burst 5; driven at 8 times that through 3 replicas.
 const RPM: u32 = 300;
 const BURST: u32 = 5;
 const DRIVE_PER_SEC: u32 = 40;
 const DRIVE_FOR: Duration = Duration::from_secs(4);
+
+/// The fleet tenant's load, round-robin over the replicas; refusals are
+/// the request bucket's.
+async fn drive_fleet(fleet: &[Replica]) -> Tally {
+    let no_store = &[("cache-control", "no-store")];
+    let refusal = Some("rate_limit_exceeded");
+    drive(
+        &chat_urls(fleet),
+        FLEET,
+        DRIVE_PER_SEC,
+        DRIVE_FOR,
+        no_store,
+        refusal,
+    )
+    .await
+}
 
 /// What one bucket may admit over `elapsed`: burst + rate × elapsed.
 fn bound(elapsed: Duration) -> f64 {
@@ -104,7 +59,11 @@ async fn requests_hold_for_the_fleet(redis_url: &str, cluster: bool) {
         redis_section(redis_url, &format!("cluster = {cluster}\ntimeout_ms = 250"))
     );
     let fleet = replicas(3, &sim, &extra).await;
-    let (admitted, refused, elapsed) = drive(&urls(&fleet), DRIVE_PER_SEC, DRIVE_FOR).await;
+    let Tally {
+        ok: admitted,
+        refused,
+        elapsed,
+    } = drive_fleet(&fleet).await;
     let limit = bound(elapsed);
     assert!(
         admitted as f64 <= limit * 1.01,
@@ -160,7 +119,11 @@ async fn without_redis_each_replica_limits_alone() {
         "per replica, the cap of 2 is per replica: {} at once upstream",
         sim.max_in_flight()
     );
-    let (admitted, _, elapsed) = drive(&urls(&fleet), DRIVE_PER_SEC, DRIVE_FOR).await;
+    let Tally {
+        ok: admitted,
+        elapsed,
+        ..
+    } = drive_fleet(&fleet).await;
     assert!(
         admitted as f64 > 2.0 * bound(elapsed),
         "per replica: {admitted} admitted, one bucket allows {:.1}",
@@ -170,7 +133,7 @@ async fn without_redis_each_replica_limits_alone() {
 
 /// `n` slow requests at once, spread over the replicas; (200s, 429s).
 async fn concurrent_burst(fleet: &[Replica], n: usize) -> (u64, u64) {
-    let urls = urls(fleet);
+    let urls = chat_urls(fleet);
     let mut tasks = JoinSet::new();
     for i in 0..n {
         let url = urls[i % urls.len()].clone();

@@ -12,12 +12,6 @@ use crate::support::*;
 
 const SLOTS_LUA: &str = include_str!("../../src/upstream/lua/slots.lua");
 
-async fn simulator() -> Simulator {
-    Simulator::start(([127, 0, 0, 1], 0).into())
-        .await
-        .expect("simulator")
-}
-
 /// A replica config: the upstream capped at `cap` with a wait of up to
 /// `wait_secs`, Redis at `redis_url` under `prefix`.
 fn config(sim: &Simulator, cap: u32, wait_secs: u32, redis_url: &str, prefix: &str) -> String {
@@ -46,10 +40,7 @@ fn config(sim: &Simulator, cap: u32, wait_secs: u32, redis_url: &str, prefix: &s
 }
 
 async fn fleet(n: usize, text: &str) -> Vec<Replica> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        out.push(Replica::start(text).await);
-    }
+    let out = Replica::fleet(n, text).await;
     for r in &out {
         wait_metric(r, "sluice_redis_up", 1.0).await;
     }
@@ -58,16 +49,7 @@ async fn fleet(n: usize, text: &str) -> Vec<Replica> {
 
 /// Waits (up to 10 s) until a replica's metric reads `want`.
 async fn wait_metric(r: &Replica, name: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while r.metric(name, &[]).await != want {
-        assert!(
-            Instant::now() < deadline,
-            "{} never read {want} on {}",
-            name,
-            r.addr
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    r.wait_metric(name, want, Duration::from_secs(10)).await;
 }
 
 fn prefix() -> String {

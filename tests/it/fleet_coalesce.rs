@@ -9,12 +9,6 @@ use sluice::simulator::Simulator;
 
 use crate::support::*;
 
-async fn simulator() -> Simulator {
-    Simulator::start(([127, 0, 0, 1], 0).into())
-        .await
-        .expect("simulator")
-}
-
 /// `n` gateways in this process in front of one simulator (the first's),
 /// sharing `redis_url`.
 async fn fleet(n: usize, redis_url: &str) -> Vec<TestGateway> {
@@ -38,11 +32,7 @@ async fn processes<const N: usize>(redis: &RedisServer) -> (Simulator, [Replica;
         &sim.base_url(),
         &format!("[redis]\nurl = \"{}\"\n", redis.url()),
     );
-    let mut out = Vec::with_capacity(N);
-    for _ in 0..N {
-        out.push(Replica::start(&text).await);
-    }
-    let Ok(all) = <[Replica; N]>::try_from(out) else {
+    let Ok(all) = <[Replica; N]>::try_from(Replica::fleet(N, &text).await) else {
         unreachable!("N started");
     };
     (sim, all)

@@ -67,9 +67,7 @@ impl Fleet {
     async fn start(test: &str, s: Settings) -> Option<Fleet> {
         let redis = RedisServer::start(test)?;
         let proxy = FaultProxy::start(([127, 0, 0, 1], redis.port).into());
-        let sim = Simulator::start(([127, 0, 0, 1], 0).into())
-            .await
-            .expect("simulator");
+        let sim = simulator().await;
         let mut replicas = Vec::with_capacity(3);
         for first_byte in s.first_byte_secs {
             let text = config_text(
@@ -101,18 +99,11 @@ impl Fleet {
         self.replicas[i].url(CHAT)
     }
 
-    /// Waits (up to 10 s) until every replica says Redis answers.
+    /// Waits (up to 10 s each) until every replica says Redis answers.
     async fn wait_redis_up(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
         for r in &self.replicas {
-            while r.metric("sluice_redis_up", &[]).await != 1.0 {
-                assert!(
-                    Instant::now() < deadline,
-                    "replica {} never reached Redis",
-                    r.addr
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            r.wait_metric("sluice_redis_up", 1.0, Duration::from_secs(10))
+                .await;
         }
     }
 

@@ -33,15 +33,7 @@ fn anthropic_post(url: &str, key: &str) -> http::request::Builder {
 }
 
 async fn send_message(url: &str, key: &str, body: &Value, headers: &[(&str, &str)]) -> Resp {
-    let mut b = anthropic_post(url, key);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    send(
-        b.body(Full::new(Bytes::from(body.to_string())))
-            .expect("req"),
-    )
-    .await
+    send_json(anthropic_post(url, key), body, headers).await
 }
 
 /// The events of a stream as (event name, data).
@@ -654,11 +646,7 @@ async fn identical_calls_on_two_replicas_share_one_call_and_the_shared_cache() {
     let Some(redis) = RedisServer::start("messages_across_replicas") else {
         return;
     };
-    let start = || async {
-        sluice::simulator::Simulator::start(([127, 0, 0, 1], 0).into())
-            .await
-            .expect("simulator")
-    };
+    let start = || async { simulator().await };
     let sim = start().await;
     let text = config_text(
         &sim.base_url(),

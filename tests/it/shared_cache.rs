@@ -3,15 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use sluice::simulator::Simulator;
-
 use crate::support::*;
-
-async fn simulator() -> Simulator {
-    Simulator::start(([127, 0, 0, 1], 0).into())
-        .await
-        .expect("simulator")
-}
 
 /// `n` gateways in front of one simulator (the first gateway's), sharing
 /// `redis_url`, with `extra` config.

@@ -7,7 +7,6 @@
 
 use std::time::{Duration, Instant};
 
-use sluice::simulator::Simulator;
 use tokio::task::JoinSet;
 
 use crate::support::*;
@@ -27,15 +26,6 @@ fn redis_section(url: &str) -> String {
     format!("[redis]\nurl = \"{url}\"\ntimeout_ms = 250\ncache = false\ncoalesce = false\n")
 }
 
-async fn replicas(n: usize, sim: &Simulator, extra: &str) -> Vec<Replica> {
-    let text = config_text(&sim.base_url(), extra);
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        out.push(Replica::start(&text).await);
-    }
-    out
-}
-
 async fn ask(url: &str, what: &str, usage: &str) -> Resp {
     call(
         url,
@@ -46,25 +36,14 @@ async fn ask(url: &str, what: &str, usage: &str) -> Resp {
     .await
 }
 
-/// Sends `per_sec` requests a second through `url` for `run`; returns how
-/// many were answered 200 (every other answer fails the test).
-async fn drive(url: &str, per_sec: u32, run: Duration) -> u64 {
-    let start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(per_sec)));
-    let mut tasks = JoinSet::new();
-    let mut i = 0u64;
-    while start.elapsed() < run {
-        tick.tick().await;
-        let url = url.to_string();
-        tasks.spawn(async move { ask(&url, &format!("drive {i}"), "10,5").await.status });
-        i += 1;
-    }
-    let mut ok = 0;
-    while let Some(done) = tasks.join_next().await {
-        assert_eq!(done.expect("request task"), 200);
-        ok += 1;
-    }
-    ok
+/// Sends `per_sec` requests a second through `url` for `run` (each
+/// reporting 10 + 5 tokens); returns how many were answered 200 (every
+/// other answer fails the test).
+async fn drive_one(url: &str, per_sec: u32, run: Duration) -> u64 {
+    let headers = &[("cache-control", "no-store"), ("x-sim-usage", "10,5")];
+    drive(&[url.to_string()], KEY, per_sec, run, headers, None)
+        .await
+        .ok
 }
 
 /// Script calls Redis has run (`EVALSHA` and `EVAL`), from `INFO
@@ -105,9 +84,7 @@ async fn a_busy_tenant_costs_redis_under_a_tenth_of_a_command_a_request() {
         return;
     };
     let _turn = heavy().await;
-    let sim = Simulator::start(([127, 0, 0, 1], 0).into())
-        .await
-        .expect("simulator");
+    let sim = simulator().await;
     // 200 requests a second; driven at 80, under half of it. A token limit
     // too, so the balance is read and charges settled all along, and a
     // concurrency cap, so slots are held.
@@ -118,7 +95,7 @@ async fn a_busy_tenant_costs_redis_under_a_tenth_of_a_command_a_request() {
     );
     let fleet = replicas(1, &sim, &extra).await;
     let before = quiet_script_calls(&redis, Duration::from_millis(500)).await;
-    let admitted = drive(
+    let admitted = drive_one(
         &fleet[0].url("/v1/chat/completions"),
         80,
         Duration::from_secs(6),
@@ -158,9 +135,7 @@ async fn a_token_deficit_refuses_on_every_replica_within_a_second() {
     let Some(redis) = RedisServer::start("a_token_deficit_refuses_on_every_replica") else {
         return;
     };
-    let sim = Simulator::start(([127, 0, 0, 1], 0).into())
-        .await
-        .expect("simulator");
+    let sim = simulator().await;
     // 600 tokens a minute; requests far from their limit.
     let extra = format!(
         "{}{}",
@@ -168,10 +143,7 @@ async fn a_token_deficit_refuses_on_every_replica_within_a_second() {
         redis_section(&redis.url())
     );
     let fleet = replicas(3, &sim, &extra).await;
-    let urls: Vec<String> = fleet
-        .iter()
-        .map(|r| r.url("/v1/chat/completions"))
-        .collect();
+    let urls = chat_urls(&fleet);
     // Every replica busy with the tenant (each decides from its share).
     for (i, url) in urls.iter().enumerate() {
         for j in 0..4 {
@@ -227,16 +199,14 @@ async fn a_replica_that_stops_gives_its_share_back() {
     let Some(redis) = RedisServer::start("a_replica_that_stops_gives_its_share_back") else {
         return;
     };
-    let sim = Simulator::start(([127, 0, 0, 1], 0).into())
-        .await
-        .expect("simulator");
+    let sim = simulator().await;
     // A request every 10 s refills the bucket: what it lacks is what was
     // taken, within a tenth of a request a second.
     let rpm = 6;
     let extra = format!("{}{}", tenant(rpm, 200, 0), redis_section(&redis.url()));
     let mut fleet = replicas(1, &sim, &extra).await;
     let key = "sluice:{shares}:req:6:200";
-    let admitted = drive(
+    let admitted = drive_one(
         &fleet[0].url("/v1/chat/completions"),
         40,
         Duration::from_secs(1),
@@ -260,9 +230,7 @@ async fn the_request_headers_stay_truthful_under_a_share() {
     let Some(redis) = RedisServer::start("the_request_headers_stay_truthful_under_a_share") else {
         return;
     };
-    let sim = Simulator::start(([127, 0, 0, 1], 0).into())
-        .await
-        .expect("simulator");
+    let sim = simulator().await;
     // 10 requests a second, a burst of 100: a busy replica holds a share.
     let extra = format!("{}{}", tenant(600, 100, 0), redis_section(&redis.url()));
     let fleet = replicas(1, &sim, &extra).await;
@@ -382,9 +350,7 @@ async fn a_busy_capped_tenant_never_exceeds_its_cap_and_frees_its_slots() {
         return;
     };
     let _turn = heavy().await;
-    let sim = Simulator::start(([127, 0, 0, 1], 0).into())
-        .await
-        .expect("simulator");
+    let sim = simulator().await;
     // At most 6 at once for the fleet; 60 requests a second of 200 ms each
     // want about 12.
     let extra = format!(
@@ -393,40 +359,17 @@ async fn a_busy_capped_tenant_never_exceeds_its_cap_and_frees_its_slots() {
         redis_section(&redis.url())
     );
     let fleet = replicas(3, &sim, &extra).await;
-    let urls: Vec<String> = fleet
-        .iter()
-        .map(|r| r.url("/v1/chat/completions"))
-        .collect();
-    let start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(1000 / 60));
-    let mut tasks = JoinSet::new();
-    let mut i = 0usize;
-    while start.elapsed() < Duration::from_secs(3) {
-        tick.tick().await;
-        let url = urls[i % urls.len()].clone();
-        tasks.spawn(async move {
-            let r = call(
-                &url,
-                KEY,
-                &chat(&format!("slow {i}")),
-                &[("x-sim-latency-ms", "200"), ("cache-control", "no-store")],
-            )
-            .await;
-            (r.status.as_u16(), r.error_code_or_empty())
-        });
-        i += 1;
-    }
-    let (mut ok, mut refused) = (0, 0);
-    while let Some(done) = tasks.join_next().await {
-        match done.expect("task") {
-            (200, _) => ok += 1,
-            (429, code) => {
-                assert_eq!(code, "concurrency_limit_exceeded");
-                refused += 1;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let urls = chat_urls(&fleet);
+    let slow = &[("x-sim-latency-ms", "200"), ("cache-control", "no-store")];
+    let Tally { ok, refused, .. } = drive(
+        &urls,
+        KEY,
+        60,
+        Duration::from_secs(3),
+        slow,
+        Some("concurrency_limit_exceeded"),
+    )
+    .await;
     assert!(
         sim.max_in_flight() <= 6,
         "never more than max_concurrent at the upstream: {}",

@@ -2,7 +2,7 @@
 //! binds port 0 and shuts down on drop, and a small HTTP client.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
@@ -85,6 +85,13 @@ pub fn tenant_with_limits(
 
 pub fn parse(text: &str) -> Config {
     Config::parse(text, |_| None).expect("test config is valid")
+}
+
+/// The simulated upstream on an ephemeral loopback port.
+pub async fn simulator() -> Simulator {
+    Simulator::start(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("simulator")
 }
 
 pub struct TestGateway {
@@ -352,7 +359,15 @@ pub async fn call(
     body: &serde_json::Value,
     headers: &[(&str, &str)],
 ) -> Resp {
-    let mut b = post(url, key);
+    send_json(post(url, key), body, headers).await
+}
+
+/// Sends `body` as JSON with the request `b` begins, plus `headers`.
+pub async fn send_json(
+    mut b: http::request::Builder,
+    body: &serde_json::Value,
+    headers: &[(&str, &str)],
+) -> Resp {
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
@@ -651,8 +666,31 @@ impl Replica {
         }
     }
 
+    /// `n` replicas of one config, started one after another.
+    pub async fn fleet(n: usize, config_text: &str) -> Vec<Replica> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(Replica::start(config_text).await);
+        }
+        out
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// Waits (up to `within`) until the metric `name` (without labels)
+    /// reads `want`.
+    pub async fn wait_metric(&self, name: &str, want: f64, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.metric(name, &[]).await != want {
+            assert!(
+                Instant::now() < deadline,
+                "{name} never read {want} on replica {}",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The process id (for /proc).
@@ -719,4 +757,68 @@ static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Waits for the heavy tests' turn; held for the whole test.
 pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
     HEAVY.lock().await
+}
+
+/// `n` replicas (real processes) in front of `sim`, with `extra` config.
+pub async fn replicas(n: usize, sim: &Simulator, extra: &str) -> Vec<Replica> {
+    Replica::fleet(n, &config_text(&sim.base_url(), extra)).await
+}
+
+/// Each replica's chat completions URL.
+pub fn chat_urls(replicas: &[Replica]) -> Vec<String> {
+    replicas
+        .iter()
+        .map(|r| r.url("/v1/chat/completions"))
+        .collect()
+}
+
+/// What a steady load got back (`drive`).
+#[derive(Debug, Clone, Copy)]
+pub struct Tally {
+    /// Answered 200.
+    pub ok: u64,
+    /// Refused 429 with the code asked.
+    pub refused: u64,
+    /// From the first send to the last answer.
+    pub elapsed: Duration,
+}
+
+/// Sends `key`'s tenant `per_sec` chat requests a second for `run`,
+/// round-robin over `urls`, each with `headers`, and waits for every
+/// answer. A refusal must be a 429 with the code `refusal` (`None`: none
+/// may be refused); any other answer fails the test.
+pub async fn drive(
+    urls: &[String],
+    key: &'static str,
+    per_sec: u32,
+    run: Duration,
+    headers: &'static [(&'static str, &'static str)],
+    refusal: Option<&'static str>,
+) -> Tally {
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(per_sec)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut i = 0usize;
+    while start.elapsed() < run {
+        tick.tick().await;
+        let url = urls[i % urls.len()].clone();
+        tasks.spawn(async move {
+            let r = call(&url, key, &chat(&format!("drive {i}")), headers).await;
+            (r.status.as_u16(), r.error_code_or_empty())
+        });
+        i += 1;
+    }
+    let (mut ok, mut refused) = (0, 0);
+    while let Some(done) = tasks.join_next().await {
+        match done.expect("request task") {
+            (200, _) => ok += 1,
+            (429, code) if refusal.is_some_and(|want| code == want) => refused += 1,
+            other => panic!("unexpected answer {other:?} (refusals expected: {refusal:?})"),
+        }
+    }
+    Tally {
+        ok,
+        refused,
+        elapsed: start.elapsed(),
+    }
 }

@@ -55,9 +55,7 @@ impl Fleet {
         }
         let text = Self::text(&sims, upstreams).replace(SHARED, shared);
         // The gateway's own simulator is unused: every upstream is named.
-        let unused = Simulator::start(([127, 0, 0, 1], 0).into())
-            .await
-            .expect("simulator");
+        let unused = simulator().await;
         let gw = TestGateway::with_keys(unused, parse(&text), keys(&sims)).await;
         Fleet { gw, sims }
     }
@@ -80,6 +78,23 @@ impl Fleet {
 
     fn calls(&self, name: &str) -> u64 {
         self.sim(name).calls()
+    }
+
+    /// `sluice_upstream_ejections_total` of `upstream` for `reason`.
+    async fn ejections(&self, upstream: &str, reason: &str) -> f64 {
+        self.gw
+            .metric(
+                "sluice_upstream_ejections_total",
+                &[("upstream", upstream), ("reason", reason)],
+            )
+            .await
+    }
+
+    /// `sluice_upstream_failovers_total` of `upstream`.
+    async fn failovers(&self, upstream: &str) -> f64 {
+        self.gw
+            .metric("sluice_upstream_failovers_total", &[("upstream", upstream)])
+            .await
     }
 
     fn url(&self) -> String {
@@ -234,22 +249,8 @@ async fn a_failing_upstream_is_failed_over_and_ejected() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(upstream_of(&r), "b");
     assert_eq!((f.calls("a"), f.calls("b")), (1, 1));
-    let failovers = |up: &'static str| {
-        let gw = &f.gw;
-        async move {
-            gw.metric("sluice_upstream_failovers_total", &[("upstream", up)])
-                .await
-        }
-    };
-    assert_eq!(failovers("a").await, 1.0);
-    assert_eq!(
-        f.gw.metric(
-            "sluice_upstream_ejections_total",
-            &[("upstream", "a"), ("reason", "errors")]
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(f.failovers("a").await, 1.0);
+    assert_eq!(f.ejections("a", "errors").await, 1.0);
     assert_eq!(
         f.gw.metric("sluice_upstream_available", &[("upstream", "a")])
             .await,
@@ -274,7 +275,7 @@ async fn a_failing_upstream_is_failed_over_and_ejected() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(upstream_of(&r), "c");
-    assert_eq!(failovers("b").await, 1.0);
+    assert_eq!(f.failovers("b").await, 1.0);
     // Every upstream resting: the one whose rest ends first still serves
     // (a, ejected first).
     let r = f.ask("all resting", &[]).await;
@@ -303,14 +304,7 @@ async fn auth_failures_fail_over_and_reach_the_client_only_from_every_upstream()
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(upstream_of(&r), "b");
-    assert_eq!(
-        f.gw.metric(
-            "sluice_upstream_ejections_total",
-            &[("upstream", "a"), ("reason", "auth")]
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(f.ejections("a", "auth").await, 1.0);
     // Both accounts broken: the client sees the 402, told not to retry.
     let r = f.ask("no money", &[("x-sim-status", "402")]).await;
     assert_eq!(r.status, 402);
@@ -338,14 +332,7 @@ async fn a_rate_limited_upstream_rests_for_its_retry_after() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(upstream_of(&r), "b");
-    assert_eq!(
-        f.gw.metric(
-            "sluice_upstream_ejections_total",
-            &[("upstream", "a"), ("reason", "rate_limited")]
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(f.ejections("a", "rate_limited").await, 1.0);
     let r = f.ask("next", &[]).await;
     assert_eq!(upstream_of(&r), "b");
 }
