@@ -212,6 +212,11 @@ mod tests {
         assert_eq!(format_reset(Duration::from_micros(20_900)), "20ms");
         assert_eq!(format_reset(Duration::ZERO), "0ms");
         assert_eq!(format_reset(Duration::from_secs(7200)), "2h0m0s");
+        // A budget's month: hours past 24.
+        assert_eq!(
+            format_reset(Duration::from_secs(743 * 3600 + 59 * 60)),
+            "743h59m0s"
+        );
     }
 
     #[test]
