@@ -86,15 +86,62 @@ pub(crate) struct Sink {
     pub(crate) leader: Option<Leader>,
 }
 
+/// A non-streaming answer's bytes as they come. Most answers are one read:
+/// that one is kept as the `Bytes` it came in (no copy) until a second
+/// comes; from then on they are copied into one buffer, so that no slice
+/// pins an upstream read buffer while the rest of a long answer arrives.
+#[derive(Default)]
+enum Collected {
+    #[default]
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Collected {
+    fn len(&self) -> usize {
+        match self {
+            Collected::Empty => 0,
+            Collected::One(b) => b.len(),
+            Collected::Many(b) => b.len(),
+        }
+    }
+
+    fn push(&mut self, data: &Bytes) {
+        *self = match std::mem::take(self) {
+            Collected::Empty => Collected::One(data.clone()),
+            Collected::One(first) => {
+                let mut all = BytesMut::with_capacity(first.len() + data.len());
+                all.extend_from_slice(&first);
+                all.extend_from_slice(data);
+                Collected::Many(all)
+            }
+            Collected::Many(mut all) => {
+                all.extend_from_slice(data);
+                Collected::Many(all)
+            }
+        };
+    }
+
+    /// The whole answer. `keep`: it outlives the relay (a cache entry,
+    /// followers), so a single read is copied out of the buffer it pins.
+    fn take(&mut self, keep: bool) -> Bytes {
+        match std::mem::take(self) {
+            Collected::Empty => Bytes::new(),
+            Collected::One(b) if keep => Bytes::copy_from_slice(&b),
+            Collected::One(b) => b,
+            Collected::Many(all) => all.freeze(),
+        }
+    }
+}
+
 enum Mode {
     /// Non-streaming (or an error response): bytes pass through untouched
     /// and are collected to read usage and fill the cache.
     Raw {
         status: StatusCode,
         content_type: Option<HeaderValue>,
-        /// A copy, not slices: slices would pin each upstream read buffer
-        /// until the body ends.
-        collected: BytesMut,
+        collected: Collected,
         /// Whether anyone reads `collected`: a 200 for its usage and the
         /// cache, an error answer only for coalesced followers.
         collecting: bool,
@@ -265,7 +312,7 @@ impl Plan {
                     Mode::Raw {
                         status,
                         content_type,
-                        collected: BytesMut::new(),
+                        collected: Collected::default(),
                         collecting: status == StatusCode::OK || sink.leader.is_some(),
                         overflow: false,
                         length: upstream.size_hint().exact(),
@@ -430,9 +477,9 @@ impl Relay {
                 if *collecting && !*overflow {
                     if collected.len() + data.len() > FLIGHT_LOG_MAX {
                         *overflow = true;
-                        *collected = BytesMut::new();
+                        *collected = Collected::default();
                     } else {
-                        collected.extend_from_slice(&data);
+                        collected.push(&data);
                     }
                 }
             }
@@ -621,15 +668,16 @@ impl Relay {
             } => {
                 let status = *status;
                 let content_type = content_type.clone();
+                // Kept past this call (a cache entry, followers): compact.
+                let wanted = self.sink.fill.is_some() || self.sink.leader.is_some();
                 let body = if *overflow {
                     None
                 } else {
-                    Some(collected.split().freeze())
+                    Some(collected.take(wanted || status != StatusCode::OK))
                 };
                 if status == StatusCode::OK {
                     // Parse once: into an entry when the cache or followers
                     // want one (its usage comes along), else just the usage.
-                    let wanted = self.sink.fill.is_some() || self.sink.leader.is_some();
                     let format = self.format;
                     let entry = if wanted {
                         body.clone()
@@ -912,6 +960,28 @@ fn cost_usd(u: &Usage, p: &Pricing) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_read_is_kept_as_it_came_and_more_are_joined() {
+        let buffer = Bytes::from_static(b"0123456789");
+        let mut one = Collected::default();
+        one.push(&buffer.slice(2..5));
+        assert_eq!(one.len(), 3);
+        let kept = one.take(false);
+        assert_eq!(kept.as_ptr(), buffer[2..].as_ptr(), "no copy");
+        let mut one = Collected::default();
+        one.push(&buffer.slice(2..5));
+        let copied = one.take(true);
+        assert_eq!(copied, "234");
+        assert_ne!(copied.as_ptr(), buffer[2..].as_ptr(), "compact when kept");
+        let mut many = Collected::default();
+        for part in [&b"ab"[..], b"cd", b"e"] {
+            many.push(&Bytes::copy_from_slice(part));
+        }
+        assert_eq!(many.len(), 5);
+        assert_eq!(many.take(false), "abcde");
+        assert_eq!(many.take(false), "", "taken");
+    }
 
     #[test]
     fn cost_follows_pricing() {
