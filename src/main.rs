@@ -117,7 +117,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(16 * 1024)
-        .finish(std::io::stderr());
+        .finish(Batched::new());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -133,6 +133,42 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
         builder.with_ansi(false).init();
     }
     guard
+}
+
+/// How long the log writer thread rests after writing out a batch.
+const LOG_GATHER: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// The log writer thread's output: stderr behind a 64 KiB buffer, written
+/// out once per batch the thread takes off its queue (one `write` for many
+/// lines, where stderr alone makes one a line), after which the thread
+/// rests `LOG_GATHER`. While it rests, lines gather on the queue without
+/// waking it: under load the access log costs one wake-up and one `write`
+/// per batch rather than a wake-up (a futex call and a context switch on
+/// the request path's core) and a `write` per request. A lone line is still
+/// written at once; behind a busy spell a line waits at most `LOG_GATHER`.
+struct Batched {
+    out: std::io::BufWriter<std::io::Stderr>,
+}
+
+impl Batched {
+    fn new() -> Batched {
+        Batched {
+            out: std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()),
+        }
+    }
+}
+
+impl Write for Batched {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out.write(buf)
+    }
+
+    /// Called by the writer thread once its queue is empty (and at exit).
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()?;
+        std::thread::sleep(LOG_GATHER);
+        Ok(())
+    }
 }
 
 fn out(text: &str) {
