@@ -36,6 +36,7 @@ pub mod config;
 pub(crate) mod flight;
 pub(crate) mod http;
 pub mod limit;
+pub mod log;
 pub mod metrics;
 pub mod request;
 pub mod response;

@@ -124,11 +124,7 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
         .with_env_filter(filter)
         .with_writer(writer);
     if env("SLUICE_LOG_FORMAT").as_deref() == Some("json") {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init();
+        builder.event_format(sluice::log::JsonLines).init();
     } else {
         builder.with_ansi(false).init();
     }
