@@ -5,6 +5,7 @@
 //! (ARCHITECTURE.md has the rules). Lowest first:
 //!
 //! - [`config`]: the validated configuration and `check-config`'s summary;
+//!   [`log`]: the JSON log line;
 //!   [`api`]: the wire formats (the strict JSON body scan, SSE framing,
 //!   usage and its estimate, assembling and replaying answers);
 //! - [`metrics`]: one Prometheus registry per gateway, plain numbers in;

@@ -83,21 +83,45 @@ RULES = [
     ("admit", True, r"^sluice::request::Ctx::admit|^sluice::limit::(Limiter::admit|TenantLimits::admit|UpstreamCheck::check)", None),
     ("rate-limit headers", True, r"^sluice::limit::headers::|^sluice::limit::Standings::write_headers$|^sluice::limit::(format_reset|usd)$", None),
     ("body read", True, r"^sluice::request::body::|^sluice::proxy::read_body", None),
-    ("scan, key", True, r"^sluice::request::validate::|^sluice::request::Ctx::validate|^sluice::(api::)?json::|^sluice::cache::key$|^sluice::(request::cache|proxy)::CacheMode::of$|^sluice::metrics::ModelLabels::label$|^sluice::proxy::(ApiRequest::parse|parse_off_runtime)", None),
+    ("scan, key", True, r"^sluice::request::validate::|^sluice::request::Ctx::validate|^sluice::cache::key$|^sluice::(request::cache|proxy)::CacheMode::of$|^sluice::metrics::ModelLabels::label$|^sluice::proxy::(ApiRequest::parse|parse_off_runtime)", None),
     ("cache hit answer", True, r"^sluice::response::hit::|^<?sluice::cache::Entry>?::replay|^sluice::proxy::(entry_response|hit)$", None),
     ("cache store", True, r"^sluice::cache::Entry::from_completion$|^sluice::cache::tiered::Fill::|^sluice::cache::store::Store::insert|^sluice::cache_store::CacheStore::put", None),
     ("cache lookup", True, r"^sluice::request::cache::|^sluice::request::Ctx::(cached|coalesce)|^sluice::cache::tiered::CacheStore::get|^sluice::cache::store::Store::get|^sluice::(flight|cache)::Flights::(join|follow)|^sluice::proxy::(coalesce|may_lead)|^sluice::cache_store::CacheStore::get", None),
     ("upstream send", True, r"^sluice::upstream::Upstream::send" + CLOSURE, None),
     ("forward", True, r"^sluice::request::forward::|^<sluice::(response::lead|relay)::Launch as |^sluice::http::headers::|^sluice::upstream::Outbound::new$|^sluice::proxy::(forward|upstream_headers|not_forwarded|not_returned|remove_where|mark_no_retry)|^sluice::upstream::strip_hop_by_hop", None),
-    ("usage read", True, r"^sluice::(api::openai|sse)::usage_of_completion$", None),
+    ("usage read", True, r"^sluice::(api::openai|sse)::usage_of_completion$|^sluice::api::usage::Usage::read$", None),
     ("settle", True, r"^sluice::limit::Lease::|^sluice::(response::)?relay::Relay::charge$|^sluice::(response::)?relay::cost_usd$", None),
     ("record", True, r"^<" + RECORD + r" as core::ops::drop::Drop>::drop$|^core::ptr::drop_in_place<core::option::Option<alloc::boxed::Box<" + RECORD + r">>>$", None),
     ("relay", True, r"^<?sluice::response::(relay|lead|body|log)::|^<sluice::response::(relay|lead|body|log)::|^<?sluice::upstream::UpstreamBody|^<sluice::upstream::UpstreamBody|^sluice::flight::|^<?sluice::(relay|body)::|^<sluice::(relay|body)::|^sluice::cache::Flight::", None),
     ("tracing", True, r"^<?tracing|^<tracing", None),
+    # What is left of `Ctx::serve`'s state machine: the glue between phases.
+    ("handle", True, SERVE, None),
     # Weak: only what no phase above encloses.
     ("hyper", False, r"^<?hyper::|^<hyper::|^<?hyper_util::|^<hyper_util::", None),
     ("conn", False, r"^<?sluice::server::|^<sluice::server::|^tokio::net::tcp::listener::", None),
     ("runtime", False, r"^<?tokio::|^<tokio::|^<?mio::", None),
+]
+
+# Sluice's code inlined into a function of another crate (under fat LTO
+# the service future is inlined into hyper's dispatcher and `futures_util`'s
+# `Map`), or into the glue of `handle`: labelled by its source file. Only for
+# functions that no strong rule above names, or that are `handle`'s own.
+INLINED = [
+    ("route", r"/src/http/routes\.rs$"),
+    ("handle", r"/src/request/mod\.rs$|/src/http/request_id\.rs$|/src/server/stack\.rs$|/src/http/error\.rs$"),
+    ("auth", r"/src/app\.rs$|/src/tenant\.rs$"),
+    ("rate-limit headers", r"/src/limit/headers\.rs$"),
+    ("admit", r"/src/limit/"),
+    ("body read", r"/src/request/body\.rs$"),
+    ("scan, key", r"/src/request/validate\.rs$|/src/api/text\.rs$"),
+    ("cache lookup", r"/src/request/cache\.rs$|/src/flight/"),
+    ("forward", r"/src/request/forward\.rs$|/src/http/headers\.rs$"),
+    ("upstream send", r"/src/upstream/"),
+    ("usage read", r"/src/api/usage\.rs$"),
+    ("cache hit answer", r"/src/response/hit\.rs$"),
+    ("record", r"/src/response/record\.rs$|/src/metrics\.rs$"),
+    ("relay", r"/src/response/"),
+    ("conn", r"/src/server/conn\.rs$"),
 ]
 
 # Rows in the order of the request path.
@@ -226,16 +250,20 @@ def attribute(path, explain=None):
     names, files, segs, total = parse(path)
     demangle(names)
     compiled = [(p, re.compile(f), re.compile(fl) if fl else None) for p, _, f, fl in RULES]
+    inlined = [(p, re.compile(fl)) for p, fl in INLINED]
     fn_label, seg_label = {}, {}
     for fn, ss in segs.items():
         name = names.get(fn, fn)
         fn_label[fn] = next((p for p, f, fl in compiled if fl is None and f.search(name)), None)
+        own = fn_label[fn]
         for fi in ss:
             path_ = files.get(fi, fi) or ""
             seg_label[fn, fi] = next(
                 (p for p, f, fl in compiled if fl is not None and f.search(name) and fl.search(path_)),
                 None,
             )
+            if seg_label[fn, fi] is None and (own is None or own == "handle" or not STRONG[own]):
+                seg_label[fn, fi] = next((p for p, fl in inlined if fl.search(path_)), None)
     called = {g for ss in segs.values() for s in ss.values() for g, _ in s[1]}
     memo, on_stack = {}, set()
     dropped = [0]
