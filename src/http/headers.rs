@@ -39,8 +39,10 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Removes hop-by-hop headers, and any header the Connection header names.
 pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names decides.
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // Most messages carry none: one pass over the names decides, each
+    // name matched by its text (a jump on its length, then one compare)
+    // rather than against the nine names in turn.
+    if !h.keys().any(|k| is_hop_by_hop(k.as_str())) {
         return;
     }
     let named: Vec<String> = h
@@ -57,6 +59,22 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     for name in &named {
         h.remove(name.as_str());
     }
+}
+
+/// Whether `name` (lowercase, as `HeaderName`s are) is one of `HOP_BY_HOP`.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
 }
 
 /// Copies a request's headers into storage of their own: one buffer for all
@@ -153,5 +171,20 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["content-type"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_name_alone_is_seen() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name.as_str()), "{name}");
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("x"));
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("a/b"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{name}");
+        }
+        for other in ["content-type", "x-api-key", "tee", "upgrades", ""] {
+            assert!(!is_hop_by_hop(other), "{other}");
+        }
     }
 }
