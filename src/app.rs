@@ -28,7 +28,9 @@ use crate::upstream::Upstream;
 /// Everything a reload replaces, swapped in atomically.
 pub struct Snapshot {
     pub config: Config,
-    by_key: HashMap<[u8; 32], Arc<Tenant>>,
+    /// Looked up on every request: foldhash (seeded per process), not
+    /// SipHash, as in every table the request path reads.
+    by_key: HashMap<[u8; 32], Arc<Tenant>, foldhash::fast::RandomState>,
     pub(crate) by_name: HashMap<String, Arc<Tenant>>,
     pub(crate) models: ModelLabels,
     /// The upstreams requests go to.
@@ -46,7 +48,7 @@ impl Snapshot {
         metrics: &Arc<Metrics>,
     ) -> Snapshot {
         let models = ModelLabels::new(config.known_models());
-        let mut by_key = HashMap::new();
+        let mut by_key = HashMap::default();
         let mut by_name = HashMap::new();
         for t in &config.tenants {
             let limits = previous

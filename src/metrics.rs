@@ -447,7 +447,7 @@ impl UsageHandles {
 /// config; the lookup borrows, so the hot path does not allocate.
 #[derive(Debug)]
 pub(crate) struct ModelLabels {
-    known: HashMap<String, Arc<str>>,
+    known: HashMap<String, Arc<str>, foldhash::fast::RandomState>,
     other: Arc<str>,
 }
 

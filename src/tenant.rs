@@ -42,7 +42,7 @@ pub struct Tenant {
     pub(crate) limits: Arc<TenantLimits>,
     pub(crate) inflight: IntGauge,
     /// Usage metric handles per model label, resolved on first use.
-    usage: HashMap<Arc<str>, OnceLock<UsageHandles>>,
+    usage: HashMap<Arc<str>, OnceLock<UsageHandles>, foldhash::fast::RandomState>,
     metrics: Arc<Metrics>,
 }
 
