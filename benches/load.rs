@@ -352,7 +352,14 @@ key_sha256 = ["{}"]
         &[&build.bin, "--config", path.to_str().expect("path")],
         &[
             ("SLUICE_LOG_FORMAT", "json"),
-            ("RUST_LOG", "warn,sluice=info,sluice::access=off"),
+            (
+                "RUST_LOG",
+                if access_log() {
+                    "warn,sluice=info"
+                } else {
+                    "warn,sluice=info,sluice::access=off"
+                },
+            ),
             ("TOKIO_WORKER_THREADS", "1"),
         ],
     );
@@ -639,6 +646,13 @@ impl RedisTally {
     }
 }
 
+/// `SLUICE_BENCH_ACCESS_LOG=1`: both proxies write an access-log line a
+/// request (Sluice its JSON line to stderr, which the bench reads; nginx
+/// its default line to a file), as they run in production. Off by default.
+fn access_log() -> bool {
+    std::env::var("SLUICE_BENCH_ACCESS_LOG").is_ok_and(|v| v == "1")
+}
+
 fn start_nginx(upstream: SocketAddr, tmp: &std::path::Path) -> Result<(Proc, SocketAddr), String> {
     let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
@@ -655,7 +669,7 @@ error_log {tmp}/nginx-error.log warn;
 pid {tmp}/nginx.pid;
 events {{ worker_connections 65536; }}
 http {{
-    access_log off;
+    {access_log}
     client_body_temp_path {tmp};
     proxy_temp_path {tmp};
     upstream sim {{ server {upstream}; keepalive 256; keepalive_requests 10000000; }}
@@ -671,7 +685,12 @@ http {{
     }}
 }}
 "#,
-        tmp = tmp.display()
+        tmp = tmp.display(),
+        access_log = if access_log() {
+            format!("access_log {}/nginx-access.log;", tmp.display())
+        } else {
+            "access_log off;".to_string()
+        },
     );
     let path = tmp.join("nginx.conf");
     std::fs::write(&path, conf).map_err(|e| e.to_string())?;
