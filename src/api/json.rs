@@ -452,8 +452,8 @@ impl Parser<'_> {
     fn skip_plain(&mut self) {
         const ONES: u64 = 0x0101_0101_0101_0101;
         const HIGH: u64 = 0x8080_8080_8080_8080;
-        // A high bit set for a zero byte (some false positives after a true
-        // one, which only send the rest to the byte loop).
+        // A high bit set for a zero byte (false positives only in bytes
+        // after a true one: the lowest flagged byte is always a true one).
         let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
         loop {
             if let Some(chunk) = self.b.get(self.i..self.i + 8) {
@@ -467,6 +467,10 @@ impl Parser<'_> {
                     self.i += 8;
                     continue;
                 }
+                // Straight to the first special byte (little-endian: the
+                // lowest flag is the first byte), not a byte at a time.
+                self.i += (special.trailing_zeros() / 8) as usize;
+                return;
             }
             match self.b.get(self.i) {
                 Some(&c) if c != b'"' && c != b'\\' && c >= 0x20 => self.i += 1,
@@ -814,6 +818,30 @@ mod tests {
         // Sorted by the key's characters, not by its quotes.
         assert_eq!(canon(r#"{"a":1,"a!":2}"#), r#"{"a":1,"a!":2}"#);
         assert_eq!(canon(r#"{"a!":1,"a":2}"#), r#"{"a":2,"a!":1}"#);
+    }
+
+    #[test]
+    fn a_special_byte_is_found_at_every_place_in_a_word() {
+        // Plain text of every length before and after each kind of special
+        // byte, with multi-byte characters among it: the fast skip must stop
+        // exactly at the first special byte wherever it lies in a word.
+        for before in 0..20 {
+            for after in 0..12 {
+                let plain = |n: usize| "é-abc".chars().cycle().take(n).collect::<String>();
+                let (a, b) = (plain(before), plain(after));
+                for (special, decoded) in [("\\\"", "\""), ("\\n", "\n"), ("\\\\", "\\")] {
+                    let body = format!(r#"{{"k":"{a}{special}{b}"}}"#);
+                    let want = serde_json::to_string(
+                        &serde_json::json!({ "k": format!("{a}{decoded}{b}") }),
+                    )
+                    .expect("json");
+                    assert_eq!(canon(&body), want, "{body}");
+                }
+                // A raw control character is refused wherever it is.
+                let body = format!("{{\"k\":\"{a}\u{1}{b}\"}}");
+                assert!(scan(body.as_bytes(), Canonical::Skip).is_err(), "{body:?}");
+            }
+        }
     }
 
     #[test]
