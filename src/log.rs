@@ -1,21 +1,28 @@
-//! The JSON log line (`SLUICE_LOG_FORMAT=json`, docs/config.md): one
-//! object a line, `timestamp`, `level`, the event's fields (its `message`
-//! first), then `target`: tracing-subscriber's JSON format, flattened,
-//! written the same way (its serializer, its field visitor) but into a
-//! byte buffer of the thread's own.
+//! How a log line is written, in both formats (docs/config.md): the JSON
+//! line (`SLUICE_LOG_FORMAT=json`: one object a line, `timestamp`,
+//! `level`, the event's fields, its `message` first, then `target`), and
+//! the fields of the human-readable line (`name=value`, strings quoted).
+//! Both write what tracing-subscriber's own formats write, byte for byte
+//! (the tests hold one against the other), but cheaper, because every
+//! request logs a line:
 //!
-//! Written here because every request logs a line: tracing-subscriber's
-//! formatter hands serde_json an `io::Write` adaptor over its `fmt::Write`
-//! buffer, which checks each of the serializer's many small writes as
-//! UTF-8 on its own, about 13 000 instructions of the 29 000 an access-log
-//! line cost (benches/README.md). Here the line is checked once, whole.
+//! - `JsonLines` uses tracing-subscriber's serializer and field visitor,
+//!   but into a byte buffer of the thread's own, checked as UTF-8 once. The
+//!   crate's formatter hands serde_json an `io::Write` adaptor that checks
+//!   each of the serializer's many small writes as UTF-8 on its own: about
+//!   13 000 instructions of the 29 000 an access-log line cost.
+//! - `TextFields` writes a string that needs no escaping as it is, between
+//!   quotes, and integers with `itoa`, where the crate's visitor formats
+//!   every value with `Debug`, a character at a time.
 
 use std::cell::RefCell;
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 use serde::ser::{SerializeMap, Serializer as _};
+use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_serde::AsSerde;
+use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -84,6 +91,141 @@ fn write_line(
     writer.write_str(std::str::from_utf8(line).map_err(|_| fmt::Error)?)
 }
 
+/// The fields of a human-readable line, for
+/// `tracing_subscriber::fmt().fmt_fields`: `message` first as it is, then
+/// `name=value` for each field, separated by spaces.
+pub struct TextFields;
+
+impl<'w> FormatFields<'w> for TextFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut visitor = TextVisitor {
+            writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct TextVisitor<'w> {
+    writer: Writer<'w>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl TextVisitor<'_> {
+    /// The separator and `name=` (the message has neither a name nor, when
+    /// first, a separator); `false` if an earlier write failed.
+    fn start(&mut self, field: &Field) -> bool {
+        if self.result.is_err() {
+            return false;
+        }
+        let name = field.name();
+        let sep = if std::mem::take(&mut self.first) {
+            ""
+        } else {
+            " "
+        };
+        self.result = match name {
+            "message" => self.writer.write_str(sep),
+            _ => {
+                let name = name.strip_prefix("r#").unwrap_or(name);
+                self.writer
+                    .write_str(sep)
+                    .and_then(|()| self.writer.write_str(name))
+                    .and_then(|()| self.writer.write_char('='))
+            }
+        };
+        self.result.is_ok()
+    }
+
+    fn put(&mut self, text: &str) {
+        self.result = self.writer.write_str(text);
+    }
+}
+
+/// Whether `Debug` writes `s` as itself between quotes: printable ASCII,
+/// no quote, no backslash.
+fn plain(s: &str) -> bool {
+    s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+}
+
+impl Visit for TextVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            // As the crate writes it: `Display`, through the escape guard.
+            return self.record_debug(field, &format_args!("{value}"));
+        }
+        if !plain(value) {
+            return self.record_debug(field, &value);
+        }
+        if self.start(field) {
+            self.result = self
+                .writer
+                .write_char('"')
+                .and_then(|()| self.writer.write_str(value))
+                .and_then(|()| self.writer.write_char('"'));
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if self.start(field) {
+            self.put(itoa::Buffer::new().format(value));
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if self.start(field) {
+            self.put(itoa::Buffer::new().format(value));
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if self.start(field) {
+            self.put(if value { "true" } else { "false" });
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let message = field.name() == "message";
+        if !self.start(field) {
+            return;
+        }
+        self.result = if message && self.writer.sanitizes_ansi_escapes() {
+            write!(Sanitized(&mut self.writer), "{value:?}")
+        } else {
+            write!(self.writer, "{value:?}")
+        };
+    }
+}
+
+/// A message as tracing-subscriber writes it: the characters a terminal
+/// reads as control sequences (ESC, BEL, BS, FF, DEL, C1) escaped.
+struct Sanitized<'a, 'w>(&'a mut Writer<'w>);
+
+impl fmt::Write for Sanitized<'_, '_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut rest = s;
+        while let Some(at) = rest.find(|c: char| {
+            matches!(
+                c,
+                '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' | '\u{80}'..='\u{9f}'
+            )
+        }) {
+            self.0.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            match c {
+                '\u{80}'..='\u{9f}' => write!(self.0, "\\u{{{:x}}}", c as u32)?,
+                _ => write!(self.0, "\\x{:02x}", c as u32)?,
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +265,64 @@ mod tests {
         tracing::subscriber::with_default(subscriber, &log);
         let text = |s: Sink| String::from_utf8(s.0.lock().expect("sink").clone()).expect("utf8");
         (text(ours), text(theirs))
+    }
+
+    /// The lines `log` writes in the human-readable format with `TextFields`
+    /// and with tracing-subscriber's own fields, each less its timestamp.
+    fn both_text(log: impl Fn()) -> (Vec<String>, Vec<String>) {
+        let ours = Sink::default();
+        let theirs = Sink::default();
+        let (o, t) = (ours.clone(), theirs.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || o.clone())
+            .with_ansi(false)
+            .fmt_fields(TextFields)
+            .finish();
+        tracing::subscriber::with_default(subscriber, &log);
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || t.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, &log);
+        let lines = |s: Sink| {
+            let text = String::from_utf8(s.0.lock().expect("sink").clone()).expect("utf8");
+            text.lines()
+                .map(|l| l.split_once(' ').expect("a timestamp").1.to_string())
+                .collect::<Vec<_>>()
+        };
+        (lines(ours), lines(theirs))
+    }
+
+    #[test]
+    fn text_fields_are_tracing_subscribers_fields() {
+        let (ours, theirs) = both_text(|| {
+            tracing::info!(
+                target: "sluice::access",
+                request_id = "req_1",
+                tenant = "plain",
+                quoted = "a \"b\" \\ c",
+                unicode = "é\u{200b}\u{7f}\n",
+                r#type = "raw name",
+                status = 200u16,
+                delta = -3i64,
+                stream = false,
+                duration_ms = 1.0f64,
+                ttft_ms = None::<f64>,
+                upstream = Some("default"),
+                error = ?"debug",
+                "request"
+            );
+            tracing::warn!(grace_secs = 30, "shutting down: \x1b[31m \u{85} bell\x07");
+            tracing::info!("no fields");
+            tracing::info!(only = 1u8);
+        });
+        assert_eq!(ours.len(), 4);
+        assert_eq!(ours, theirs);
+        assert!(
+            ours[0].contains(r#"request request_id="req_1" tenant="plain" quoted="a \"b\" \\ c""#),
+            "{}",
+            ours[0]
+        );
     }
 
     /// Each line with its timestamp's value blanked (the two formats ran

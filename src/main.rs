@@ -126,7 +126,10 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     if env("SLUICE_LOG_FORMAT").as_deref() == Some("json") {
         builder.event_format(sluice::log::JsonLines).init();
     } else {
-        builder.with_ansi(false).init();
+        builder
+            .with_ansi(false)
+            .fmt_fields(sluice::log::TextFields)
+            .init();
     }
     guard
 }
