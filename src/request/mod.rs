@@ -160,6 +160,10 @@ pub(crate) async fn handle(
     } = ctx;
     record.status = resp.status().as_u16();
     let h = resp.headers_mut();
+    // Room for what follows at once (the id, six rate-limit and three
+    // budget headers, the cache state, the upstream): one growth of the
+    // map, not one for each that overflows it.
+    h.reserve(12);
     h.insert(&X_REQUEST_ID, request_id);
     if record.tenant.is_some() {
         standings.write_headers(h, ctx_format);
