@@ -48,6 +48,8 @@ impl Ctx {
         let mut route = snap.upstreams.start(serving);
         let first = route.current();
         let path = endpoint.upstream_path();
+        // Counted in the client's bytes, before a stream's are spliced.
+        let prompt_chars = api.prompt_chars(&body);
         let (body, model_at) = api.upstream_body(&body);
         let format = endpoint.format();
         let mut headers = upstream_headers(headers, &self.record.request_id);
@@ -75,7 +77,7 @@ impl Ctx {
                 tenant,
                 price: snap.price(&model).copied(),
                 model,
-                prompt_chars: api.prompt_chars,
+                prompt_chars,
                 billing: if endpoint.generates() {
                     Billing::Usage
                 } else {

@@ -30,8 +30,23 @@ pub struct ApiRequest {
     /// How a stream's body gets `stream_options.include_usage = true`.
     splice: Splice,
     /// Characters of the messages' text (or the FIM prompt), for the usage
-    /// estimate: counted here so nothing of the body is kept for it.
-    pub(crate) prompt_chars: u64,
+    /// estimate: counted only for a request that goes upstream.
+    prompt: Prompt,
+}
+
+/// A prompt's characters, or where to count them in the client's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Prompt {
+    /// Counted while the body was scanned (a large body, scanned off the
+    /// runtime, is counted there too).
+    Counted(u64),
+    /// Counted when asked (`ApiRequest::prompt_chars`): most small requests
+    /// are answered from the cache or a flight and never ask. The spans
+    /// of the messages (or FIM prompt) and of Anthropic's `system`.
+    At {
+        text: Option<Range<usize>>,
+        system: Option<Range<usize>>,
+    },
 }
 
 /// Where the upstream body of a stream differs from the client's bytes.
@@ -156,28 +171,24 @@ impl ApiRequest {
             Keyed::No => None,
             Keyed::In(scope) => Some(cache::key(scope, endpoint.label(), &scan)),
         };
-        // The prompt's characters, for the usage estimate, counted without
-        // building its strings: the messages (or FIM prompt), and
+        // Where the prompt's text is: the messages (or FIM prompt), and
         // Anthropic's `system`.
         let text = match endpoint {
-            Endpoint::Fim => scan.get("prompt"),
+            Endpoint::Fim => scan.span("prompt"),
             Endpoint::Chat
             | Endpoint::ChatPrefix
             | Endpoint::Models
             | Endpoint::Messages
-            | Endpoint::CountTokens => scan.get("messages"),
+            | Endpoint::CountTokens => scan.span("messages"),
         };
         let system = match endpoint.format() {
-            Format::Anthropic => scan
-                .get("system")
-                .and_then(|raw| serde_json::from_slice::<ContentChars>(raw).ok())
-                .map_or(0, |c| c.0),
-            Format::OpenAi => 0,
+            Format::Anthropic => scan.span("system"),
+            Format::OpenAi => None,
         };
-        let prompt_chars = text
-            .and_then(|raw| serde_json::from_slice::<PromptText>(raw).ok())
-            .map_or(0, |t| t.chars)
-            + system;
+        let mut prompt = Prompt::At { text, system };
+        if bytes.len() >= SCAN_ON_RUNTIME_MAX {
+            prompt = Prompt::Counted(prompt.chars(bytes));
+        }
         Ok(ApiRequest {
             key,
             model,
@@ -185,8 +196,32 @@ impl ApiRequest {
             stream,
             include_usage: stream && include_usage,
             splice,
-            prompt_chars,
+            prompt,
         })
+    }
+
+    /// The prompt's characters, for the usage estimate; `body` is the
+    /// client's bytes this request was parsed from.
+    pub(crate) fn prompt_chars(&self, body: &[u8]) -> u64 {
+        self.prompt.chars(body)
+    }
+}
+
+impl Prompt {
+    /// Counted without building the prompt's strings.
+    fn chars(&self, body: &[u8]) -> u64 {
+        let (text, system) = match self {
+            Prompt::Counted(n) => return *n,
+            Prompt::At { text, system } => (text, system),
+        };
+        let raw = |span: &Option<Range<usize>>| span.clone().and_then(|r| body.get(r));
+        let system = raw(system)
+            .and_then(|raw| serde_json::from_slice::<ContentChars>(raw).ok())
+            .map_or(0, |c| c.0);
+        raw(text)
+            .and_then(|raw| serde_json::from_slice::<PromptText>(raw).ok())
+            .map_or(0, |t| t.chars)
+            + system
     }
 }
 
@@ -427,6 +462,23 @@ mod tests {
     }
 
     #[test]
+    fn a_prompt_is_counted_when_asked_and_a_large_one_while_scanned() {
+        let small = br#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#;
+        let api = ApiRequest::parse(small, Endpoint::Chat, Keyed::No).expect("valid");
+        assert!(matches!(api.prompt, Prompt::At { .. }));
+        assert_eq!(api.prompt_chars(small), 5);
+        let text = "x".repeat(SCAN_ON_RUNTIME_MAX);
+        let large = serde_json::to_vec(
+            &serde_json::json!({"model": "m", "messages": [{"role": "user", "content": text}]}),
+        )
+        .expect("json");
+        let api = ApiRequest::parse(&large, Endpoint::Chat, Keyed::No).expect("valid");
+        // Counted off the runtime with the scan: nothing left to count on it.
+        assert_eq!(api.prompt, Prompt::Counted(SCAN_ON_RUNTIME_MAX as u64));
+        assert_eq!(api.prompt_chars(b""), SCAN_ON_RUNTIME_MAX as u64);
+    }
+
+    #[test]
     fn anthropic_bodies_go_as_they_came_and_count_system_and_messages() {
         let raw = Bytes::from_static(
             br#"{"model":"claude-x","max_tokens":8,"stream":true,"system":[{"type":"text","text":"abcd"}],"messages":[{"role":"user","content":[{"type":"text","text":"hello"},{"type":"tool_result","tool_use_id":"t","content":"xy"}]}]}"#,
@@ -434,10 +486,14 @@ mod tests {
         let api = ApiRequest::parse(&raw, Endpoint::Messages, Keyed::In(Some("t"))).expect("valid");
         assert!(api.stream && !api.include_usage);
         assert_eq!(with_include_usage(&raw, &api), raw, "no splice");
-        assert_eq!(api.prompt_chars, 4 + 5 + 2, "a tool result's text counts");
+        assert_eq!(
+            api.prompt_chars(&raw),
+            4 + 5 + 2,
+            "a tool result's text counts"
+        );
         let plain = br#"{"model":"m","max_tokens":8,"system":"be brief","messages":[{"role":"user","content":"hi"}]}"#;
         let api = ApiRequest::parse(plain, Endpoint::Messages, Keyed::No).expect("valid");
-        assert_eq!(api.prompt_chars, 8 + 2);
+        assert_eq!(api.prompt_chars(plain), 8 + 2);
         // The endpoint is in the key: a chat body is keyed apart.
         let chat = ApiRequest::parse(
             br#"{"model":"m","max_tokens":8,"messages":[]}"#,

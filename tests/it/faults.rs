@@ -485,6 +485,20 @@ async fn streams_without_usage_are_metered_by_estimate() {
     assert!(
         gw.metric(
             "sluice_tokens_total",
+            &[
+                ("tenant", "alpha"),
+                ("type", "prompt"),
+                ("model", "deepseek-chat")
+            ]
+        )
+        .await
+            == 2.0,
+        "the prompt's 8 characters, counted in the client's body (not in the \
+         upstream's, where `stream_options` went in before the messages)"
+    );
+    assert!(
+        gw.metric(
+            "sluice_tokens_total",
             &[("tenant", "alpha"), ("type", "completion")]
         )
         .await
