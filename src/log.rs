@@ -245,52 +245,52 @@ mod tests {
         }
     }
 
+    /// What `log` writes through the subscriber `make` builds around a
+    /// sink.
+    fn capture<S>(make: impl FnOnce(Sink) -> S, log: &impl Fn()) -> String
+    where
+        S: Subscriber + Send + Sync + 'static,
+    {
+        let sink = Sink::default();
+        tracing::subscriber::with_default(make(sink.clone()), log);
+        let bytes = sink.0.lock().expect("sink").clone();
+        String::from_utf8(bytes).expect("utf8")
+    }
+
     /// The lines `log` writes through `JsonLines` and through
     /// tracing-subscriber's own JSON format (flattened, no span).
     fn both(log: impl Fn()) -> (String, String) {
-        let ours = Sink::default();
-        let theirs = Sink::default();
-        let (o, t) = (ours.clone(), theirs.clone());
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || o.clone())
-            .event_format(JsonLines)
-            .finish();
-        tracing::subscriber::with_default(subscriber, &log);
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || t.clone())
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .finish();
-        tracing::subscriber::with_default(subscriber, &log);
-        let text = |s: Sink| String::from_utf8(s.0.lock().expect("sink").clone()).expect("utf8");
-        (text(ours), text(theirs))
+        let fmt = |s: Sink| tracing_subscriber::fmt().with_writer(move || s.clone());
+        let ours = capture(|s| fmt(s).event_format(JsonLines).finish(), &log);
+        let theirs = capture(
+            |s| {
+                fmt(s)
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .finish()
+            },
+            &log,
+        );
+        (ours, theirs)
     }
 
     /// The lines `log` writes in the human-readable format with `TextFields`
     /// and with tracing-subscriber's own fields, each less its timestamp.
     fn both_text(log: impl Fn()) -> (Vec<String>, Vec<String>) {
-        let ours = Sink::default();
-        let theirs = Sink::default();
-        let (o, t) = (ours.clone(), theirs.clone());
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || o.clone())
-            .with_ansi(false)
-            .fmt_fields(TextFields)
-            .finish();
-        tracing::subscriber::with_default(subscriber, &log);
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || t.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::with_default(subscriber, &log);
-        let lines = |s: Sink| {
-            let text = String::from_utf8(s.0.lock().expect("sink").clone()).expect("utf8");
+        let fmt = |s: Sink| {
+            tracing_subscriber::fmt()
+                .with_writer(move || s.clone())
+                .with_ansi(false)
+        };
+        let ours = capture(|s| fmt(s).fmt_fields(TextFields).finish(), &log);
+        let theirs = capture(|s| fmt(s).finish(), &log);
+        let untimed = |text: String| {
             text.lines()
                 .map(|l| l.split_once(' ').expect("a timestamp").1.to_string())
                 .collect::<Vec<_>>()
         };
-        (lines(ours), lines(theirs))
+        (untimed(ours), untimed(theirs))
     }
 
     /// The lines both tests write: every kind of field value, strings that
