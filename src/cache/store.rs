@@ -9,7 +9,9 @@ use super::{Entry, Key};
 /// The in-memory store: moka, weighed by bytes, each entry expiring after
 /// its own time to live (the TTL, or less for a copy of a shared entry).
 pub struct Store {
-    cache: moka::sync::Cache<Key, Stored>,
+    /// Hashed with foldhash (seeded per process): its keys are SHA-256
+    /// digests, and a lookup on every keyed request need not pay SipHash.
+    cache: moka::sync::Cache<Key, Stored, foldhash::fast::RandomState>,
     ttl: Duration,
 }
 
@@ -39,7 +41,7 @@ impl Store {
                 .max_capacity(max_bytes)
                 .weigher(|_, s: &Stored| s.entry.weight())
                 .expire_after(PerEntry)
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             ttl,
         }
     }

@@ -388,7 +388,10 @@ impl Drop for Reader {
     }
 }
 
-type Shard = Mutex<HashMap<Key, Arc<Flight>>>;
+/// Keyed by the cache key, a SHA-256: foldhash (seeded per process)
+/// rather than SipHash, as for every table the request path reads.
+type InFlight = HashMap<Key, Arc<Flight>, foldhash::fast::RandomState>;
+type Shard = Mutex<InFlight>;
 
 /// The in-flight map, sharded so unrelated requests do not share a lock.
 pub(crate) struct Flights {
@@ -398,7 +401,7 @@ pub(crate) struct Flights {
 impl Default for Flights {
     fn default() -> Self {
         Self {
-            shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..64).map(|_| Mutex::new(InFlight::default())).collect(),
         }
     }
 }
@@ -409,7 +412,7 @@ pub(crate) enum Join {
 }
 
 impl Flights {
-    fn shard(&self, key: &Key) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Flight>>> {
+    fn shard(&self, key: &Key) -> std::sync::MutexGuard<'_, InFlight> {
         self.shards[usize::from(key[0]) % self.shards.len()]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
