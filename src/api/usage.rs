@@ -46,47 +46,66 @@ fn optional(v: &[u8]) -> Option<Option<u64>> {
     integer(v).map(Some)
 }
 
-/// The one member `name` of a details object, or of `null` (none).
+/// The one member `name` of a details object, or of `null` (none). Of a
+/// repeated member the last is read, as a tree keeps it: a wrong type
+/// before a right one does not count.
 fn detail(v: &[u8], name: &[u8]) -> Option<Option<u64>> {
     if v == b"null" {
         return Some(None);
     }
-    let mut found = None;
+    let mut found = Some(None);
     json::each_member(v, |k, v| {
-        if k != name {
-            return true;
+        if k == name {
+            found = optional(v);
         }
-        optional(v).map(|n| found = n).is_some()
+        true
     })?;
-    Some(found)
+    found
 }
 
 impl RawUsage {
     /// Reads the `usage` object at the start of `bytes`, by hand: every
     /// answer's usage is read on the request path, and a derived
     /// deserializer spent most of its time matching key strings. Unknown
-    /// keys are skipped; a known one with the wrong type makes it `None`;
-    /// of a repeated key the last wins.
+    /// keys are skipped; of a repeated key the last is read, as a tree
+    /// keeps it; a known key whose (last) value has the wrong type makes
+    /// it `None`.
     fn read(bytes: &[u8]) -> Option<RawUsage> {
         let mut raw = RawUsage::default();
+        // The known keys whose last value so far had the wrong type.
+        let mut wrong = 0u8;
         json::each_member(bytes, |key, v| {
             let set = |field: &mut Option<u64>| optional(v).map(|n| *field = n).is_some();
-            match key {
-                b"prompt_tokens" => integer(v).map(|n| raw.prompt_tokens = n).is_some(),
-                b"completion_tokens" => integer(v).map(|n| raw.completion_tokens = n).is_some(),
-                b"total_tokens" => set(&mut raw.total_tokens),
-                b"prompt_cache_hit_tokens" => set(&mut raw.prompt_cache_hit_tokens),
-                b"prompt_cache_miss_tokens" => set(&mut raw.prompt_cache_miss_tokens),
-                b"prompt_tokens_details" => detail(v, b"cached_tokens")
-                    .map(|n| raw.cached_tokens = n)
-                    .is_some(),
-                b"completion_tokens_details" => detail(v, b"reasoning_tokens")
-                    .map(|n| raw.reasoning_tokens = n)
-                    .is_some(),
-                _ => true,
+            let (bit, right) = match key {
+                b"prompt_tokens" => (1, integer(v).map(|n| raw.prompt_tokens = n).is_some()),
+                b"completion_tokens" => {
+                    (2, integer(v).map(|n| raw.completion_tokens = n).is_some())
+                }
+                b"total_tokens" => (4, set(&mut raw.total_tokens)),
+                b"prompt_cache_hit_tokens" => (8, set(&mut raw.prompt_cache_hit_tokens)),
+                b"prompt_cache_miss_tokens" => (16, set(&mut raw.prompt_cache_miss_tokens)),
+                b"prompt_tokens_details" => (
+                    32,
+                    detail(v, b"cached_tokens")
+                        .map(|n| raw.cached_tokens = n)
+                        .is_some(),
+                ),
+                b"completion_tokens_details" => (
+                    64,
+                    detail(v, b"reasoning_tokens")
+                        .map(|n| raw.reasoning_tokens = n)
+                        .is_some(),
+                ),
+                _ => return true,
+            };
+            if right {
+                wrong &= !bit;
+            } else {
+                wrong |= bit;
             }
+            true
         })?;
-        Some(raw)
+        (wrong == 0).then_some(raw)
     }
 }
 
@@ -228,6 +247,22 @@ mod tests {
         assert_eq!(u.total, 1);
         let u = read(r#"{"prompt_tokens":1,"prompt_tokens":7}"#).expect("repeated");
         assert_eq!(u.prompt, 7, "the last wins");
+        // The last is read, as a tree keeps it: a wrong type before a right
+        // one does not count, a right one before a wrong one does not save it.
+        let u = read(
+            r#"{"prompt_tokens":"x","prompt_tokens":12,"completion_tokens":5,
+                "completion_tokens_details":4,"completion_tokens_details":{"reasoning_tokens":"y","reasoning_tokens":2},
+                "prompt_tokens_details":{"cached_tokens":3,"cached_tokens":null}}"#,
+        )
+        .expect("the last of each is right");
+        assert_eq!((u.prompt, u.reasoning, u.prompt_cache_hit), (12, 2, 0));
+        for bad in [
+            r#"{"prompt_tokens":12,"prompt_tokens":"x"}"#,
+            r#"{"completion_tokens_details":{"reasoning_tokens":2},"completion_tokens_details":4}"#,
+            r#"{"prompt_tokens_details":{"cached_tokens":3,"cached_tokens":[]}}"#,
+        ] {
+            assert_eq!(read(bad), None, "{bad}");
+        }
         for bad in [
             r#"{"prompt_tokens":null}"#,
             r#"{"prompt_tokens":"3"}"#,
