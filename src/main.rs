@@ -141,10 +141,11 @@ const LOG_GATHER: std::time::Duration = std::time::Duration::from_millis(2);
 /// out once per batch the thread takes off its queue (one `write` for many
 /// lines, where stderr alone makes one a line), after which the thread
 /// rests `LOG_GATHER`. While it rests, lines gather on the queue without
-/// waking it: under load the access log costs one wake-up and one `write`
-/// per batch rather than a wake-up (a futex call and a context switch on
-/// the request path's core) and a `write` per request. A lone line is still
-/// written at once; behind a busy spell a line waits at most `LOG_GATHER`.
+/// waking it: under load the access log costs one `write` per batch rather
+/// than one per request, and the thread wakes about half as often (context
+/// switches: 2 500 rather than 5 000 over 42 000 requests on one core). A
+/// lone line is still written at once; behind a busy spell a line waits at
+/// most `LOG_GATHER`.
 struct Batched {
     out: std::io::BufWriter<std::io::Stderr>,
 }
