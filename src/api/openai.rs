@@ -33,7 +33,7 @@ pub fn usage_of_completion(body: &[u8]) -> Option<Usage> {
         });
     tail.or_else(|| {
         let parsed: WithUsage = serde_json::from_slice(trim_leading_ws(body)).ok()?;
-        Usage::read(parsed.usage?.get().as_bytes())
+        usage_of_raw(parsed.usage?)
     })
 }
 
